@@ -1,0 +1,1 @@
+"""Packaged Hydra configs of lepton-flwr (installed as ``lepton_flwr.conf``)."""

@@ -1,0 +1,3 @@
+"""lepton-flwr: privacy-preserving federated learning plugins for Flower."""
+
+__version__ = "0.1.0"

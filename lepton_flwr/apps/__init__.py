@@ -1,0 +1,1 @@
+"""The Flower ServerApp and ClientApp built from a composed config."""

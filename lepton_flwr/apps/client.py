@@ -1,0 +1,117 @@
+"""The ClientApp: local training and evaluation on the node's own partition."""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from lepton_flwr.apps.common import config_from_context, model_for
+from lepton_flwr.data import load_client_data, load_dataset
+from lepton_flwr.models import evaluate, resolve_device, train
+
+PARTITION_ID_KEY = "partition-id"
+NUM_PARTITIONS_KEY = "num-partitions"
+
+
+def _node_partition(context: Context) -> tuple[int, int]:
+    """Read this node's partition from its node config (set per SuperNode)."""
+    try:
+        return int(context.node_config[PARTITION_ID_KEY]), int(
+            context.node_config[NUM_PARTITIONS_KEY]
+        )
+    except KeyError as err:
+        raise KeyError(
+            f"node config lacks {err}: start the SuperNode with "
+            f"--node-config 'partition-id=<i> num-partitions=<n>'"
+        ) from err
+
+
+def _round_seed(cfg: dict, partition_id: int, server_round: int) -> int:
+    """A seed per (run seed, client, round): reproducible, different across clients."""
+    return (cfg["seed"] * 1_000_003 + partition_id * 10_007 + server_round) % (2**31)
+
+
+def handle_train(msg: Message, context: Context, cfg: dict) -> Message:
+    """Train the received global model on the local split; reply with the new weights."""
+    partition_id, num_partitions = _node_partition(context)
+    data = load_client_data(cfg, partition_id, num_partitions)
+    spec = load_dataset(cfg["dataset"], cfg["seed"])
+    model = model_for(cfg, spec)
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    server_round = int(msg.content["config"].get("server-round", 0))
+    t = cfg["train"]
+    loss = train(
+        model,
+        data.x_train,
+        data.y_train,
+        num_outputs=spec.num_outputs,
+        epochs=t["local_epochs"],
+        batch_size=t["batch_size"],
+        lr=t["lr"],
+        momentum=t["momentum"],
+        weight_decay=t["weight_decay"],
+        device=resolve_device(cfg["device"]),
+        seed=_round_seed(cfg, partition_id, server_round),
+    )
+    model.cpu()
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(model.state_dict()),
+            "metrics": MetricRecord({"train-loss": loss, "num-examples": len(data.y_train)}),
+        }
+    )
+    return Message(content, reply_to=msg)
+
+
+def handle_evaluate(msg: Message, context: Context, cfg: dict) -> Message:
+    """Evaluate the received global model on the local test split.
+
+    A client with an empty test split reports zeros with weight 0, so that it
+    leaves the weighted averages untouched.
+    """
+    partition_id, num_partitions = _node_partition(context)
+    data = load_client_data(cfg, partition_id, num_partitions)
+    spec = load_dataset(cfg["dataset"], cfg["seed"])
+    model = model_for(cfg, spec)
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    n_test = len(data.y_test)
+    metrics = evaluate(
+        model,
+        data.x_test,
+        data.y_test,
+        num_outputs=spec.num_outputs,
+        device=resolve_device(cfg["device"]),
+    )
+    if n_test == 0:
+        metrics = dict.fromkeys(metrics, 0.0)
+    record = {f"eval-{k}": v for k, v in metrics.items()}
+    record["num-examples"] = n_test
+    return Message(RecordDict({"metrics": MetricRecord(record)}), reply_to=msg)
+
+
+def make_client_app(cfg: dict | None = None) -> ClientApp:
+    """Build the ClientApp.
+
+    Parameters
+    ----------
+    cfg : dict | None
+        A composed config (the simulation runner passes it); None reads the
+        ``hydra-overrides`` run-config key, as under ``flwr run``.
+    """
+    client_app = ClientApp()
+
+    def config(context: Context) -> dict:
+        return cfg if cfg is not None else config_from_context(context)
+
+    @client_app.train()
+    def train_handler(msg: Message, context: Context) -> Message:
+        return handle_train(msg, context, config(context))
+
+    @client_app.evaluate()
+    def evaluate_handler(msg: Message, context: Context) -> Message:
+        return handle_evaluate(msg, context, config(context))
+
+    return client_app
+
+
+app = make_client_app()

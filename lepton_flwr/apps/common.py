@@ -1,0 +1,36 @@
+"""What the ServerApp and the ClientApp share: config lookup and model construction."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from flwr.app import Context
+from torch import nn
+
+from lepton_flwr.config import load_config
+from lepton_flwr.data import CentralData, load_dataset
+from lepton_flwr.models import build_model
+
+OVERRIDES_KEY = "hydra-overrides"
+
+
+@lru_cache(maxsize=8)
+def _config_for_overrides(overrides: str) -> dict:
+    return load_config(overrides)
+
+
+def config_from_context(context: Context) -> dict:
+    """Compose the run's config from the ``hydra-overrides`` run-config key (``flwr run``)."""
+    unknown = sorted(set(context.run_config) - {OVERRIDES_KEY})
+    if unknown:
+        raise KeyError(
+            f"Unknown run-config key(s) {unknown}: lepton-flwr takes only '{OVERRIDES_KEY}', "
+            f"e.g. --run-config '{OVERRIDES_KEY}=\"dataset=digits num_rounds=3\"'."
+        )
+    return _config_for_overrides(str(context.run_config.get(OVERRIDES_KEY, "")))
+
+
+def model_for(cfg: dict, data: CentralData | None = None) -> nn.Module:
+    """Build the config's model for the config's dataset (shapes from the data)."""
+    data = data if data is not None else load_dataset(cfg["dataset"], cfg["seed"])
+    return build_model(cfg["model"], data.input_shape, data.num_outputs)

@@ -1,0 +1,84 @@
+"""The ServerApp: builds the strategy from the config and runs the recorded round loop."""
+
+from __future__ import annotations
+
+import time
+from logging import INFO
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+from lepton_flwr.apps.common import config_from_context, model_for
+from lepton_flwr.apps.loop import run_rounds
+from lepton_flwr.data import load_dataset
+from lepton_flwr.models import evaluate, resolve_device
+from lepton_flwr.results import RunRecorder
+from lepton_flwr.strategies import build_strategy
+
+
+def default_output_dir(cfg: dict) -> Path:
+    """``outputs/<date>/<time>-<strategy>-<dataset>`` under the current folder."""
+    stamp = time.strftime("%Y-%m-%d/%H-%M-%S")
+    return Path("outputs") / f"{stamp}-{cfg['strategy']['name']}-{cfg['dataset']['name']}"
+
+
+def run_server(grid: Grid, cfg: dict) -> Path:
+    """Run a whole federated training as the config says; return the output folder.
+
+    The held-out global test set is evaluated on the server after every round
+    (central evaluation); clients evaluate on their own test splits (federated).
+    """
+    recorder = RunRecorder(cfg["output_dir"] or default_output_dir(cfg), cfg)
+    try:
+        log(INFO, "[lepton] output folder: %s", recorder.out_dir)
+        data = load_dataset(cfg["dataset"], cfg["seed"])
+        torch.manual_seed(cfg["seed"])
+        model = model_for(cfg, data)
+        device = resolve_device(cfg["device"])
+
+        def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+            model.load_state_dict(arrays.to_torch_state_dict())
+            metrics = evaluate(
+                model, data.x_test, data.y_test, num_outputs=data.num_outputs, device=device
+            )
+            return MetricRecord(metrics)
+
+        final = run_rounds(
+            build_strategy(cfg),
+            grid,
+            ArrayRecord(model.state_dict()),
+            cfg["num_rounds"],
+            recorder,
+            evaluate_fn=central_evaluate,
+        )
+        recorder.save_model(final.to_torch_state_dict())
+        recorder.plot()
+        log(INFO, "[lepton] done: %s", recorder.write_summary())
+        log(INFO, "[lepton] metrics, plot and model in %s", recorder.out_dir)
+    finally:
+        recorder.close()
+    return recorder.out_dir
+
+
+def make_server_app(cfg: dict | None = None) -> ServerApp:
+    """Build the ServerApp.
+
+    Parameters
+    ----------
+    cfg : dict | None
+        A composed config (the simulation runner passes it); None reads the
+        ``hydra-overrides`` run-config key, as under ``flwr run``.
+    """
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_server(grid, cfg if cfg is not None else config_from_context(context))
+
+    return server_app
+
+
+app = make_server_app()

@@ -1,0 +1,149 @@
+"""Compose and validate the Hydra config that drives the apps and the runner."""
+
+from __future__ import annotations
+
+import shlex
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf import OmegaConf
+
+CONFIG_NAME = "config"
+DEVICES = ("cpu", "cuda", "auto")
+
+
+class ConfigError(ValueError):
+    """A config value is unknown or out of range; raised before any training starts."""
+
+
+def config_dir() -> Path:
+    """Return the folder of the packaged Hydra configs (`lepton_flwr.conf`)."""
+    return Path(str(resources.files("lepton_flwr.conf")))
+
+
+def load_config(overrides: str | list[str] = "") -> dict[str, Any]:
+    """Compose the config from the packaged YAML files and Hydra overrides.
+
+    Parameters
+    ----------
+    overrides : str | list[str]
+        Hydra overrides, as one shell-quoted string (``"dataset=digits num_rounds=3"``,
+        the form that travels in Flower's run config) or as a list.
+
+    Returns
+    -------
+    dict[str, Any]
+        The resolved config as plain containers (safe to pickle and send to Ray).
+
+    Raises
+    ------
+    ConfigError
+        If an override names an unknown group choice or key, or a value is invalid.
+    """
+    if isinstance(overrides, str):
+        overrides = shlex.split(overrides)
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            cfg = compose(config_name=CONFIG_NAME, overrides=list(overrides))
+    except HydraException as err:
+        raise ConfigError(f"Invalid Hydra overrides {overrides}: {err}") from err
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    plain.pop("hydra", None)
+    validate_config(plain)
+    return plain
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _check_choice(group: str, value: Any, choices: tuple[str, ...] | list[str]) -> None:
+    _require(
+        value in choices,
+        f"Unknown {group} '{value}'. Allowed choices: {', '.join(sorted(choices))}.",
+    )
+
+
+def validate_config(cfg: dict[str, Any]) -> None:
+    """Check names and ranges of a composed config.
+
+    Everything that can be checked without loading data is checked here: unknown
+    strategy, model, dataset or partition names, model/dataset mismatches, and
+    numeric ranges. Checks that need the data (more clients than samples) run when
+    the partitions are built, still before any training.
+
+    Raises
+    ------
+    ConfigError
+        Naming the offending key, its value and what would be accepted.
+    """
+    from lepton_flwr.data import DATASETS, PARTITIONERS
+    from lepton_flwr.models import MODELS, model_supports
+    from lepton_flwr.strategies import STRATEGIES
+
+    _check_choice("strategy", cfg["strategy"]["name"], list(STRATEGIES))
+    _check_choice("dataset", cfg["dataset"]["name"], list(DATASETS))
+    _check_choice("model", cfg["model"]["name"], list(MODELS))
+    _check_choice("partition", cfg["partition"]["name"], list(PARTITIONERS))
+    _check_choice("device", cfg["device"], DEVICES)
+
+    dataset, model = cfg["dataset"]["name"], cfg["model"]["name"]
+    reason = model_supports(model, DATASETS[dataset].task, DATASETS[dataset].is_image)
+    _require(reason is None, f"model '{model}' cannot train on dataset '{dataset}': {reason}")
+
+    part = cfg["partition"]
+    if part["name"] == "dirichlet":
+        _require(part["alpha"] > 0, f"partition.alpha must be > 0, got {part['alpha']}.")
+    if part["name"] == "natural":
+        _require(
+            cfg["dataset"].get("natural_id") is not None,
+            f"partition 'natural' needs a dataset with a natural client id; "
+            f"'{dataset}' has none (datasets with one: "
+            f"{', '.join(n for n, s in DATASETS.items() if s.natural_id)}).",
+        )
+    _require(
+        0.0 <= part["test_fraction"] < 1.0,
+        f"partition.test_fraction must be in [0, 1), got {part['test_fraction']}.",
+    )
+
+    _require(cfg["num_rounds"] >= 1, f"num_rounds must be >= 1, got {cfg['num_rounds']}.")
+    train = cfg["train"]
+    _require(
+        train["local_epochs"] >= 1, f"train.local_epochs must be >= 1, got {train['local_epochs']}."
+    )
+    _require(train["batch_size"] >= 1, f"train.batch_size must be >= 1, got {train['batch_size']}.")
+    _require(train["lr"] > 0, f"train.lr must be > 0, got {train['lr']}.")
+
+    sim = cfg["simulation"]
+    n = sim["num_supernodes"]
+    _require(n is None or n >= 1, f"simulation.num_supernodes must be >= 1 or null, got {n}.")
+    _require(
+        n is not None or part["name"] == "natural",
+        "simulation.num_supernodes may be null only with partition=natural.",
+    )
+    res = sim["client_resources"]
+    _require(
+        res["num_cpus"] > 0,
+        f"simulation.client_resources.num_cpus must be > 0, got {res['num_cpus']}.",
+    )
+    _require(
+        res["num_gpus"] >= 0,
+        f"simulation.client_resources.num_gpus must be >= 0, got {res['num_gpus']}.",
+    )
+
+    strat = cfg["strategy"]
+    if "fraction_train" in strat:
+        frac = strat["fraction_train"]
+        _require(0.0 < frac <= 1.0, f"strategy.fraction_train must be in (0, 1], got {frac}.")
+    if "fraction_evaluate" in strat:
+        frac = strat["fraction_evaluate"]
+        _require(0.0 <= frac <= 1.0, f"strategy.fraction_evaluate must be in [0, 1], got {frac}.")
+
+
+def to_yaml(cfg: dict[str, Any]) -> str:
+    """Render a plain config as YAML (what each run writes to its output folder)."""
+    return OmegaConf.to_yaml(OmegaConf.create(cfg))

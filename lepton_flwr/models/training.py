@@ -1,0 +1,109 @@
+"""Local training and evaluation loops shared by clients and the server."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+def resolve_device(name: str) -> torch.device:
+    """Map ``cpu`` / ``cuda`` / ``auto`` to a torch device.
+
+    Raises
+    ------
+    ValueError
+        If ``cuda`` is asked for and no CUDA device is available.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            "device=cuda was asked for but torch sees no CUDA device; use cpu or auto."
+        )
+    return torch.device(name)
+
+
+def _loss_fn(num_outputs: int) -> nn.Module:
+    return nn.MSELoss() if num_outputs == 1 else nn.CrossEntropyLoss()
+
+
+def make_loader(
+    x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool, seed: int = 0
+) -> DataLoader:
+    """Wrap numpy arrays in a DataLoader (seeded shuffling)."""
+    dataset = TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
+
+
+def train(
+    model: nn.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    num_outputs: int,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+) -> float:
+    """Train ``model`` in place with SGD; return the mean training loss of the last epoch."""
+    torch.manual_seed(seed)
+    model.to(device).train()
+    loader = make_loader(x, y, batch_size, shuffle=True, seed=seed)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
+    )
+    criterion = _loss_fn(num_outputs)
+    epoch_loss = float("nan")
+    for _ in range(epochs):
+        total, count = 0.0, 0
+        for xb, yb in loader:
+            xb, yb = xb.to(device), yb.to(device)
+            optimizer.zero_grad()
+            loss = criterion(model(xb), yb)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(yb)
+            count += len(yb)
+        epoch_loss = total / max(count, 1)
+    return epoch_loss
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    num_outputs: int,
+    batch_size: int = 1024,
+    device: torch.device | str = "cpu",
+) -> dict[str, float]:
+    """Evaluate ``model`` on a dataset.
+
+    Returns
+    -------
+    dict[str, float]
+        ``loss`` plus ``accuracy`` (classification) or ``r2`` (regression).
+    """
+    model.to(device).eval()
+    if len(y) == 0:
+        return {"loss": float("nan"), "accuracy" if num_outputs > 1 else "r2": float("nan")}
+    criterion = _loss_fn(num_outputs)
+    outputs = []
+    for xb, _ in make_loader(x, y, batch_size, shuffle=False):
+        outputs.append(model(xb.to(device)).cpu())
+    pred = torch.cat(outputs)
+    target = torch.from_numpy(y)
+    loss = float(criterion(pred, target))
+    if num_outputs == 1:
+        residual = float(((target - pred) ** 2).sum())
+        spread = float(((target - target.mean()) ** 2).sum())
+        return {"loss": loss, "r2": 1.0 - residual / spread if spread > 0 else float("nan")}
+    return {"loss": loss, "accuracy": float((pred.argmax(1) == target).float().mean())}

@@ -1,0 +1,1 @@
+"""Entry points: the Hydra simulation runner, sweeps, plots and benchmarks."""
