@@ -1,0 +1,27 @@
+"""Shared test settings: no telemetry, no hub, seeded configs."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
+os.environ["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
+
+needs_fashion_mnist = pytest.mark.skipif(
+    not (FASHION_MNIST_ROOT / "train-images-idx3-ubyte.gz").is_file(),
+    reason="Debian package dataset-fashion-mnist is not installed",
+)
+
+
+@pytest.fixture
+def digits_cfg():
+    """A composed config for the fast digits setup (3 clients, logistic regression)."""
+    from lepton_flwr.config import load_config
+
+    return load_config("+experiment=digits_smoke")
