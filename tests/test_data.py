@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
-
 from conftest import FASHION_MNIST_ROOT, needs_fashion_mnist
+
 from lepton_flwr.config import ConfigError, load_config
 from lepton_flwr.data import (
     DatasetNotInstalledError,

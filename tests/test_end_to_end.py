@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO_ROOT
 
 SMOKE = "+experiment=digits_smoke"  # 2 rounds x 3 clients, logistic regression on digits
