@@ -110,6 +110,26 @@ def validate_config(cfg: dict[str, Any]) -> None:
         f"partition.test_fraction must be in [0, 1), got {part['test_fraction']}.",
     )
 
+    he = cfg["he"]
+    _check_choice("he", he["name"], ("none", "ckks"))
+    if cfg["strategy"]["name"].startswith("he_"):
+        _require(
+            he["name"] == "ckks",
+            f"strategy={cfg['strategy']['name']} needs he=ckks, got he={he['name']}.",
+        )
+    if he["name"] == "ckks":
+        from lepton_flwr.he.params import CKKSParams, HEParamsError
+
+        try:
+            CKKSParams.from_config(he)
+        except HEParamsError as err:
+            raise ConfigError(str(err)) from err
+        _require(he["weight_scale"] > 0, f"he.weight_scale must be > 0, got {he['weight_scale']}.")
+        _require(
+            0 < he["headroom_fraction"] <= 1,
+            f"he.headroom_fraction must be in (0, 1], got {he['headroom_fraction']}.",
+        )
+
     _require(cfg["num_rounds"] >= 1, f"num_rounds must be >= 1, got {cfg['num_rounds']}.")
     train = cfg["train"]
     _require(

@@ -56,6 +56,8 @@ def run_simulation_from_config(cfg: dict, output_dir: str | Path) -> Path:
 
     cfg = {**cfg, "output_dir": str(Path(cfg["output_dir"] or output_dir).resolve())}
     validate_config(cfg)
+    if cfg["he"]["name"] == "ckks":
+        cfg["he"] = with_run_keys(cfg["he"], Path(cfg["output_dir"]) / "keys")
     num_nodes = resolve_num_partitions(cfg)
     cfg["simulation"] = {**cfg["simulation"], "num_supernodes": num_nodes}
     partition_indices(
@@ -74,6 +76,20 @@ def run_simulation_from_config(cfg: dict, output_dir: str | Path) -> Path:
             f"The run did not finish: no {SUMMARY_FILE} in {out}; see the log above."
         )
     return out
+
+
+def with_run_keys(he_cfg: dict, folder: Path) -> dict:
+    """Fill in missing key paths with a key pair made for this run (simulation only).
+
+    In a simulation every party runs on this machine, so the secret context lies in
+    the run folder beside the public one; in a deployment only clients get it.
+    """
+    if he_cfg["secret_context_path"] and he_cfg["public_context_path"]:
+        return he_cfg
+    from lepton_flwr.he import CKKSParams, write_keys
+
+    secret, public = write_keys(CKKSParams.from_config(he_cfg), folder)
+    return {**he_cfg, "secret_context_path": str(secret), "public_context_path": str(public)}
 
 
 @hydra.main(version_base="1.3", config_path="pkg://lepton_flwr.conf", config_name="config")

@@ -8,9 +8,11 @@ from collections.abc import Callable
 
 from flwr.serverapp.strategy import Strategy
 from lepton_flwr.strategies.fedavg import build_fedavg
+from lepton_flwr.strategies.he_fedavg import HEFedAvg, build_he_fedavg
 
 STRATEGIES: dict[str, Callable[[dict], Strategy]] = {
     "fedavg": build_fedavg,
+    "he_fedavg": build_he_fedavg,
 }
 
 
@@ -30,4 +32,4 @@ def build_strategy(cfg: dict) -> Strategy:
     return STRATEGIES[name](cfg)
 
 
-__all__ = ["STRATEGIES", "build_strategy"]
+__all__ = ["STRATEGIES", "HEFedAvg", "build_strategy"]

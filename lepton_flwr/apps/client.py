@@ -8,6 +8,7 @@ from flwr.clientapp import ClientApp
 from lepton_flwr.apps.common import config_from_context, model_for
 from lepton_flwr.data import load_client_data, load_dataset
 from lepton_flwr.models import evaluate, resolve_device, train
+from lepton_flwr.mods.he_mod import SECRET_CONTEXT_NODE_KEY, apply_he
 
 PARTITION_ID_KEY = "partition-id"
 NUM_PARTITIONS_KEY = "num-partitions"
@@ -98,10 +99,24 @@ def make_client_app(cfg: dict | None = None) -> ClientApp:
         A composed config (the simulation runner passes it); None reads the
         ``hydra-overrides`` run-config key, as under ``flwr run``.
     """
-    client_app = ClientApp()
 
     def config(context: Context) -> dict:
         return cfg if cfg is not None else config_from_context(context)
+
+    def privacy_mod(msg: Message, context: Context, call_next) -> Message:
+        """Apply the mods the config asks for (he=ckks: decrypt in, encrypt out)."""
+        he = config(context)["he"]
+        if he["name"] == "none":
+            return call_next(msg, context)
+        path = context.node_config.get(SECRET_CONTEXT_NODE_KEY, he["secret_context_path"])
+        if not path:
+            raise ValueError(
+                f"he=ckks needs the clients' secret context: node config "
+                f"'{SECRET_CONTEXT_NODE_KEY}=<path>' or he.secret_context_path"
+            )
+        return apply_he(msg, context, call_next, path, he["weight_scale"], he["workers"])
+
+    client_app = ClientApp(mods=[privacy_mod])
 
     @client_app.train()
     def train_handler(msg: Message, context: Context) -> Message:

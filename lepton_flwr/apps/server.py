@@ -14,9 +14,12 @@ from flwr.serverapp import Grid, ServerApp
 from lepton_flwr.apps.common import config_from_context, model_for
 from lepton_flwr.apps.loop import run_rounds
 from lepton_flwr.data import load_dataset
+from lepton_flwr.he.records import EncryptedModel, is_encrypted, save_encrypted
 from lepton_flwr.models import evaluate, resolve_device
 from lepton_flwr.results import RunRecorder
 from lepton_flwr.strategies import build_strategy
+
+ENCRYPTED_MODEL_FILE = "model.ckks.zip"
 
 
 def default_output_dir(cfg: dict) -> Path:
@@ -39,7 +42,9 @@ def run_server(grid: Grid, cfg: dict) -> Path:
         model = model_for(cfg, data)
         device = resolve_device(cfg["device"])
 
-        def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+            if is_encrypted(arrays):
+                return None  # the server cannot decrypt: evaluation is federated only
             model.load_state_dict(arrays.to_torch_state_dict())
             metrics = evaluate(
                 model, data.x_test, data.y_test, num_outputs=data.num_outputs, device=device
@@ -54,7 +59,17 @@ def run_server(grid: Grid, cfg: dict) -> Path:
             recorder,
             evaluate_fn=central_evaluate,
         )
-        recorder.save_model(final.to_torch_state_dict())
+        if is_encrypted(final):
+            path = save_encrypted(
+                EncryptedModel.from_record(final), recorder.out_dir / ENCRYPTED_MODEL_FILE
+            )
+            log(
+                INFO,
+                "[lepton] final model saved encrypted: %s (decrypt: lepton-flwr decrypt)",
+                path,
+            )
+        else:
+            recorder.save_model(final.to_torch_state_dict())
         recorder.plot()
         log(INFO, "[lepton] done: %s", recorder.write_summary())
         log(INFO, "[lepton] metrics, plot and model in %s", recorder.out_dir)

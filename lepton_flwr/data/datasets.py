@@ -192,7 +192,9 @@ def load_loans(
         features, target, test_fraction, seed, False, ids=ids
     )
     continuous = slice(0, 3)
-    x_tr[:, continuous], x_te[:, continuous] = _standardize(x_tr[:, continuous], x_te[:, continuous])
+    x_tr[:, continuous], x_te[:, continuous] = _standardize(
+        x_tr[:, continuous], x_te[:, continuous]
+    )
     return CentralData(x_tr.astype(np.float32), y_tr, x_te.astype(np.float32), y_te, id_tr, 1)
 
 

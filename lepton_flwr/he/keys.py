@@ -1,0 +1,113 @@
+"""CKKS key material: the clients' secret context, the server's public one, fingerprints."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from functools import cache, lru_cache
+from pathlib import Path
+
+import tenseal as ts
+
+from lepton_flwr.he.params import CKKSParams
+
+SECRET_CONTEXT_FILE = "secret.ctx"
+PUBLIC_CONTEXT_FILE = "public.ctx"
+
+
+def scratch_dir() -> Path:
+    """A per-process folder for SEAL's file-based (de)serialization (RAM-backed if possible)."""
+    base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+    return Path(_scratch(base, os.getpid()))  # forked workers get folders of their own
+
+
+@cache
+def _scratch(base: str | None, pid: int) -> str:
+    return tempfile.mkdtemp(prefix=f"lepton-he-{pid}-", dir=base)
+
+
+def create_secret_context(params: CKKSParams) -> ts.Context:
+    """Generate fresh keys: a TenSEAL CKKS context that holds the secret key."""
+    params.validate()
+    context = ts.context(
+        ts.SCHEME_TYPE.CKKS,
+        poly_modulus_degree=params.poly_modulus_degree,
+        coeff_mod_bit_sizes=list(params.coeff_mod_bit_sizes),
+    )
+    context.global_scale = 2.0**params.scale_bits
+    return context
+
+
+def public_context_bytes(context: ts.Context) -> bytes:
+    """Serialize a context without its secret key (nor relin/Galois keys: sums need none)."""
+    return context.serialize(
+        save_public_key=True, save_secret_key=False, save_galois_keys=False, save_relin_keys=False
+    )
+
+
+def secret_context_bytes(context: ts.Context) -> bytes:
+    """Serialize a context with its secret key (for clients only)."""
+    if not context.has_secret_key():
+        raise ValueError("This context holds no secret key.")
+    return context.serialize(
+        save_public_key=True, save_secret_key=True, save_galois_keys=False, save_relin_keys=False
+    )
+
+
+def fingerprint(context: ts.Context) -> str:
+    """Key fingerprint: SHA-256 of the public key, the same for secret and public contexts."""
+    path = scratch_dir() / f"pk-{id(context)}"
+    context.public_key().data.save(str(path))
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    path.unlink()
+    return digest
+
+
+def write_keys(params: CKKSParams, folder: str | Path) -> tuple[Path, Path]:
+    """Generate keys; write ``secret.ctx`` (mode 600, for clients) and ``public.ctx`` (server).
+
+    Returns
+    -------
+    tuple[Path, Path]
+        The secret and the public context paths.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    context = create_secret_context(params)
+    secret, public = folder / SECRET_CONTEXT_FILE, folder / PUBLIC_CONTEXT_FILE
+    fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(secret_context_bytes(context))
+    public.write_bytes(public_context_bytes(context))
+    return secret, public
+
+
+@lru_cache(maxsize=4)
+def _load_context(path: str, mtime_ns: int) -> ts.Context:
+    return ts.context_from(Path(path).read_bytes())
+
+
+def load_context(path: str | Path, *, expect_secret: bool) -> ts.Context:
+    """Load a context file (cached per process), checking that it is the kind expected.
+
+    Raises
+    ------
+    FileNotFoundError
+        If the file is missing.
+    ValueError
+        If a secret context is expected and the file has no secret key, or the other
+        way round (a server must never load a secret key).
+    """
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"CKKS context file not found: {path}")
+    context = _load_context(str(path), path.stat().st_mtime_ns)
+    if expect_secret and not context.has_secret_key():
+        raise ValueError(f"{path} holds no secret key; clients need the secret context.")
+    if not expect_secret and context.has_secret_key():
+        raise ValueError(
+            f"{path} holds a secret key; the server must get the public context only "
+            f"(the {PUBLIC_CONTEXT_FILE} that keygen writes)."
+        )
+    return context

@@ -1,0 +1,5 @@
+"""Client mods: thin adapters between Flower messages and lepton_flwr's he/ and dp/."""
+
+from lepton_flwr.mods.he_mod import SECRET_CONTEXT_NODE_KEY, apply_he, he_mod, make_he_mod
+
+__all__ = ["SECRET_CONTEXT_NODE_KEY", "apply_he", "he_mod", "make_he_mod"]
