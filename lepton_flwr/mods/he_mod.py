@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Message
+from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from lepton_flwr.he.codec import CiphertextError, CkksEncoder, flatten, unflatten
@@ -28,7 +28,8 @@ def _encoder(path: str, mtime_ns: int, workers: int | None) -> tuple[CkksEncoder
     return CkksEncoder(context, workers=workers), fingerprint(context)
 
 
-def _encoder_for(path: str | Path, workers: int | None) -> tuple[CkksEncoder, str]:
+def encoder_for(path: str | Path, workers: int | None) -> tuple[CkksEncoder, str]:
+    """The codec and key fingerprint of a secret context file (cached per process)."""
     resolved = Path(path).resolve()
     if not resolved.is_file():
         raise FileNotFoundError(
@@ -83,9 +84,10 @@ def apply_he(
     workers: int | None = None,
 ) -> Message:
     """The HE round trip around a handler (see :func:`make_he_mod`)."""
-    encoder, own_fingerprint = _encoder_for(secret_context_path, workers)
+    encoder, own_fingerprint = encoder_for(secret_context_path, workers)
     if "arrays" in msg.content and is_encrypted(msg.content["arrays"]):
-        msg.content["arrays"] = decrypt_model(msg.content["arrays"], encoder, own_fingerprint)
+        plain = decrypt_model(msg.content["arrays"], encoder, own_fingerprint)
+        msg.content = RecordDict({**msg.content, "arrays": plain})  # never edit a shared record
     reply = call_next(msg, context)
     if not msg.metadata.message_type.startswith("train") or reply.has_error():
         return reply

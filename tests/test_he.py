@@ -1,0 +1,316 @@
+"""HE-FedAvg: parameters, keys, codec, and whole runs driven in-process."""
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import tenseal as ts
+import torch
+from flwr.app import Array, ArrayRecord
+
+from inprocess import InProcessGrid
+from lepton_flwr.apps.client import make_client_app
+from lepton_flwr.apps.server import ENCRYPTED_MODEL_FILE, run_server
+from lepton_flwr.config import ConfigError, load_config
+from lepton_flwr.he import (
+    CKKSParams,
+    CiphertextError,
+    CkksAdder,
+    CkksEncoder,
+    EncryptedModel,
+    HEParamsError,
+    create_secret_context,
+    fingerprint,
+    flatten,
+    load_context,
+    load_encrypted,
+    public_context_bytes,
+    unflatten,
+    write_keys,
+)
+from lepton_flwr.he.records import META_KEY, chunk_key
+from lepton_flwr.mods.he_mod import decrypt_model, encoder_for
+from lepton_flwr.strategies import HEFedAvg
+
+# digits, a 2,410-parameter MLP (2 ciphertexts per update), 3 clients
+SETUP = "+experiment=digits_smoke model=mlp model.hidden=[32] num_rounds=5"
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    return write_keys(CKKSParams(), tmp_path_factory.mktemp("keys"))
+
+
+@pytest.fixture(scope="module")
+def secret_ctx(keys):
+    return load_context(keys[0], expect_secret=True)
+
+
+@pytest.fixture(scope="module")
+def public_ctx(keys):
+    return load_context(keys[1], expect_secret=False)
+
+
+# ---- parameters and keys -------------------------------------------------------------
+
+
+def test_default_parameters_meet_the_128_bit_standard():
+    CKKSParams().validate()
+    assert sum(CKKSParams().coeff_mod_bit_sizes) <= 109
+
+
+@pytest.mark.parametrize(
+    ("params", "hint"),
+    [
+        (CKKSParams(4096, (60, 60), 40), "poly_modulus_degree=8192"),
+        (CKKSParams(8192, (60, 60, 60, 60), 40), "poly_modulus_degree=16384"),
+        (CKKSParams(3000, (60, 40), 40), "use one of"),
+        (CKKSParams(4096, (60,), 40), "at least two primes"),
+        (CKKSParams(4096, (56, 53), 50), "scale_bits"),
+    ],
+)
+def test_insecure_or_unusable_parameters_are_refused_with_what_would_work(params, hint):
+    with pytest.raises(HEParamsError, match=hint):
+        params.validate()
+
+
+def test_insecure_parameters_fail_at_config_time():
+    with pytest.raises(ConfigError, match="Insecure"):
+        load_config("strategy=he_fedavg he.coeff_mod_bit_sizes=[60,60]")
+
+
+def test_server_context_holds_no_secret_key(keys, secret_ctx, public_ctx):
+    assert public_ctx.is_public() and not public_ctx.has_secret_key()
+    assert secret_ctx.has_secret_key()
+    assert fingerprint(secret_ctx) == fingerprint(public_ctx)
+    # The public file itself holds no secret key, and the server refuses a secret one.
+    assert not ts.context_from(keys[1].read_bytes()).has_secret_key()
+    with pytest.raises(ValueError, match="holds a secret key"):
+        load_context(keys[0], expect_secret=False)
+    with pytest.raises(ValueError, match="secret key"):
+        HEFedAvg(secret_ctx)
+    with pytest.raises(ValueError, match="secret"):
+        CkksEncoder(public_ctx)
+
+
+# ---- codec ---------------------------------------------------------------------------
+
+
+def test_flatten_round_trip_is_exact():
+    tensors = {
+        "a": np.arange(6, dtype=np.float32).reshape(2, 3),
+        "b": np.array([1.5, -2.25], dtype=np.float64),
+        "c": np.zeros((0,), dtype=np.float32),
+    }
+    vector, manifest = flatten(tensors)
+    back = unflatten(vector, manifest)
+    for name, tensor in tensors.items():
+        assert back[name].dtype == tensor.dtype and np.array_equal(back[name], tensor)
+
+
+def test_encrypt_add_decrypt_precision_and_size(secret_ctx, public_ctx):
+    rng = np.random.default_rng(0)
+    updates = [rng.normal(0, 3, 5000) for _ in range(4)]
+    encoder, adder = CkksEncoder(secret_ctx, workers=1), CkksAdder(public_ctx)
+    uploads = [encoder.encrypt(u) for u in updates]
+    assert len(uploads[0]) == 3  # 5000 values / 2048 slots
+    per_slot = sum(map(len, uploads[0])) / (3 * 2048)
+    assert per_slot < 16  # seeded ciphertexts: about 15.2 B per value, 3.8x float32
+    sums = [None] * 3
+    for chunks in uploads:
+        sums = [adder.add(t, adder.load(c)) for t, c in zip(sums, chunks, strict=True)]
+    result = encoder.decrypt([adder.dump(s) for s in sums], 5000)
+    assert np.abs(result - np.sum(updates, axis=0)).max() < 1e-6
+
+
+def test_parallel_encryption_decrypts_to_the_same_values(secret_ctx):
+    vector = np.random.default_rng(1).normal(size=2048 * 70)  # over the parallel threshold
+    encoder = CkksEncoder(secret_ctx, workers=2)
+    chunks = encoder.encrypt(vector)
+    assert len(chunks) == 70
+    assert np.abs(encoder.decrypt(chunks, len(vector)) - vector).max() < 1e-7
+
+
+def test_adder_rejects_garbage_and_foreign_parameters(secret_ctx, public_ctx):
+    adder = CkksAdder(public_ctx)
+    good = CkksEncoder(secret_ctx, workers=1).encrypt(np.ones(10))[0]
+    with pytest.raises(CiphertextError):
+        adder.load(b"\x00" * 100)
+    with pytest.raises(CiphertextError):
+        adder.load(good[: len(good) // 2])
+    other = create_secret_context(CKKSParams(8192, (60, 40, 60), 40))
+    with pytest.raises(CiphertextError):
+        adder.load(CkksEncoder(other, workers=1).encrypt(np.ones(10))[0])
+
+
+# ---- whole runs, in process ----------------------------------------------------------
+
+
+def _run(tmp_path, name, overrides, client_fn=None):
+    cfg = load_config(f"{SETUP} {overrides} output_dir={tmp_path / name}")
+    app = make_client_app(cfg)
+    grid = InProcessGrid(client_fn(app) if client_fn else app, num_nodes=3)
+    out = run_server(grid, cfg)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return cfg, grid, out, rows
+
+
+def _he(keys):
+    return f"strategy=he_fedavg he.secret_context_path={keys[0]} he.public_context_path={keys[1]}"
+
+
+def _decrypted_final(out, keys):
+    encoder, own = encoder_for(keys[0], workers=1)
+    record = load_encrypted(out / ENCRYPTED_MODEL_FILE).to_record()
+    return decrypt_model(record, encoder, own).to_torch_state_dict()
+
+
+@pytest.fixture(scope="module")
+def plain_and_he_runs(tmp_path_factory, keys):
+    tmp = tmp_path_factory.mktemp("runs")
+    plain = _run(tmp, "plain", "strategy=fedavg")
+    he = _run(tmp, "he", _he(keys))
+    return plain, he
+
+
+def test_he_fedavg_equals_plain_fedavg_after_5_rounds(plain_and_he_runs, keys):
+    (_, _, plain_out, plain_rows), (_, _, he_out, he_rows) = plain_and_he_runs
+    plain_model = torch.load(plain_out / "model.pt")
+    he_model = _decrypted_final(he_out, keys)
+    diff = max(float((plain_model[k] - he_model[k]).abs().max()) for k in plain_model)
+    assert diff < 1e-6
+    assert [r["federated_accuracy"] for r in he_rows] == [
+        r["federated_accuracy"] for r in plain_rows
+    ]
+    assert he_rows[-1]["federated_accuracy"] > 0.85
+    assert not (he_out / "model.pt").exists()
+
+
+def test_the_server_receives_only_ciphertexts(plain_and_he_runs):
+    _, (cfg, grid, _, he_rows) = plain_and_he_runs
+    train_replies = [r for r in grid.received if r.metadata.message_type == "train"]
+    assert len(train_replies) == 15 and not any(r.has_error() for r in train_replies)
+    for reply in grid.received:
+        for record in reply.content.array_records.values():
+            assert META_KEY in record
+            assert {a.stype for a in record.values()} <= {"lepton.ckks", "lepton.ckks-meta"}
+            assert all(a.dtype == "uint8" for a in record.values())
+    # Evaluation replies carry metrics only; no central evaluation could be run.
+    assert all("central_loss" not in row for row in he_rows)
+
+
+def _tamper(node, corrupt):
+    """Wrap a ClientApp so that node ``node``'s training reply is corrupted."""
+
+    def wrap(app):
+        def client_fn(msg, context):
+            reply = app(msg, context)
+            if context.node_id == node and msg.metadata.message_type == "train":
+                reply.content["arrays"] = corrupt(reply.content["arrays"])
+            return reply
+
+        return client_fn
+
+    return wrap
+
+
+def _with_chunk(record, index, data):
+    arrays = dict(record.items())
+    arrays[chunk_key(index)] = Array(
+        dtype="uint8", shape=(len(data),), stype="lepton.ckks", data=data
+    )
+    return ArrayRecord(arrays)
+
+
+def _drop_last_chunk(record):
+    model = EncryptedModel.from_record(record)
+    model.chunks = model.chunks[:-1]
+    return model.to_record()
+
+
+def _plaintext(record):
+    model = EncryptedModel.from_record(record)
+    return ArrayRecord([np.zeros(model.num_values, dtype=np.float32)])
+
+
+def _foreign_key(record):
+    other = create_secret_context(CKKSParams())
+    model = EncryptedModel.from_record(record)
+    model.chunks = CkksEncoder(other, workers=1).encrypt(np.ones(model.num_values))
+    model.fingerprint = fingerprint(other)
+    return model.to_record()
+
+
+def _other_manifest(record):
+    model = EncryptedModel.from_record(record)
+    first = model.manifest[0]
+    model.manifest = [
+        type(first)(first.name, (first.shape[0] + 1, *first.shape[1:]), first.dtype),
+        *model.manifest[1:],
+    ]
+    return model.to_record()
+
+
+def _garbled(record):
+    data = bytearray(record[chunk_key(0)].data)
+    data[len(data) // 2 :] = b"\xff" * (len(data) - len(data) // 2)
+    return _with_chunk(record, 0, bytes(data))
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "reason"),
+    [
+        (_garbled, "not a valid ciphertext"),
+        (_foreign_key, "encrypted under key"),
+        (_drop_last_chunk, "chunks"),
+        (_plaintext, "plaintext reply where a ciphertext is expected"),
+        (_other_manifest, "manifest"),
+    ],
+)
+def test_a_bad_reply_is_rejected_and_the_round_goes_on(tmp_path, keys, caplog, corrupt, reason):
+    caplog.set_level(logging.WARNING, logger="flwr")
+    overrides = f"{_he(keys)} num_rounds=2 strategy.min_train_nodes=2"
+    _, _, out, rows = _run(tmp_path, "bad", overrides, _tamper(101, corrupt))
+    rejections = [
+        r.getMessage() for r in caplog.records if "rejected the reply of node 101" in r.getMessage()
+    ]
+    assert len(rejections) == 2 and all(reason in m for m in rejections), caplog.text[-2000:]
+    assert "node 100" not in caplog.text and "node 102" not in caplog.text
+    # The two honest clients carried both rounds; the model trained and was saved.
+    assert [r["round"] for r in rows] == [1, 2]
+    assert rows[1]["federated_accuracy"] > 0.6
+    assert (out / ENCRYPTED_MODEL_FILE).is_file()
+
+
+def test_too_few_valid_replies_skip_the_round_and_keep_the_model(tmp_path, keys, caplog):
+    caplog.set_level(logging.WARNING, logger="flwr")
+    overrides = f"{_he(keys)} num_rounds=2 strategy.min_train_nodes=3"
+    _, _, out, rows = _run(tmp_path, "few", overrides, _tamper(101, _garbled))
+    assert caplog.text.count("fewer than min_train_nodes=3; round skipped") == 2
+    # Both rounds skipped: the global model is still the initial plaintext one.
+    assert (out / "model.pt").is_file() and not (out / ENCRYPTED_MODEL_FILE).exists()
+    assert rows[0]["federated_accuracy"] == rows[1]["federated_accuracy"]
+
+
+def test_nan_update_is_never_encrypted(tmp_path, keys):
+    def nan_weights(app):
+        def client_fn(msg, context):
+            if context.node_id == 102 and msg.metadata.message_type == "train":
+                nan = {
+                    k: Array(np.full(v.shape, np.nan, dtype=np.float32))
+                    for k, v in msg.content["arrays"].items()
+                }
+                msg.content["arrays"] = ArrayRecord(nan)
+            return app(msg, context)
+
+        return client_fn
+
+    overrides = f"{_he(keys)} num_rounds=1 strategy.min_train_nodes=2"
+    _, grid, out, rows = _run(tmp_path, "nan", overrides, nan_weights)
+    errors = [r for r in grid.received if r.has_error()]
+    assert len(errors) == 1 and errors[0].metadata.src_node_id == 102
+    assert (
+        "NaN or Inf" in errors[0].error.reason and "nothing was encrypted" in errors[0].error.reason
+    )
+    assert rows[0]["train_failures"] == 1 and (out / ENCRYPTED_MODEL_FILE).is_file()
