@@ -8,16 +8,17 @@ import pytest
 import tenseal as ts
 import torch
 from flwr.app import Array, ArrayRecord
-
 from inprocess import InProcessGrid
+from lepton_flwr.strategies import HEFedAvg
+
 from lepton_flwr.apps.client import make_client_app
 from lepton_flwr.apps.server import ENCRYPTED_MODEL_FILE, run_server
 from lepton_flwr.config import ConfigError, load_config
 from lepton_flwr.he import (
-    CKKSParams,
     CiphertextError,
     CkksAdder,
     CkksEncoder,
+    CKKSParams,
     EncryptedModel,
     HEParamsError,
     create_secret_context,
@@ -25,13 +26,11 @@ from lepton_flwr.he import (
     flatten,
     load_context,
     load_encrypted,
-    public_context_bytes,
     unflatten,
     write_keys,
 )
 from lepton_flwr.he.records import META_KEY, chunk_key
 from lepton_flwr.mods.he_mod import decrypt_model, encoder_for
-from lepton_flwr.strategies import HEFedAvg
 
 # digits, a 2,410-parameter MLP (2 ciphertexts per update), 3 clients
 SETUP = "+experiment=digits_smoke model=mlp model.hidden=[32] num_rounds=5"
