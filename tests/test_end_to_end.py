@@ -29,15 +29,14 @@ def _rows(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
-def _assert_finished_run(folder: Path, rounds: int) -> list[dict]:
+def _assert_finished_run(folder: Path, rounds: int, model: str) -> list[dict]:
     for name in (
         "config.yaml",
         "metrics.csv",
         "metrics.jsonl",
         "metrics.png",
-        "model.pt",
         "summary.json",
-        "run.log",
+        model,
     ):
         assert (folder / name).is_file(), f"{name} missing in {folder}"
     rows = _rows(folder)
@@ -66,18 +65,15 @@ def test_config_error_stops_before_training(tmp_path):
 
 @pytest.mark.slow
 def test_simulation_sweep_trains_and_writes_outputs(tmp_path):
-    """Hydra multirun: two seeds, each 2 rounds x 3 clients on digits."""
+    """Hydra multirun over strategies: FedAvg and HE-FedAvg, 2 rounds x 3 clients on digits."""
+    sweep = [
+        SMOKE,
+        "strategy=fedavg,he_fedavg",
+        f"hydra.sweep.dir={tmp_path}",
+        "hydra.sweep.subdir=${strategy.name}",
+    ]
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "simulations.run",
-            "-m",
-            SMOKE,
-            "seed=0,1",
-            f"hydra.sweep.dir={tmp_path}",
-            "hydra.sweep.subdir=seed${seed}",
-        ],
+        [sys.executable, "-m", "simulations.run", "-m", *sweep],
         cwd=REPO_ROOT,
         env=_env(),
         capture_output=True,
@@ -86,11 +82,19 @@ def test_simulation_sweep_trains_and_writes_outputs(tmp_path):
     )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
-    for seed in (0, 1):
-        rows = _assert_finished_run(tmp_path / f"seed{seed}", rounds=2)
-        assert rows[1]["central_loss"] < rows[0]["central_loss"]
+    plain = _assert_finished_run(tmp_path / "fedavg", rounds=2, model="model.pt")
+    assert plain[1]["central_loss"] < plain[0]["central_loss"]
+    assert plain[1]["central_accuracy"] > 0.8
+    he = _assert_finished_run(tmp_path / "he_fedavg", rounds=2, model="model.ckks.zip")
+    assert (tmp_path / "he_fedavg" / "keys" / "public.ctx").is_file()
+    for rows in (plain, he):
         assert rows[1]["federated_loss"] < rows[0]["federated_loss"]
-        assert rows[1]["central_accuracy"] > 0.8
+    # Same seeds, same data: encryption changes nothing in what the clients measure.
+    assert [r["federated_accuracy"] for r in he] == pytest.approx(
+        [r["federated_accuracy"] for r in plain]
+    )
+    # Each client uploads one seeded ciphertext (2,048 slots, about 15.2 B each) + header.
+    assert 2048 * 14 < he[1]["bytes_up"] / 3 < 2048 * 16
     # Flower's own lines appear once per round, not twice (Hydra's root handler is off).
     assert log.count("aggregate_train: Received 3 results") == 4
 
@@ -103,7 +107,11 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_flwr_run_completes_a_short_run(tmp_path):
-    """`flwr run .` with a local simulation SuperLink, configured by hydra-overrides."""
+    """`flwr run .` with a local simulation SuperLink: HE-FedAvg with keys from `keygen`."""
+    keys = tmp_path / "keys"
+    subprocess.run(
+        [str(Path(sys.executable).parent / "lepton-flwr"), "keygen", "--out", str(keys)], check=True
+    )
     http_port, control_port = _free_port(), _free_port()
     env = _env(
         FLWR_HOME=str(tmp_path / "flwr-home"),
@@ -119,7 +127,8 @@ def test_flwr_run_completes_a_short_run(tmp_path):
         ".",
         "--stream",
         "--run-config",
-        f'hydra-overrides="{SMOKE} output_dir={out}"',
+        f'hydra-overrides="{SMOKE} output_dir={out} strategy=he_fedavg '
+        f'he.secret_context_path={keys}/secret.ctx he.public_context_path={keys}/public.ctx"',
         "--federation-config",
         "num-supernodes=3 client-resources-num-cpus=1",
     ]
@@ -129,8 +138,8 @@ def test_flwr_run_completes_a_short_run(tmp_path):
         )
         log = proc.stdout + proc.stderr
         assert proc.returncode == 0, log[-4000:]
-        rows = _assert_finished_run(out, rounds=2)
-        assert rows[1]["central_loss"] < rows[0]["central_loss"]
+        rows = _assert_finished_run(out, rounds=2, model="model.ckks.zip")
+        assert rows[1]["federated_loss"] < rows[0]["federated_loss"]
     finally:
         # `flwr run` leaves its detached SuperLink running: stop the one we started.
         _stop_processes(f"flower-superlink.*--port {http_port}")
