@@ -44,6 +44,8 @@ class HEFedAvg(FedAvg):
     headroom_fraction : float (default: 0.5)
         Largest share of the CKKS headroom that the bound on the summed values may use;
         a round that would exceed it is skipped (CKKS would wrap around silently).
+    workers : int | None (default: None)
+        Processes that load and add ciphertexts in parallel; None uses every core.
     **fedavg_kwargs
         Sampling settings of :class:`flwr.serverapp.strategy.FedAvg`
         (``fraction_train``, ``min_train_nodes``, ...).
@@ -54,6 +56,7 @@ class HEFedAvg(FedAvg):
         public_context: ts.Context | str | Path,
         *,
         headroom_fraction: float = 0.5,
+        workers: int | None = None,
         **fedavg_kwargs,
     ):
         super().__init__(**fedavg_kwargs)
@@ -64,6 +67,7 @@ class HEFedAvg(FedAvg):
         if not 0 < headroom_fraction <= 1:
             raise ValueError(f"headroom_fraction must be in (0, 1], got {headroom_fraction}")
         self.context = public_context
+        self.workers = workers
         self.fingerprint = fingerprint(public_context)
         self._adder = CkksAdder(public_context)
         data_level = public_context.seal_context().data.first_context_data()
@@ -125,33 +129,32 @@ class HEFedAvg(FedAvg):
             )
         return update
 
+    @staticmethod
+    def _reject(server_round: int, msg: Message, reason: object) -> None:
+        log(
+            WARNING,
+            "HEFedAvg round %d: rejected the reply of node %d: %s",
+            server_round,
+            msg.metadata.src_node_id,
+            reason,
+        )
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Add the valid encrypted updates; return the encrypted weighted sum."""
         valid, _ = self._check_and_log_replies(list(replies), is_train=True, validate=False)
         accepted: list[tuple[Message, EncryptedModel]] = []
-        sums: list = []
         for msg in valid:
-            node = msg.metadata.src_node_id
             try:
-                update = self.check_reply(msg)
-                loaded = [self._adder.load(chunk) for chunk in update.chunks]
+                accepted.append((msg, self.check_reply(msg)))
             except CiphertextError as err:
-                log(
-                    WARNING,
-                    "HEFedAvg round %d: rejected the reply of node %d: %s",
-                    server_round,
-                    node,
-                    err,
-                )
-                continue
-            accepted.append((msg, update))
-            sums = (
-                loaded
-                if not sums
-                else [self._adder.add(t, c) for t, c in zip(sums, loaded, strict=True)]
-            )
+                self._reject(server_round, msg, err)
+        # Loading checks every ciphertext; it runs in parallel with the additions.
+        sums, failed = self._adder.sum_updates([u.chunks for _, u in accepted], self.workers)
+        for index in sorted(failed):
+            self._reject(server_round, accepted[index][0], failed[index])
+        accepted = [pair for i, pair in enumerate(accepted) if i not in failed]
 
         if len(accepted) < self.min_train_nodes:
             log(
@@ -177,7 +180,7 @@ class HEFedAvg(FedAvg):
         first = accepted[0][1]
         total = EncryptedModel(
             manifest=first.manifest,
-            chunks=[self._adder.dump(c) for c in sums],
+            chunks=sums,
             weight=sum(update.weight for _, update in accepted),
             fingerprint=self.fingerprint,
             max_abs=bound,
@@ -199,6 +202,7 @@ def build_he_fedavg(cfg: dict) -> HEFedAvg:
     return HEFedAvg(
         path,
         headroom_fraction=he["headroom_fraction"],
+        workers=he["workers"],
         fraction_train=s["fraction_train"],
         fraction_evaluate=s["fraction_evaluate"],
         min_train_nodes=s["min_train_nodes"],

@@ -313,3 +313,17 @@ def test_nan_update_is_never_encrypted(tmp_path, keys):
         "NaN or Inf" in errors[0].error.reason and "nothing was encrypted" in errors[0].error.reason
     )
     assert rows[0]["train_failures"] == 1 and (out / ENCRYPTED_MODEL_FILE).is_file()
+
+
+def test_parallel_sum_leaves_out_an_upload_with_a_bad_chunk(secret_ctx, public_ctx):
+    rng = np.random.default_rng(2)
+    updates = [rng.normal(size=2048 * 40) for _ in range(8)]
+    encoder, adder = CkksEncoder(secret_ctx, workers=1), CkksAdder(public_ctx)
+    uploads = [encoder.encrypt(u) for u in updates]
+    uploads[5][33] = b"garbage"  # in the second worker's range only
+    sums, failed = adder.sum_updates(uploads, workers=2)
+    assert list(failed) == [5] and "not a valid ciphertext" in failed[5]
+    expected = np.sum([u for i, u in enumerate(updates) if i != 5], axis=0)
+    assert np.abs(encoder.decrypt(sums, len(expected)) - expected).max() < 1e-6
+    serial, _ = adder.sum_updates([u for i, u in enumerate(uploads) if i != 5], workers=1)
+    assert np.abs(encoder.decrypt(serial, len(expected)) - expected).max() < 1e-6

@@ -247,3 +247,74 @@ class CkksAdder:
     def dump(ciphertext: sealapi.Ciphertext) -> bytes:
         """Serialize a ciphertext (a sum: full size, it carries no seed)."""
         return _save(ciphertext)
+
+    def sum_range(
+        self, uploads: list[list[bytes]], start: int, stop: int
+    ) -> tuple[list[bytes], dict[int, str]]:
+        """Load and add chunks ``start:stop`` of every upload.
+
+        Returns
+        -------
+        tuple[list[bytes], dict[int, str]]
+            The serialized sums, and the uploads (by index) whose chunks failed to
+            load, with the reason; those are left out of the sums.
+        """
+        sums: list = [None] * (stop - start)
+        errors: dict[int, str] = {}
+        for index, chunks in enumerate(uploads):
+            try:
+                loaded = [self.load(chunks[j]) for j in range(start, stop)]
+            except CiphertextError as err:
+                errors[index] = str(err)
+                continue
+            sums = [self.add(t, c) for t, c in zip(sums, loaded, strict=True)]
+        return [self.dump(t) for t in sums if t is not None], errors
+
+    def sum_updates(
+        self, uploads: list[list[bytes]], workers: int | None = None
+    ) -> tuple[list[bytes], dict[int, str]]:
+        """Add uploads chunk by chunk, in parallel over chunk ranges.
+
+        Every upload must have the same number of chunks. An upload with a chunk that
+        does not load is reported (index -> reason) and left out of the sum.
+
+        Parameters
+        ----------
+        uploads : list[list[bytes]]
+            Each client's serialized ciphertexts.
+        workers : int | None
+            Processes (forked, so they read the uploads without copying); None uses
+            every core this process may use.
+        """
+        if not uploads:
+            return [], {}
+        num_chunks = len(uploads[0])
+        workers = default_workers() if workers is None else max(1, workers)
+        if workers == 1 or num_chunks * len(uploads) < PARALLEL_MIN_CHUNKS * 4:
+            return self.sum_range(uploads, 0, num_chunks)
+        bounds = np.linspace(0, num_chunks, workers + 1).astype(int)
+        global _fork_state
+        _fork_state = (self, uploads)
+        try:
+            with get_context("fork").Pool(workers) as pool:
+                parts = pool.map(
+                    _sum_range_in_fork, list(zip(bounds[:-1], bounds[1:], strict=True))
+                )
+        finally:
+            _fork_state = None
+        errors: dict[int, str] = {}
+        for _, part_errors in parts:
+            errors.update(part_errors)
+        if errors:  # a bad upload was left out of some ranges only: sum the good ones again
+            good = [u for i, u in enumerate(uploads) if i not in errors]
+            sums, _ = self.sum_updates(good, workers)
+            return sums, errors
+        return [chunk for part, _ in parts for chunk in part], errors
+
+
+_fork_state: tuple[CkksAdder, list[list[bytes]]] | None = None
+
+
+def _sum_range_in_fork(bounds: tuple[int, int]) -> tuple[list[bytes], dict[int, str]]:
+    adder, uploads = _fork_state
+    return adder.sum_range(uploads, int(bounds[0]), int(bounds[1]))
