@@ -116,10 +116,9 @@ def test_encrypt_add_decrypt_precision_and_size(secret_ctx, public_ctx):
     assert len(uploads[0]) == 3  # 5000 values / 2048 slots
     per_slot = sum(map(len, uploads[0])) / (3 * 2048)
     assert per_slot < 16  # seeded ciphertexts: about 15.2 B per value, 3.8x float32
-    sums = [None] * 3
-    for chunks in uploads:
-        sums = [adder.add(t, adder.load(c)) for t, c in zip(sums, chunks, strict=True)]
-    result = encoder.decrypt([adder.dump(s) for s in sums], 5000)
+    sums, failed = adder.sum_updates(uploads, workers=1)
+    assert failed == {} and len(sums) == 3
+    result = encoder.decrypt(sums, 5000)
     assert np.abs(result - np.sum(updates, axis=0)).max() < 1e-6
 
 
@@ -134,13 +133,26 @@ def test_parallel_encryption_decrypts_to_the_same_values(secret_ctx):
 def test_adder_rejects_garbage_and_foreign_parameters(secret_ctx, public_ctx):
     adder = CkksAdder(public_ctx)
     good = CkksEncoder(secret_ctx, workers=1).encrypt(np.ones(10))[0]
+    assert adder.load([good]).size() == 2048
     with pytest.raises(CiphertextError):
-        adder.load(b"\x00" * 100)
+        adder.load([b"\x00" * 100])
     with pytest.raises(CiphertextError):
-        adder.load(good[: len(good) // 2])
+        adder.load([good[: len(good) // 2]])
     other = create_secret_context(CKKSParams(8192, (60, 40, 60), 40))
     with pytest.raises(CiphertextError):
-        adder.load(CkksEncoder(other, workers=1).encrypt(np.ones(10))[0])
+        adder.load(CkksEncoder(other, workers=1).encrypt(np.ones(10)))
+    other_scale = create_secret_context(CKKSParams(4096, (56, 53), 30))
+    with pytest.raises(CiphertextError, match="scale"):
+        adder.load(CkksEncoder(other_scale, workers=1).encrypt(np.ones(10)))
+
+
+def test_full_size_ciphertexts_work_too(secret_ctx, public_ctx):
+    encoder = CkksEncoder(secret_ctx, workers=1, seeded=False)
+    chunks = encoder.encrypt(np.arange(3000.0))
+    assert sum(map(len, chunks)) / (2 * 2048) > 29  # about twice the seeded size
+    sums, failed = CkksAdder(public_ctx).sum_updates([chunks, chunks], workers=1)
+    assert failed == {}
+    assert np.abs(encoder.decrypt(sums, 3000) - 2 * np.arange(3000.0)).max() < 1e-6
 
 
 # ---- whole runs, in process ----------------------------------------------------------

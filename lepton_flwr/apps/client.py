@@ -114,7 +114,9 @@ def make_client_app(cfg: dict | None = None) -> ClientApp:
                 f"he=ckks needs the clients' secret context: node config "
                 f"'{SECRET_CONTEXT_NODE_KEY}=<path>' or he.secret_context_path"
             )
-        return apply_he(msg, context, call_next, path, he["weight_scale"], he["workers"])
+        return apply_he(
+            msg, context, call_next, path, he["weight_scale"], he["workers"], he["seeded"]
+        )
 
     client_app = ClientApp(mods=[privacy_mod])
 

@@ -125,7 +125,9 @@ def run_rounds(
         except Exception as err:  # noqa: BLE001
             log(ERROR, "[lepton] round %d: federated evaluation failed: %r", rnd, err)
             eval_metrics = None
+        central_started = time.monotonic()
         central = evaluate_fn(rnd, arrays) if evaluate_fn is not None else None
+        central_seconds = time.monotonic() - central_started
 
         row = {
             "round": rnd,
@@ -137,6 +139,7 @@ def run_rounds(
             "bytes_down": down + eval_down,
             "bytes_up": up + eval_up,
             "train_seconds": round(train_seconds, 3),
+            "central_eval_seconds": round(central_seconds, 3),
             "round_seconds": round(time.monotonic() - started, 3),
         }
         recorder.record(row)

@@ -1,16 +1,18 @@
 """Pack model tensors into CKKS ciphertexts and back; add ciphertexts without a secret key.
 
-A model's tensors are flattened, in a fixed order, into one float64 vector that is cut
-into chunks of N/2 values, one CKKS ciphertext each. Clients encrypt with the secret key
+A model's tensors are flattened, in a fixed order, into one float64 vector cut into
+chunks of N/2 values, one CKKS ciphertext each. Clients encrypt with the secret key
 (SEAL's symmetric encryption), which lets a ciphertext travel *seeded*: its second
 polynomial is replaced by the seed that regenerates it, halving the upload. The server
-loads the chunks with a public context, checks them and adds them.
+loads a client's chunks in one TenSEAL vector (its loader checks each ciphertext against
+the context), checks their level and scale, and adds the vectors.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import struct
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
@@ -70,13 +72,65 @@ def unflatten(vector: np.ndarray, manifest: list[TensorSpec]) -> dict[str, np.nd
     return out
 
 
-def _scratch_path() -> str:
-    return str(scratch_dir() / f"ct-{next(_names)}")
+# ---- TenSEAL's CKKSVectorProto, the container its loader reads ------------------------
+# message CKKSVectorProto { repeated uint32 sizes = 1; repeated bytes ciphertexts = 2;
+#                           double scale = 3; }   (tenseal/proto/tensors.proto)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, value = value & 0x7F, value >> 7
+        out.append(low | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[pos]
+        value |= (byte & 0x7F) << shift
+        pos, shift = pos + 1, shift + 7
+        if not byte & 0x80:
+            return value, pos
+
+
+def vector_proto(chunks: list[bytes], slots: int, scale: float) -> bytes:
+    """Wrap serialized SEAL ciphertexts in a TenSEAL CKKS vector (``slots`` values each)."""
+    sizes = b"".join(_varint(slots) for _ in chunks)
+    parts = [b"\x0a" + _varint(len(sizes)) + sizes]
+    parts += [b"\x12" + _varint(len(chunk)) + chunk for chunk in chunks]
+    parts.append(b"\x19" + struct.pack("<d", scale))
+    return b"".join(parts)
+
+
+def proto_ciphertexts(blob: bytes) -> list[bytes]:
+    """The serialized ciphertexts inside a TenSEAL CKKS vector (field 2)."""
+    chunks, pos = [], 0
+    while pos < len(blob):
+        key, pos = _read_varint(blob, pos)
+        field, wire = key >> 3, key & 7
+        if wire == 2:
+            length, pos = _read_varint(blob, pos)
+            if field == 2:
+                chunks.append(blob[pos : pos + length])
+            pos += length
+        elif wire == 1:
+            pos += 8
+        elif wire == 0:
+            _, pos = _read_varint(blob, pos)
+        else:
+            raise ValueError(f"unexpected protobuf wire type {wire}")
+    return chunks
+
+
+# ---- client side -----------------------------------------------------------------------
 
 
 def _save(obj) -> bytes:
     """Serialize a SEAL object (its Python binding only writes files)."""
-    path = _scratch_path()
+    path = str(scratch_dir() / f"ct-{next(_names)}")
     obj.save(path)
     try:
         with open(path, "rb") as handle:
@@ -85,77 +139,58 @@ def _save(obj) -> bytes:
         os.unlink(path)
 
 
-def _load_ciphertext(seal_context, data: bytes) -> sealapi.Ciphertext:
-    path = _scratch_path()
-    with open(path, "wb") as handle:
-        handle.write(data)
-    try:
-        ciphertext = sealapi.Ciphertext(seal_context)
-        ciphertext.load(seal_context, path)
-        return ciphertext
-    except Exception as err:  # SEAL raises ValueError/RuntimeError/IOError variants
-        raise CiphertextError(f"not a valid ciphertext for this context ({err})") from err
-    finally:
-        os.unlink(path)
+class _SymmetricEncryptor:
+    """SEAL encoder and secret-key encryptor; ``seeded`` halves the serialized size."""
 
-
-class _SecretKeyOps:
-    """SEAL encoder, symmetric encryptor and decryptor over a secret context."""
-
-    def __init__(self, context: ts.Context):
-        if not context.has_secret_key():
-            raise ValueError("Encryption and decryption need the secret context.")
-        self.seal_context = context.seal_context().data
-        secret_key = context.secret_key().data
-        self.encoder = sealapi.CKKSEncoder(self.seal_context)
-        self.encryptor = sealapi.Encryptor(self.seal_context, secret_key)
-        self.decryptor = sealapi.Decryptor(self.seal_context, secret_key)
-        self.scale = context.global_scale
-        self.slots = self.encoder.slot_count()
+    def __init__(self, context: ts.Context, seeded: bool):
+        seal_context = context.seal_context().data
+        self.encoder = sealapi.CKKSEncoder(seal_context)
+        self.encryptor = sealapi.Encryptor(seal_context, context.secret_key().data)
+        self.seal_context, self.scale, self.seeded = seal_context, context.global_scale, seeded
 
     def encrypt(self, values: np.ndarray) -> bytes:
         plain = sealapi.Plaintext()
         self.encoder.encode(values.tolist(), self.scale, plain)
-        return _save(self.encryptor.encrypt_symmetric(plain))
-
-    def decrypt(self, data: bytes) -> np.ndarray:
-        ciphertext = _load_ciphertext(self.seal_context, data)
-        plain = sealapi.Plaintext()
-        self.decryptor.decrypt(ciphertext, plain)
-        return np.asarray(self.encoder.decode_double(plain))
+        if self.seeded:
+            return _save(self.encryptor.encrypt_symmetric(plain))
+        ciphertext = sealapi.Ciphertext(self.seal_context)
+        self.encryptor.encrypt_symmetric(plain, ciphertext)
+        return _save(ciphertext)
 
 
-_worker_ops: _SecretKeyOps | None = None
+_worker_encryptor: _SymmetricEncryptor | None = None
 
 
-def _init_worker(secret_context: bytes) -> None:
-    global _worker_ops
-    _worker_ops = _SecretKeyOps(ts.context_from(secret_context))
+def _init_worker(secret_context: bytes, seeded: bool) -> None:
+    global _worker_encryptor
+    _worker_encryptor = _SymmetricEncryptor(ts.context_from(secret_context), seeded)
 
 
 def _encrypt_in_worker(values: np.ndarray) -> bytes:
-    return _worker_ops.encrypt(values)
+    return _worker_encryptor.encrypt(values)
 
 
 @lru_cache(maxsize=2)
-def _pool(secret_context: bytes, workers: int) -> ProcessPoolExecutor:
+def _pool(secret_context: bytes, seeded: bool, workers: int) -> ProcessPoolExecutor:
     # fork: spawn/forkserver would re-import the caller's __main__ (a Ray worker script,
     # flwr-clientapp); the workers only run SEAL on the arrays they are sent.
     return ProcessPoolExecutor(
         max_workers=workers,
         mp_context=get_context("fork"),
         initializer=_init_worker,
-        initargs=(secret_context,),
+        initargs=(secret_context, seeded),
     )
 
 
 def default_workers() -> int:
     """Cores this process may use."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 class CkksEncoder:
-    """Client-side codec: encrypt a vector into seeded CKKS chunks, decrypt chunks back.
+    """Client-side codec: encrypt a vector into CKKS chunks, decrypt chunks back.
 
     Parameters
     ----------
@@ -164,36 +199,52 @@ class CkksEncoder:
     workers : int | None
         Processes that encrypt chunks in parallel; None uses every core this process
         may use, 1 encrypts in the calling process.
+    seeded : bool
+        Send seeded ciphertexts (half the bytes; the server spends about twice as long
+        loading each one).
     """
 
-    def __init__(self, context: ts.Context, workers: int | None = None):
-        self._ops = _SecretKeyOps(context)
+    def __init__(self, context: ts.Context, workers: int | None = None, seeded: bool = True):
+        if not context.has_secret_key():
+            raise ValueError("Encryption and decryption need the secret context.")
         self._context = context
+        self._encryptor = _SymmetricEncryptor(context, seeded)
+        self.seeded = seeded
         self.workers = default_workers() if workers is None else max(1, workers)
-        self.slots = self._ops.slots
-
-    def _chunks(self, vector: np.ndarray) -> list[np.ndarray]:
-        return [vector[i : i + self.slots] for i in range(0, len(vector), self.slots)]
+        self.slots = self._encryptor.encoder.slot_count()
 
     def encrypt(self, vector: np.ndarray) -> list[bytes]:
-        """Encrypt a float vector as ceil(len / slots) seeded ciphertexts."""
-        chunks = self._chunks(np.asarray(vector, dtype=np.float64))
+        """Encrypt a float vector as ceil(len / slots) ciphertexts."""
+        vector = np.asarray(vector, dtype=np.float64)
+        chunks = [vector[i : i + self.slots] for i in range(0, len(vector), self.slots)]
         if self.workers == 1 or len(chunks) < PARALLEL_MIN_CHUNKS:
-            return [self._ops.encrypt(c) for c in chunks]
+            return [self._encryptor.encrypt(c) for c in chunks]
         from lepton_flwr.he.keys import secret_context_bytes
 
-        pool = _pool(secret_context_bytes(self._context), self.workers)
-        return list(
-            pool.map(
-                _encrypt_in_worker, chunks, chunksize=max(1, len(chunks) // (4 * self.workers))
-            )
-        )
+        pool = _pool(secret_context_bytes(self._context), self.seeded, self.workers)
+        chunksize = max(1, len(chunks) // (4 * self.workers))
+        return list(pool.map(_encrypt_in_worker, chunks, chunksize=chunksize))
 
     def decrypt(self, chunks: list[bytes], length: int) -> np.ndarray:
-        """Decrypt chunks and return the first ``length`` values."""
+        """Decrypt chunks and return the first ``length`` values.
+
+        Raises
+        ------
+        CiphertextError
+            If the chunks hold fewer values or do not load under this context.
+        """
         if len(chunks) * self.slots < length:
             raise CiphertextError(f"{len(chunks)} chunks hold fewer than {length} values")
-        return np.concatenate([self._ops.decrypt(c) for c in chunks])[:length]
+        try:
+            vector = ts.ckks_vector_from(
+                self._context, vector_proto(chunks, self.slots, self._context.global_scale)
+            )
+        except Exception as err:  # TenSEAL raises ValueError/RuntimeError variants
+            raise CiphertextError(f"not a valid ciphertext for this context ({err})") from err
+        return np.asarray(vector.decrypt())[:length]
+
+
+# ---- server side -----------------------------------------------------------------------
 
 
 class CkksAdder:
@@ -206,47 +257,35 @@ class CkksAdder:
     """
 
     def __init__(self, context: ts.Context):
-        self.seal_context = context.seal_context().data
-        self.evaluator = sealapi.Evaluator(self.seal_context)
+        self.context = context
+        data_level = context.seal_context().data.first_context_data()
+        self.slots = data_level.parms().poly_modulus_degree() // 2
         self.scale = context.global_scale
-        self._parms_id = self.seal_context.first_parms_id()
-        self.slots = (
-            context.seal_context().data.first_context_data().parms().poly_modulus_degree() // 2
-        )
+        self._parms_id = list(context.seal_context().data.first_parms_id())
 
-    def load(self, data: bytes) -> sealapi.Ciphertext:
-        """Deserialize one chunk and check that it is a fresh ciphertext of this context.
+    def load(self, chunks: list[bytes]) -> ts.CKKSVector:
+        """Load one client's chunks and check that each is a fresh ciphertext of this context.
 
         Raises
         ------
         CiphertextError
-            If the bytes do not parse, or the level, size or scale are not those of a
+            If a chunk does not parse, or its level, size or scale are not those of a
             fresh ciphertext under these parameters.
         """
-        ciphertext = _load_ciphertext(self.seal_context, data)
-        if ciphertext.size() != 2:
-            raise CiphertextError(f"ciphertext has {ciphertext.size()} polynomials, expected 2")
-        if list(ciphertext.parms_id()) != list(self._parms_id):
-            raise CiphertextError("ciphertext is not at the first data level of this context")
-        if not math.isclose(ciphertext.scale, self.scale, rel_tol=1e-9):
-            raise CiphertextError(
-                f"ciphertext scale 2^{math.log2(ciphertext.scale):.1f} differs from the context's"
-            )
-        return ciphertext
-
-    def add(
-        self, total: sealapi.Ciphertext | None, ciphertext: sealapi.Ciphertext
-    ) -> sealapi.Ciphertext:
-        """Add ``ciphertext`` into ``total`` (in place); start a total with None."""
-        if total is None:
-            return ciphertext
-        self.evaluator.add_inplace(total, ciphertext)
-        return total
-
-    @staticmethod
-    def dump(ciphertext: sealapi.Ciphertext) -> bytes:
-        """Serialize a ciphertext (a sum: full size, it carries no seed)."""
-        return _save(ciphertext)
+        try:
+            vector = ts.ckks_vector_from(self.context, vector_proto(chunks, self.slots, self.scale))
+        except Exception as err:  # TenSEAL raises ValueError/RuntimeError variants
+            raise CiphertextError(f"not a valid ciphertext for this context ({err})") from err
+        for index, ciphertext in enumerate(vector.ciphertext()):
+            if ciphertext.size() != 2:
+                raise CiphertextError(f"chunk {index} has {ciphertext.size()} polynomials, not 2")
+            if list(ciphertext.parms_id()) != self._parms_id:
+                raise CiphertextError(f"chunk {index} is not at the first data level")
+            if not math.isclose(ciphertext.scale, self.scale, rel_tol=1e-9):
+                raise CiphertextError(
+                    f"chunk {index} has scale 2^{math.log2(ciphertext.scale):.1f}"
+                )
+        return vector
 
     def sum_range(
         self, uploads: list[list[bytes]], start: int, stop: int
@@ -259,16 +298,18 @@ class CkksAdder:
             The serialized sums, and the uploads (by index) whose chunks failed to
             load, with the reason; those are left out of the sums.
         """
-        sums: list = [None] * (stop - start)
-        errors: dict[int, str] = {}
+        total, errors = None, {}
         for index, chunks in enumerate(uploads):
             try:
-                loaded = [self.load(chunks[j]) for j in range(start, stop)]
+                vector = self.load(chunks[start:stop])
             except CiphertextError as err:
                 errors[index] = str(err)
                 continue
-            sums = [self.add(t, c) for t, c in zip(sums, loaded, strict=True)]
-        return [self.dump(t) for t in sums if t is not None], errors
+            if total is None:
+                total = vector
+            else:
+                total += vector
+        return ([] if total is None else proto_ciphertexts(total.serialize())), errors
 
     def sum_updates(
         self, uploads: list[list[bytes]], workers: int | None = None
@@ -293,13 +334,13 @@ class CkksAdder:
         if workers == 1 or num_chunks * len(uploads) < PARALLEL_MIN_CHUNKS * 4:
             return self.sum_range(uploads, 0, num_chunks)
         bounds = np.linspace(0, num_chunks, workers + 1).astype(int)
+        ranges = list(zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True))
         global _fork_state
         _fork_state = (self, uploads)
-        try:
-            with get_context("fork").Pool(workers) as pool:
-                parts = pool.map(
-                    _sum_range_in_fork, list(zip(bounds[:-1], bounds[1:], strict=True))
-                )
+        try:  # the forked workers take all ranges but the first, which this process sums
+            with get_context("fork").Pool(workers - 1) as pool:
+                pending = pool.map_async(_sum_range_in_fork, ranges[1:])
+                parts = [self.sum_range(uploads, *ranges[0]), *pending.get()]
         finally:
             _fork_state = None
         errors: dict[int, str] = {}

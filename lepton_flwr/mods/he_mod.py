@@ -23,12 +23,16 @@ DEFAULT_WEIGHT_SCALE = 1000.0
 
 
 @lru_cache(maxsize=4)
-def _encoder(path: str, mtime_ns: int, workers: int | None) -> tuple[CkksEncoder, str]:
+def _encoder(
+    path: str, mtime_ns: int, workers: int | None, seeded: bool
+) -> tuple[CkksEncoder, str]:
     context = load_context(path, expect_secret=True)
-    return CkksEncoder(context, workers=workers), fingerprint(context)
+    return CkksEncoder(context, workers=workers, seeded=seeded), fingerprint(context)
 
 
-def encoder_for(path: str | Path, workers: int | None) -> tuple[CkksEncoder, str]:
+def encoder_for(
+    path: str | Path, workers: int | None = None, seeded: bool = True
+) -> tuple[CkksEncoder, str]:
     """The codec and key fingerprint of a secret context file (cached per process)."""
     resolved = Path(path).resolve()
     if not resolved.is_file():
@@ -36,7 +40,7 @@ def encoder_for(path: str | Path, workers: int | None) -> tuple[CkksEncoder, str
             f"CKKS secret context not found: {resolved}. Create keys with `lepton-flwr keygen` "
             f"and give clients the secret context (node config '{SECRET_CONTEXT_NODE_KEY}=<path>')."
         )
-    return _encoder(str(resolved), resolved.stat().st_mtime_ns, workers)
+    return _encoder(str(resolved), resolved.stat().st_mtime_ns, workers, seeded)
 
 
 def decrypt_model(record: ArrayRecord, encoder: CkksEncoder, own_fingerprint: str) -> ArrayRecord:
@@ -82,9 +86,10 @@ def apply_he(
     secret_context_path: str | Path,
     weight_scale: float = DEFAULT_WEIGHT_SCALE,
     workers: int | None = None,
+    seeded: bool = True,
 ) -> Message:
     """The HE round trip around a handler (see :func:`make_he_mod`)."""
-    encoder, own_fingerprint = encoder_for(secret_context_path, workers)
+    encoder, own_fingerprint = encoder_for(secret_context_path, workers, seeded)
     if "arrays" in msg.content and is_encrypted(msg.content["arrays"]):
         plain = decrypt_model(msg.content["arrays"], encoder, own_fingerprint)
         msg.content = RecordDict({**msg.content, "arrays": plain})  # never edit a shared record
@@ -102,6 +107,7 @@ def make_he_mod(
     secret_context_path: str | Path | None = None,
     weight_scale: float = DEFAULT_WEIGHT_SCALE,
     workers: int | None = None,
+    seeded: bool = True,
 ) -> Mod:
     """Build the HE client mod.
 
@@ -116,6 +122,8 @@ def make_he_mod(
         must use the same value.
     workers : int | None
         Processes that encrypt in parallel (None: all cores this process may use).
+    seeded : bool
+        Upload seeded ciphertexts: half the bytes, about twice the server's load time.
 
     Returns
     -------
@@ -132,7 +140,7 @@ def make_he_mod(
                 f"he_mod needs the clients' secret CKKS context: start the SuperNode with "
                 f"--node-config '{SECRET_CONTEXT_NODE_KEY}=<path to secret.ctx>'"
             )
-        return apply_he(msg, context, call_next, str(path), weight_scale, workers)
+        return apply_he(msg, context, call_next, str(path), weight_scale, workers, seeded)
 
     return he_mod
 
