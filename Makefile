@@ -1,4 +1,5 @@
 # lepton-flwr: `make run` trains, `make test` tests. Both set up .venv themselves.
+#   make run                                            HE-FedAvg on Fashion-MNIST (+experiment=main)
 #   make run ARGS="partition=dirichlet num_rounds=5"    Hydra overrides for the run
 #   make test PYTEST_ARGS="-m 'not slow'"               pytest options
 #   TORCH_SPEC="torch==2.13.0"                          the torch build to install first
@@ -26,7 +27,7 @@ data:
 	./scripts/ensure-fashion-mnist.sh $(if $(filter run,$(MAKECMDGOALS)),--required,)
 
 run: $(STAMP) data
-	FLWR_TELEMETRY_ENABLED=0 $(PY) -m simulations.run $(ARGS)
+	FLWR_TELEMETRY_ENABLED=0 $(PY) -m simulations.run +experiment=main $(ARGS)
 
 test: $(STAMP) data
 	FLWR_TELEMETRY_ENABLED=0 $(PY) -m pytest $(PYTEST_ARGS)

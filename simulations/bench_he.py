@@ -134,7 +134,7 @@ def round_times(rounds: int) -> dict[str, dict]:
         rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
         out[strategy] = {
             "median_round_s": statistics.median(
-                r["round_seconds"] - r["central_eval_seconds"] for r in rows[1:]
+                r["round_seconds"] - r["server_eval_seconds"] for r in rows[1:]
             ),
             "federated_accuracy": rows[-1]["federated_accuracy"],
             "bytes_up_per_round": rows[-1]["bytes_up"],

@@ -10,6 +10,7 @@ Examples
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -49,7 +50,7 @@ def run_simulation_from_config(cfg: dict, output_dir: str | Path) -> Path:
     from flwr.simulation import run_simulation
 
     from lepton_flwr.apps.client import make_client_app
-    from lepton_flwr.apps.server import make_server_app
+    from lepton_flwr.apps.server import ENCRYPTED_MODEL_FILE, make_server_app
     from lepton_flwr.config import validate_config
     from lepton_flwr.data import load_dataset, partition_indices, resolve_num_partitions
     from lepton_flwr.results import SUMMARY_FILE
@@ -75,7 +76,28 @@ def run_simulation_from_config(cfg: dict, output_dir: str | Path) -> Path:
         raise RuntimeError(
             f"The run did not finish: no {SUMMARY_FILE} in {out}; see the log above."
         )
+    if (out / ENCRYPTED_MODEL_FILE).is_file():
+        add_keyholder_evaluation(cfg, out)
     return out
+
+
+def add_keyholder_evaluation(cfg: dict, out: Path) -> None:
+    """As the key holder, test the encrypted final model on the global test set.
+
+    The metrics go into ``summary.json`` as ``keyholder_*`` (the server could not
+    compute them) and are printed.
+    """
+    from lepton_flwr.apps.keyholder import evaluate_encrypted_model
+    from lepton_flwr.apps.server import ENCRYPTED_MODEL_FILE
+    from lepton_flwr.results import SUMMARY_FILE
+
+    secret = cfg["he"]["secret_context_path"]
+    metrics = evaluate_encrypted_model(cfg, out / ENCRYPTED_MODEL_FILE, secret)
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    summary.update({f"keyholder_{k}": v for k, v in metrics.items()})
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+    print(f"Key holder's test of the final model on the global test set: {shown}", file=sys.stderr)
 
 
 def with_run_keys(he_cfg: dict, folder: Path) -> dict:

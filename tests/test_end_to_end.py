@@ -89,6 +89,9 @@ def test_simulation_sweep_trains_and_writes_outputs(tmp_path):
     assert (tmp_path / "he_fedavg" / "keys" / "public.ctx").is_file()
     for rows in (plain, he):
         assert rows[1]["federated_loss"] < rows[0]["federated_loss"]
+    # The runner, as key holder, tested the decrypted final model on the global test set.
+    summary = json.loads((tmp_path / "he_fedavg" / "summary.json").read_text())
+    assert summary["keyholder_accuracy"] == pytest.approx(plain[1]["central_accuracy"], abs=0.01)
     # Same seeds, same data: encryption changes nothing in what the clients measure.
     assert [r["federated_accuracy"] for r in he] == pytest.approx(
         [r["federated_accuracy"] for r in plain]

@@ -339,3 +339,37 @@ def test_parallel_sum_leaves_out_an_upload_with_a_bad_chunk(secret_ctx, public_c
     assert np.abs(encoder.decrypt(sums, len(expected)) - expected).max() < 1e-6
     serial, _ = adder.sum_updates([u for i, u in enumerate(uploads) if i != 5], workers=1)
     assert np.abs(encoder.decrypt(serial, len(expected)) - expected).max() < 1e-6
+
+
+def test_drop_in_use_with_flowers_own_start_loop(keys):
+    """A user's own ClientApp + he_mod, and HEFedAvg driven by Flower's Strategy.start."""
+    from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+
+    from lepton_flwr.mods import make_he_mod
+
+    app = ClientApp(mods=[make_he_mod(keys[0], workers=1)])
+
+    @app.train()
+    def train(msg, context):
+        pid = context.node_config["partition-id"]
+        new = {k: Array(v.numpy() + pid + 1.0) for k, v in msg.content["arrays"].items()}
+        metrics = MetricRecord({"train-loss": 0.5, "num-examples": 10 * (pid + 1)})
+        return Message(RecordDict({"arrays": ArrayRecord(new), "metrics": metrics}), reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg, context):
+        mean = float(np.mean(msg.content["arrays"]["w"].numpy()))
+        return Message(
+            RecordDict({"metrics": MetricRecord({"mean-w": mean, "num-examples": 1})}), reply_to=msg
+        )
+
+    grid = InProcessGrid(app, num_nodes=3)
+    strategy = HEFedAvg(keys[1], min_train_nodes=3, min_evaluate_nodes=3, min_available_nodes=3)
+    initial = ArrayRecord({"w": Array(np.zeros((3, 4), dtype=np.float32))})
+    result = strategy.start(grid, initial, num_rounds=2, train_config=ConfigRecord())
+    # Weighted mean of +1, +2, +3 with weights 10, 20, 30: +14/6 per round.
+    encoder, own = encoder_for(keys[0], workers=1)
+    final = decrypt_model(result.arrays, encoder, own)["w"].numpy()
+    assert final.dtype == np.float32 and np.allclose(final, 2 * 14 / 6, atol=1e-6)
+    assert result.evaluate_metrics_clientapp[2]["mean-w"] == pytest.approx(2 * 14 / 6, abs=1e-6)

@@ -139,7 +139,7 @@ def run_rounds(
             "bytes_down": down + eval_down,
             "bytes_up": up + eval_up,
             "train_seconds": round(train_seconds, 3),
-            "central_eval_seconds": round(central_seconds, 3),
+            "server_eval_seconds": round(central_seconds, 3),
             "round_seconds": round(time.monotonic() - started, 3),
         }
         recorder.record(row)

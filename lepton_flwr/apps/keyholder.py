@@ -1,0 +1,25 @@
+"""A key holder's view of an encrypted run: decrypt the final model, test it centrally.
+
+The server of an HE run cannot evaluate on the global test set; a party holding the
+secret key can. The simulation runner plays that party after the run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lepton_flwr.apps.common import model_for
+from lepton_flwr.data import load_dataset
+from lepton_flwr.he import load_encrypted
+from lepton_flwr.models import evaluate
+from lepton_flwr.mods.he_mod import decrypt_model, encoder_for
+
+
+def evaluate_encrypted_model(cfg: dict, model_path: str | Path, secret_context: str | Path) -> dict:
+    """Decrypt a saved encrypted model and evaluate it on the global test set."""
+    encoder, own = encoder_for(secret_context, workers=1)
+    record = decrypt_model(load_encrypted(model_path).to_record(), encoder, own)
+    data = load_dataset(cfg["dataset"], cfg["seed"])
+    model = model_for(cfg, data)
+    model.load_state_dict(record.to_torch_state_dict())
+    return evaluate(model, data.x_test, data.y_test, num_outputs=data.num_outputs)
