@@ -23,7 +23,7 @@ import numpy as np
 import tenseal as ts
 import tenseal.sealapi as sealapi
 
-from lepton_flwr.he.keys import scratch_dir
+from lepton_flwr.he.keys import scratch_dir, secret_context_bytes
 
 # Below this many chunks, encrypting in the calling process beats starting workers.
 PARALLEL_MIN_CHUNKS = 64
@@ -208,6 +208,7 @@ class CkksEncoder:
         if not context.has_secret_key():
             raise ValueError("Encryption and decryption need the secret context.")
         self._context = context
+        self._secret_bytes: bytes | None = None
         self._encryptor = _SymmetricEncryptor(context, seeded)
         self.seeded = seeded
         self.workers = default_workers() if workers is None else max(1, workers)
@@ -219,9 +220,9 @@ class CkksEncoder:
         chunks = [vector[i : i + self.slots] for i in range(0, len(vector), self.slots)]
         if self.workers == 1 or len(chunks) < PARALLEL_MIN_CHUNKS:
             return [self._encryptor.encrypt(c) for c in chunks]
-        from lepton_flwr.he.keys import secret_context_bytes
-
-        pool = _pool(secret_context_bytes(self._context), self.seeded, self.workers)
+        if self._secret_bytes is None:  # what the worker processes load their keys from
+            self._secret_bytes = secret_context_bytes(self._context)
+        pool = _pool(self._secret_bytes, self.seeded, self.workers)
         chunksize = max(1, len(chunks) // (4 * self.workers))
         return list(pool.map(_encrypt_in_worker, chunks, chunksize=chunksize))
 
