@@ -338,12 +338,15 @@ class CkksAdder:
         ranges = list(zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True))
         global _fork_state
         _fork_state = (self, uploads)
-        try:  # the forked workers take all ranges but the first, which this process sums
-            with get_context("fork").Pool(workers - 1) as pool:
-                pending = pool.map_async(_sum_range_in_fork, ranges[1:])
-                parts = [self.sum_range(uploads, *ranges[0]), *pending.get()]
+        # The forked workers take all ranges but the first, which this process sums.
+        pool = get_context("fork").Pool(workers - 1)
+        try:
+            pending = pool.map_async(_sum_range_in_fork, ranges[1:])
+            parts = [self.sum_range(uploads, *ranges[0]), *pending.get()]
         finally:
             _fork_state = None
+            pool.close()  # let the workers exit: terminating them would trip Ray's
+            pool.join()  # SIGTERM handler, inherited through fork, into a stack dump
         errors: dict[int, str] = {}
         for _, part_errors in parts:
             errors.update(part_errors)
