@@ -1,0 +1,17 @@
+"""Differential privacy: accounting of the rounds that happened, noise calibration."""
+
+from lepton_flwr.dp.accounting import (
+    ACCOUNTANTS,
+    SAMPLINGS,
+    ClientLevelAccountant,
+    PrivacyConfigError,
+    calibrate_noise_multiplier,
+)
+
+__all__ = [
+    "ACCOUNTANTS",
+    "SAMPLINGS",
+    "ClientLevelAccountant",
+    "PrivacyConfigError",
+    "calibrate_noise_multiplier",
+]

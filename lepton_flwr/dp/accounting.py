@@ -1,0 +1,194 @@
+"""Privacy accounting for client-level DP: compose the rounds that actually happened.
+
+Each round releases a Gaussian mechanism (noise multiplier z) applied to a sample of
+clients. Poisson sampling (each client independently with probability q) is accounted
+with Opacus' accountants (RDP or PRV) under add/remove-one-client neighbouring, the
+relation Poisson amplification needs. Fixed-size sampling without replacement (m of N)
+is accounted with dp-accounting's RDP analysis of sampling without replacement, under
+replace-one-client neighbouring (Opacus has no analysis of that sampling). Rounds may
+differ (a dropout lowers the noise actually present): every round is composed as it was.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import dataclass, field
+
+SAMPLINGS = ("poisson", "fixed")
+ACCOUNTANTS = ("rdp", "prv")
+
+
+class PrivacyConfigError(ValueError):
+    """A privacy parameter out of range, or a budget no noise can meet."""
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise PrivacyConfigError(message)
+
+
+def check_delta(delta: float, population: int | None = None) -> None:
+    """Refuse δ outside (0, 1), or δ >= 1/population (it would allow leaking one record)."""
+    _check(0 < delta < 1, f"privacy.delta must be in (0, 1), got {delta}.")
+    if population:
+        _check(
+            delta < 1 / population,
+            f"privacy.delta={delta} is not below 1/{population} (1/number of clients); "
+            f"use delta < {1 / population:.3g}.",
+        )
+
+
+@dataclass
+class ClientLevelAccountant:
+    """Privacy loss of the releases made so far.
+
+    Parameters
+    ----------
+    accountant : str
+        ``"rdp"`` or ``"prv"`` (Opacus); fixed-size sampling supports ``"rdp"`` only.
+    sampling : str
+        ``"poisson"`` (each client with probability q) or ``"fixed"`` (m of N without
+        replacement).
+    population : int | None
+        Number of clients N (required for fixed-size sampling).
+    """
+
+    accountant: str = "rdp"
+    sampling: str = "poisson"
+    population: int | None = None
+    history: list[tuple[float, float, int]] = field(default_factory=list)
+
+    def __post_init__(self):
+        _check(
+            self.accountant in ACCOUNTANTS,
+            f"Unknown privacy.accountant '{self.accountant}'. Allowed choices: {', '.join(ACCOUNTANTS)}.",
+        )
+        _check(
+            self.sampling in SAMPLINGS,
+            f"Unknown privacy.sampling '{self.sampling}'. Allowed choices: {', '.join(SAMPLINGS)}.",
+        )
+        if self.sampling == "fixed":
+            _check(
+                self.population is not None and self.population >= 1,
+                "fixed-size sampling needs the number of clients (population).",
+            )
+            _check(
+                self.accountant == "rdp",
+                "fixed-size sampling is accounted with RDP only; use privacy.accountant=rdp.",
+            )
+
+    def compose(self, noise_multiplier: float, sample_rate: float, rounds: int = 1) -> None:
+        """Record ``rounds`` releases with noise multiplier z and sampling rate q (m/N if fixed)."""
+        _check(noise_multiplier > 0, f"noise multiplier must be > 0, got {noise_multiplier}.")
+        _check(0 < sample_rate <= 1, f"sampling rate q must be in (0, 1], got {sample_rate}.")
+        if self.history and self.history[-1][:2] == (noise_multiplier, sample_rate):
+            z, q, n = self.history[-1]
+            self.history[-1] = (z, q, n + rounds)
+        else:
+            self.history.append((noise_multiplier, sample_rate, rounds))
+
+    def epsilon(self, delta: float) -> float:
+        """ε spent so far at δ (0 before any release)."""
+        check_delta(delta)
+        if not self.history:
+            return 0.0
+        if self.sampling == "poisson":
+            return self._opacus_epsilon(delta)
+        return self._without_replacement_epsilon(delta)
+
+    def epsilon_after(
+        self, noise_multiplier: float, sample_rate: float, delta: float, rounds: int = 1
+    ) -> float:
+        """ε if ``rounds`` more such releases were made (the accountant is left unchanged)."""
+        trial = copy.deepcopy(self)
+        trial.compose(noise_multiplier, sample_rate, rounds)
+        return trial.epsilon(delta)
+
+    def _opacus_epsilon(self, delta: float) -> float:
+        from opacus.accountants import PRVAccountant, RDPAccountant
+
+        if self.accountant == "rdp":
+            acc = RDPAccountant()
+            acc.history = list(self.history)
+            return float(acc.get_epsilon(delta))
+        acc = PRVAccountant()
+        acc.history = list(self.history)
+        # PRV's error bound is absolute (0.01 by default): make it 0.2 % of epsilon.
+        coarse = float(acc.get_epsilon(delta))
+        return float(acc.get_epsilon(delta, eps_error=min(0.01, max(1e-4, 0.002 * coarse))))
+
+    def _without_replacement_epsilon(self, delta: float) -> float:
+        import dp_accounting
+        from dp_accounting.rdp import RdpAccountant
+
+        acc = RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+        for z, q, rounds in self.history:
+            size = max(1, round(q * self.population))
+            event = dp_accounting.SampledWithoutReplacementDpEvent(
+                self.population, size, dp_accounting.GaussianDpEvent(z)
+            )
+            acc.compose(event, rounds)
+        return float(acc.get_epsilon(delta))
+
+    def state_dict(self) -> dict:
+        """JSON-able state, to resume accounting."""
+        return {
+            "accountant": self.accountant,
+            "sampling": self.sampling,
+            "population": self.population,
+            "history": [list(h) for h in self.history],
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> ClientLevelAccountant:
+        """Rebuild from :meth:`state_dict`."""
+        history = [(float(z), float(q), int(n)) for z, q, n in state["history"]]
+        return cls(state["accountant"], state["sampling"], state["population"], history)
+
+
+def calibrate_noise_multiplier(
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    rounds: int,
+    accountant: str = "rdp",
+    sampling: str = "poisson",
+    population: int | None = None,
+    tolerance: float = 0.01,
+) -> float:
+    """Smallest noise multiplier whose ε after ``rounds`` releases stays within the target.
+
+    Raises
+    ------
+    PrivacyConfigError
+        For out-of-range inputs, or a target that no noise multiplier up to 1e4 reaches.
+    """
+    _check(target_epsilon > 0, f"target epsilon must be > 0, got {target_epsilon}.")
+    _check(rounds >= 1, f"rounds must be >= 1, got {rounds}.")
+    check_delta(delta)
+
+    def eps(z: float) -> float:
+        acc = ClientLevelAccountant(accountant, sampling, population)
+        acc.compose(z, sample_rate, rounds)
+        return acc.epsilon(delta)
+
+    low, high = 0.1, 1.0
+    while eps(high) > target_epsilon:
+        low, high = high, high * 2
+        _check(
+            high <= 1e4,
+            f"target epsilon={target_epsilon} cannot be reached in {rounds} rounds at q={sample_rate}, "
+            f"delta={delta}: even z=1e4 gives more. Allow a larger epsilon, fewer rounds or a smaller q.",
+        )
+    while eps(low) <= target_epsilon and low > 1e-3:
+        low /= 2
+    while high - low > tolerance * high:
+        mid = math.sqrt(low * high)
+        if eps(mid) > target_epsilon:
+            low = mid
+        else:
+            high = mid
+    logging.getLogger(__name__).debug("calibrated z=%.4f for eps=%s", high, target_epsilon)
+    return high

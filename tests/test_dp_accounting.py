@@ -1,0 +1,94 @@
+"""Client-level accounting against dp-accounting (Google's library) as the reference."""
+
+import dp_accounting
+import pytest
+from dp_accounting.pld import PLDAccountant
+from dp_accounting.rdp import RdpAccountant
+
+from lepton_flwr.dp import ClientLevelAccountant, PrivacyConfigError, calibrate_noise_multiplier
+
+GRID = [
+    (0.8, 0.01, 100, 1e-5),
+    (1.0, 0.1, 50, 1e-5),
+    (1.5, 0.05, 200, 1e-6),
+    (3.0, 0.2, 20, 1e-3),
+    (0.6, 0.02, 500, 1e-5),
+]
+
+
+def _poisson(z, q):
+    return dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z))
+
+
+@pytest.mark.parametrize(("z", "q", "rounds", "delta"), GRID)
+def test_poisson_rdp_matches_dp_accounting_rdp(z, q, rounds, delta):
+    ours = ClientLevelAccountant("rdp", "poisson")
+    ours.compose(z, q, rounds)
+    reference = RdpAccountant()
+    reference.compose(_poisson(z, q), rounds)
+    assert ours.epsilon(delta) == pytest.approx(reference.get_epsilon(delta), rel=0.01)
+
+
+@pytest.mark.parametrize(("z", "q", "rounds", "delta"), GRID)
+def test_poisson_prv_matches_dp_accounting_pld(z, q, rounds, delta):
+    ours = ClientLevelAccountant("prv", "poisson")
+    ours.compose(z, q, rounds)
+    reference = PLDAccountant()
+    reference.compose(_poisson(z, q), rounds)
+    assert ours.epsilon(delta) == pytest.approx(reference.get_epsilon(delta), rel=0.01)
+
+
+@pytest.mark.parametrize(("z", "q", "rounds", "delta"), GRID)
+def test_fixed_size_sampling_composes_m_of_n_without_replacement(z, q, rounds, delta):
+    population = 1000
+    ours = ClientLevelAccountant("rdp", "fixed", population)
+    ours.compose(z, q, rounds)
+    reference = RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+    event = dp_accounting.SampledWithoutReplacementDpEvent(
+        population, round(q * population), dp_accounting.GaussianDpEvent(z)
+    )
+    reference.compose(event, rounds)
+    assert ours.epsilon(delta) == pytest.approx(reference.get_epsilon(delta), rel=0.01)
+
+
+def test_rounds_with_different_noise_compose_as_they_happened():
+    mixed = ClientLevelAccountant()
+    mixed.compose(1.0, 0.1, 10)
+    mixed.compose(0.8, 0.1, 5)  # a round with dropouts carries less noise
+    reference = RdpAccountant()
+    reference.compose(_poisson(1.0, 0.1), 10)
+    reference.compose(_poisson(0.8, 0.1), 5)
+    assert mixed.epsilon(1e-5) == pytest.approx(reference.get_epsilon(1e-5), rel=0.01)
+    again = ClientLevelAccountant.from_state_dict(mixed.state_dict())
+    assert again.epsilon(1e-5) == mixed.epsilon(1e-5)
+    assert mixed.epsilon_after(1.0, 0.1, 1e-5) > mixed.epsilon(1e-5)
+    assert mixed.history == [(1.0, 0.1, 10), (0.8, 0.1, 5)]
+
+
+@pytest.mark.parametrize(
+    ("target", "q", "rounds"), [(1.0, 0.01, 100), (3.0, 0.1, 50), (8.0, 0.05, 200)]
+)
+def test_calibrated_noise_meets_the_target_tightly(target, q, rounds):
+    z = calibrate_noise_multiplier(target, 1e-5, q, rounds)
+    acc = ClientLevelAccountant()
+    acc.compose(z, q, rounds)
+    assert acc.epsilon(1e-5) <= target
+    assert acc.epsilon_after(z * 0.97, q, 1e-5, rounds) - acc.epsilon(1e-5) > 0
+    looser = ClientLevelAccountant()
+    looser.compose(z * 0.97, q, rounds)
+    assert looser.epsilon(1e-5) > target
+
+
+def test_unreachable_target_and_bad_values_are_refused():
+    with pytest.raises(PrivacyConfigError, match="cannot be reached"):
+        calibrate_noise_multiplier(1e-4, 1e-5, 1.0, 10_000)
+    with pytest.raises(PrivacyConfigError, match="delta"):
+        ClientLevelAccountant().epsilon(1.0)
+    with pytest.raises(PrivacyConfigError, match="noise multiplier"):
+        ClientLevelAccountant().compose(0.0, 0.1)
+    with pytest.raises(PrivacyConfigError, match="sampling rate"):
+        ClientLevelAccountant().compose(1.0, 1.5)
+    with pytest.raises(PrivacyConfigError, match="Allowed choices"):
+        ClientLevelAccountant("moments")
+    with pytest.raises(PrivacyConfigError, match="RDP only"):
+        ClientLevelAccountant("prv", "fixed", 100)
