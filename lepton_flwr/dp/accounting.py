@@ -63,7 +63,8 @@ class ClientLevelAccountant:
     def __post_init__(self):
         _check(
             self.accountant in ACCOUNTANTS,
-            f"Unknown privacy.accountant '{self.accountant}'. Allowed choices: {', '.join(ACCOUNTANTS)}.",
+            f"Unknown privacy.accountant '{self.accountant}'. "
+            f"Allowed choices: {', '.join(ACCOUNTANTS)}.",
         )
         _check(
             self.sampling in SAMPLINGS,
@@ -179,8 +180,9 @@ def calibrate_noise_multiplier(
         low, high = high, high * 2
         _check(
             high <= 1e4,
-            f"target epsilon={target_epsilon} cannot be reached in {rounds} rounds at q={sample_rate}, "
-            f"delta={delta}: even z=1e4 gives more. Allow a larger epsilon, fewer rounds or a smaller q.",
+            f"target epsilon={target_epsilon} cannot be reached in {rounds} rounds at "
+            f"q={sample_rate}, delta={delta}: even z=1e4 gives more. Allow a larger "
+            f"epsilon, fewer rounds or a smaller q.",
         )
     while eps(low) <= target_epsilon and low > 1e-3:
         low /= 2
