@@ -130,6 +130,7 @@ def validate_config(cfg: dict[str, Any]) -> None:
             f"he.headroom_fraction must be in (0, 1], got {he['headroom_fraction']}.",
         )
 
+    _validate_privacy(cfg)
     _require(cfg["num_rounds"] >= 1, f"num_rounds must be >= 1, got {cfg['num_rounds']}.")
     train = cfg["train"]
     _require(
@@ -162,6 +163,62 @@ def validate_config(cfg: dict[str, Any]) -> None:
     if "fraction_evaluate" in strat:
         frac = strat["fraction_evaluate"]
         _require(0.0 <= frac <= 1.0, f"strategy.fraction_evaluate must be in [0, 1], got {frac}.")
+
+
+def _validate_privacy(cfg: dict[str, Any]) -> None:
+    """Check the ``privacy`` group, including that a target epsilon can be reached."""
+    p = cfg["privacy"]
+    _check_choice("privacy", p["name"], ("none", "client_dp"))
+    if cfg["strategy"]["name"] == "dp_fedavg":
+        _require(
+            p["name"] == "client_dp",
+            f"strategy=dp_fedavg needs privacy=client_dp, got {p['name']}.",
+        )
+    if p["name"] != "client_dp":
+        return
+    from lepton_flwr.dp.accounting import (
+        ACCOUNTANTS,
+        SAMPLINGS,
+        PrivacyConfigError,
+        calibrate_noise_multiplier,
+        check_delta,
+    )
+
+    _check_choice("privacy.sampling", p["sampling"], SAMPLINGS)
+    _check_choice("privacy.accountant", p["accountant"], ACCOUNTANTS)
+    _check_choice("privacy.clipping", p["clipping"], ("fixed", "adaptive"))
+    _check_choice("privacy.clipping_side", p["clipping_side"], ("server", "client"))
+    _require(p["clip_norm"] > 0, f"privacy.clip_norm must be > 0, got {p['clip_norm']}.")
+    _require(
+        0 < p["sample_rate"] <= 1,
+        f"privacy.sample_rate (q) must be in (0, 1], got {p['sample_rate']}.",
+    )
+    z = p["noise_multiplier"]
+    _require(z is None or z > 0, f"privacy.noise_multiplier must be > 0, got {z}.")
+    _require(
+        z is not None or p["target_epsilon"] is not None,
+        "privacy.noise_multiplier=null needs privacy.target_epsilon to calibrate it.",
+    )
+    population = cfg["simulation"]["num_supernodes"]
+    try:
+        check_delta(p["delta"], population)
+        if z is None:
+            rate = p["sample_rate"]
+            if p["sampling"] == "fixed" and population:
+                rate = max(1, round(rate * population)) / population
+            calibrate_noise_multiplier(
+                p["target_epsilon"],
+                p["delta"],
+                rate,
+                cfg["num_rounds"],
+                p["accountant"],
+                p["sampling"],
+                population,
+            )
+    except PrivacyConfigError as err:
+        raise ConfigError(str(err)) from err
+    if p["sampling"] == "fixed":
+        _require(p["accountant"] == "rdp", "privacy.sampling=fixed is accounted with rdp only.")
 
 
 def to_yaml(cfg: dict[str, Any]) -> str:

@@ -7,12 +7,14 @@ the composed config and return a Flower message-API ``Strategy``.
 from collections.abc import Callable
 
 from flwr.serverapp.strategy import Strategy
+from lepton_flwr.strategies.dp_fedavg import DPFedAvg, PrivacyBudgetExhausted, build_dp_fedavg
 from lepton_flwr.strategies.fedavg import build_fedavg
 from lepton_flwr.strategies.he_fedavg import HEFedAvg, build_he_fedavg
 
 STRATEGIES: dict[str, Callable[[dict], Strategy]] = {
     "fedavg": build_fedavg,
     "he_fedavg": build_he_fedavg,
+    "dp_fedavg": build_dp_fedavg,
 }
 
 
@@ -32,4 +34,4 @@ def build_strategy(cfg: dict) -> Strategy:
     return STRATEGIES[name](cfg)
 
 
-__all__ = ["STRATEGIES", "HEFedAvg", "build_strategy"]
+__all__ = ["STRATEGIES", "DPFedAvg", "HEFedAvg", "PrivacyBudgetExhausted", "build_strategy"]

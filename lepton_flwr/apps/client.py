@@ -8,6 +8,7 @@ from flwr.clientapp import ClientApp
 from lepton_flwr.apps.common import config_from_context, model_for
 from lepton_flwr.data import load_client_data, load_dataset
 from lepton_flwr.models import evaluate, resolve_device, train
+from lepton_flwr.mods.clip_mod import dp_clip_mod
 from lepton_flwr.mods.he_mod import SECRET_CONTEXT_NODE_KEY, apply_he
 
 PARTITION_ID_KEY = "partition-id"
@@ -104,10 +105,18 @@ def make_client_app(cfg: dict | None = None) -> ClientApp:
         return cfg if cfg is not None else config_from_context(context)
 
     def privacy_mod(msg: Message, context: Context, call_next) -> Message:
-        """Apply the mods the config asks for (he=ckks: decrypt in, encrypt out)."""
+        """Apply the mods the config asks for: HE outside, DP clipping inside.
+
+        he=ckks decrypts the inbound model and encrypts the outbound update;
+        ``dp_clip_mod`` clips training updates when the server asks for it.
+        """
         he = config(context)["he"]
+
+        def clipped(msg: Message, context: Context) -> Message:
+            return dp_clip_mod(msg, context, call_next)
+
         if he["name"] == "none":
-            return call_next(msg, context)
+            return clipped(msg, context)
         path = context.node_config.get(SECRET_CONTEXT_NODE_KEY, he["secret_context_path"])
         if not path:
             raise ValueError(
@@ -115,7 +124,7 @@ def make_client_app(cfg: dict | None = None) -> ClientApp:
                 f"'{SECRET_CONTEXT_NODE_KEY}=<path>' or he.secret_context_path"
             )
         return apply_he(
-            msg, context, call_next, path, he["weight_scale"], he["workers"], he["seeded"]
+            msg, context, clipped, path, he["weight_scale"], he["workers"], he["seeded"]
         )
 
     client_app = ClientApp(mods=[privacy_mod])

@@ -11,6 +11,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from lepton_flwr.dp.accounting import PrivacyBudgetExhausted
 from lepton_flwr.results import RunRecorder
 
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
@@ -102,9 +103,12 @@ def run_rounds(
 
     for rnd in range(1, num_rounds + 1):
         started = time.monotonic()
-        replies, down, up = _exchange(
-            grid, strategy.configure_train(rnd, arrays, train_config, grid), timeout
-        )
+        try:
+            messages = list(strategy.configure_train(rnd, arrays, train_config, grid))
+        except PrivacyBudgetExhausted as stop:
+            log(WARNING, "[lepton] privacy budget reached, training stops: %s", stop)
+            break
+        replies, down, up = _exchange(grid, messages, timeout)
         failures = sum(r.has_error() for r in replies)
         try:
             new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
@@ -134,7 +138,8 @@ def run_rounds(
             **_prefixed("central", central),
             **_prefixed("federated", eval_metrics),
             **_prefixed("train", train_metrics),
-            "clients_sampled": len(replies),
+            "clients_sampled": len(messages),
+            **getattr(strategy, "last_report", {}),
             "train_failures": failures,
             "bytes_down": down + eval_down,
             "bytes_up": up + eval_up,

@@ -4,6 +4,7 @@ from lepton_flwr.dp.accounting import (
     ACCOUNTANTS,
     SAMPLINGS,
     ClientLevelAccountant,
+    PrivacyBudgetExhausted,
     PrivacyConfigError,
     calibrate_noise_multiplier,
 )
@@ -12,6 +13,7 @@ __all__ = [
     "ACCOUNTANTS",
     "SAMPLINGS",
     "ClientLevelAccountant",
+    "PrivacyBudgetExhausted",
     "PrivacyConfigError",
     "calibrate_noise_multiplier",
 ]

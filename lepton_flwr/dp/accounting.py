@@ -20,6 +20,10 @@ SAMPLINGS = ("poisson", "fixed")
 ACCOUNTANTS = ("rdp", "prv")
 
 
+class PrivacyBudgetExhausted(Exception):  # noqa: N818 - Flower's name for it
+    """The next round would spend more than the privacy budget; training stops."""
+
+
 class PrivacyConfigError(ValueError):
     """A privacy parameter out of range, or a budget no noise can meet."""
 

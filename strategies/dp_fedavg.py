@@ -1,0 +1,364 @@
+"""DP-FedAvg: client-level differential privacy with matched sampling and accounting."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Iterable
+from logging import INFO, WARNING
+
+import numpy as np
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from lepton_flwr.dp.accounting import (
+    ClientLevelAccountant,
+    PrivacyBudgetExhausted,
+    calibrate_noise_multiplier,
+    check_delta,
+)
+from lepton_flwr.dp.clipping import adapt_clip_norm, clip, l2_norm, update_noise_multiplier
+from lepton_flwr.dp.sampling import fixed_size_sample, poisson_sample
+from lepton_flwr.mods.clip_mod import CLIP_NORM_KEY, UNCLIPPED_KEY
+
+
+class DPFedAvg(FedAvg):
+    """FedAvg with client-level (ε, δ)-differential privacy.
+
+    Each round samples clients (Poisson with probability q, or m of N without
+    replacement), clips every update ``Δ_i = θ_i − θ`` to norm C (on the server, or on
+    the clients with ``dp_clip_mod``, in which case the server checks the norm), and
+    releases ``θ + (Σ Δ_i + N(0, (z C)² I)) / d`` with a fixed denominator ``d`` (q·N
+    for Poisson, m for fixed size). Every sampled client weighs the same, so one client
+    moves the sum by at most C and the noise is calibrated to exactly that. The rounds
+    that happened are composed by the accountant (Opacus RDP/PRV; dp-accounting RDP for
+    sampling without replacement); ε is reported after every round, and training stops
+    before a round that would exceed ``max_epsilon``.
+
+    Parameters
+    ----------
+    noise_multiplier : float | None
+        z; None calibrates it from ``target_epsilon`` over ``num_rounds``.
+    clip_norm : float
+        C (the initial value with adaptive clipping).
+    delta : float
+        δ of the reported (ε, δ).
+    sample_rate : float
+        q: Poisson probability, or the fraction m/N sampled without replacement.
+    sampling : str
+        ``"poisson"`` or ``"fixed"``.
+    clipping_side : str
+        ``"server"`` or ``"client"`` (clients clip with ``dp_clip_mod``).
+    adaptive : bool
+        Adapt C toward the ``target_quantile`` of update norms (Andrew et al.); the noisy
+        count of unclipped updates (std ``count_stddev``, default expected clients / 20)
+        is paid for from the same budget (the update's noise grows accordingly).
+    accountant : str
+        ``"rdp"`` or ``"prv"``.
+    max_epsilon : float | None
+        Budget: no round starts that would take ε past it.
+    target_epsilon, num_rounds : float | None, int | None
+        For calibration when ``noise_multiplier`` is None.
+    seed : int | None
+        Seed of sampling and noise, for tests; None draws fresh secure randomness.
+    **fedavg_kwargs
+        ``fraction_evaluate``, ``min_evaluate_nodes``, ``min_available_nodes`` of FedAvg.
+    """
+
+    def __init__(
+        self,
+        *,
+        noise_multiplier: float | None = 1.0,
+        clip_norm: float = 1.0,
+        delta: float = 1e-5,
+        sample_rate: float = 0.1,
+        sampling: str = "poisson",
+        clipping_side: str = "server",
+        adaptive: bool = False,
+        target_quantile: float = 0.5,
+        clip_lr: float = 0.2,
+        count_stddev: float | None = None,
+        accountant: str = "rdp",
+        max_epsilon: float | None = None,
+        target_epsilon: float | None = None,
+        num_rounds: int | None = None,
+        seed: int | None = None,
+        **fedavg_kwargs,
+    ):
+        super().__init__(**fedavg_kwargs)
+        if clip_norm <= 0:
+            raise ValueError(f"The clipping norm must be > 0, got {clip_norm}.")
+        if not 0 < sample_rate <= 1:
+            raise ValueError(f"The sampling rate q must be in (0, 1], got {sample_rate}.")
+        if clipping_side not in ("server", "client"):
+            raise ValueError(f"clipping_side must be 'server' or 'client', got '{clipping_side}'.")
+        check_delta(delta)
+        self.clip_norm, self.delta, self.sample_rate = clip_norm, delta, sample_rate
+        self.sampling, self.clipping_side, self.adaptive = sampling, clipping_side, adaptive
+        self.target_quantile, self.clip_lr, self.count_stddev = (
+            target_quantile,
+            clip_lr,
+            count_stddev,
+        )
+        self.max_epsilon, self.target_epsilon, self.num_rounds = (
+            max_epsilon,
+            target_epsilon,
+            num_rounds,
+        )
+        self.noise_multiplier = noise_multiplier
+        if noise_multiplier is None and (target_epsilon is None or num_rounds is None):
+            raise ValueError(
+                "Give noise_multiplier, or target_epsilon and num_rounds to calibrate it."
+            )
+        if noise_multiplier is not None and noise_multiplier <= 0:
+            raise ValueError(f"The noise multiplier must be > 0, got {noise_multiplier}.")
+        self.accountant_name = accountant
+        self.accountant: ClientLevelAccountant | None = None  # made once N is known
+        self._rng = np.random.default_rng(seed if seed is not None else secrets.randbits(128))
+        self._global: list[np.ndarray] | None = None
+        self._population = 0
+        self._sampled = 0
+        self.last_report: dict[str, float] = {}
+
+    # ---- sampling and budget ---------------------------------------------------------
+
+    def _round_rate(self) -> float:
+        """Q of this round: the Poisson probability, or m/N."""
+        if self.sampling == "poisson":
+            return self.sample_rate
+        return self._sample_size() / self._population
+
+    def _sample_size(self) -> int:
+        return max(1, round(self.sample_rate * self._population))
+
+    def _denominator(self) -> float:
+        return (
+            self.sample_rate * self._population
+            if self.sampling == "poisson"
+            else self._sample_size()
+        )
+
+    def _ensure_accountant(self) -> None:
+        if self.accountant is not None:
+            return
+        check_delta(self.delta, self._population)
+        self.accountant = ClientLevelAccountant(
+            self.accountant_name, self.sampling, self._population
+        )
+        if self.noise_multiplier is None:
+            self.noise_multiplier = calibrate_noise_multiplier(
+                self.target_epsilon,
+                self.delta,
+                self._round_rate(),
+                self.num_rounds,
+                self.accountant_name,
+                self.sampling,
+                self._population,
+            )
+            log(
+                INFO,
+                "DPFedAvg: noise multiplier %.4f calibrated for epsilon=%s",
+                self.noise_multiplier,
+                self.target_epsilon,
+            )
+
+    def epsilon(self) -> float:
+        """ε spent so far."""
+        return 0.0 if self.accountant is None else self.accountant.epsilon(self.delta)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Check the budget, sample clients as configured, send the model (and C)."""
+        node_ids = list(grid.get_node_ids())
+        while len(node_ids) < self.min_available_nodes:
+            time.sleep(1)
+            node_ids = list(grid.get_node_ids())
+        self._population = len(node_ids)
+        self._ensure_accountant()
+        next_epsilon = self.accountant.epsilon_after(
+            self.noise_multiplier, self._round_rate(), self.delta
+        )
+        if self.max_epsilon is not None and next_epsilon > self.max_epsilon:
+            raise PrivacyBudgetExhausted(
+                f"round {server_round} would take epsilon from {self.epsilon():.3f} to "
+                f"{next_epsilon:.3f}, past the budget {self.max_epsilon}"
+            )
+        if self.sampling == "poisson":
+            sampled = poisson_sample(node_ids, self.sample_rate, self._rng)
+        else:
+            sampled = fixed_size_sample(node_ids, self._sample_size(), self._rng)
+        self._sampled = len(sampled)
+        log(
+            INFO,
+            "DPFedAvg round %d: sampled %d of %d nodes (%s)",
+            server_round,
+            len(sampled),
+            len(node_ids),
+            self.sampling,
+        )
+        self._global = [a.numpy().astype(np.float64) for a in arrays.values()]
+        self._keys = list(arrays.keys())
+        train_config = ConfigRecord(dict(config))
+        train_config["server-round"] = server_round
+        if self.clipping_side == "client":
+            train_config[CLIP_NORM_KEY] = self.clip_norm
+        content = RecordDict({"arrays": arrays, "config": train_config})
+        return [
+            Message(content, dst_node_id=node, message_type=MessageType.TRAIN) for node in sampled
+        ]
+
+    # ---- aggregation -----------------------------------------------------------------
+
+    def _update_of(self, msg: Message) -> tuple[list[np.ndarray], float]:
+        """The reply's update Δ = θ_i − θ, checked; and its unclipped bit."""
+        record = msg.content["arrays"]
+        if list(record.keys()) != self._keys:
+            raise ValueError("its tensors differ from the global model's")
+        update = []
+        for key, current in zip(self._keys, self._global, strict=True):
+            values = record[key].numpy().astype(np.float64)
+            if values.shape != current.shape:
+                raise ValueError(
+                    f"tensor '{key}' has shape {values.shape}, expected {current.shape}"
+                )
+            if not np.isfinite(values).all():
+                raise ValueError(f"tensor '{key}' holds NaN or Inf")
+            update.append(values - current)
+        norm = l2_norm(update)
+        if self.clipping_side == "client":
+            if norm > self.clip_norm * (1 + 1e-5):
+                raise ValueError(
+                    f"update norm {norm:.4g} exceeds the clipping norm {self.clip_norm:.4g}"
+                )
+            bit = float(msg.content["metrics"].get(UNCLIPPED_KEY, float(norm < self.clip_norm)))
+            return update, bit
+        clipped, norm = clip(update, self.clip_norm)
+        return clipped, float(norm <= self.clip_norm)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Clip (or check), sum, add calibrated noise, divide by the fixed denominator."""
+        total = [np.zeros_like(g) for g in self._global]
+        bits, losses, accepted = [], [], 0
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                log(
+                    WARNING,
+                    "DPFedAvg round %d: node %d failed: %s",
+                    server_round,
+                    node,
+                    msg.error.reason,
+                )
+                continue
+            try:
+                update, bit = self._update_of(msg)
+            except (ValueError, KeyError) as err:
+                log(
+                    WARNING,
+                    "DPFedAvg round %d: rejected the reply of node %d: %s",
+                    server_round,
+                    node,
+                    err,
+                )
+                continue
+            total = [t + u for t, u in zip(total, update, strict=True)]
+            bits.append(bit)
+            losses.append(float(msg.content["metrics"].get("train-loss", np.nan)))
+            accepted += 1
+
+        z, clip_norm = self.noise_multiplier, self.clip_norm
+        count_stddev = self.count_stddev or max(self._denominator() / 20, z)
+        z_update = update_noise_multiplier(z, count_stddev) if self.adaptive else z
+        denominator = self._denominator()
+        noisy = [
+            (t + self._rng.normal(0.0, z_update * clip_norm, t.shape)) / denominator for t in total
+        ]
+        new_global = [g + n for g, n in zip(self._global, noisy, strict=True)]
+        # The release happened (noise only, if nobody replied): account for it.
+        self.accountant.compose(z, self._round_rate())
+        if self.adaptive:
+            noisy_fraction = (sum(bits) + self._rng.normal(0.0, count_stddev)) / denominator
+            self.clip_norm = adapt_clip_norm(
+                clip_norm, noisy_fraction, self.target_quantile, self.clip_lr
+            )
+
+        epsilon = self.epsilon()
+        self.last_report = {
+            "epsilon": epsilon,
+            "noise_multiplier": z,
+            "clip_norm": clip_norm,
+            "clients_sampled": self._sampled,
+            "clients_accepted": accepted,
+        }
+        log(
+            INFO,
+            "DPFedAvg round %d: epsilon=%.4f (delta=%g), C=%.4g, %d updates",
+            server_round,
+            epsilon,
+            self.delta,
+            clip_norm,
+            accepted,
+        )
+        arrays = ArrayRecord(
+            {k: Array(v.astype(np.float32)) for k, v in zip(self._keys, new_global, strict=True)}
+        )
+        metrics = MetricRecord({"train-loss": float(np.nanmean(losses)) if losses else 0.0})
+        return arrays, metrics
+
+    def summary(self) -> None:
+        """Log the privacy settings."""
+        log(
+            INFO,
+            "\t├──> DP: %s sampling q=%s, clipping %s (%s side), C=%s",
+            self.sampling,
+            self.sample_rate,
+            "adaptive" if self.adaptive else "fixed",
+            self.clipping_side,
+            self.clip_norm,
+        )
+        log(
+            INFO,
+            "\t└──> noise multiplier %s, delta %g, accountant %s, budget %s",
+            self.noise_multiplier,
+            self.delta,
+            self.accountant_name,
+            self.max_epsilon,
+        )
+
+
+def build_dp_fedavg(cfg: dict) -> DPFedAvg:
+    """DPFedAvg from the ``strategy`` and ``privacy`` config groups."""
+    s, p = cfg["strategy"], cfg["privacy"]
+    return DPFedAvg(
+        noise_multiplier=p["noise_multiplier"],
+        clip_norm=p["clip_norm"],
+        delta=p["delta"],
+        sample_rate=p["sample_rate"],
+        sampling=p["sampling"],
+        clipping_side=p["clipping_side"],
+        adaptive=p["clipping"] == "adaptive",
+        target_quantile=p["target_quantile"],
+        clip_lr=p["clip_lr"],
+        count_stddev=p["count_stddev"],
+        accountant=p["accountant"],
+        max_epsilon=p["max_epsilon"],
+        target_epsilon=p["target_epsilon"],
+        num_rounds=cfg["num_rounds"],
+        seed=p["seed"],
+        fraction_evaluate=s["fraction_evaluate"],
+        min_evaluate_nodes=s["min_evaluate_nodes"],
+        min_available_nodes=s["min_available_nodes"],
+    )

@@ -1,0 +1,170 @@
+"""DP-FedAvg: noise calibration, clipping, sampling, budget stop, bad replies."""
+
+import json
+import logging
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from inprocess import InProcessGrid
+from lepton_flwr.apps.client import make_client_app
+from lepton_flwr.apps.server import run_server
+from lepton_flwr.config import load_config
+from lepton_flwr.dp import ClientLevelAccountant
+from lepton_flwr.dp.clipping import clip, l2_norm, update_noise_multiplier
+from lepton_flwr.dp.sampling import fixed_size_sample, poisson_sample
+from lepton_flwr.mods import dp_clip_mod
+from lepton_flwr.strategies import DPFedAvg
+
+SIZE = 20_000
+
+
+def _echo(shift=0.0, nan_node=None):
+    """Clients that return the model moved by ``shift`` (NaN on ``nan_node``)."""
+
+    def client_fn(msg, context):
+        arrays = msg.content["arrays"]
+        value = np.nan if nan_node is not None and context.node_id == nan_node else shift
+        new = {k: Array((v.numpy() + value).astype(np.float32)) for k, v in arrays.items()}
+        metrics = MetricRecord({"train-loss": 1.0, "num-examples": 5})
+        return Message(RecordDict({"arrays": ArrayRecord(new), "metrics": metrics}), reply_to=msg)
+
+    return client_fn
+
+
+def _one_round(strategy, grid):
+    start = ArrayRecord({"w": Array(np.zeros(SIZE, dtype=np.float32))})
+    messages = list(strategy.configure_train(1, start, ConfigRecord(), grid))
+    replies = grid.send_and_receive(messages)
+    arrays, _ = strategy.aggregate_train(1, replies)
+    return arrays["w"].numpy().astype(np.float64), len(messages)
+
+
+@pytest.mark.parametrize(
+    ("sampling", "adaptive", "denominator"),
+    [("poisson", False, 0.5 * 10), ("fixed", False, 5), ("poisson", True, 0.5 * 10)],
+)
+def test_released_noise_has_the_calibrated_std(sampling, adaptive, denominator):
+    """Clients send no change: the release is pure noise of std z_update * C / d."""
+    z, clip_norm = 1.3, 0.7
+    strategy = DPFedAvg(
+        noise_multiplier=z,
+        clip_norm=clip_norm,
+        sample_rate=0.5,
+        sampling=sampling,
+        adaptive=adaptive,
+        count_stddev=2.0,
+        delta=1e-3,
+        seed=7,
+        min_available_nodes=10,
+    )
+    released, sampled = _one_round(strategy, InProcessGrid(_echo(), num_nodes=10))
+    z_update = update_noise_multiplier(z, 2.0) if adaptive else z
+    expected = z_update * clip_norm / denominator
+    # 20,000 draws: the sample std is within 2 % of the truth with overwhelming probability.
+    assert np.std(released) == pytest.approx(expected, rel=0.02)
+    assert abs(np.mean(released)) < 4 * expected / np.sqrt(SIZE)
+    if sampling == "fixed":
+        assert sampled == 5
+
+
+def test_server_side_clipping_bounds_each_update():
+    """Updates of norm 100 are clipped to C: the mean shift is at most C per client / d."""
+    strategy = DPFedAvg(
+        noise_multiplier=1e-6,
+        clip_norm=0.5,
+        sample_rate=1.0,
+        sampling="fixed",
+        delta=1e-3,
+        seed=1,
+        min_available_nodes=4,
+    )
+    released, _ = _one_round(strategy, InProcessGrid(_echo(shift=100 / np.sqrt(SIZE)), num_nodes=4))
+    # Four identical updates clipped to 0.5 each, averaged over 4: norm 0.5.
+    assert l2_norm([released]) == pytest.approx(0.5, rel=1e-4)
+
+
+def test_client_side_clipping_mod_clips_and_reports_the_bit():
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    arrays = ArrayRecord({"w": Array(np.zeros(100, dtype=np.float32))})
+    config = ConfigRecord({"dp-clip-norm": 1.0})
+    for shift, bit in ((1.0, 0.0), (0.01, 1.0)):  # norms 10 and 0.1
+        msg = Message(
+            RecordDict({"arrays": arrays, "config": config}), dst_node_id=1, message_type="train"
+        )
+        msg.metadata.__dict__["_message_id"] = "m"
+        reply = dp_clip_mod(msg, None, _echo(shift))
+        assert l2_norm([reply.content["arrays"]["w"].numpy()]) <= 1.0 + 1e-6
+        assert reply.content["metrics"]["dp-unclipped"] == bit
+
+
+def test_client_side_mode_rejects_unclipped_updates(caplog):
+    caplog.set_level(logging.WARNING, logger="flwr")
+    strategy = DPFedAvg(
+        noise_multiplier=1.0,
+        clip_norm=0.1,
+        sample_rate=1.0,
+        sampling="fixed",
+        clipping_side="client",
+        delta=1e-3,
+        seed=1,
+        min_available_nodes=3,
+    )
+    _one_round(strategy, InProcessGrid(_echo(shift=1.0), num_nodes=3))
+    assert caplog.text.count("exceeds the clipping norm") == 3
+    assert strategy.last_report["clients_accepted"] == 0
+
+
+def test_nan_reply_is_rejected_and_named(caplog):
+    caplog.set_level(logging.WARNING, logger="flwr")
+    strategy = DPFedAvg(
+        noise_multiplier=1.0,
+        sample_rate=1.0,
+        sampling="fixed",
+        delta=1e-3,
+        seed=1,
+        min_available_nodes=3,
+    )
+    _one_round(strategy, InProcessGrid(_echo(nan_node=101), num_nodes=3))
+    assert "rejected the reply of node 101: tensor 'w' holds NaN or Inf" in caplog.text
+    assert strategy.last_report["clients_accepted"] == 2
+
+
+def test_clip_and_samplers():
+    clipped, norm = clip([np.full(4, 3.0), np.full(5, 4.0)], 1.0)
+    assert norm == pytest.approx(np.sqrt(4 * 9 + 5 * 16)) and l2_norm(clipped) == pytest.approx(1.0)
+    rng = np.random.default_rng(0)
+    nodes = list(range(1000))
+    counts = [len(poisson_sample(nodes, 0.1, rng)) for _ in range(200)]
+    assert np.mean(counts) == pytest.approx(100, rel=0.03) and np.std(counts) > 5
+    sample = fixed_size_sample(nodes, 50, rng)
+    assert len(set(sample)) == 50
+
+
+def test_budget_stop_ends_training_and_keeps_results(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="flwr")
+    overrides = (
+        "+experiment=digits_smoke strategy=dp_fedavg num_rounds=10 privacy.sample_rate=1.0 "
+        "privacy.sampling=fixed privacy.noise_multiplier=0.8 privacy.delta=1e-3 privacy.seed=3 "
+        f"privacy.max_epsilon=12 output_dir={tmp_path}"
+    )
+    cfg = load_config(overrides)
+    # The round the budget allows, from the accountant itself.
+    acc, allowed = ClientLevelAccountant("rdp", "fixed", 3), 0
+    while acc.epsilon_after(0.8, 1.0, 1e-3) <= 12:
+        acc.compose(0.8, 1.0)
+        allowed += 1
+    assert 1 <= allowed < 10
+    out = run_server(InProcessGrid(make_client_app(cfg), num_nodes=3), cfg)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == allowed
+    assert all(r["epsilon"] <= 12 for r in rows) and rows[-1]["epsilon"] == pytest.approx(
+        acc.epsilon(1e-3)
+    )
+    assert [r["epsilon"] for r in rows] == sorted(r["epsilon"] for r in rows)
+    assert "privacy budget reached" in caplog.text
+    for name in ("model.pt", "summary.json", "metrics.csv", "metrics.png"):
+        assert (out / name).is_file()
