@@ -6,8 +6,9 @@ import logging
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-
 from inprocess import InProcessGrid
+from lepton_flwr.strategies import DPFedAvg
+
 from lepton_flwr.apps.client import make_client_app
 from lepton_flwr.apps.server import run_server
 from lepton_flwr.config import load_config
@@ -15,7 +16,6 @@ from lepton_flwr.dp import ClientLevelAccountant
 from lepton_flwr.dp.clipping import clip, l2_norm, update_noise_multiplier
 from lepton_flwr.dp.sampling import fixed_size_sample, poisson_sample
 from lepton_flwr.mods import dp_clip_mod
-from lepton_flwr.strategies import DPFedAvg
 
 SIZE = 20_000
 
