@@ -84,6 +84,7 @@ class RunRecorder:
             ("loss", ["central_loss", "federated_loss", "train_loss"]),
             ("accuracy", ["central_accuracy", "federated_accuracy"]),
             ("R²", ["central_r2", "federated_r2"]),
+            ("ε spent", ["epsilon", "client_epsilon"]),
         ]
         panels = [(t, [k for k in keys if self._has(k)]) for t, keys in panels]
         panels = [(t, keys) for t, keys in panels if keys]
@@ -111,7 +112,11 @@ class RunRecorder:
         if self.rows:
             last = self.rows[-1]
             summary.update(
-                {k: v for k, v in last.items() if k.startswith(("central_", "federated_"))}
+                {
+                    k: v
+                    for k, v in last.items()
+                    if k.startswith(("central_", "federated_", "epsilon"))
+                }
             )
             summary["median_round_seconds"] = statistics.median(
                 r["round_seconds"] for r in self.rows

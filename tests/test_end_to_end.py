@@ -68,7 +68,8 @@ def test_simulation_sweep_trains_and_writes_outputs(tmp_path):
     """Hydra multirun over strategies: FedAvg and HE-FedAvg, 2 rounds x 3 clients on digits."""
     sweep = [
         SMOKE,
-        "strategy=fedavg,he_fedavg",
+        "strategy=fedavg,he_fedavg,dp_fedavg",
+        "++privacy.delta=1e-3",
         f"hydra.sweep.dir={tmp_path}",
         "hydra.sweep.subdir=${strategy.name}",
     ]
@@ -98,6 +99,13 @@ def test_simulation_sweep_trains_and_writes_outputs(tmp_path):
     )
     # Each client uploads one seeded ciphertext (2,048 slots, about 15.2 B each) + header.
     assert 2048 * 14 < he[1]["bytes_up"] / 3 < 2048 * 16
+    # DP-FedAvg reports epsilon after every round, growing.
+    dp = _assert_finished_run(tmp_path / "dp_fedavg", rounds=2, model="model.pt")
+    assert 0 < dp[0]["epsilon"] < dp[1]["epsilon"]
+    assert (
+        json.loads((tmp_path / "dp_fedavg" / "summary.json").read_text())["epsilon"]
+        == dp[1]["epsilon"]
+    )
     # Flower's own lines appear once per round, not twice (Hydra's root handler is off).
     assert log.count("aggregate_train: Received 3 results") == 4
 
