@@ -168,7 +168,9 @@ def validate_config(cfg: dict[str, Any]) -> None:
 def _validate_privacy(cfg: dict[str, Any]) -> None:
     """Check the ``privacy`` group, including that a target epsilon can be reached."""
     p = cfg["privacy"]
-    _check_choice("privacy", p["name"], ("none", "client_dp"))
+    _check_choice("privacy", p["name"], ("none", "client_dp", "dpsgd"))
+    if p["name"] == "dpsgd":
+        _validate_dpsgd(p)
     if cfg["strategy"]["name"] == "dp_fedavg":
         _require(
             p["name"] == "client_dp",
@@ -219,6 +221,23 @@ def _validate_privacy(cfg: dict[str, Any]) -> None:
         raise ConfigError(str(err)) from err
     if p["sampling"] == "fixed":
         _require(p["accountant"] == "rdp", "privacy.sampling=fixed is accounted with rdp only.")
+
+
+def _validate_dpsgd(p: dict[str, Any]) -> None:
+    from lepton_flwr.dp.dpsgd import MODES
+
+    _check_choice("privacy.mode", p["mode"], MODES)
+    _check_choice("privacy.accountant", p["accountant"], ("rdp", "prv"))
+    _require(
+        p["max_grad_norm"] > 0, f"privacy.max_grad_norm must be > 0, got {p['max_grad_norm']}."
+    )
+    z, target = p["noise_multiplier"], p["target_epsilon"]
+    _require(z is None or z > 0, f"privacy.noise_multiplier must be > 0, got {z}.")
+    _require(
+        z is not None or (target is not None and target > 0),
+        "privacy.noise_multiplier=null needs a privacy.target_epsilon > 0.",
+    )
+    _require(0 < p["delta"] < 1, f"privacy.delta must be in (0, 1), got {p['delta']}.")
 
 
 def to_yaml(cfg: dict[str, Any]) -> str:

@@ -1,6 +1,7 @@
 """Plain FedAvg from the config: the baseline that privacy strategies are compared with."""
 
 from flwr.serverapp.strategy import FedAvg
+from lepton_flwr.strategies.metrics import aggregate_train_metrics
 
 
 def build_fedavg(cfg: dict) -> FedAvg:
@@ -12,4 +13,5 @@ def build_fedavg(cfg: dict) -> FedAvg:
         min_train_nodes=s["min_train_nodes"],
         min_evaluate_nodes=s["min_evaluate_nodes"],
         min_available_nodes=s["min_available_nodes"],
+        train_metrics_aggr_fn=aggregate_train_metrics,
     )

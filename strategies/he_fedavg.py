@@ -11,6 +11,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+from lepton_flwr.strategies.metrics import aggregate_train_metrics
 
 from lepton_flwr.he.codec import CiphertextError, CkksAdder, TensorSpec, flatten
 from lepton_flwr.he.keys import fingerprint, load_context
@@ -208,4 +209,5 @@ def build_he_fedavg(cfg: dict) -> HEFedAvg:
         min_train_nodes=s["min_train_nodes"],
         min_evaluate_nodes=s["min_evaluate_nodes"],
         min_available_nodes=s["min_available_nodes"],
+        train_metrics_aggr_fn=aggregate_train_metrics,
     )

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from lepton_flwr.apps.common import config_from_context, model_for
 from lepton_flwr.data import load_client_data, load_dataset
+from lepton_flwr.dp.dpsgd import (
+    dpsgd_noise_multiplier,
+    history_from_json,
+    history_to_json,
+    train_dpsgd,
+)
 from lepton_flwr.models import evaluate, resolve_device, train
 from lepton_flwr.mods.clip_mod import dp_clip_mod
 from lepton_flwr.mods.he_mod import SECRET_CONTEXT_NODE_KEY, apply_he
@@ -42,27 +48,60 @@ def handle_train(msg: Message, context: Context, cfg: dict) -> Message:
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     server_round = int(msg.content["config"].get("server-round", 0))
     t = cfg["train"]
-    loss = train(
-        model,
-        data.x_train,
-        data.y_train,
+    device = resolve_device(cfg["device"])
+    seed = _round_seed(cfg, partition_id, server_round)
+    options = dict(
         num_outputs=spec.num_outputs,
         epochs=t["local_epochs"],
         batch_size=t["batch_size"],
         lr=t["lr"],
         momentum=t["momentum"],
         weight_decay=t["weight_decay"],
-        device=resolve_device(cfg["device"]),
-        seed=_round_seed(cfg, partition_id, server_round),
+        device=device,
+        seed=seed,
     )
+    metrics: dict = {}
+    if cfg["privacy"]["name"] == "dpsgd":
+        loss, metrics = _train_dpsgd(model, data, context, cfg, options)
+    else:
+        loss = train(model, data.x_train, data.y_train, **options)
     model.cpu()
     content = RecordDict(
         {
             "arrays": ArrayRecord(model.state_dict()),
-            "metrics": MetricRecord({"train-loss": loss, "num-examples": len(data.y_train)}),
+            "metrics": MetricRecord(
+                {"train-loss": loss, "num-examples": len(data.y_train), **metrics}
+            ),
         }
     )
     return Message(content, reply_to=msg)
+
+
+DPSGD_STATE_KEY = "lepton-dpsgd"
+
+
+def _train_dpsgd(model, data, context: Context, cfg: dict, options: dict) -> tuple[float, dict]:
+    """DP-SGD for this round, continuing the node's accountant from ``context.state``."""
+    privacy = cfg["privacy"]
+    state = context.state.config_records.get(DPSGD_STATE_KEY)
+    history = history_from_json(str(state["history"])) if state else []
+    z = dpsgd_noise_multiplier(
+        privacy, len(data.y_train), options["batch_size"], cfg["num_rounds"] * options["epochs"]
+    )
+    loss, epsilon, history = train_dpsgd(
+        model,
+        data.x_train,
+        data.y_train,
+        noise_multiplier=z,
+        max_grad_norm=privacy["max_grad_norm"],
+        delta=privacy["delta"],
+        accountant=privacy["accountant"],
+        mode=privacy["mode"],
+        history=history,
+        **options,
+    )
+    context.state[DPSGD_STATE_KEY] = ConfigRecord({"history": history_to_json(history)})
+    return loss, {"client-epsilon": epsilon, "dpsgd-noise-multiplier": z}
 
 
 def handle_evaluate(msg: Message, context: Context, cfg: dict) -> Message:

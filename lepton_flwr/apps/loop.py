@@ -43,7 +43,8 @@ def _prefixed(prefix: str, metrics: MetricRecord | None) -> dict[str, float]:
     out = {}
     for key, value in metrics.items():
         name = key.removeprefix("eval-").removeprefix("train-").replace("-", "_")
-        out[f"{prefix}_{name}"] = value
+        # Clients' own figures (client-epsilon) keep their name: they are not losses.
+        out[name if key.startswith("client-") else f"{prefix}_{name}"] = value
     return out
 
 
@@ -58,6 +59,7 @@ def _progress_line(row: dict, num_rounds: int) -> str:
         "federated_loss",
         "train_loss",
         "epsilon",
+        "client_epsilon",
     ):
         if key in row:
             shown.append(f"{key}={row[key]:.4f}")

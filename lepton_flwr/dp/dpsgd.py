@@ -1,0 +1,142 @@
+"""Sample-level DP on a client: DP-SGD with Opacus, one accountant across rounds.
+
+Each round a client trains with Opacus (per-sample clipping, Gaussian noise, Poisson
+batches). The client's accountant history is kept in the node's ``context.state``
+between rounds, so the ε it reports covers every step it took in the run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import numpy as np
+import torch
+from torch import nn
+
+from lepton_flwr.dp.accounting import PrivacyConfigError, check_delta
+from lepton_flwr.models.training import make_loader
+
+MODES = ("ghost", "hooks", "functorch", "ew")
+
+
+def dpsgd_noise_multiplier(
+    privacy: dict, num_examples: int, batch_size: int, total_epochs: int
+) -> float:
+    """Z from the config, or the smallest z that keeps ε within ``target_epsilon`` for the run.
+
+    Raises
+    ------
+    PrivacyConfigError
+        If the target cannot be reached.
+    """
+    if privacy["noise_multiplier"] is not None:
+        return float(privacy["noise_multiplier"])
+    from opacus.accountants.utils import get_noise_multiplier
+
+    sample_rate = min(1.0, batch_size / num_examples)
+    steps = total_epochs * math.ceil(1 / sample_rate)
+    try:
+        return float(
+            get_noise_multiplier(
+                target_epsilon=privacy["target_epsilon"],
+                target_delta=privacy["delta"],
+                sample_rate=sample_rate,
+                steps=steps,
+                accountant=privacy["accountant"],
+            )
+        )
+    except ValueError as err:
+        raise PrivacyConfigError(
+            f"privacy.target_epsilon={privacy['target_epsilon']} cannot be reached with "
+            f"{num_examples} examples, batch {batch_size}, {total_epochs} epochs: {err}"
+        ) from err
+
+
+def train_dpsgd(
+    model: nn.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    num_outputs: int,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    delta: float,
+    accountant: str = "rdp",
+    mode: str = "ghost",
+    history: list | None = None,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+) -> tuple[float, float, list]:
+    """Train ``model`` in place with DP-SGD.
+
+    Returns
+    -------
+    tuple[float, float, list]
+        Mean training loss of the last epoch, ε spent so far (this call and the
+        ``history`` before it), and the accountant's new history to keep.
+    """
+    from opacus import PrivacyEngine
+
+    check_delta(delta, len(y))
+    if mode not in MODES:
+        raise PrivacyConfigError(
+            f"Unknown privacy.mode '{mode}'. Allowed choices: {', '.join(MODES)}."
+        )
+    torch.manual_seed(seed)
+    model.to(device).train()
+    loader = make_loader(x, y, batch_size, shuffle=True, seed=seed)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
+    )
+    criterion = nn.MSELoss() if num_outputs == 1 else nn.CrossEntropyLoss()
+    engine = PrivacyEngine(accountant=accountant)
+    engine.accountant.history = [tuple(h) for h in (history or [])]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Opacus warns about secure RNG and hooks on every call
+        made = engine.make_private(
+            module=model,
+            optimizer=optimizer,
+            criterion=criterion,
+            data_loader=loader,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            poisson_sampling=True,
+            grad_sample_mode=mode,
+        )
+    if mode == "ghost":
+        private_model, optimizer, criterion, loader = made
+    else:
+        private_model, optimizer, loader = made
+    epoch_loss = float("nan")
+    for _ in range(epochs):
+        total, count = 0.0, 0
+        for xb, yb in loader:
+            if len(yb) == 0:
+                continue
+            xb, yb = xb.to(device), yb.to(device)
+            optimizer.zero_grad()
+            loss = criterion(private_model(xb), yb)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(yb)
+            count += len(yb)
+        epoch_loss = total / max(count, 1)
+    epsilon = float(engine.accountant.get_epsilon(delta))
+    return epoch_loss, epsilon, [list(h) for h in engine.accountant.history]
+
+
+def history_to_json(history: list) -> str:
+    """Accountant history as JSON (what the node keeps in ``context.state``)."""
+    return json.dumps(history)
+
+
+def history_from_json(text: str) -> list:
+    """Inverse of :func:`history_to_json`."""
+    return [tuple(h) for h in json.loads(text)]
