@@ -6,10 +6,10 @@ import logging
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from inprocess import InProcessGrid
 from lepton_flwr.strategies import DPFedAvg
 
 from lepton_flwr.apps.client import make_client_app
+from lepton_flwr.apps.inprocess import InProcessGrid
 from lepton_flwr.apps.server import run_server
 from lepton_flwr.config import load_config
 from lepton_flwr.dp import ClientLevelAccountant

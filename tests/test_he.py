@@ -8,10 +8,10 @@ import pytest
 import tenseal as ts
 import torch
 from flwr.app import Array, ArrayRecord
-from inprocess import InProcessGrid
 from lepton_flwr.strategies import HEFedAvg
 
 from lepton_flwr.apps.client import make_client_app
+from lepton_flwr.apps.inprocess import InProcessGrid
 from lepton_flwr.apps.server import ENCRYPTED_MODEL_FILE, run_server
 from lepton_flwr.config import ConfigError, load_config
 from lepton_flwr.he import (

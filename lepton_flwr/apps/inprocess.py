@@ -1,8 +1,9 @@
 """A Flower Grid that runs a ClientApp in this process: fast, inspectable FL rounds.
 
-Each message is copied before delivery (as serialization would), every reply the
-server receives is kept in ``received`` for inspection, and exceptions become Error
-replies as in Flower.
+For tests and benchmarks with many clients, where Ray's start-up and per-message
+overhead would dominate. Each message is copied before delivery (as serialization
+would), every reply the server receives is kept in ``received`` for inspection, and
+exceptions become Error replies as in Flower. Clients run one after the other.
 """
 
 from __future__ import annotations
@@ -18,9 +19,19 @@ ClientFn = Callable[[Message, Context], Message]
 
 
 class InProcessGrid(Grid):
-    """``num_nodes`` simulated nodes, partition i on node ``100 + i``."""
+    """``num_nodes`` simulated nodes, partition i on node ``100 + i``.
 
-    def __init__(self, client_fn: ClientFn, num_nodes: int):
+    Parameters
+    ----------
+    client_fn : Callable[[Message, Context], Message]
+        The ClientApp (or any callable like it).
+    num_nodes : int
+        Nodes; node ``100 + i`` gets ``partition-id=i`` in its node config.
+    keep_replies : bool
+        Keep every reply in ``received`` (tests); off for long runs.
+    """
+
+    def __init__(self, client_fn: ClientFn, num_nodes: int, keep_replies: bool = True):
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
         self.client_fn = client_fn
         self.contexts = {
@@ -34,6 +45,7 @@ class InProcessGrid(Grid):
             for i in range(num_nodes)
         }
         self.received: list[Message] = []
+        self.keep_replies = keep_replies
         self._count = 0
 
     def set_run(self, run_id: int) -> None:  # noqa: D102
@@ -70,6 +82,7 @@ class InProcessGrid(Grid):
                 reply = self.client_fn(msg, self.contexts[sent.metadata.dst_node_id])
             except Exception as err:  # noqa: BLE001 - Flower turns these into Error replies
                 reply = Message(Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
-            self.received.append(reply)
+            if self.keep_replies:
+                self.received.append(reply)
             replies.append(reply)
         return replies
