@@ -23,15 +23,24 @@ NUM_PARTITIONS_KEY = "num-partitions"
 
 def _node_partition(context: Context) -> tuple[int, int]:
     """Read this node's partition from its node config (set per SuperNode)."""
+    node = context.node_config
     try:
-        return int(context.node_config[PARTITION_ID_KEY]), int(
-            context.node_config[NUM_PARTITIONS_KEY]
-        )
+        return int(node[PARTITION_ID_KEY]), int(node[NUM_PARTITIONS_KEY])
     except KeyError as err:
         raise KeyError(
             f"node config lacks {err}: start the SuperNode with "
             f"--node-config 'partition-id=<i> num-partitions=<n>'"
         ) from err
+
+
+def _received_model(msg: Message, context: Context, cfg: dict):
+    """This node's data, the dataset's description, and the model the message carries."""
+    partition_id, num_partitions = _node_partition(context)
+    data = load_client_data(cfg, partition_id, num_partitions)
+    spec = load_dataset(cfg["dataset"], cfg["seed"])
+    model = model_for(cfg, spec)
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    return partition_id, data, spec, model
 
 
 def _round_seed(cfg: dict, partition_id: int, server_round: int) -> int:
@@ -41,11 +50,7 @@ def _round_seed(cfg: dict, partition_id: int, server_round: int) -> int:
 
 def handle_train(msg: Message, context: Context, cfg: dict) -> Message:
     """Train the received global model on the local split; reply with the new weights."""
-    partition_id, num_partitions = _node_partition(context)
-    data = load_client_data(cfg, partition_id, num_partitions)
-    spec = load_dataset(cfg["dataset"], cfg["seed"])
-    model = model_for(cfg, spec)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    partition_id, data, spec, model = _received_model(msg, context, cfg)
     server_round = int(msg.content["config"].get("server-round", 0))
     t = cfg["train"]
     device = resolve_device(cfg["device"])
@@ -110,11 +115,7 @@ def handle_evaluate(msg: Message, context: Context, cfg: dict) -> Message:
     A client with an empty test split reports zeros with weight 0, so that it
     leaves the weighted averages untouched.
     """
-    partition_id, num_partitions = _node_partition(context)
-    data = load_client_data(cfg, partition_id, num_partitions)
-    spec = load_dataset(cfg["dataset"], cfg["seed"])
-    model = model_for(cfg, spec)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    _, data, spec, model = _received_model(msg, context, cfg)
     n_test = len(data.y_test)
     metrics = evaluate(
         model,
