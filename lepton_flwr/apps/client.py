@@ -34,7 +34,7 @@ def _node_partition(context: Context) -> tuple[int, int]:
 
 
 def _received_model(msg: Message, context: Context, cfg: dict):
-    """This node's data, the dataset's description, and the model the message carries."""
+    """Return the node's partition id and data, the dataset spec, and the received model."""
     partition_id, num_partitions = _node_partition(context)
     data = load_client_data(cfg, partition_id, num_partitions)
     spec = load_dataset(cfg["dataset"], cfg["seed"])
