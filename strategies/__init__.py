@@ -7,9 +7,11 @@ the composed config and return a Flower message-API ``Strategy``.
 from collections.abc import Callable
 
 from flwr.serverapp.strategy import Strategy
-from lepton_flwr.strategies.dp_fedavg import DPFedAvg, PrivacyBudgetExhausted, build_dp_fedavg
+from lepton_flwr.strategies.dp_fedavg import DPFedAvg, build_dp_fedavg
 from lepton_flwr.strategies.fedavg import build_fedavg
 from lepton_flwr.strategies.he_fedavg import HEFedAvg, build_he_fedavg
+
+from lepton_flwr.dp.accounting import PrivacyBudgetExhausted
 
 STRATEGIES: dict[str, Callable[[dict], Strategy]] = {
     "fedavg": build_fedavg,

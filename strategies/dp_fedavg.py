@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import secrets
 import time
 from collections.abc import Iterable
 from logging import INFO, WARNING
@@ -21,15 +20,19 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from lepton_flwr.dp.accounting import (
-    ClientLevelAccountant,
-    PrivacyBudgetExhausted,
-    calibrate_noise_multiplier,
-    check_delta,
-)
+from lepton_flwr.dp.accounting import ClientLevelAccountant
 from lepton_flwr.dp.clipping import adapt_clip_norm, clip, l2_norm, update_noise_multiplier
-from lepton_flwr.dp.sampling import fixed_size_sample, poisson_sample
+from lepton_flwr.dp.rounds import DPRounds
 from lepton_flwr.mods.clip_mod import CLIP_NORM_KEY, UNCLIPPED_KEY
+
+
+def wait_for_nodes(grid: Grid, minimum: int) -> list[int]:
+    """The connected nodes, once there are at least ``minimum`` (polled every second)."""
+    node_ids = list(grid.get_node_ids())
+    while len(node_ids) < minimum:
+        time.sleep(1)
+        node_ids = list(grid.get_node_ids())
+    return node_ids
 
 
 class DPFedAvg(FedAvg):
@@ -98,114 +101,53 @@ class DPFedAvg(FedAvg):
         super().__init__(**fedavg_kwargs)
         if clip_norm <= 0:
             raise ValueError(f"The clipping norm must be > 0, got {clip_norm}.")
-        if not 0 < sample_rate <= 1:
-            raise ValueError(f"The sampling rate q must be in (0, 1], got {sample_rate}.")
         if clipping_side not in ("server", "client"):
             raise ValueError(f"clipping_side must be 'server' or 'client', got '{clipping_side}'.")
-        check_delta(delta)
-        self.clip_norm, self.delta, self.sample_rate = clip_norm, delta, sample_rate
-        self.sampling, self.clipping_side, self.adaptive = sampling, clipping_side, adaptive
+        self.rounds = DPRounds(
+            noise_multiplier=noise_multiplier,
+            delta=delta,
+            sample_rate=sample_rate,
+            sampling=sampling,
+            accountant=accountant,
+            max_epsilon=max_epsilon,
+            target_epsilon=target_epsilon,
+            num_rounds=num_rounds,
+            seed=seed,
+        )
+        self.clip_norm, self.clipping_side, self.adaptive = clip_norm, clipping_side, adaptive
         self.target_quantile, self.clip_lr, self.count_stddev = (
             target_quantile,
             clip_lr,
             count_stddev,
         )
-        self.max_epsilon, self.target_epsilon, self.num_rounds = (
-            max_epsilon,
-            target_epsilon,
-            num_rounds,
-        )
-        self.noise_multiplier = noise_multiplier
-        if noise_multiplier is None and (target_epsilon is None or num_rounds is None):
-            raise ValueError(
-                "Give noise_multiplier, or target_epsilon and num_rounds to calibrate it."
-            )
-        if noise_multiplier is not None and noise_multiplier <= 0:
-            raise ValueError(f"The noise multiplier must be > 0, got {noise_multiplier}.")
-        self.accountant_name = accountant
-        self.accountant: ClientLevelAccountant | None = None  # made once N is known
-        self._rng = np.random.default_rng(seed if seed is not None else secrets.randbits(128))
         self._global: list[np.ndarray] | None = None
-        self._population = 0
         self._sampled = 0
         self.last_report: dict[str, float] = {}
 
-    # ---- sampling and budget ---------------------------------------------------------
-
-    def _round_rate(self) -> float:
-        """Q of this round: the Poisson probability, or m/N."""
-        if self.sampling == "poisson":
-            return self.sample_rate
-        return self._sample_size() / self._population
-
-    def _sample_size(self) -> int:
-        return max(1, round(self.sample_rate * self._population))
-
-    def _denominator(self) -> float:
-        return (
-            self.sample_rate * self._population
-            if self.sampling == "poisson"
-            else self._sample_size()
-        )
-
-    def _ensure_accountant(self) -> None:
-        if self.accountant is not None:
-            return
-        check_delta(self.delta, self._population)
-        self.accountant = ClientLevelAccountant(
-            self.accountant_name, self.sampling, self._population
-        )
-        if self.noise_multiplier is None:
-            self.noise_multiplier = calibrate_noise_multiplier(
-                self.target_epsilon,
-                self.delta,
-                self._round_rate(),
-                self.num_rounds,
-                self.accountant_name,
-                self.sampling,
-                self._population,
-            )
-            log(
-                INFO,
-                "DPFedAvg: noise multiplier %.4f calibrated for epsilon=%s",
-                self.noise_multiplier,
-                self.target_epsilon,
-            )
+    @property
+    def accountant(self) -> ClientLevelAccountant | None:
+        """The accountant of the rounds so far (made in the first round)."""
+        return self.rounds.accountant
 
     def epsilon(self) -> float:
         """ε spent so far."""
-        return 0.0 if self.accountant is None else self.accountant.epsilon(self.delta)
+        return self.rounds.epsilon()
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Check the budget, sample clients as configured, send the model (and C)."""
-        node_ids = list(grid.get_node_ids())
-        while len(node_ids) < self.min_available_nodes:
-            time.sleep(1)
-            node_ids = list(grid.get_node_ids())
-        self._population = len(node_ids)
-        self._ensure_accountant()
-        next_epsilon = self.accountant.epsilon_after(
-            self.noise_multiplier, self._round_rate(), self.delta
+        sampled = self.rounds.start_round(
+            server_round, wait_for_nodes(grid, self.min_available_nodes)
         )
-        if self.max_epsilon is not None and next_epsilon > self.max_epsilon:
-            raise PrivacyBudgetExhausted(
-                f"round {server_round} would take epsilon from {self.epsilon():.3f} to "
-                f"{next_epsilon:.3f}, past the budget {self.max_epsilon}"
-            )
-        if self.sampling == "poisson":
-            sampled = poisson_sample(node_ids, self.sample_rate, self._rng)
-        else:
-            sampled = fixed_size_sample(node_ids, self._sample_size(), self._rng)
         self._sampled = len(sampled)
         log(
             INFO,
             "DPFedAvg round %d: sampled %d of %d nodes (%s)",
             server_round,
             len(sampled),
-            len(node_ids),
-            self.sampling,
+            self.rounds.population,
+            self.rounds.sampling,
         )
         self._global = [a.numpy().astype(np.float64) for a in arrays.values()]
         self._keys = list(arrays.keys())
@@ -279,23 +221,20 @@ class DPFedAvg(FedAvg):
             losses.append(float(msg.content["metrics"].get("train-loss", np.nan)))
             accepted += 1
 
-        z, clip_norm = self.noise_multiplier, self.clip_norm
-        count_stddev = self.count_stddev or max(self._denominator() / 20, z)
+        rounds, rng = self.rounds, self.rounds.rng
+        z, clip_norm, denominator = rounds.noise_multiplier, self.clip_norm, rounds.denominator
+        count_stddev = self.count_stddev or max(denominator / 20, z)
         z_update = update_noise_multiplier(z, count_stddev) if self.adaptive else z
-        denominator = self._denominator()
-        noisy = [
-            (t + self._rng.normal(0.0, z_update * clip_norm, t.shape)) / denominator for t in total
-        ]
+        noisy = [(t + rng.normal(0.0, z_update * clip_norm, t.shape)) / denominator for t in total]
         new_global = [g + n for g, n in zip(self._global, noisy, strict=True)]
         # The release happened (noise only, if nobody replied): account for it.
-        self.accountant.compose(z, self._round_rate())
+        epsilon = rounds.record(z)
         if self.adaptive:
-            noisy_fraction = (sum(bits) + self._rng.normal(0.0, count_stddev)) / denominator
+            noisy_fraction = (sum(bits) + rng.normal(0.0, count_stddev)) / denominator
             self.clip_norm = adapt_clip_norm(
                 clip_norm, noisy_fraction, self.target_quantile, self.clip_lr
             )
 
-        epsilon = self.epsilon()
         self.last_report = {
             "epsilon": epsilon,
             "noise_multiplier": z,
@@ -308,7 +247,7 @@ class DPFedAvg(FedAvg):
             "DPFedAvg round %d: epsilon=%.4f (delta=%g), C=%.4g, %d updates",
             server_round,
             epsilon,
-            self.delta,
+            rounds.delta,
             clip_norm,
             accepted,
         )
@@ -320,22 +259,23 @@ class DPFedAvg(FedAvg):
 
     def summary(self) -> None:
         """Log the privacy settings."""
+        r = self.rounds
+        clipping = "adaptive" if self.adaptive else "fixed"
+        log(INFO, "\t├──> DP: %s sampling, q=%s", r.sampling, r.sample_rate)
         log(
             INFO,
-            "\t├──> DP: %s sampling q=%s, clipping %s (%s side), C=%s",
-            self.sampling,
-            self.sample_rate,
-            "adaptive" if self.adaptive else "fixed",
+            "\t├──> clipping %s on the %s side, C=%s",
+            clipping,
             self.clipping_side,
             self.clip_norm,
         )
         log(
             INFO,
-            "\t└──> noise multiplier %s, delta %g, accountant %s, budget %s",
-            self.noise_multiplier,
-            self.delta,
-            self.accountant_name,
-            self.max_epsilon,
+            "\t└──> z=%s, delta=%g, %s accountant, budget %s",
+            r.noise_multiplier,
+            r.delta,
+            r.accountant_name,
+            r.max_epsilon,
         )
 
 

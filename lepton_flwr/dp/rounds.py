@@ -1,0 +1,138 @@
+"""The privacy bookkeeping of a DP training run, shared by DP strategies.
+
+Per round: wait for nodes, check the budget, sample clients (Poisson or fixed size),
+and after aggregation compose the noise actually released with the accountant.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+import numpy as np
+from flwr.common.logger import log
+
+from lepton_flwr.dp.accounting import (
+    ClientLevelAccountant,
+    PrivacyBudgetExhausted,
+    calibrate_noise_multiplier,
+    check_delta,
+)
+from lepton_flwr.dp.sampling import fixed_size_sample, poisson_sample
+
+
+class DPRounds:
+    """Sampling, calibration, budget and accounting of client-level DP rounds.
+
+    Parameters
+    ----------
+    noise_multiplier : float | None
+        z; None calibrates it from ``target_epsilon`` over ``num_rounds`` once the
+        number of clients N is known (first round).
+    delta, sample_rate, sampling, accountant, max_epsilon, target_epsilon, num_rounds
+        As in :class:`lepton_flwr.strategies.DPFedAvg`.
+    seed : int | None
+        Seed of sampling and noise; None draws fresh secure randomness.
+    """
+
+    def __init__(
+        self,
+        *,
+        noise_multiplier: float | None,
+        delta: float,
+        sample_rate: float,
+        sampling: str = "poisson",
+        accountant: str = "rdp",
+        max_epsilon: float | None = None,
+        target_epsilon: float | None = None,
+        num_rounds: int | None = None,
+        seed: int | None = None,
+    ):
+        if not 0 < sample_rate <= 1:
+            raise ValueError(f"The sampling rate q must be in (0, 1], got {sample_rate}.")
+        if noise_multiplier is None and (target_epsilon is None or num_rounds is None):
+            raise ValueError(
+                "Give noise_multiplier, or target_epsilon and num_rounds to calibrate it."
+            )
+        if noise_multiplier is not None and noise_multiplier <= 0:
+            raise ValueError(f"The noise multiplier must be > 0, got {noise_multiplier}.")
+        check_delta(delta)
+        self.noise_multiplier, self.delta, self.sample_rate = noise_multiplier, delta, sample_rate
+        self.sampling, self.accountant_name = sampling, accountant
+        self.max_epsilon, self.target_epsilon, self.num_rounds = (
+            max_epsilon,
+            target_epsilon,
+            num_rounds,
+        )
+        self.rng = np.random.default_rng(seed if seed is not None else secrets.randbits(128))
+        self.accountant: ClientLevelAccountant | None = None
+        self.population = 0
+
+    @property
+    def round_rate(self) -> float:
+        """Q of a round: the Poisson probability, or m/N."""
+        return (
+            self.sample_rate if self.sampling == "poisson" else self.sample_size / self.population
+        )
+
+    @property
+    def sample_size(self) -> int:
+        """M for fixed-size sampling."""
+        return max(1, round(self.sample_rate * self.population))
+
+    @property
+    def denominator(self) -> float:
+        """The fixed divisor of the noisy sum: q·N (Poisson) or m (fixed size)."""
+        return (
+            self.sample_rate * self.population if self.sampling == "poisson" else self.sample_size
+        )
+
+    def epsilon(self) -> float:
+        """ε spent so far."""
+        return 0.0 if self.accountant is None else self.accountant.epsilon(self.delta)
+
+    def start_round(self, server_round: int, node_ids: list[int]) -> list[int]:
+        """Fix N, calibrate z if needed, check the budget, and sample this round's clients.
+
+        Raises
+        ------
+        PrivacyBudgetExhausted
+            If this round would take ε past ``max_epsilon``.
+        """
+        self.population = len(node_ids)
+        if self.accountant is None:
+            check_delta(self.delta, self.population)
+            self.accountant = ClientLevelAccountant(
+                self.accountant_name, self.sampling, self.population
+            )
+            if self.noise_multiplier is None:
+                self.noise_multiplier = calibrate_noise_multiplier(
+                    self.target_epsilon,
+                    self.delta,
+                    self.round_rate,
+                    self.num_rounds,
+                    self.accountant_name,
+                    self.sampling,
+                    self.population,
+                )
+                log(
+                    20,
+                    "noise multiplier %.4f calibrated for epsilon=%s",
+                    self.noise_multiplier,
+                    self.target_epsilon,
+                )
+        next_epsilon = self.accountant.epsilon_after(
+            self.noise_multiplier, self.round_rate, self.delta
+        )
+        if self.max_epsilon is not None and next_epsilon > self.max_epsilon:
+            raise PrivacyBudgetExhausted(
+                f"round {server_round} would take epsilon from {self.epsilon():.3f} to "
+                f"{next_epsilon:.3f}, past the budget {self.max_epsilon}"
+            )
+        if self.sampling == "poisson":
+            return poisson_sample(node_ids, self.sample_rate, self.rng)
+        return fixed_size_sample(node_ids, self.sample_size, self.rng)
+
+    def record(self, noise_multiplier: float) -> float:
+        """Compose one release whose noise had multiplier ``noise_multiplier``; return ε."""
+        self.accountant.compose(noise_multiplier, self.round_rate)
+        return self.epsilon()
