@@ -9,6 +9,7 @@ from collections.abc import Callable
 from flwr.serverapp.strategy import Strategy
 from lepton_flwr.strategies.dp_fedavg import DPFedAvg, build_dp_fedavg
 from lepton_flwr.strategies.fedavg import build_fedavg
+from lepton_flwr.strategies.he_dp_fedavg import HEDPFedAvg, build_he_dp_fedavg
 from lepton_flwr.strategies.he_fedavg import HEFedAvg, build_he_fedavg
 
 from lepton_flwr.dp.accounting import PrivacyBudgetExhausted
@@ -17,6 +18,7 @@ STRATEGIES: dict[str, Callable[[dict], Strategy]] = {
     "fedavg": build_fedavg,
     "he_fedavg": build_he_fedavg,
     "dp_fedavg": build_dp_fedavg,
+    "he_dp_fedavg": build_he_dp_fedavg,
 }
 
 
@@ -36,4 +38,11 @@ def build_strategy(cfg: dict) -> Strategy:
     return STRATEGIES[name](cfg)
 
 
-__all__ = ["STRATEGIES", "DPFedAvg", "HEFedAvg", "PrivacyBudgetExhausted", "build_strategy"]
+__all__ = [
+    "STRATEGIES",
+    "DPFedAvg",
+    "HEDPFedAvg",
+    "HEFedAvg",
+    "PrivacyBudgetExhausted",
+    "build_strategy",
+]

@@ -15,6 +15,7 @@ from lepton_flwr.dp.dpsgd import (
 )
 from lepton_flwr.models import evaluate, resolve_device, train
 from lepton_flwr.mods.clip_mod import dp_clip_mod
+from lepton_flwr.mods.dp_share_mod import dp_share_mod
 from lepton_flwr.mods.he_mod import SECRET_CONTEXT_NODE_KEY, apply_he
 
 PARTITION_ID_KEY = "partition-id"
@@ -148,12 +149,13 @@ def make_client_app(cfg: dict | None = None) -> ClientApp:
         """Apply the mods the config asks for: HE outside, DP clipping inside.
 
         he=ckks decrypts the inbound model and encrypts the outbound update;
-        ``dp_clip_mod`` clips training updates when the server asks for it.
+        ``dp_clip_mod`` clips training updates when the server asks for it, and
+        ``dp_share_mod`` clips and adds a noise share before encryption (HE + DP).
         """
         he = config(context)["he"]
 
         def clipped(msg: Message, context: Context) -> Message:
-            return dp_clip_mod(msg, context, call_next)
+            return dp_share_mod(msg, context, lambda m, c: dp_clip_mod(m, c, call_next))
 
         if he["name"] == "none":
             return clipped(msg, context)

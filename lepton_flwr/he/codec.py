@@ -264,6 +264,15 @@ class CkksAdder:
         self.scale = context.global_scale
         self._parms_id = list(context.seal_context().data.first_parms_id())
 
+    def encrypt_public(self, vector: np.ndarray) -> list[bytes]:
+        """Encrypt with the public key (full-size ciphertexts): the server's initial model."""
+        vector = np.asarray(vector, dtype=np.float64)
+        chunks = []
+        for start in range(0, len(vector), self.slots):
+            piece = ts.ckks_vector(self.context, vector[start : start + self.slots].tolist())
+            chunks.extend(proto_ciphertexts(piece.serialize()))
+        return chunks
+
     def load(self, chunks: list[bytes]) -> ts.CKKSVector:
         """Load one client's chunks and check that each is a fresh ciphertext of this context.
 

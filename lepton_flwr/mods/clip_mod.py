@@ -20,7 +20,9 @@ UNCLIPPED_KEY = "dp-unclipped"
 def dp_clip_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Replace the trained weights θ' by θ + clip(θ' − θ, C)."""
     config = msg.content.config_records.get("config", {})
-    if not msg.metadata.message_type.startswith("train") or CLIP_NORM_KEY not in config:
+    is_train = msg.metadata.message_type.startswith("train")
+    # With a noise share in the config, dp_share_mod clips (and noises) instead.
+    if not is_train or CLIP_NORM_KEY not in config or "dp-noise-share-std" in config:
         return call_next(msg, context)
     clip_norm = float(config[CLIP_NORM_KEY])
     received = {k: v.numpy().astype(np.float64) for k, v in msg.content["arrays"].items()}

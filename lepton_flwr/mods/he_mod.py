@@ -96,7 +96,13 @@ def apply_he(
     reply = call_next(msg, context)
     if not msg.metadata.message_type.startswith("train") or reply.has_error():
         return reply
-    weight = float(reply.content["metrics"]["num-examples"]) / weight_scale
+    metrics = reply.content["metrics"]
+    # A DP share (dp_share_mod) is an update with weight 1; a model is weighted by its data.
+    weight = (
+        float(metrics["he-weight"])
+        if "he-weight" in metrics
+        else float(metrics["num-examples"]) / weight_scale
+    )
     reply.content["arrays"] = encrypt_update(
         reply.content["arrays"], weight, encoder, own_fingerprint
     )
