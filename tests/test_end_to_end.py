@@ -118,7 +118,7 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_flwr_run_completes_a_short_run(tmp_path):
-    """`flwr run .` with a local simulation SuperLink: HE-FedAvg with keys from `keygen`."""
+    """`flwr run .` with a local simulation SuperLink: HE + DP with keys from `keygen`."""
     keys = tmp_path / "keys"
     subprocess.run(
         [str(Path(sys.executable).parent / "lepton-flwr"), "keygen", "--out", str(keys)], check=True
@@ -138,7 +138,9 @@ def test_flwr_run_completes_a_short_run(tmp_path):
         ".",
         "--stream",
         "--run-config",
-        f'hydra-overrides="{SMOKE} output_dir={out} strategy=he_fedavg '
+        f'hydra-overrides="{SMOKE} output_dir={out} strategy=he_dp_fedavg '
+        f"privacy.sampling=fixed privacy.sample_rate=1.0 privacy.delta=1e-3 "
+        f"privacy.noise_multiplier=0.5 privacy.clip_norm=5 "
         f'he.secret_context_path={keys}/secret.ctx he.public_context_path={keys}/public.ctx"',
         "--federation-config",
         "num-supernodes=3 client-resources-num-cpus=1",
@@ -150,7 +152,9 @@ def test_flwr_run_completes_a_short_run(tmp_path):
         log = proc.stdout + proc.stderr
         assert proc.returncode == 0, log[-4000:]
         rows = _assert_finished_run(out, rounds=2, model="model.ckks.zip")
-        assert rows[1]["federated_loss"] < rows[0]["federated_loss"]
+        assert [r["clients_reported"] for r in rows] == [3, 3]
+        assert 0 < rows[0]["epsilon"] < rows[1]["epsilon"]
+        assert rows[0]["noise_multiplier_present"] == pytest.approx(0.5)
     finally:
         # `flwr run` leaves its detached SuperLink running: stop the one we started.
         _stop_processes(f"flower-superlink.*--port {http_port}")

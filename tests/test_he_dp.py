@@ -1,0 +1,102 @@
+"""HE + DP: noise shares under encryption, dropouts, accounting of the noise present."""
+
+import math
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from lepton_flwr.apps.inprocess import InProcessGrid
+from lepton_flwr.dp import ClientLevelAccountant
+from lepton_flwr.he import CKKSParams, write_keys
+from lepton_flwr.he.records import META_KEY
+from lepton_flwr.mods import dp_share_mod, make_he_mod
+from lepton_flwr.mods.he_mod import decrypt_model, encoder_for
+from lepton_flwr.strategies import HEDPFedAvg
+
+SIZE, NODES, Z, C = 20_000, 10, 1.2, 0.8
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    return write_keys(CKKSParams(), tmp_path_factory.mktemp("keys"))
+
+
+def _client_app(keys, failing=()):
+    """Clients that send back the model unchanged (Δ = 0): what arrives is pure noise."""
+    app = ClientApp(mods=[make_he_mod(keys[0], workers=1), dp_share_mod])
+
+    @app.train()
+    def train(msg, context):
+        if context.node_id in failing:
+            raise RuntimeError("dropped out")
+        metrics = MetricRecord({"train-loss": 0.0, "num-examples": 10})
+        return Message(
+            RecordDict({"arrays": msg.content["arrays"], "metrics": metrics}), reply_to=msg
+        )
+
+    return app
+
+
+def _one_round(keys, dropout_rate, failing):
+    strategy = HEDPFedAvg(
+        keys[1],
+        clip_norm=C,
+        dropout_rate=dropout_rate,
+        noise_multiplier=Z,
+        delta=1e-3,
+        sample_rate=1.0,
+        sampling="fixed",
+        seed=0,
+        min_available_nodes=NODES,
+        workers=1,
+    )
+    grid = InProcessGrid(_client_app(keys, failing), NODES)
+    start = ArrayRecord({"w": Array(np.zeros(SIZE, dtype=np.float32))})
+    replies = grid.send_and_receive(strategy.configure_train(1, start, ConfigRecord(), grid))
+    arrays, _ = strategy.aggregate_train(1, replies)
+    encoder, own = encoder_for(keys[0], workers=1)
+    released = decrypt_model(arrays, encoder, own)["w"].numpy().astype(np.float64)
+    return strategy, grid, arrays, released
+
+
+@pytest.mark.parametrize(
+    ("dropout_rate", "failing", "z_present"),
+    [
+        (0.0, (), Z),  # everyone reports: full noise
+        (0.2, (103, 107), Z),  # 2 of 10 drop, as planned: shares were sized for 8
+        (0.0, (103, 107), Z * math.sqrt(8 / 10)),  # unplanned dropouts: less noise
+    ],
+)
+def test_decrypted_noise_has_the_noise_actually_present(keys, dropout_rate, failing, z_present):
+    strategy, _, _, released = _one_round(keys, dropout_rate, failing)
+    expected_std = z_present * C / NODES  # noise on the sum, over the fixed denominator m = 10
+    # 20,000 draws: within 2 % of the truth with overwhelming probability.
+    assert np.std(released) == pytest.approx(expected_std, rel=0.02)
+    assert abs(np.mean(released)) < 4 * expected_std / math.sqrt(SIZE)
+    report = strategy.last_report
+    assert report["clients_sampled"] == NODES and report["clients_reported"] == NODES - len(failing)
+    assert report["noise_multiplier_present"] == pytest.approx(z_present)
+    # ε is central DP-FedAvg's for the same total noise and sampling.
+    central = ClientLevelAccountant("rdp", "fixed", NODES)
+    central.compose(z_present, 1.0)
+    assert strategy.epsilon() == pytest.approx(central.epsilon(1e-3), rel=1e-9)
+
+
+def test_the_server_sees_only_ciphertexts_and_holds_no_key(keys):
+    strategy, grid, arrays, _ = _one_round(keys, 0.0, ())
+    assert not strategy.context.has_secret_key()
+    train_replies = [r for r in grid.received if not r.has_error()]
+    assert len(train_replies) == NODES
+    for reply in train_replies:
+        record = reply.content["arrays"]
+        assert META_KEY in record
+        assert {a.stype for a in record.values()} <= {"lepton.ckks", "lepton.ckks-meta"}
+    assert META_KEY in arrays  # the new global model stays encrypted too
+
+
+def test_more_dropouts_cost_more_epsilon(keys):
+    planned, _, _, _ = _one_round(keys, 0.2, (103, 107))
+    unplanned, _, _, _ = _one_round(keys, 0.0, (103, 107))
+    assert unplanned.epsilon() > planned.epsilon()
