@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from lepton_flwr.strategies import HEDPFedAvg
 
 from lepton_flwr.apps.inprocess import InProcessGrid
 from lepton_flwr.dp import ClientLevelAccountant
@@ -13,7 +14,6 @@ from lepton_flwr.he import CKKSParams, write_keys
 from lepton_flwr.he.records import META_KEY
 from lepton_flwr.mods import dp_share_mod, make_he_mod
 from lepton_flwr.mods.he_mod import decrypt_model, encoder_for
-from lepton_flwr.strategies import HEDPFedAvg
 
 SIZE, NODES, Z, C = 20_000, 10, 1.2, 0.8
 
