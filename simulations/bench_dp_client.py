@@ -87,9 +87,8 @@ def main() -> None:
         eps = row.get("epsilon")
         shown = "no DP" if eps is None else f"epsilon={eps:.2f}"
         accuracy = row.get("central_accuracy", row.get("keyholder_accuracy"))
-        print(
-            f"  {name:12s} test accuracy {accuracy:.4f} ({shown}), {row['round_seconds']:.1f} s/round"
-        )
+        seconds = row["round_seconds"]
+        print(f"  {name:12s} test accuracy {accuracy:.4f} ({shown}), {seconds:.1f} s/round")
     (out / "results.json").write_text(json.dumps(results, indent=2))
     _plot(results, out / "accuracy_vs_epsilon.png")
 
