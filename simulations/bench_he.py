@@ -7,7 +7,7 @@
    FLARE's default parameters (N=8192, [60, 40, 40], public-key encryption);
 2. client encryption time of a 1M-parameter update, one core against all cores;
 3. server aggregation of 10 encrypted 1M-parameter updates, deserialization included;
-4. round time of HE-FedAvg over FedAvg in two simulations with the same seeds.
+4. round time of HE-FedAvg and of HE + DP over FedAvg, simulations with the same seeds.
 
 Results also go to ``outputs/bench_he/results.json``. Times are medians of repeats.
 """
@@ -127,9 +127,11 @@ def round_times(rounds: int) -> dict[str, dict]:
     from simulations.run import run_simulation_from_config
 
     out = {}
-    for strategy in ("fedavg", "he_fedavg"):
+    # HE + DP samples every client (fixed size, q=1) so that all three do the same work.
+    dp = "privacy.sampling=fixed privacy.sample_rate=1.0 privacy.delta=1e-3"
+    for strategy, extra in (("fedavg", ""), ("he_fedavg", ""), ("he_dp_fedavg", dp)):
         folder = Path(tempfile.mkdtemp(prefix=f"bench-{strategy}-"))
-        cfg = load_config(f"strategy={strategy} num_rounds={rounds}")
+        cfg = load_config(f"strategy={strategy} num_rounds={rounds} {extra}")
         run_simulation_from_config(cfg, folder)
         rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
         out[strategy] = {
@@ -178,12 +180,16 @@ def main() -> None:
         sim = results["simulation"]
         ratio = sim["he_fedavg"]["median_round_s"] / sim["fedavg"]["median_round_s"]
         results["round_time_ratio"] = ratio
+        results["round_time_ratio_he_dp"] = (
+            sim["he_dp_fedavg"]["median_round_s"] / sim["fedavg"]["median_round_s"]
+        )
         for name, row in sim.items():
             print(
                 f"  {name:10s} median round {row['median_round_s']:.2f} s, "
                 f"accuracy {row['federated_accuracy']:.4f}"
             )
         print(f"round time HE-FedAvg / FedAvg: {ratio:.3f}x")
+        print(f"round time HE+DP / FedAvg: {results['round_time_ratio_he_dp']:.3f}x")
     out = Path("outputs/bench_he")
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
