@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable
 from logging import INFO, WARNING
 
@@ -22,17 +21,8 @@ from flwr.serverapp.strategy import FedAvg
 
 from lepton_flwr.dp.accounting import ClientLevelAccountant
 from lepton_flwr.dp.clipping import adapt_clip_norm, clip, l2_norm, update_noise_multiplier
-from lepton_flwr.dp.rounds import DPRounds
+from lepton_flwr.dp.rounds import DPRounds, wait_for_nodes
 from lepton_flwr.mods.clip_mod import CLIP_NORM_KEY, UNCLIPPED_KEY
-
-
-def wait_for_nodes(grid: Grid, minimum: int) -> list[int]:
-    """The connected nodes, once there are at least ``minimum`` (polled every second)."""
-    node_ids = list(grid.get_node_ids())
-    while len(node_ids) < minimum:
-        time.sleep(1)
-        node_ids = list(grid.get_node_ids())
-    return node_ids
 
 
 class DPFedAvg(FedAvg):

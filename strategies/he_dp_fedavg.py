@@ -11,11 +11,10 @@ import tenseal as ts
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from lepton_flwr.strategies.dp_fedavg import wait_for_nodes
 from lepton_flwr.strategies.he_fedavg import HEFedAvg
 from lepton_flwr.strategies.metrics import aggregate_train_metrics
 
-from lepton_flwr.dp.rounds import DPRounds
+from lepton_flwr.dp.rounds import DPRounds, wait_for_nodes
 from lepton_flwr.he.codec import CiphertextError, flatten
 from lepton_flwr.he.records import EncryptedModel, is_encrypted
 from lepton_flwr.mods.clip_mod import CLIP_NORM_KEY
@@ -99,7 +98,9 @@ class HEDPFedAvg(HEFedAvg):
 
     def _encrypted_global(self, arrays: ArrayRecord) -> EncryptedModel:
         if is_encrypted(arrays):
-            return EncryptedModel.from_record(arrays)
+            model = EncryptedModel.from_record(arrays)
+            self._manifest = model.manifest
+            return model
         vector, manifest = flatten({k: v.numpy() for k, v in arrays.items()})
         self._manifest = manifest
         chunks = self._adder.encrypt_public(vector)

@@ -7,9 +7,11 @@ and after aggregation compose the noise actually released with the accountant.
 from __future__ import annotations
 
 import secrets
+import time
 
 import numpy as np
 from flwr.common.logger import log
+from flwr.serverapp import Grid
 
 from lepton_flwr.dp.accounting import (
     ClientLevelAccountant,
@@ -18,6 +20,15 @@ from lepton_flwr.dp.accounting import (
     check_delta,
 )
 from lepton_flwr.dp.sampling import fixed_size_sample, poisson_sample
+
+
+def wait_for_nodes(grid: Grid, minimum: int) -> list[int]:
+    """Return the connected nodes once there are at least ``minimum`` (polled every second)."""
+    node_ids = list(grid.get_node_ids())
+    while len(node_ids) < minimum:
+        time.sleep(1)
+        node_ids = list(grid.get_node_ids())
+    return node_ids
 
 
 class DPRounds:
