@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from logging import INFO
 
 import numpy as np
 from flwr.common.logger import log
@@ -126,7 +127,7 @@ class DPRounds:
                     self.population,
                 )
                 log(
-                    20,
+                    INFO,
                     "noise multiplier %.4f calibrated for epsilon=%s",
                     self.noise_multiplier,
                     self.target_epsilon,
