@@ -115,20 +115,23 @@ def train_dpsgd(
     else:
         private_model, optimizer, loader = made
     epoch_loss = float("nan")
-    for _ in range(epochs):
-        total, count = 0.0, 0
-        for xb, yb in loader:
-            if len(yb) == 0:
-                continue
-            xb, yb = xb.to(device), yb.to(device)
-            optimizer.zero_grad()
-            loss = criterion(private_model(xb), yb)
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(yb)
-            count += len(yb)
-        epoch_loss = total / max(count, 1)
-    epsilon = float(engine.accountant.get_epsilon(delta))
+    with warnings.catch_warnings():
+        # Opacus repeats the same UserWarnings every step (backward hooks, RDP orders).
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(epochs):
+            total, count = 0.0, 0
+            for xb, yb in loader:
+                if len(yb) == 0:
+                    continue
+                xb, yb = xb.to(device), yb.to(device)
+                optimizer.zero_grad()
+                loss = criterion(private_model(xb), yb)
+                loss.backward()
+                optimizer.step()
+                total += loss.item() * len(yb)
+                count += len(yb)
+            epoch_loss = total / max(count, 1)
+        epsilon = float(engine.accountant.get_epsilon(delta))
     return epoch_loss, epsilon, [list(h) for h in engine.accountant.history]
 
 
