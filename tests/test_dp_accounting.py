@@ -39,16 +39,21 @@ def test_poisson_prv_matches_dp_accounting_pld(z, q, rounds, delta):
 
 
 @pytest.mark.parametrize(("z", "q", "rounds", "delta"), GRID)
-def test_fixed_size_sampling_composes_m_of_n_without_replacement(z, q, rounds, delta):
+def test_fixed_size_sampling_matches_autodp(z, q, rounds, delta):
+    """autodp implements the sampling-without-replacement bound (Wang et al.) on its own."""
+    from autodp import mechanism_zoo, transformer_zoo
+
     population = 1000
     ours = ClientLevelAccountant("rdp", "fixed", population)
     ours.compose(z, q, rounds)
-    reference = RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
-    event = dp_accounting.SampledWithoutReplacementDpEvent(
-        population, round(q * population), dp_accounting.GaussianDpEvent(z)
+    # Replace-one neighbours: the clipped sum moves by up to 2C, so noise zC is sigma = z/2.
+    gaussian = mechanism_zoo.GaussianMechanism(sigma=z / 2)
+    gaussian.neighboring = "replace_one"
+    sampled = transformer_zoo.AmplificationBySampling(PoissonSampling=False)(
+        gaussian, q, improved_bound_flag=True
     )
-    reference.compose(event, rounds)
-    assert ours.epsilon(delta) == pytest.approx(reference.get_epsilon(delta), rel=0.01)
+    reference = transformer_zoo.Composition()([sampled], [rounds])
+    assert ours.epsilon(delta) == pytest.approx(reference.get_approxDP(delta), rel=0.01)
 
 
 def test_rounds_with_different_noise_compose_as_they_happened():

@@ -1,12 +1,15 @@
 """Privacy accounting for client-level DP: compose the rounds that actually happened.
 
-Each round releases a Gaussian mechanism (noise multiplier z) applied to a sample of
-clients. Poisson sampling (each client independently with probability q) is accounted
-with Opacus' accountants (RDP or PRV) under add/remove-one-client neighbouring, the
-relation Poisson amplification needs. Fixed-size sampling without replacement (m of N)
-is accounted with dp-accounting's RDP analysis of sampling without replacement, under
-replace-one-client neighbouring (Opacus has no analysis of that sampling). Rounds may
-differ (a dropout lowers the noise actually present): every round is composed as it was.
+Each round releases a Gaussian mechanism applied to a sample of clients: the sum of
+updates clipped to norm C, plus noise of std z·C. Poisson sampling (each client
+independently with probability q) is accounted with Opacus' accountants (RDP or PRV)
+under add/remove-one-client neighbouring, the relation Poisson amplification needs;
+there the sum's sensitivity is C and the noise multiplier is z. Fixed-size sampling
+without replacement (m of N) is accounted with dp-accounting's RDP analysis of sampling
+without replacement, under replace-one-client neighbouring (Opacus has no analysis of
+that sampling); replacing one client moves the sum by up to 2C, so the multiplier there
+is z/2. Rounds may differ (a dropout lowers the noise actually present): every round is
+composed as it was.
 """
 
 from __future__ import annotations
@@ -131,8 +134,10 @@ class ClientLevelAccountant:
         acc = RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
         for z, q, rounds in self.history:
             size = max(1, round(q * self.population))
+            # Replace-one sensitivity of a sum of updates clipped to C is 2C: noise z·C is
+            # a Gaussian mechanism of multiplier z/2 under this relation.
             event = dp_accounting.SampledWithoutReplacementDpEvent(
-                self.population, size, dp_accounting.GaussianDpEvent(z)
+                self.population, size, dp_accounting.GaussianDpEvent(z / 2)
             )
             acc.compose(event, rounds)
         return float(acc.get_epsilon(delta))
