@@ -15,7 +15,7 @@ from lepton_flwr.strategies.he_fedavg import HEFedAvg
 from lepton_flwr.strategies.metrics import aggregate_train_metrics
 
 from lepton_flwr.dp.rounds import DPRounds, wait_for_nodes
-from lepton_flwr.he.codec import CiphertextError, flatten
+from lepton_flwr.he.codec import flatten
 from lepton_flwr.he.records import EncryptedModel, is_encrypted
 from lepton_flwr.mods.clip_mod import CLIP_NORM_KEY
 from lepton_flwr.mods.dp_share_mod import NOISE_SHARE_KEY, UPDATE_SCALE_KEY
@@ -142,22 +142,7 @@ class HEDPFedAvg(HEFedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Add the encrypted noisy shares to the encrypted global model; account the noise."""
-        valid, _ = self._check_and_log_replies(list(replies), is_train=True, validate=False)
-        accepted: list[tuple[Message, EncryptedModel]] = []
-        for msg in valid:
-            try:
-                accepted.append((msg, self.check_reply(msg)))
-            except CiphertextError as err:
-                self._reject(server_round, msg, err)
-        uploads = [u.chunks for _, u in accepted] + [self._global.chunks]
-        sums, failed = self._adder.sum_updates(uploads, self.workers)
-        for index in sorted(failed):
-            if index == len(accepted):
-                raise CiphertextError(
-                    f"the global model's ciphertexts failed to load: {failed[index]}"
-                )
-            self._reject(server_round, accepted[index][0], failed[index])
-        accepted = [pair for i, pair in enumerate(accepted) if i not in failed]
+        accepted, sums = self.sum_valid_replies(server_round, replies, extra=self._global.chunks)
         reported = len(accepted)
         if reported == 0:
             log(

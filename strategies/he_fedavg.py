@@ -140,10 +140,25 @@ class HEFedAvg(FedAvg):
             reason,
         )
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Add the valid encrypted updates; return the encrypted weighted sum."""
+    def sum_valid_replies(
+        self, server_round: int, replies: Iterable[Message], extra: list[bytes] | None = None
+    ) -> tuple[list[tuple[Message, EncryptedModel]], list[bytes]]:
+        """Check the replies, reject bad ones (one log line each), add the rest.
+
+        Parameters
+        ----------
+        server_round : int
+            For the log lines.
+        replies : Iterable[Message]
+            The training replies.
+        extra : list[bytes] | None
+            Ciphertexts added to the sum as well (HE + DP adds the encrypted global model).
+
+        Returns
+        -------
+        tuple[list[tuple[Message, EncryptedModel]], list[bytes]]
+            The accepted replies with their updates, and the serialized sums.
+        """
         valid, _ = self._check_and_log_replies(list(replies), is_train=True, validate=False)
         accepted: list[tuple[Message, EncryptedModel]] = []
         for msg in valid:
@@ -151,11 +166,22 @@ class HEFedAvg(FedAvg):
                 accepted.append((msg, self.check_reply(msg)))
             except CiphertextError as err:
                 self._reject(server_round, msg, err)
+        uploads = [u.chunks for _, u in accepted] + ([extra] if extra else [])
         # Loading checks every ciphertext; it runs in parallel with the additions.
-        sums, failed = self._adder.sum_updates([u.chunks for _, u in accepted], self.workers)
+        sums, failed = self._adder.sum_updates(uploads, self.workers)
+        if len(accepted) in failed:
+            raise CiphertextError(
+                f"the server's own ciphertexts failed to load: {failed[len(accepted)]}"
+            )
         for index in sorted(failed):
             self._reject(server_round, accepted[index][0], failed[index])
-        accepted = [pair for i, pair in enumerate(accepted) if i not in failed]
+        return [pair for i, pair in enumerate(accepted) if i not in failed], sums
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Add the valid encrypted updates; return the encrypted weighted sum."""
+        accepted, sums = self.sum_valid_replies(server_round, replies)
 
         if len(accepted) < self.min_train_nodes:
             log(
