@@ -11,11 +11,11 @@ from __future__ import annotations
 import secrets
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
+from flwr.app import Array, Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
 from lepton_flwr.dp.clipping import clip
-from lepton_flwr.mods.clip_mod import CLIP_NORM_KEY, UNCLIPPED_KEY
+from lepton_flwr.mods.clip_mod import CLIP_NORM_KEY, UNCLIPPED_KEY, set_reply, train_and_diff
 
 NOISE_SHARE_KEY = "dp-noise-share-std"  # config: std of this client's noise share
 UPDATE_SCALE_KEY = "dp-update-scale"  # config: 1/d, the fixed denominator of the mean
@@ -29,12 +29,9 @@ def dp_share_mod(msg: Message, context: Context, call_next: ClientAppCallable) -
         return call_next(msg, context)
     clip_norm, share_std = float(config[CLIP_NORM_KEY]), float(config[NOISE_SHARE_KEY])
     scale = float(config[UPDATE_SCALE_KEY])
-    received = {k: v.numpy().astype(np.float64) for k, v in msg.content["arrays"].items()}
-    reply = call_next(msg, context)
-    if reply.has_error():
+    reply, received, update = train_and_diff(msg, context, call_next)
+    if update is None:
         return reply
-    trained = reply.content["arrays"]
-    update = [trained[k].numpy().astype(np.float64) - received[k] for k in received]
     if not all(np.isfinite(u).all() for u in update):
         raise ValueError("the local update has NaN or Inf values; nothing was sent")
     clipped, norm = clip(update, clip_norm)
@@ -43,8 +40,4 @@ def dp_share_mod(msg: Message, context: Context, call_next: ClientAppCallable) -
         k: Array(((c + rng.normal(0.0, share_std, c.shape)) * scale).astype(np.float32))
         for k, c in zip(received, clipped, strict=True)
     }
-    metrics = reply.content["metrics"]
-    metrics[UNCLIPPED_KEY] = float(norm <= clip_norm)
-    metrics[HE_WEIGHT_KEY] = 1.0
-    reply.content = RecordDict({**reply.content, "arrays": ArrayRecord(shares), "metrics": metrics})
-    return reply
+    return set_reply(reply, shares, **{UNCLIPPED_KEY: float(norm <= clip_norm), HE_WEIGHT_KEY: 1.0})
