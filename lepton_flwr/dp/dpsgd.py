@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from lepton_flwr.dp.accounting import PrivacyConfigError, check_delta
-from lepton_flwr.models.training import make_loader
+from lepton_flwr.models.training import loss_fn, make_loader, run_epochs
 
 MODES = ("ghost", "hooks", "functorch", "ew")
 
@@ -95,7 +95,7 @@ def train_dpsgd(
     optimizer = torch.optim.SGD(
         model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
     )
-    criterion = nn.MSELoss() if num_outputs == 1 else nn.CrossEntropyLoss()
+    criterion = loss_fn(num_outputs)
     engine = PrivacyEngine(accountant=accountant)
     engine.accountant.history = [tuple(h) for h in (history or [])]
     with warnings.catch_warnings():
@@ -114,23 +114,10 @@ def train_dpsgd(
         private_model, optimizer, criterion, loader = made
     else:
         private_model, optimizer, loader = made
-    epoch_loss = float("nan")
     with warnings.catch_warnings():
         # Opacus repeats the same UserWarnings every step (backward hooks, RDP orders).
         warnings.simplefilter("ignore", UserWarning)
-        for _ in range(epochs):
-            total, count = 0.0, 0
-            for xb, yb in loader:
-                if len(yb) == 0:
-                    continue
-                xb, yb = xb.to(device), yb.to(device)
-                optimizer.zero_grad()
-                loss = criterion(private_model(xb), yb)
-                loss.backward()
-                optimizer.step()
-                total += loss.item() * len(yb)
-                count += len(yb)
-            epoch_loss = total / max(count, 1)
+        epoch_loss = run_epochs(private_model, loader, optimizer, criterion, epochs, device)
         epsilon = float(engine.accountant.get_epsilon(delta))
     return epoch_loss, epsilon, [list(h) for h in engine.accountant.history]
 

@@ -25,7 +25,8 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _loss_fn(num_outputs: int) -> nn.Module:
+def loss_fn(num_outputs: int) -> nn.Module:
+    """Mean squared error for regression (one output), cross-entropy for classes."""
     return nn.MSELoss() if num_outputs == 1 else nn.CrossEntropyLoss()
 
 
@@ -59,11 +60,27 @@ def train(
     optimizer = torch.optim.SGD(
         model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
     )
-    criterion = _loss_fn(num_outputs)
+    return run_epochs(model, loader, optimizer, loss_fn(num_outputs), epochs, device)
+
+
+def run_epochs(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    criterion: nn.Module,
+    epochs: int,
+    device: torch.device | str,
+) -> float:
+    """The SGD loop (plain or Opacus' private one); return the last epoch's mean loss.
+
+    Empty batches (possible with Poisson sampling) are skipped.
+    """
     epoch_loss = float("nan")
     for _ in range(epochs):
         total, count = 0.0, 0
         for xb, yb in loader:
+            if len(yb) == 0:
+                continue
             xb, yb = xb.to(device), yb.to(device)
             optimizer.zero_grad()
             loss = criterion(model(xb), yb)
@@ -95,7 +112,7 @@ def evaluate(
     model.to(device).eval()
     if len(y) == 0:
         return {"loss": float("nan"), "accuracy" if num_outputs > 1 else "r2": float("nan")}
-    criterion = _loss_fn(num_outputs)
+    criterion = loss_fn(num_outputs)
     outputs = []
     for xb, _ in make_loader(x, y, batch_size, shuffle=False):
         outputs.append(model(xb.to(device)).cpu())
