@@ -18,6 +18,7 @@ from flwr.app import (
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+from lepton_flwr.strategies.fedavg import fedavg_settings
 
 from lepton_flwr.dp.accounting import ClientLevelAccountant
 from lepton_flwr.dp.clipping import adapt_clip_norm, clip, l2_norm, update_noise_multiplier
@@ -269,26 +270,24 @@ class DPFedAvg(FedAvg):
         )
 
 
+def dp_round_settings(cfg: dict) -> dict:
+    """The :class:`DPRounds` arguments (sampling, noise, budget) from the ``privacy`` group."""
+    p = cfg["privacy"]
+    keys = ("noise_multiplier", "delta", "sample_rate", "sampling", "accountant")
+    keys += ("max_epsilon", "target_epsilon", "seed")
+    return {key: p[key] for key in keys} | {"num_rounds": cfg["num_rounds"]}
+
+
 def build_dp_fedavg(cfg: dict) -> DPFedAvg:
     """DPFedAvg from the ``strategy`` and ``privacy`` config groups."""
-    s, p = cfg["strategy"], cfg["privacy"]
+    p = cfg["privacy"]
     return DPFedAvg(
-        noise_multiplier=p["noise_multiplier"],
         clip_norm=p["clip_norm"],
-        delta=p["delta"],
-        sample_rate=p["sample_rate"],
-        sampling=p["sampling"],
         clipping_side=p["clipping_side"],
         adaptive=p["clipping"] == "adaptive",
         target_quantile=p["target_quantile"],
         clip_lr=p["clip_lr"],
         count_stddev=p["count_stddev"],
-        accountant=p["accountant"],
-        max_epsilon=p["max_epsilon"],
-        target_epsilon=p["target_epsilon"],
-        num_rounds=cfg["num_rounds"],
-        seed=p["seed"],
-        fraction_evaluate=s["fraction_evaluate"],
-        min_evaluate_nodes=s["min_evaluate_nodes"],
-        min_available_nodes=s["min_available_nodes"],
+        **dp_round_settings(cfg),
+        **fedavg_settings(cfg["strategy"], train_sampling=False),
     )

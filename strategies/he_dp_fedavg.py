@@ -11,8 +11,9 @@ import tenseal as ts
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
+from lepton_flwr.strategies.dp_fedavg import dp_round_settings
+from lepton_flwr.strategies.fedavg import fedavg_settings
 from lepton_flwr.strategies.he_fedavg import HEFedAvg
-from lepton_flwr.strategies.metrics import aggregate_train_metrics
 
 from lepton_flwr.dp.rounds import DPRounds, wait_for_nodes
 from lepton_flwr.he.codec import flatten
@@ -202,19 +203,8 @@ def build_he_dp_fedavg(cfg: dict) -> HEDPFedAvg:
         he["public_context_path"],
         clip_norm=p["clip_norm"],
         dropout_rate=s["dropout_rate"],
-        noise_multiplier=p["noise_multiplier"],
-        delta=p["delta"],
-        sample_rate=p["sample_rate"],
-        sampling=p["sampling"],
-        accountant=p["accountant"],
-        max_epsilon=p["max_epsilon"],
-        target_epsilon=p["target_epsilon"],
-        num_rounds=cfg["num_rounds"],
-        seed=p["seed"],
         headroom_fraction=he["headroom_fraction"],
         workers=he["workers"],
-        fraction_evaluate=s["fraction_evaluate"],
-        min_evaluate_nodes=s["min_evaluate_nodes"],
-        min_available_nodes=s["min_available_nodes"],
-        train_metrics_aggr_fn=aggregate_train_metrics,
+        **dp_round_settings(cfg),
+        **fedavg_settings(s, train_sampling=False),
     )

@@ -11,7 +11,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from lepton_flwr.strategies.metrics import aggregate_train_metrics
+from lepton_flwr.strategies.fedavg import fedavg_settings
 
 from lepton_flwr.he.codec import CiphertextError, CkksAdder, TensorSpec, flatten
 from lepton_flwr.he.keys import fingerprint, load_context
@@ -218,7 +218,7 @@ class HEFedAvg(FedAvg):
 
 def build_he_fedavg(cfg: dict) -> HEFedAvg:
     """HEFedAvg from the config: sampling from ``strategy``, keys from ``he``."""
-    s, he = cfg["strategy"], cfg["he"]
+    he = cfg["he"]
     CKKSParams.from_config(he)
     path = he.get("public_context_path")
     if not path:
@@ -230,10 +230,5 @@ def build_he_fedavg(cfg: dict) -> HEFedAvg:
         path,
         headroom_fraction=he["headroom_fraction"],
         workers=he["workers"],
-        fraction_train=s["fraction_train"],
-        fraction_evaluate=s["fraction_evaluate"],
-        min_train_nodes=s["min_train_nodes"],
-        min_evaluate_nodes=s["min_evaluate_nodes"],
-        min_available_nodes=s["min_available_nodes"],
-        train_metrics_aggr_fn=aggregate_train_metrics,
+        **fedavg_settings(cfg["strategy"]),
     )
