@@ -1,5 +1,5 @@
 # lepton-flwr: `make run` trains, `make test` tests. Both set up .venv themselves.
-#   make run                                            HE-FedAvg on Fashion-MNIST (+experiment=main)
+#   make run                                            HE + DP on Fashion-MNIST, 1,000 clients (+experiment=main)
 #   make run ARGS="partition=dirichlet num_rounds=5"    Hydra overrides for the run
 #   make test PYTEST_ARGS="-m 'not slow'"               pytest options
 #   TORCH_SPEC="torch==2.13.0"                          the torch build to install first

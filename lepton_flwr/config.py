@@ -94,6 +94,16 @@ def validate_config(cfg: dict[str, Any]) -> None:
     dataset, model = cfg["dataset"]["name"], cfg["model"]["name"]
     reason = model_supports(model, DATASETS[dataset].task, DATASETS[dataset].is_image)
     _require(reason is None, f"model '{model}' cannot train on dataset '{dataset}': {reason}")
+    if model == "cnn":
+        from lepton_flwr.models.nets import ACTIVATIONS
+
+        _check_choice("model.activation", cfg["model"]["activation"], list(ACTIVATIONS))
+        channels = list(cfg["model"]["channels"])
+        _require(
+            len(channels) == 2 and all(c >= 1 for c in channels) and cfg["model"]["hidden"] >= 1,
+            f"model.channels must be two positive ints and model.hidden >= 1, got "
+            f"channels={channels}, hidden={cfg['model']['hidden']}.",
+        )
 
     part = cfg["partition"]
     if part["name"] == "dirichlet":

@@ -1,9 +1,10 @@
 """DP-SGD cost: epoch time with Opacus / without, same model and data, one run.
 
 ``python -m simulations.bench_dpsgd [--batch-size 64] [--repeats 3] [--device cuda]
-[--synthetic]`` trains the Fashion-MNIST CNN for one epoch on one client's share (6,000
-images; ``--synthetic``: random images of that shape) without DP and with each Opacus
-grad-sample mode, and prints median epoch times and their ratios.
+[--synthetic] [--model "channels=[16,32] hidden=32 activation=tanh"]`` trains the
+Fashion-MNIST CNN (options as in ``conf/model/cnn.yaml``) for one epoch on one client's
+share (6,000 images; ``--synthetic``: random images of that shape) without DP and with each
+Opacus grad-sample mode, and prints median epoch times and their ratios.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lepton_flwr.config import load_config
 from lepton_flwr.data import load_dataset
 from lepton_flwr.dp.dpsgd import MODES, train_dpsgd
 from lepton_flwr.models import build_model, train
@@ -30,7 +32,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--synthetic", action="store_true", help="random images, no dataset")
+    parser.add_argument("--model", default="", help="CNN options, e.g. 'hidden=32'")
     args = parser.parse_args()
+    model_cfg = load_config([f"model.{o}" for o in args.model.split()])["model"]
     if args.synthetic:
         rng = np.random.default_rng(0)
         x = rng.normal(size=(args.examples, 1, 28, 28)).astype(np.float32)
@@ -48,7 +52,7 @@ def main() -> None:
 
     def run(mode: str | None) -> float:
         torch.manual_seed(0)
-        model = build_model({"name": "cnn"}, (1, 28, 28), 10)
+        model = build_model(model_cfg, (1, 28, 28), 10)
         sync()
         start = time.perf_counter()
         if mode is None:
@@ -70,7 +74,8 @@ def main() -> None:
     medians = {k: statistics.median(v) for k, v in times.items()}
     base = medians["no_dp"]
     print(
-        f"CNN, {len(y)} examples, batch {args.batch_size}, torch threads {torch.get_num_threads()}"
+        f"CNN {args.model or '(default)'}, {len(y)} examples, batch {args.batch_size}, "
+        f"torch threads {torch.get_num_threads()}"
     )
     for name, value in medians.items():
         print(f"  {name:10s} {value:6.2f} s  {value / base:5.2f}x")

@@ -33,6 +33,17 @@ def test_experiment_preset_sets_a_consistent_setup():
     assert cfg["simulation"]["num_supernodes"] is None
 
 
+def test_main_job_is_he_plus_dp_with_many_clients():
+    cfg = load_config("+experiment=main")
+    assert (cfg["strategy"]["name"], cfg["he"]["name"], cfg["privacy"]["name"]) == (
+        "he_dp_fedavg",
+        "ckks",
+        "client_dp",
+    )
+    assert cfg["privacy"]["target_epsilon"] == 3.0 and cfg["privacy"]["sampling"] == "poisson"
+    assert cfg["simulation"]["num_supernodes"] == 1000
+
+
 def test_unknown_strategy_group_choice_lists_the_choices():
     with pytest.raises(ConfigError, match="nope") as err:
         load_config("strategy=nope")
@@ -67,6 +78,13 @@ def test_model_dataset_mismatch_is_refused():
         load_config("dataset=digits model=linreg")
     with pytest.raises(ConfigError, match="cnn"):
         load_config("dataset=loans model=cnn")
+
+
+def test_bad_cnn_shape_or_activation_is_refused():
+    with pytest.raises(ConfigError, match=r"model.activation 'sigmoid'.*relu, tanh"):
+        load_config("model.activation=sigmoid")
+    with pytest.raises(ConfigError, match=r"model.channels must be two positive ints"):
+        load_config("model.channels=[16,0]")
 
 
 def test_unknown_top_level_key_is_refused():

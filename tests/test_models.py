@@ -32,6 +32,18 @@ def test_cnn_has_no_buffers_so_every_tensor_is_a_weight():
     assert set(model.state_dict()) == {n for n, _ in model.named_parameters()}
 
 
+def test_cnn_width_and_activation_come_from_the_config():
+    small = build_model(
+        {"name": "cnn", "channels": [16, 32], "hidden": 32, "activation": "tanh"}, (1, 28, 28), 10
+    )
+    default = build_model({"name": "cnn"}, (1, 28, 28), 10)
+    assert sum(p.numel() for p in small.parameters()) == 55_434
+    assert sum(p.numel() for p in default.parameters()) == 421_834
+    assert any(isinstance(m, torch.nn.Tanh) for m in small.modules())
+    assert not any(isinstance(m, torch.nn.ReLU) for m in small.modules())
+    assert small(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+
+
 def _blobs(n=400, seed=0):
     rng = np.random.default_rng(seed)
     y = rng.integers(0, 3, n)
