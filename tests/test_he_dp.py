@@ -1,9 +1,11 @@
 """HE + DP: noise shares under encryption, dropouts, accounting of the noise present."""
 
+import json
 import math
 
 import numpy as np
 import pytest
+from conftest import needs_fashion_mnist
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from lepton_flwr.strategies import HEDPFedAvg
@@ -100,3 +102,26 @@ def test_more_dropouts_cost_more_epsilon(keys):
     planned, _, _, _ = _one_round(keys, 0.2, (103, 107))
     unplanned, _, _, _ = _one_round(keys, 0.0, (103, 107))
     assert unplanned.epsilon() > planned.epsilon()
+
+
+@needs_fashion_mnist
+def test_main_job_preset_trains_with_he_and_dp(keys, tmp_path):
+    """The README's main job, shortened to 2 rounds of 1 epoch: 1,000 clients in-process."""
+    from lepton_flwr.apps.client import make_client_app
+    from lepton_flwr.apps.keyholder import evaluate_encrypted_model
+    from lepton_flwr.apps.server import ENCRYPTED_MODEL_FILE, run_server
+    from lepton_flwr.config import load_config
+
+    secret, public = keys
+    cfg = load_config(
+        f"+experiment=main num_rounds=2 train.local_epochs=1 strategy.fraction_evaluate=0.01 "
+        f"he.secret_context_path={secret} he.public_context_path={public} output_dir={tmp_path}"
+    )
+    folder = run_server(InProcessGrid(make_client_app(cfg), 1000, keep_replies=False), cfg)
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert [r["clients_reported"] for r in rows] == [r["clients_sampled"] for r in rows]
+    assert all(60 <= r["clients_sampled"] <= 140 for r in rows)  # Poisson, q = 0.1, N = 1000
+    assert rows[-1]["epsilon"] == pytest.approx(3.0, rel=0.02)
+    assert rows[0]["noise_multiplier_present"] == pytest.approx(rows[1]["noise_multiplier_present"])
+    accuracy = evaluate_encrypted_model(cfg, folder / ENCRYPTED_MODEL_FILE, secret)["accuracy"]
+    assert accuracy > 0.3, accuracy  # chance is 0.1
