@@ -18,6 +18,7 @@ from flwr.app import (
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+from lepton_flwr.strategies.budget_stop import StopsAtPrivacyBudget
 from lepton_flwr.strategies.fedavg import fedavg_settings
 
 from lepton_flwr.dp.accounting import ClientLevelAccountant
@@ -26,7 +27,7 @@ from lepton_flwr.dp.rounds import DPRounds, wait_for_nodes
 from lepton_flwr.mods.clip_mod import CLIP_NORM_KEY, UNCLIPPED_KEY
 
 
-class DPFedAvg(FedAvg):
+class DPFedAvg(StopsAtPrivacyBudget, FedAvg):
     """FedAvg with client-level (ε, δ)-differential privacy.
 
     Each round samples clients (Poisson with probability q, or m of N without

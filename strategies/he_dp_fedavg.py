@@ -11,6 +11,7 @@ import tenseal as ts
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
+from lepton_flwr.strategies.budget_stop import StopsAtPrivacyBudget
 from lepton_flwr.strategies.dp_fedavg import dp_round_settings
 from lepton_flwr.strategies.fedavg import fedavg_settings
 from lepton_flwr.strategies.he_fedavg import HEFedAvg
@@ -22,7 +23,7 @@ from lepton_flwr.mods.clip_mod import CLIP_NORM_KEY
 from lepton_flwr.mods.dp_share_mod import NOISE_SHARE_KEY, UPDATE_SCALE_KEY
 
 
-class HEDPFedAvg(HEFedAvg):
+class HEDPFedAvg(StopsAtPrivacyBudget, HEFedAvg):
     """Client-level DP whose noise is added by the clients, under encryption.
 
     Each sampled client clips its update to C, adds a share N(0, σ²) of the noise,

@@ -168,3 +168,41 @@ def test_budget_stop_ends_training_and_keeps_results(tmp_path, caplog):
     assert "privacy budget reached" in caplog.text
     for name in ("model.pt", "summary.json", "metrics.csv", "metrics.png"):
         assert (out / name).is_file()
+
+
+def test_flowers_own_round_loop_also_stops_at_the_budget(caplog):
+    """A user's ServerApp calling ``strategy.start`` gets the rounds trained, not a crash."""
+    caplog.set_level(logging.WARNING, logger="flwr")
+    strategy = DPFedAvg(
+        noise_multiplier=0.8,
+        clip_norm=1.0,
+        delta=1e-3,
+        sample_rate=1.0,
+        sampling="fixed",
+        max_epsilon=12,
+        seed=3,
+    )
+    acc, allowed = ClientLevelAccountant("rdp", "fixed", 3), 0
+    while acc.epsilon_after(0.8, 1.0, 1e-3) <= 12:
+        acc.compose(0.8, 1.0)
+        allowed += 1
+    assert 1 <= allowed < 10
+    start = ArrayRecord({"w": Array(np.zeros(SIZE, dtype=np.float32))})
+    result = strategy.start(
+        InProcessGrid(_echo(shift=0.01), num_nodes=3),
+        start,
+        num_rounds=10,
+        evaluate_fn=lambda rnd, arrays: MetricRecord({"mean": float(arrays["w"].numpy().mean())}),
+    )
+    assert sorted(result.train_metrics_clientapp) == list(range(1, allowed + 1))
+    assert sorted(result.evaluate_metrics_serverapp) == list(range(allowed + 1))
+    # The last released model: each round moved it by the clipped shift (norm 1) plus
+    # noise whose mean over SIZE weights has std 0.8 / 3 / sqrt(SIZE) per round.
+    clipped_shift = 1.0 / np.sqrt(SIZE)
+    tolerance = 5 * 0.8 / 3 / np.sqrt(SIZE) * np.sqrt(allowed)
+    assert result.arrays["w"].numpy().mean() == pytest.approx(
+        clipped_shift * allowed, abs=tolerance
+    )
+    assert strategy.epsilon() == pytest.approx(acc.epsilon(1e-3))
+    assert "privacy budget reached" in caplog.text
+    assert "aggregate_train" not in vars(strategy)  # the recording hooks are gone
