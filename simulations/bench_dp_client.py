@@ -12,9 +12,15 @@ seed. Prints mean accuracies and the HE + DP - central DP gap, and writes
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from simulations.sweep import floats, plot_summary, print_summary, run_plan
+from simulations.sweep import (
+    add_sweep_arguments,
+    floats,
+    model_overrides,
+    plot_summary,
+    print_summary,
+    run_plan,
+)
 
 
 def main() -> None:
@@ -25,23 +31,20 @@ def main() -> None:
     parser.add_argument("--sample-rate", type=float, default=0.1)
     parser.add_argument("--clip-norm", type=float, default=1.0)
     parser.add_argument("--local-epochs", type=int, default=5)
-    parser.add_argument(
-        "--model", default="channels=[16,32] hidden=32 activation=tanh", help="CNN options"
-    )
-    parser.add_argument("--epsilons", default="1,3,8", help="central DP-FedAvg runs")
     parser.add_argument("--he-epsilons", default="3", help="HE + DP runs ('' for none)")
-    parser.add_argument("--seeds", default="0", help="each run repeats for every seed")
-    parser.add_argument(
-        "--baseline", action=argparse.BooleanOptionalAction, default=True, help="the no-DP run"
+    add_sweep_arguments(
+        parser,
+        model="channels=[16,32] hidden=32 activation=tanh",
+        baseline=True,
+        out="outputs/bench_dp_client",
     )
-    parser.add_argument("--out", type=Path, default=Path("outputs/bench_dp_client"))
     args = parser.parse_args()
     common = " ".join(
         [
             f"num_rounds={args.rounds} strategy.fraction_evaluate=0.02",
             "strategy.min_evaluate_nodes=2 train.batch_size=16",
             f"train.local_epochs={args.local_epochs}",
-            *(f"model.{option}" for option in args.model.split()),
+            *model_overrides(args.model),
         ]
     )
     dp = (

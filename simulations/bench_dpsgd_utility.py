@@ -11,9 +11,15 @@ model and writes ``outputs/bench_dpsgd_utility/`` (``results.json``, ``summary.j
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from simulations.sweep import floats, plot_summary, print_summary, run_plan
+from simulations.sweep import (
+    add_sweep_arguments,
+    floats,
+    model_overrides,
+    plot_summary,
+    print_summary,
+    run_plan,
+)
 
 
 def main() -> None:
@@ -25,19 +31,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
-    parser.add_argument("--model", default="", help="CNN options, e.g. 'activation=tanh'")
-    parser.add_argument("--epsilons", default="1,3,8")
-    parser.add_argument("--seeds", default="0", help="each run repeats for every seed")
-    parser.add_argument(
-        "--baseline", action=argparse.BooleanOptionalAction, default=False, help="no-DP run"
-    )
-    parser.add_argument("--out", type=Path, default=Path("outputs/bench_dpsgd_utility"))
+    add_sweep_arguments(parser, model="", baseline=False, out="outputs/bench_dpsgd_utility")
     args = parser.parse_args()
     common = " ".join(
         [
             f"num_rounds={args.rounds} train.local_epochs={args.local_epochs}",
             f"train.batch_size={args.batch_size} train.lr={args.lr}",
-            *(f"model.{option}" for option in args.model.split()),
+            *model_overrides(args.model),
         ]
     )
     plan = {"no_dp": "privacy=none"} if args.baseline else {}

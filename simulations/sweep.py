@@ -10,6 +10,7 @@ when a sweep is run again with the same settings.
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 from pathlib import Path
@@ -19,6 +20,24 @@ from lepton_flwr.apps.inprocess import InProcessGrid
 from lepton_flwr.apps.keyholder import evaluate_encrypted_model
 from lepton_flwr.apps.server import ENCRYPTED_MODEL_FILE, run_server
 from lepton_flwr.config import load_config
+
+
+def add_sweep_arguments(
+    parser: argparse.ArgumentParser, *, model: str, baseline: bool, out: str
+) -> None:
+    """The options every sweep has: model, target epsilons, seeds, baseline, output folder."""
+    parser.add_argument("--model", default=model, help="CNN options, e.g. 'activation=tanh'")
+    parser.add_argument("--epsilons", default="1,3,8", help="target epsilons of the DP runs")
+    parser.add_argument("--seeds", default="0", help="each run repeats for every seed")
+    parser.add_argument(
+        "--baseline", action=argparse.BooleanOptionalAction, default=baseline, help="no-DP run"
+    )
+    parser.add_argument("--out", type=Path, default=Path(out))
+
+
+def model_overrides(options: str) -> list[str]:
+    """``"hidden=32 activation=tanh"`` -> ``["model.hidden=32", "model.activation=tanh"]``."""
+    return [f"model.{option}" for option in options.split()]
 
 
 def run_in_process(overrides: str, clients: int, out: Path) -> dict:
