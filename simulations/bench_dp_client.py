@@ -58,8 +58,15 @@ def main() -> None:
         plan[f"dp_eps_{eps:g}"] = f"strategy=dp_fedavg {dp} privacy.target_epsilon={eps}"
     if floats(args.he_epsilons):
         from lepton_flwr.he import CKKSParams, write_keys
+        from lepton_flwr.he.keys import PUBLIC_CONTEXT_FILE, SECRET_CONTEXT_FILE
 
-        secret, public = write_keys(CKKSParams(), args.out / "keys")
+        # Keep the keys of earlier invocations: their encrypted models stay readable.
+        secret, public = (
+            args.out / "keys" / SECRET_CONTEXT_FILE,
+            args.out / "keys" / PUBLIC_CONTEXT_FILE,
+        )
+        if not (secret.is_file() and public.is_file()):
+            secret, public = write_keys(CKKSParams(), args.out / "keys")
         keys = f"he.secret_context_path={secret} he.public_context_path={public}"
         for eps in floats(args.he_epsilons):
             plan[f"he_dp_eps_{eps:g}"] = (
