@@ -3,6 +3,7 @@
 Examples
 --------
 ``python -m simulations.run``                                  Fashion-MNIST CNN, 10 clients
+``python -m simulations.run +experiment=main``                 the main job: HE + DP, 1,000 clients
 ``python -m simulations.run +experiment=digits_smoke``         seconds-long smoke run
 ``python -m simulations.run partition=dirichlet partition.alpha=0.5``
 ``python -m simulations.run -m partition=iid,dirichlet``       a Hydra sweep
