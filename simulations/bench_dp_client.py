@@ -45,6 +45,7 @@ def main() -> None:
             "strategy.min_evaluate_nodes=2 train.batch_size=16",
             f"train.local_epochs={args.local_epochs}",
             *model_overrides(args.model),
+            *args.overrides.split(),
         ]
     )
     dp = (

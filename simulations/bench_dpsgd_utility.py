@@ -38,6 +38,7 @@ def main() -> None:
             f"num_rounds={args.rounds} train.local_epochs={args.local_epochs}",
             f"train.batch_size={args.batch_size} train.lr={args.lr}",
             *model_overrides(args.model),
+            *args.overrides.split(),
         ]
     )
     plan = {"no_dp": "privacy=none"} if args.baseline else {}

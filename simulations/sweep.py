@@ -33,6 +33,7 @@ def add_sweep_arguments(
         "--baseline", action=argparse.BooleanOptionalAction, default=baseline, help="no-DP run"
     )
     parser.add_argument("--out", type=Path, default=Path(out))
+    parser.add_argument("--overrides", default="", help="more Hydra overrides for every run")
 
 
 def model_overrides(options: str) -> list[str]:
