@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from lepton_flwr.dp.accounting import PrivacyConfigError, check_delta
-from lepton_flwr.models.training import loss_fn, make_loader, run_epochs
+from lepton_flwr.models.training import loss_fn, prepare_sgd, run_epochs
 
 MODES = ("ghost", "hooks", "functorch", "ew")
 
@@ -89,11 +89,8 @@ def train_dpsgd(
         raise PrivacyConfigError(
             f"Unknown privacy.mode '{mode}'. Allowed choices: {', '.join(MODES)}."
         )
-    torch.manual_seed(seed)
-    model.to(device).train()
-    loader = make_loader(x, y, batch_size, shuffle=True, seed=seed)
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
+    loader, optimizer = prepare_sgd(
+        model, x, y, batch_size, lr, momentum, weight_decay, device=device, seed=seed
     )
     criterion = loss_fn(num_outputs)
     engine = PrivacyEngine(accountant=accountant)

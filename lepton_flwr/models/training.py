@@ -54,13 +54,35 @@ def train(
     seed: int = 0,
 ) -> float:
     """Train ``model`` in place with SGD; return the mean training loss of the last epoch."""
+    loader, optimizer = prepare_sgd(
+        model, x, y, batch_size, lr, momentum, weight_decay, device=device, seed=seed
+    )
+    return run_epochs(model, loader, optimizer, loss_fn(num_outputs), epochs, device)
+
+
+def prepare_sgd(
+    model: nn.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    batch_size: int,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    *,
+    device: torch.device | str,
+    seed: int,
+) -> tuple[DataLoader, torch.optim.SGD]:
+    """Seed torch, move ``model`` to ``device`` in train mode; its shuffled loader and SGD.
+
+    What plain training and DP-SGD (before Opacus wraps them) both start from.
+    """
     torch.manual_seed(seed)
     model.to(device).train()
     loader = make_loader(x, y, batch_size, shuffle=True, seed=seed)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
     )
-    return run_epochs(model, loader, optimizer, loss_fn(num_outputs), epochs, device)
+    return loader, optimizer
 
 
 def run_epochs(
