@@ -22,6 +22,7 @@ from lepton_flwr.config import load_config
 from lepton_flwr.data import load_dataset
 from lepton_flwr.dp.dpsgd import MODES, train_dpsgd
 from lepton_flwr.models import build_model, train
+from simulations.sweep import model_overrides
 
 
 def main() -> None:
@@ -34,7 +35,7 @@ def main() -> None:
     parser.add_argument("--synthetic", action="store_true", help="random images, no dataset")
     parser.add_argument("--model", default="", help="CNN options, e.g. 'hidden=32'")
     args = parser.parse_args()
-    model_cfg = load_config([f"model.{o}" for o in args.model.split()])["model"]
+    model_cfg = load_config(model_overrides(args.model))["model"]
     if args.synthetic:
         rng = np.random.default_rng(0)
         x = rng.normal(size=(args.examples, 1, 28, 28)).astype(np.float32)

@@ -81,12 +81,16 @@ def run_plan(plan: dict[str, str], common: str, clients: int, seeds: str, out: P
     """
     results_file = out / "results.json"
     done = json.loads(results_file.read_text()) if results_file.is_file() else {}
+
+    def full(overrides: str, seed: int | str) -> str:  # also what marks a finished run
+        return f"{common} {overrides} seed={seed}"
+
     for seed in [int(s) for s in seeds.split(",")]:
         for name, overrides in plan.items():
-            key, full = f"{name}/seed{seed}", f"{common} {overrides} seed={seed}"
-            if done.get(key, {}).get("overrides") != full:
-                row = run_in_process(full, clients, out / name / f"seed{seed}")
-                done[key] = {"overrides": full, **row}
+            key = f"{name}/seed{seed}"
+            if done.get(key, {}).get("overrides") != full(overrides, seed):
+                row = run_in_process(full(overrides, seed), clients, out / name / f"seed{seed}")
+                done[key] = {"overrides": full(overrides, seed), **row}
                 results_file.write_text(json.dumps(done, indent=2))
 
     summary = {}
@@ -95,7 +99,7 @@ def run_plan(plan: dict[str, str], common: str, clients: int, seeds: str, out: P
             row
             for key, row in done.items()
             if key.startswith(f"{name}/seed")
-            and row["overrides"] == f"{common} {overrides} seed={key.rsplit('seed', 1)[1]}"
+            and row["overrides"] == full(overrides, key.rsplit("seed", 1)[1])
         ]
         accuracies = [r.get("central_accuracy", r.get("keyholder_accuracy")) for r in rows]
         summary[name] = {
