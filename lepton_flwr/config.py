@@ -104,6 +104,13 @@ def validate_config(cfg: dict[str, Any]) -> None:
             f"model.channels must be two positive ints and model.hidden >= 1, got "
             f"channels={channels}, hidden={cfg['model']['hidden']}.",
         )
+    if model == "scatnet":
+        from lepton_flwr.models.nets import scatnet_shape_error
+
+        m = cfg["model"]
+        shape = DATASETS[dataset].image_shape
+        reason = scatnet_shape_error(shape, m["J"], m["L"], m["groups"])
+        _require(reason is None, f"model 'scatnet' on dataset '{dataset}': {reason}.")
 
     part = cfg["partition"]
     if part["name"] == "dirichlet":

@@ -1,9 +1,10 @@
 """Sample-level DP privacy-utility: DP-SGD on every client, accuracy against client ε.
 
-``python -m simulations.bench_dpsgd_utility [--epsilons 1,3,8] [--rounds 15]
-[--batch-size 128] [--lr 0.1] [--max-grad-norm 1] [--seeds 0]`` trains the Fashion-MNIST
-CNN on 10 IID clients, each running DP-SGD with Opacus (noise calibrated so that every
-client's ε over the whole run stays within the target, δ = 1e-5), once per target ε
+``python -m simulations.bench_dpsgd_utility [--model scatnet] [--epsilons 1,3,8]
+[--rounds 15] [--batch-size 128] [--lr 0.1] [--max-grad-norm 1] [--seeds 0]`` trains a
+Fashion-MNIST model (default: the CNN) on 10 IID clients, each running DP-SGD with
+Opacus (noise calibrated so that every client's ε over the whole run stays within the
+target, δ = 1e-5), once per target ε
 (``--baseline``: also without DP, same optimizer). Prints the test accuracy of the global
 model and writes ``outputs/bench_dpsgd_utility/`` (``results.json``, ``summary.json``, PNG).
 """
@@ -49,7 +50,7 @@ def main() -> None:
         )
     summary = run_plan(plan, common, args.clients, args.seeds, args.out)
     print_summary(
-        f"Fashion-MNIST CNN ({args.model or 'default'}), {args.clients} IID clients, DP-SGD on "
+        f"Fashion-MNIST, {args.model or 'cnn'}, {args.clients} IID clients, DP-SGD on "
         f"each, {args.rounds} rounds x {args.local_epochs} epochs, batch {args.batch_size}, "
         f"lr {args.lr}, C {args.max_grad_norm}",
         summary,

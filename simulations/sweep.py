@@ -26,7 +26,11 @@ def add_sweep_arguments(
     parser: argparse.ArgumentParser, *, model: str, baseline: bool, out: str
 ) -> None:
     """The options every sweep has: model, target epsilons, seeds, baseline, output folder."""
-    parser.add_argument("--model", default=model, help="CNN options, e.g. 'activation=tanh'")
+    parser.add_argument(
+        "--model",
+        default=model,
+        help="model and/or its options, e.g. 'scatnet' or 'cnn activation=tanh' (default: cnn)",
+    )
     parser.add_argument("--epsilons", default="1,3,8", help="target epsilons of the DP runs")
     parser.add_argument("--seeds", default="0", help="each run repeats for every seed")
     parser.add_argument(
@@ -37,8 +41,8 @@ def add_sweep_arguments(
 
 
 def model_overrides(options: str) -> list[str]:
-    """``"hidden=32 activation=tanh"`` -> ``["model.hidden=32", "model.activation=tanh"]``."""
-    return [f"model.{option}" for option in options.split()]
+    """``"cnn hidden=32"`` -> ``["model=cnn", "model.hidden=32"]`` (a bare word names the model)."""
+    return [f"model.{o}" if "=" in o else f"model={o}" for o in options.split()]
 
 
 def run_in_process(overrides: str, clients: int, out: Path) -> dict:

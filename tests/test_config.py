@@ -87,6 +87,15 @@ def test_bad_cnn_shape_or_activation_is_refused():
         load_config("model.channels=[16,0]")
 
 
+def test_scatnet_options_that_do_not_fit_the_images_are_refused():
+    with pytest.raises(ConfigError, match=r"'digits'.*model.J=3: image sides must be multiples"):
+        load_config("dataset=digits model=scatnet model.J=3")
+    with pytest.raises(ConfigError, match=r"model.groups=10 must divide the 81"):
+        load_config("model=scatnet model.groups=10")
+    with pytest.raises(ConfigError, match=r"scatnet needs image classification data"):
+        load_config("dataset=diabetes model=scatnet")
+
+
 def test_unknown_top_level_key_is_refused():
     with pytest.raises(ConfigError, match="num_round"):
         load_config("num_round=3")

@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from opacus.accountants import RDPAccountant
@@ -76,6 +77,35 @@ def test_every_opacus_mode_trains_the_cnn(mode):
     )
     assert np.isfinite(loss) and eps > 0 and history == [[1.0, 0.25, 4]]
     assert all(not n.startswith("_module") for n in model.state_dict())  # plain weights remain
+
+
+def test_dpsgd_trains_the_scatnet_linear_layer_and_accounts_its_steps():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(128, 1, 8, 8)).astype(np.float32)
+    y = rng.integers(0, 10, 128)
+    model = build_model({"name": "scatnet"}, (1, 8, 8), 10)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    loss, eps, history = train_dpsgd(
+        model,
+        x,
+        y,
+        num_outputs=10,
+        epochs=2,
+        batch_size=32,
+        lr=0.5,
+        momentum=0.0,
+        weight_decay=0.0,
+        noise_multiplier=1.0,
+        max_grad_norm=0.1,
+        delta=1e-3,
+    )
+    assert np.isfinite(loss) and history == [[1.0, 0.25, 8]]
+    reference = RDPAccountant()
+    reference.history = [(1.0, 0.25, 8)]
+    assert eps == pytest.approx(reference.get_epsilon(1e-3))
+    after = model.state_dict()
+    assert set(after) == set(before) == {"head.2.weight", "head.2.bias"}
+    assert not torch.equal(after["head.2.weight"], before["head.2.weight"])
 
 
 def test_dpsgd_config_errors():

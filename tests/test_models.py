@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from lepton_flwr.models import MODELS, build_model, evaluate, resolve_device, train
+from lepton_flwr.models import MODELS, build_model, evaluate, resolve_device, train, training
 
 
 @pytest.mark.parametrize(
@@ -14,6 +14,8 @@ from lepton_flwr.models import MODELS, build_model, evaluate, resolve_device, tr
         ("mlp", (10,), 1, (4,)),
         ("cnn", (1, 28, 28), 10, (4, 10)),
         ("cnn", (1, 8, 8), 10, (4, 10)),
+        ("scatnet", (1, 28, 28), 10, (4, 10)),
+        ("scatnet", (1, 8, 8), 10, (4, 10)),
     ],
 )
 def test_forward_shapes(name, shape, outputs, out_shape):
@@ -103,5 +105,46 @@ def test_training_on_cuda_matches_the_cpu_shape_of_results():
     assert next(model.parameters()).device.type == "cuda"
 
 
-def test_registry_holds_the_four_models():
-    assert set(MODELS) == {"linreg", "logreg", "mlp", "cnn"}
+def test_registry_holds_the_five_models():
+    assert set(MODELS) == {"linreg", "logreg", "mlp", "cnn", "scatnet"}
+
+
+def test_scatnet_weights_are_the_linear_layer_alone():
+    model = build_model({"name": "scatnet"}, (1, 28, 28), 10)
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == {
+        "head.2.weight": (10, 81 * 7 * 7),
+        "head.2.bias": (10,),
+    }
+    assert list(model.buffers()) == []  # the wavelet filters never travel as weights
+
+
+def test_scatnet_rejects_shapes_and_groups_it_cannot_use():
+    with pytest.raises(ValueError, match="multiples of 2\\*\\*J=8"):
+        build_model({"name": "scatnet", "J": 3}, (1, 8, 8), 10)
+    with pytest.raises(ValueError, match="must divide the 81"):
+        build_model({"name": "scatnet", "groups": 10}, (1, 28, 28), 10)
+
+
+def test_fixed_features_are_computed_once_and_give_the_models_own_outputs(monkeypatch):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(50, 1, 8, 8)).astype(np.float32)
+    y = rng.integers(0, 3, 50)
+    model = build_model({"name": "scatnet", "J": 1, "groups": 9}, (1, 8, 8), 3)
+    with torch.no_grad():
+        direct = model(torch.from_numpy(x))  # the transform inside the forward pass
+    calls = []
+    fixed = model.fixed_features
+    monkeypatch.setattr(model, "fixed_features", lambda t: calls.append(len(t)) or fixed(t))
+    head, features = training.learning_part(model, x)
+    assert head is model.head and calls == [50]
+    with torch.no_grad():
+        via_features = head(torch.from_numpy(features))
+    torch.testing.assert_close(direct, via_features)
+    before = model.state_dict()["head.2.weight"].clone()
+    train(model, x, y, num_outputs=3, epochs=2, batch_size=10, lr=0.1)
+    evaluate(model, x, y, num_outputs=3)
+    assert calls == [50]  # training twice over and testing reused the cached features
+    assert not torch.equal(before, model.state_dict()["head.2.weight"])  # the model learnt
+    other = x + 1.0
+    training.learning_part(model, other)
+    assert calls == [50, 50]  # other data: computed afresh

@@ -56,12 +56,17 @@ class CentralData:
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """What a dataset is: its task, whether it is an image, and how to load it."""
+    """What a dataset is: its task, its image shape (None for tabular data), how to load it."""
 
     task: str  # "classification" | "regression"
-    is_image: bool
+    image_shape: tuple[int, int, int] | None  # (channels, height, width)
     natural_id: str | None
     loader: Callable[..., CentralData]
+
+    @property
+    def is_image(self) -> bool:
+        """Whether the examples are images."""
+        return self.image_shape is not None
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -199,11 +204,11 @@ def load_loans(
 
 
 DATASETS: dict[str, DatasetSpec] = {
-    "fashion_mnist": DatasetSpec("classification", True, None, load_fashion_mnist),
-    "digits": DatasetSpec("classification", True, None, load_digits),
-    "breast_cancer": DatasetSpec("classification", False, None, load_breast_cancer),
-    "diabetes": DatasetSpec("regression", False, None, load_diabetes),
-    "loans": DatasetSpec("regression", False, "state", load_loans),
+    "fashion_mnist": DatasetSpec("classification", (1, 28, 28), None, load_fashion_mnist),
+    "digits": DatasetSpec("classification", (1, 8, 8), None, load_digits),
+    "breast_cancer": DatasetSpec("classification", None, None, load_breast_cancer),
+    "diabetes": DatasetSpec("regression", None, None, load_diabetes),
+    "loans": DatasetSpec("regression", None, "state", load_loans),
 }
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from lepton_flwr.dp.accounting import PrivacyConfigError, check_delta
-from lepton_flwr.models.training import loss_fn, prepare_sgd, run_epochs
+from lepton_flwr.models.training import learning_part, loss_fn, prepare_sgd, run_epochs
 
 MODES = ("ghost", "hooks", "functorch", "ew")
 
@@ -89,6 +89,7 @@ def train_dpsgd(
         raise PrivacyConfigError(
             f"Unknown privacy.mode '{mode}'. Allowed choices: {', '.join(MODES)}."
         )
+    model, x = learning_part(model, x, device)
     loader, optimizer = prepare_sgd(
         model, x, y, batch_size, lr, momentum, weight_decay, device=device, seed=seed
     )
