@@ -33,9 +33,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--lr", type=float, default=2.0)
     parser.add_argument("--max-grad-norm", type=float, default=0.1)
-    add_sweep_arguments(
-        parser, model="scatnet", baseline=False, out="outputs/bench_dpsgd_utility"
-    )
+    add_sweep_arguments(parser, model="scatnet", baseline=False, out="outputs/bench_dpsgd_utility")
     args = parser.parse_args()
     common = " ".join(
         [
