@@ -54,50 +54,29 @@ def test_client_epsilon_is_cumulative_and_matches_opacus():
     assert reported[2] > 2.9
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_every_opacus_mode_trains_the_cnn(mode):
+def _dpsgd_on_random_images(model_name: str, **options):
+    """DP-SGD on 128 random 8x8 images, batch 32; returns the model, its weights before, and
+    what ``train_dpsgd`` returned."""
     rng = np.random.default_rng(0)
     x = rng.normal(size=(128, 1, 8, 8)).astype(np.float32)
     y = rng.integers(0, 10, 128)
-    model = build_model({"name": "cnn"}, (1, 8, 8), 10)
-    loss, eps, history = train_dpsgd(
-        model,
-        x,
-        y,
-        num_outputs=10,
-        epochs=1,
-        batch_size=32,
-        lr=0.1,
-        momentum=0.0,
-        weight_decay=0.0,
-        noise_multiplier=1.0,
-        max_grad_norm=1.0,
-        delta=1e-3,
-        mode=mode,
-    )
+    model = build_model({"name": model_name}, (1, 8, 8), 10)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    settings = dict(num_outputs=10, epochs=1, batch_size=32, lr=0.1, momentum=0.0)
+    settings.update(weight_decay=0.0, noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-3)
+    return model, before, *train_dpsgd(model, x, y, **{**settings, **options})
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_opacus_mode_trains_the_cnn(mode):
+    model, _, loss, eps, history = _dpsgd_on_random_images("cnn", mode=mode)
     assert np.isfinite(loss) and eps > 0 and history == [[1.0, 0.25, 4]]
     assert all(not n.startswith("_module") for n in model.state_dict())  # plain weights remain
 
 
 def test_dpsgd_trains_the_scatnet_linear_layer_and_accounts_its_steps():
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(128, 1, 8, 8)).astype(np.float32)
-    y = rng.integers(0, 10, 128)
-    model = build_model({"name": "scatnet"}, (1, 8, 8), 10)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    loss, eps, history = train_dpsgd(
-        model,
-        x,
-        y,
-        num_outputs=10,
-        epochs=2,
-        batch_size=32,
-        lr=0.5,
-        momentum=0.0,
-        weight_decay=0.0,
-        noise_multiplier=1.0,
-        max_grad_norm=0.1,
-        delta=1e-3,
+    model, before, loss, eps, history = _dpsgd_on_random_images(
+        "scatnet", epochs=2, lr=0.5, max_grad_norm=0.1
     )
     assert np.isfinite(loss) and history == [[1.0, 0.25, 8]]
     reference = RDPAccountant()
