@@ -146,7 +146,7 @@ class ScatterNet(nn.Module):
         reason = scatnet_shape_error(input_shape, J, L, groups)
         if reason:
             raise ValueError(reason)
-        self.scattering_options = (height, width, J, L)
+        self.fixed_features_options = (height, width, J, L)
         channels = in_channels * scattering_channels(J, L)
         self.head = nn.Sequential(
             nn.GroupNorm(groups, channels, affine=False),
@@ -156,7 +156,7 @@ class ScatterNet(nn.Module):
 
     def fixed_features(self, x: torch.Tensor) -> torch.Tensor:
         """Scattering coefficients of a batch of images: (N, C, H, W) -> (N, C*K, H/2^J, W/2^J)."""
-        transform = _scattering(*self.scattering_options, str(x.device))
+        transform = _scattering(*self.fixed_features_options, str(x.device))
         return transform(x.contiguous()).flatten(1, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102

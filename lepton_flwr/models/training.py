@@ -45,16 +45,17 @@ def learning_part(
 ) -> tuple[nn.Module, np.ndarray]:
     """The part of ``model`` that learns, and its inputs for the examples ``x``.
 
-    A model whose first stage is fixed (it defines ``fixed_features`` and ``head``) is
-    trained and tested as its ``head`` on the precomputed features: the same function,
-    the same per-example gradients, the fixed stage computed once per dataset (cached).
-    Any other model is returned with ``x`` as is.
+    A model whose first stage is fixed (it defines ``fixed_features``, the options that
+    determine them as ``fixed_features_options``, and ``head``) is trained and tested as
+    its ``head`` on the precomputed features: the same function, the same per-example
+    gradients, the fixed stage computed once per dataset (cached). Any other model is
+    returned with ``x`` as is.
     """
     fixed = getattr(model, "fixed_features", None)
     if fixed is None:
         return model, x
     digest = hashlib.blake2b(np.ascontiguousarray(x).data, digest_size=16).hexdigest()
-    key = (type(model).__name__, getattr(model, "scattering_options", None), x.shape, digest)
+    key = (type(model).__name__, model.fixed_features_options, x.shape, digest)
     if key not in _FEATURES:
         with torch.no_grad():
             parts = [
