@@ -2,11 +2,12 @@
 
 ``python -m simulations.bench_dp_client [--clients 1000] [--rounds 30] [--epsilons 1,3,8]
 [--he-epsilons 3] [--seeds 0,1,2]`` splits Fashion-MNIST across ``--clients`` clients,
-samples them with Poisson sampling (probability q) and trains the small CNN of the main job
-with DP-FedAvg at each target ε (noise calibrated for the whole run, δ = 1e-5), next to the
-same run without DP, and with HE + DP at the ``--he-epsilons``; every run repeats for each
-seed. Prints mean accuracies and the HE + DP - central DP gap, and writes
-``outputs/bench_dp_client/`` (``results.json``, ``summary.json``, PNG).
+samples them with Poisson sampling (probability q) and trains a small tanh CNN (the main
+job's ScatterNet: ``--model scatnet --overrides train.lr=0.02``) with DP-FedAvg at each
+target ε (noise calibrated for the whole run, δ = 1e-5), next to the same run without DP,
+and with HE + DP at the ``--he-epsilons``; every run repeats for each seed. Prints mean
+accuracies and the HE + DP - central DP gap, and writes ``outputs/bench_dp_client/``
+(``results.json``, ``summary.json``, PNG).
 """
 
 from __future__ import annotations
