@@ -77,7 +77,7 @@ def main() -> None:
 
     summary = run_plan(plan, common, args.clients, args.seeds, args.out)
     print_summary(
-        f"Fashion-MNIST CNN ({args.model}), {args.clients} clients, Poisson q="
+        f"Fashion-MNIST, model {args.model}, {args.clients} clients, Poisson q="
         f"{args.sample_rate}, {args.rounds} rounds, {args.local_epochs} local epochs",
         summary,
     )
