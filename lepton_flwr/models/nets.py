@@ -142,10 +142,10 @@ class ScatterNet(nn.Module):
         **_: object,
     ):
         super().__init__()
-        in_channels, height, width = input_shape
         reason = scatnet_shape_error(input_shape, J, L, groups)
         if reason:
             raise ValueError(reason)
+        in_channels, height, width = input_shape
         self.fixed_features_options = (height, width, J, L)
         channels = in_channels * scattering_channels(J, L)
         self.head = nn.Sequential(
