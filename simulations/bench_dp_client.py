@@ -16,8 +16,8 @@ import argparse
 
 from simulations.sweep import (
     add_sweep_arguments,
+    common_overrides,
     floats,
-    model_overrides,
     plot_summary,
     print_summary,
     run_plan,
@@ -27,27 +27,22 @@ from simulations.sweep import (
 def main() -> None:
     """Run the sweep and print accuracy against ε."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--clients", type=int, default=1000)
-    parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--sample-rate", type=float, default=0.1)
     parser.add_argument("--clip-norm", type=float, default=1.0)
-    parser.add_argument("--local-epochs", type=int, default=5)
     parser.add_argument("--he-epsilons", default="3", help="HE + DP runs ('' for none)")
     add_sweep_arguments(
         parser,
+        clients=1000,
+        rounds=30,
+        local_epochs=5,
         model="channels=[16,32] hidden=32 activation=tanh",
         baseline=True,
         out="outputs/bench_dp_client",
     )
     args = parser.parse_args()
-    common = " ".join(
-        [
-            f"num_rounds={args.rounds} strategy.fraction_evaluate=0.02",
-            "strategy.min_evaluate_nodes=2 train.batch_size=16",
-            f"train.local_epochs={args.local_epochs}",
-            *model_overrides(args.model),
-            *args.overrides.split(),
-        ]
+    common = common_overrides(
+        args,
+        "strategy.fraction_evaluate=0.02 strategy.min_evaluate_nodes=2 train.batch_size=16",
     )
     dp = (
         f"privacy.noise_multiplier=null privacy.sample_rate={args.sample_rate} "

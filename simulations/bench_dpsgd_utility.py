@@ -16,8 +16,8 @@ import argparse
 
 from simulations.sweep import (
     add_sweep_arguments,
+    common_overrides,
     floats,
-    model_overrides,
     plot_summary,
     print_summary,
     run_plan,
@@ -27,22 +27,20 @@ from simulations.sweep import (
 def main() -> None:
     """Run the sweep and print accuracy against ε."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--clients", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=40)
-    parser.add_argument("--local-epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--lr", type=float, default=2.0)
     parser.add_argument("--max-grad-norm", type=float, default=0.1)
-    add_sweep_arguments(parser, model="scatnet", baseline=False, out="outputs/bench_dpsgd_utility")
-    args = parser.parse_args()
-    common = " ".join(
-        [
-            f"num_rounds={args.rounds} train.local_epochs={args.local_epochs}",
-            f"train.batch_size={args.batch_size} train.lr={args.lr}",
-            *model_overrides(args.model),
-            *args.overrides.split(),
-        ]
+    add_sweep_arguments(
+        parser,
+        clients=10,
+        rounds=40,
+        local_epochs=1,
+        model="scatnet",
+        baseline=False,
+        out="outputs/bench_dpsgd_utility",
     )
+    args = parser.parse_args()
+    common = common_overrides(args, f"train.batch_size={args.batch_size} train.lr={args.lr}")
     plan = {"no_dp": "privacy=none"} if args.baseline else {}
     for eps in floats(args.epsilons):
         plan[f"dpsgd_eps_{eps:g}"] = (

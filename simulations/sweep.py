@@ -23,9 +23,23 @@ from lepton_flwr.config import load_config
 
 
 def add_sweep_arguments(
-    parser: argparse.ArgumentParser, *, model: str, baseline: bool, out: str
+    parser: argparse.ArgumentParser,
+    *,
+    clients: int,
+    rounds: int,
+    local_epochs: int,
+    model: str,
+    baseline: bool,
+    out: str,
 ) -> None:
-    """The options every sweep has: model, target epsilons, seeds, baseline, output folder."""
+    """Add the options every sweep has (the defaults given here).
+
+    ``--clients``, ``--rounds``, ``--local-epochs``, ``--model``, ``--epsilons``,
+    ``--seeds``, ``--baseline``, ``--out`` and ``--overrides``.
+    """
+    parser.add_argument("--clients", type=int, default=clients)
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--local-epochs", type=int, default=local_epochs)
     parser.add_argument(
         "--model",
         default=model,
@@ -43,6 +57,22 @@ def add_sweep_arguments(
 def model_overrides(options: str) -> list[str]:
     """``"cnn hidden=32"`` -> ``["model=cnn", "model.hidden=32"]`` (a bare word names the model)."""
     return [f"model.{o}" if "=" in o else f"model={o}" for o in options.split()]
+
+
+def common_overrides(args: argparse.Namespace, *settings: str) -> str:
+    """The overrides every run of a sweep shares.
+
+    Rounds and local epochs, the sweep's own ``settings``, then the model and
+    ``--overrides`` (given last, so that they win).
+    """
+    return " ".join(
+        [
+            f"num_rounds={args.rounds} train.local_epochs={args.local_epochs}",
+            *settings,
+            *model_overrides(args.model),
+            *args.overrides.split(),
+        ]
+    )
 
 
 def run_in_process(overrides: str, clients: int, out: Path) -> dict:
