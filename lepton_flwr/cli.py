@@ -26,12 +26,9 @@ def keygen(out: Path, overrides: list[str]) -> None:
 
 def decrypt(secret_context: Path, model: Path, out: Path) -> None:
     """Decrypt a saved encrypted global model into a torch state dict file."""
-    from lepton_flwr.he import load_encrypted
-    from lepton_flwr.mods.he_mod import decrypt_model, encoder_for
+    from lepton_flwr.he import decrypt_arrays
 
-    encoder, own = encoder_for(secret_context, workers=1)
-    record = load_encrypted(model).to_record()
-    state = decrypt_model(record, encoder, own).to_torch_state_dict()
+    state = decrypt_arrays(model, secret_context).to_torch_state_dict()
     torch.save(state, out)
     print(f"decrypted {sum(t.numel() for t in state.values())} values -> {out}")
 

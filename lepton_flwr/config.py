@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shlex
 from importlib import resources
 from pathlib import Path
@@ -56,6 +57,32 @@ def load_config(overrides: str | list[str] = "") -> dict[str, Any]:
     return plain
 
 
+def reword(message: str, group: str, names: tuple[str, ...]) -> str:
+    """A library message in config terms: each argument name becomes its key path.
+
+    The library names its arguments (``delta must be in (0, 1)``); a config user reads
+    ``privacy.delta must be in (0, 1)``.
+    """
+    for name in names:
+        message = re.sub(rf"(?<![\w.-]){name}(?=\s*(=|<|must|'))", f"{group}.{name}", message)
+    return message
+
+
+HE_ARGUMENTS = ("poly_modulus_degree", "coeff_mod_bit_sizes", "scale_bits", "weight_scale")
+PRIVACY_ARGUMENTS = (
+    "noise_multiplier",
+    "target_epsilon",
+    "delta",
+    "clip_norm",
+    "clipping_side",
+    "count_stddev",
+    "sample_rate",
+    "sampling",
+    "accountant",
+    "max_epsilon",
+)
+
+
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
@@ -81,9 +108,9 @@ def validate_config(cfg: dict[str, Any]) -> None:
     ConfigError
         Naming the offending key, its value and what would be accepted.
     """
+    from lepton_flwr.apps.build import STRATEGIES
     from lepton_flwr.data import DATASETS, PARTITIONERS
     from lepton_flwr.models import MODELS, model_supports
-    from lepton_flwr.strategies import STRATEGIES
 
     _check_choice("strategy", cfg["strategy"]["name"], list(STRATEGIES))
     _check_choice("dataset", cfg["dataset"]["name"], list(DATASETS))
@@ -140,7 +167,7 @@ def validate_config(cfg: dict[str, Any]) -> None:
         try:
             CKKSParams.from_config(he)
         except HEParamsError as err:
-            raise ConfigError(str(err)) from err
+            raise ConfigError(reword(str(err), "he", HE_ARGUMENTS)) from err
         _require(he["weight_scale"] > 0, f"he.weight_scale must be > 0, got {he['weight_scale']}.")
         _require(
             0 < he["headroom_fraction"] <= 1,
@@ -235,7 +262,7 @@ def _validate_privacy(cfg: dict[str, Any]) -> None:
                 population,
             )
     except PrivacyConfigError as err:
-        raise ConfigError(str(err)) from err
+        raise ConfigError(reword(str(err), "privacy", PRIVACY_ARGUMENTS)) from err
     if p["sampling"] == "fixed":
         _require(p["accountant"] == "rdp", "privacy.sampling=fixed is accounted with rdp only.")
 

@@ -18,56 +18,81 @@ from flwr.app import (
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from lepton_flwr.strategies.budget_stop import StopsAtPrivacyBudget
-from lepton_flwr.strategies.fedavg import fedavg_settings
+from lepton_flwr.strategies.encrypted_sum import the_arrays, the_metrics
+from lepton_flwr.strategies.fedavg_args import refuse_fraction_train
+from lepton_flwr.strategies.metrics import clients_metrics
+from lepton_flwr.strategies.round_loop import FlowerLoop
 
+from lepton_flwr import protocol
 from lepton_flwr.dp.accounting import ClientLevelAccountant
 from lepton_flwr.dp.clipping import adapt_clip_norm, clip, l2_norm, update_noise_multiplier
 from lepton_flwr.dp.rounds import DPRounds, wait_for_nodes
-from lepton_flwr.mods.clip_mod import CLIP_NORM_KEY, UNCLIPPED_KEY
+from lepton_flwr.he.codec import CiphertextError
+from lepton_flwr.he.records import is_encrypted
 
 
-class DPFedAvg(StopsAtPrivacyBudget, FedAvg):
+class DPFedAvg(FlowerLoop, FedAvg):
     """FedAvg with client-level (ε, δ)-differential privacy.
 
     Each round samples clients (Poisson with probability q, or m of N without
     replacement), clips every update ``Δ_i = θ_i − θ`` to norm C (on the server, or on
-    the clients with ``dp_clip_mod``, in which case the server checks the norm), and
-    releases ``θ + (Σ Δ_i + N(0, (z C)² I)) / d`` with a fixed denominator ``d`` (q·N
-    for Poisson, m for fixed size). Every sampled client weighs the same, so one client
-    moves the sum by at most C and the noise is calibrated to exactly that. The rounds
-    that happened are composed by the accountant (Opacus RDP/PRV; dp-accounting RDP for
-    sampling without replacement); ε is reported after every round, and training stops
-    before a round that would exceed ``max_epsilon``.
+    the clients with ``dp_clip_mod`` or Flower's ``fixedclipping_mod``, in which case the
+    server checks the norm), and releases ``θ + (Σ Δ_i + N(0, (z C)² I)) / d`` with a
+    fixed denominator ``d`` (q·N for Poisson, m for fixed size). Every sampled client
+    weighs the same, so one client moves the sum by at most C and the noise is calibrated
+    to exactly that. The rounds that happened are composed by the accountant (Opacus
+    RDP/PRV; dp-accounting RDP for sampling without replacement). Each round's
+    ``MetricRecord`` carries ``epsilon``, ``delta``, ``noise-multiplier``, ``clip-norm``,
+    ``clients-sampled`` and ``clients-accepted`` besides the clients' own metrics, so
+    the ``Result`` of ``start`` holds ε per round; ``start`` stops before a round that
+    would pass ``max_epsilon`` and returns the rounds that ran.
+
+    A reply is rejected (one log line naming the node) when it is encrypted, its
+    tensors differ from the global model's, hold NaN or Inf, or (client-side clipping)
+    its update norm exceeds C.
 
     Parameters
     ----------
-    noise_multiplier : float | None
+    noise_multiplier : float | None (default: 1.0)
         z; None calibrates it from ``target_epsilon`` over ``num_rounds``.
-    clip_norm : float
+    clip_norm : float (default: 1.0)
         C (the initial value with adaptive clipping).
-    delta : float
-        δ of the reported (ε, δ).
-    sample_rate : float
-        q: Poisson probability, or the fraction m/N sampled without replacement.
-    sampling : str
+    delta : float (default: 1e-5)
+        δ of the reported (ε, δ); must be below 1/N.
+    sample_rate : float (default: 0.1)
+        q: Poisson probability, or the fraction m/N sampled without replacement. It
+        replaces FedAvg's ``fraction_train``, which is refused.
+    sampling : str (default: "poisson")
         ``"poisson"`` or ``"fixed"``.
-    clipping_side : str
+    clipping_side : str (default: "server")
         ``"server"`` or ``"client"`` (clients clip with ``dp_clip_mod``).
-    adaptive : bool
+    adaptive : bool (default: False)
         Adapt C toward the ``target_quantile`` of update norms (Andrew et al.); the noisy
         count of unclipped updates (std ``count_stddev``, default expected clients / 20)
         is paid for from the same budget (the update's noise grows accordingly).
-    accountant : str
+    target_quantile, clip_lr : float (default: 0.5, 0.2)
+        Adaptive clipping's target quantile and geometric learning rate.
+    count_stddev : float | None (default: None)
+        Adaptive clipping's noise on the unclipped count.
+    accountant : str (default: "rdp")
         ``"rdp"`` or ``"prv"``.
-    max_epsilon : float | None
+    max_epsilon : float | None (default: None)
         Budget: no round starts that would take ε past it.
     target_epsilon, num_rounds : float | None, int | None
         For calibration when ``noise_multiplier`` is None.
-    seed : int | None
+    seed : int | None (default: None)
         Seed of sampling and noise, for tests; None draws fresh secure randomness.
+    min_train_nodes : int (default: 0)
+        With fewer valid updates than this, the round releases nothing and is not
+        accounted (0: a round with no update still releases the noisy model).
+    fraction_train : None
+        Refused (use ``sample_rate``).
     **fedavg_kwargs
-        ``fraction_evaluate``, ``min_evaluate_nodes``, ``min_available_nodes`` of FedAvg.
+        The rest of Flower's FedAvg arguments, honoured: ``fraction_evaluate``,
+        ``min_evaluate_nodes``, ``min_available_nodes`` (the server waits for this many
+        nodes; N = the nodes connected in round 1), ``weighted_by_key`` (weights the
+        clients' metrics only: the model average is uniform), ``arrayrecord_key``,
+        ``configrecord_key``, ``train_metrics_aggr_fn``, ``evaluate_metrics_aggr_fn``.
     """
 
     def __init__(
@@ -88,9 +113,12 @@ class DPFedAvg(StopsAtPrivacyBudget, FedAvg):
         target_epsilon: float | None = None,
         num_rounds: int | None = None,
         seed: int | None = None,
+        min_train_nodes: int = 0,
+        fraction_train: float | None = None,
         **fedavg_kwargs,
     ):
-        super().__init__(**fedavg_kwargs)
+        refuse_fraction_train("DPFedAvg", fraction_train)
+        super().__init__(min_train_nodes=min_train_nodes, **fedavg_kwargs)
         if clip_norm <= 0:
             raise ValueError(f"The clipping norm must be > 0, got {clip_norm}.")
         if clipping_side not in ("server", "client"):
@@ -107,14 +135,11 @@ class DPFedAvg(StopsAtPrivacyBudget, FedAvg):
             seed=seed,
         )
         self.clip_norm, self.clipping_side, self.adaptive = clip_norm, clipping_side, adaptive
-        self.target_quantile, self.clip_lr, self.count_stddev = (
-            target_quantile,
-            clip_lr,
-            count_stddev,
-        )
-        self._global: list[np.ndarray] | None = None
+        self.target_quantile, self.clip_lr = target_quantile, clip_lr
+        self.count_stddev = count_stddev
+        self._global: list[np.ndarray] = []
+        self._keys: list[str] = []
         self._sampled = 0
-        self.last_report: dict[str, float] = {}
 
     @property
     def accountant(self) -> ClientLevelAccountant | None:
@@ -144,10 +169,10 @@ class DPFedAvg(StopsAtPrivacyBudget, FedAvg):
         self._global = [a.numpy().astype(np.float64) for a in arrays.values()]
         self._keys = list(arrays.keys())
         train_config = ConfigRecord(dict(config))
-        train_config["server-round"] = server_round
+        train_config[protocol.SERVER_ROUND] = server_round
         if self.clipping_side == "client":
-            train_config[CLIP_NORM_KEY] = self.clip_norm
-        content = RecordDict({"arrays": arrays, "config": train_config})
+            train_config[protocol.CLIPPING_NORM] = self.clip_norm
+        content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: train_config})
         return [
             Message(content, dst_node_id=node, message_type=MessageType.TRAIN) for node in sampled
         ]
@@ -155,8 +180,13 @@ class DPFedAvg(StopsAtPrivacyBudget, FedAvg):
     # ---- aggregation -----------------------------------------------------------------
 
     def _update_of(self, msg: Message) -> tuple[list[np.ndarray], float]:
-        """The reply's update Δ = θ_i − θ, checked; and its unclipped bit."""
-        record = msg.content["arrays"]
+        """The reply's update Δ = θ_i − θ, checked; and whether it was left unclipped."""
+        record = the_arrays(msg)
+        if is_encrypted(record):
+            raise ValueError(
+                "the reply is encrypted: DPFedAvg adds plaintext updates (for HE + DP, use "
+                "HEDPFedAvg with he_dp_mod on the clients)"
+            )
         if list(record.keys()) != self._keys:
             raise ValueError("its tensors differ from the global model's")
         update = []
@@ -173,10 +203,12 @@ class DPFedAvg(StopsAtPrivacyBudget, FedAvg):
         if self.clipping_side == "client":
             if norm > self.clip_norm * (1 + 1e-5):
                 raise ValueError(
-                    f"update norm {norm:.4g} exceeds the clipping norm {self.clip_norm:.4g}"
+                    f"update norm {norm:.4g} exceeds the clipping norm {self.clip_norm:.4g} "
+                    f"(is dp_clip_mod, or Flower's fixedclipping_mod, on the client's train "
+                    f"handler?)"
                 )
-            bit = float(msg.content["metrics"].get(UNCLIPPED_KEY, float(norm < self.clip_norm)))
-            return update, bit
+            clipped_bit = the_metrics(msg).get(protocol.NORM_BIT, norm >= self.clip_norm)
+            return update, 0.0 if clipped_bit else 1.0
         clipped, norm = clip(update, self.clip_norm)
         return clipped, float(norm <= self.clip_norm)
 
@@ -185,7 +217,7 @@ class DPFedAvg(StopsAtPrivacyBudget, FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Clip (or check), sum, add calibrated noise, divide by the fixed denominator."""
         total = [np.zeros_like(g) for g in self._global]
-        bits, losses, accepted = [], [], 0
+        bits, accepted = [], []
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
@@ -199,7 +231,7 @@ class DPFedAvg(StopsAtPrivacyBudget, FedAvg):
                 continue
             try:
                 update, bit = self._update_of(msg)
-            except (ValueError, KeyError) as err:
+            except (ValueError, KeyError, TypeError, CiphertextError) as err:
                 log(
                     WARNING,
                     "DPFedAvg round %d: rejected the reply of node %d: %s",
@@ -210,11 +242,26 @@ class DPFedAvg(StopsAtPrivacyBudget, FedAvg):
                 continue
             total = [t + u for t, u in zip(total, update, strict=True)]
             bits.append(bit)
-            losses.append(float(msg.content["metrics"].get("train-loss", np.nan)))
-            accepted += 1
+            accepted.append(msg)
 
         rounds, rng = self.rounds, self.rounds.rng
         z, clip_norm, denominator = rounds.noise_multiplier, self.clip_norm, rounds.denominator
+        figures = {
+            protocol.NOISE_MULTIPLIER: z,
+            protocol.CLIP_NORM: clip_norm,
+            protocol.CLIENTS_SAMPLED: self._sampled,
+            protocol.CLIENTS_ACCEPTED: len(accepted),
+        }
+        if len(accepted) < self.min_train_nodes:
+            log(
+                WARNING,
+                "DPFedAvg round %d: %d valid updates, fewer than min_train_nodes=%d; nothing "
+                "released, global model kept",
+                server_round,
+                len(accepted),
+                self.min_train_nodes,
+            )
+            return None, MetricRecord({**rounds.privacy_metrics(), **figures})
         count_stddev = self.count_stddev or max(denominator / 20, z)
         z_update = update_noise_multiplier(z, count_stddev) if self.adaptive else z
         noisy = [(t + rng.normal(0.0, z_update * clip_norm, t.shape)) / denominator for t in total]
@@ -226,14 +273,6 @@ class DPFedAvg(StopsAtPrivacyBudget, FedAvg):
             self.clip_norm = adapt_clip_norm(
                 clip_norm, noisy_fraction, self.target_quantile, self.clip_lr
             )
-
-        self.last_report = {
-            "epsilon": epsilon,
-            "noise_multiplier": z,
-            "clip_norm": clip_norm,
-            "clients_sampled": self._sampled,
-            "clients_accepted": accepted,
-        }
         log(
             INFO,
             "DPFedAvg round %d: epsilon=%.4f (delta=%g), C=%.4g, %d updates",
@@ -241,13 +280,15 @@ class DPFedAvg(StopsAtPrivacyBudget, FedAvg):
             epsilon,
             rounds.delta,
             clip_norm,
-            accepted,
+            len(accepted),
         )
         arrays = ArrayRecord(
             {k: Array(v.astype(np.float32)) for k, v in zip(self._keys, new_global, strict=True)}
         )
-        metrics = MetricRecord({"train-loss": float(np.nanmean(losses)) if losses else 0.0})
-        return arrays, metrics
+        metrics = clients_metrics(
+            self.train_metrics_aggr_fn, accepted, self.weighted_by_key, "DPFedAvg", server_round
+        )
+        return arrays, MetricRecord({**metrics, **rounds.privacy_metrics(), **figures})
 
     def summary(self) -> None:
         """Log the privacy settings."""
@@ -269,26 +310,3 @@ class DPFedAvg(StopsAtPrivacyBudget, FedAvg):
             r.accountant_name,
             r.max_epsilon,
         )
-
-
-def dp_round_settings(cfg: dict) -> dict:
-    """The :class:`DPRounds` arguments (sampling, noise, budget) from the ``privacy`` group."""
-    p = cfg["privacy"]
-    keys = ("noise_multiplier", "delta", "sample_rate", "sampling", "accountant")
-    keys += ("max_epsilon", "target_epsilon", "seed")
-    return {key: p[key] for key in keys} | {"num_rounds": cfg["num_rounds"]}
-
-
-def build_dp_fedavg(cfg: dict) -> DPFedAvg:
-    """DPFedAvg from the ``strategy`` and ``privacy`` config groups."""
-    p = cfg["privacy"]
-    return DPFedAvg(
-        clip_norm=p["clip_norm"],
-        clipping_side=p["clipping_side"],
-        adaptive=p["clipping"] == "adaptive",
-        target_quantile=p["target_quantile"],
-        clip_lr=p["clip_lr"],
-        count_stddev=p["count_stddev"],
-        **dp_round_settings(cfg),
-        **fedavg_settings(cfg["strategy"], train_sampling=False),
-    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable
 from logging import INFO, WARNING
@@ -11,48 +12,65 @@ import tenseal as ts
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from lepton_flwr.strategies.budget_stop import StopsAtPrivacyBudget
-from lepton_flwr.strategies.dp_fedavg import dp_round_settings
-from lepton_flwr.strategies.fedavg import fedavg_settings
-from lepton_flwr.strategies.he_fedavg import HEFedAvg
+from flwr.serverapp.strategy import FedAvg
+from lepton_flwr.strategies.encrypted_sum import EncryptedSum, the_metrics
+from lepton_flwr.strategies.fedavg_args import refuse_fraction_train
+from lepton_flwr.strategies.he_fedavg import explain_evaluation_errors
+from lepton_flwr.strategies.metrics import clients_metrics
+from lepton_flwr.strategies.round_loop import FlowerLoop
 
+from lepton_flwr import protocol
 from lepton_flwr.dp.rounds import DPRounds, wait_for_nodes
-from lepton_flwr.he.codec import flatten
-from lepton_flwr.he.records import EncryptedModel, is_encrypted
-from lepton_flwr.mods.clip_mod import CLIP_NORM_KEY
-from lepton_flwr.mods.dp_share_mod import NOISE_SHARE_KEY, UPDATE_SCALE_KEY
+from lepton_flwr.he.codec import CiphertextError
+from lepton_flwr.he.records import EncryptedModel
 
 
-class HEDPFedAvg(StopsAtPrivacyBudget, HEFedAvg):
+class HEDPFedAvg(FlowerLoop, FedAvg):
     """Client-level DP whose noise is added by the clients, under encryption.
 
-    Each sampled client clips its update to C, adds a share N(0, σ²) of the noise,
-    scales by 1/d (d = q·N for Poisson sampling, m for fixed size) and encrypts
-    (``dp_share_mod`` inside ``he_mod``). The server adds the encrypted shares to the
-    encrypted global model θ (kept with weight 1), so that clients decrypt
-    θ + (Σ clip(Δ_i) + noise) / d: central DP-FedAvg's release, while no party ever
-    holds a noise-free update or sum, and the server holds no secret key.
+    Each sampled client (with ``he_dp_mod``) clips its update to C, adds a share
+    N(0, σ²) of the noise, scales by 1/d (d = q·N for Poisson sampling, m for fixed
+    size) and encrypts. The server adds the encrypted shares to the encrypted global
+    model θ (kept with weight 1), so that clients decrypt θ + (Σ clip(Δ_i) + noise) / d:
+    central DP-FedAvg's release, while no party ever holds a noise-free update or sum,
+    and the server holds no secret key. A reply that is not such a share (no
+    ``dp_share_mod`` on the client, so neither clipped nor noised) is refused with a log
+    line naming the node, and is never added; so is a reply that fails any check of
+    ``HEFedAvg``, and a sum that could pass the CKKS headroom releases nothing.
 
     Dropouts: σ is set so that ``(1 - dropout_rate)`` of the sampled clients carry the
     full noise zC together (σ = zC / sqrt(planned reporters)). The accountant composes
     the noise actually present, σ·sqrt(reporters), which is below zC (larger ε) when
-    more clients drop out than planned.
+    more clients drop out than planned. Each round's ``MetricRecord`` carries
+    ``epsilon``, ``delta``, ``clients-sampled``, ``clients-reported``,
+    ``noise-multiplier-present`` and ``noise-std-present`` besides the clients' metrics.
+    ``start`` stops before a round that would pass ``max_epsilon``, skips a server-side
+    ``evaluate_fn`` on the encrypted model, and returns the encrypted final model.
 
     Parameters
     ----------
     public_context : ts.Context | str | Path
-        The server's CKKS context, without secret key.
-    clip_norm : float
+        The server's CKKS context, without secret key (``public.ctx``).
+    clip_norm : float (default: 1.0)
         C.
-    dropout_rate : float
+    dropout_rate : float (default: 0.0)
         Expected share of sampled clients that do not report, in [0, 1).
     noise_multiplier, delta, sample_rate, sampling, accountant, max_epsilon,
     target_epsilon, num_rounds, seed
         As in :class:`DPFedAvg` (``seed`` drives the sampling only; noise shares come
         from the clients' own secure randomness).
+    headroom_fraction, workers
+        As in :class:`HEFedAvg`.
+    min_train_nodes : int (default: 1)
+        With fewer valid shares than this, the round releases nothing (the global model
+        is kept) and is not accounted.
+    fraction_train : None
+        Refused (use ``sample_rate``).
     **fedavg_kwargs
-        ``fraction_evaluate``, ``min_evaluate_nodes``, ``min_available_nodes``,
-        ``headroom_fraction``, ``workers``.
+        The rest of Flower's FedAvg arguments, honoured: ``fraction_evaluate``,
+        ``min_evaluate_nodes``, ``min_available_nodes``, ``weighted_by_key`` (weights
+        the clients' metrics only), ``arrayrecord_key``, ``configrecord_key``,
+        ``train_metrics_aggr_fn``, ``evaluate_metrics_aggr_fn``.
     """
 
     def __init__(
@@ -70,14 +88,20 @@ class HEDPFedAvg(StopsAtPrivacyBudget, HEFedAvg):
         target_epsilon: float | None = None,
         num_rounds: int | None = None,
         seed: int | None = None,
-        **kwargs,
+        headroom_fraction: float = 0.5,
+        workers: int | None = None,
+        min_train_nodes: int = 1,
+        fraction_train: float | None = None,
+        **fedavg_kwargs,
     ):
-        super().__init__(public_context, min_train_nodes=1, **kwargs)
+        refuse_fraction_train("HEDPFedAvg", fraction_train)
+        super().__init__(min_train_nodes=min_train_nodes, **fedavg_kwargs)
         if clip_norm <= 0:
             raise ValueError(f"The clipping norm must be > 0, got {clip_norm}.")
         if not 0 <= dropout_rate < 1:
             raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}.")
         self.clip_norm, self.dropout_rate = clip_norm, dropout_rate
+        self.encrypted_sum = EncryptedSum(public_context, headroom_fraction, workers, "HEDPFedAvg")
         self.rounds = DPRounds(
             noise_multiplier=noise_multiplier,
             delta=delta,
@@ -92,22 +116,29 @@ class HEDPFedAvg(StopsAtPrivacyBudget, HEFedAvg):
         self._global: EncryptedModel | None = None
         self._share_std = 0.0
         self._sampled = 0
-        self.last_report: dict[str, float] = {}
+
+    @property
+    def fingerprint(self) -> str:
+        """Fingerprint of the CKKS key."""
+        return self.encrypted_sum.fingerprint
 
     def epsilon(self) -> float:
         """ε spent so far."""
         return self.rounds.epsilon()
 
-    def _encrypted_global(self, arrays: ArrayRecord) -> EncryptedModel:
-        if is_encrypted(arrays):
-            model = EncryptedModel.from_record(arrays)
-            self._manifest = model.manifest
-            return model
-        vector, manifest = flatten({k: v.numpy() for k, v in arrays.items()})
-        self._manifest = manifest
-        chunks = self._adder.encrypt_public(vector)
-        return EncryptedModel(
-            manifest, chunks, 1.0, self.fingerprint, float(abs(vector).max(initial=0.0))
+    def summary(self) -> None:
+        """Log the strategy's settings."""
+        r = self.rounds
+        log(INFO, "\t├──> HE: CKKS, key %s", self.fingerprint)
+        log(INFO, "\t├──> DP: %s sampling, q=%s, C=%s", r.sampling, r.sample_rate, self.clip_norm)
+        log(
+            INFO,
+            "\t└──> z=%s, delta=%g, %s accountant, budget %s, dropout planned %s",
+            r.noise_multiplier,
+            r.delta,
+            r.accountant_name,
+            r.max_epsilon,
+            self.dropout_rate,
         )
 
     def configure_train(
@@ -118,14 +149,14 @@ class HEDPFedAvg(StopsAtPrivacyBudget, HEFedAvg):
             server_round, wait_for_nodes(grid, self.min_available_nodes)
         )
         self._sampled = len(sampled)
-        self._global = self._encrypted_global(arrays)
+        self._global = self.encrypted_sum.encrypted(arrays)
         planned = max(1, math.floor(len(sampled) * (1 - self.dropout_rate)))
         self._share_std = self.rounds.noise_multiplier * self.clip_norm / math.sqrt(planned)
         train_config = ConfigRecord(dict(config))
-        train_config["server-round"] = server_round
-        train_config[CLIP_NORM_KEY] = self.clip_norm
-        train_config[NOISE_SHARE_KEY] = self._share_std
-        train_config[UPDATE_SCALE_KEY] = 1.0 / self.rounds.denominator
+        train_config[protocol.SERVER_ROUND] = server_round
+        train_config[protocol.CLIPPING_NORM] = self.clip_norm
+        train_config[protocol.NOISE_SHARE_STD] = self._share_std
+        train_config[protocol.UPDATE_SCALE] = 1.0 / self.rounds.denominator
         log(
             INFO,
             "HEDPFedAvg round %d: sampled %d of %d nodes, noise share std %.4g (for %d reporters)",
@@ -135,40 +166,50 @@ class HEDPFedAvg(StopsAtPrivacyBudget, HEFedAvg):
             self._share_std,
             planned,
         )
-        content = RecordDict({"arrays": arrays, "config": train_config})
+        content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: train_config})
         return [
             Message(content, dst_node_id=node, message_type=MessageType.TRAIN) for node in sampled
         ]
+
+    def _check_share(self, msg: Message, update: EncryptedModel) -> None:
+        """Refuse a reply that is not a DP share made for this round."""
+        std = the_metrics(msg).get(protocol.DP_SHARE_STD)
+        if std is None or update.weight != 1.0:
+            raise CiphertextError(
+                "not a DP share (neither clipped nor noised): the client must run "
+                "dp_share_mod inside he_mod, i.e. ClientApp(mods=[he_dp_mod])"
+            )
+        if not math.isclose(float(std), self._share_std, rel_tol=1e-9):
+            raise CiphertextError(
+                f"its noise share has std {std}, the server asked for {self._share_std}"
+            )
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Add the encrypted noisy shares to the encrypted global model; account the noise."""
-        accepted, sums = self.sum_valid_replies(server_round, replies, extra=self._global.chunks)
+        accepted, total = self.encrypted_sum.add(
+            server_round, replies, extra=self._global, check_reply=self._check_share
+        )
         reported = len(accepted)
-        if reported == 0:
+        figures = {protocol.CLIENTS_SAMPLED: self._sampled, protocol.CLIENTS_REPORTED: reported}
+        if reported < max(1, self.min_train_nodes) or total is None:
             log(
                 WARNING,
-                "HEDPFedAvg round %d: no valid share; nothing released, global model kept",
+                "HEDPFedAvg round %d: %d valid shares (min_train_nodes=%d); nothing released, "
+                "global model kept",
                 server_round,
+                reported,
+                self.min_train_nodes,
             )
-            self.last_report = {
-                "epsilon": self.epsilon(),
-                "clients_sampled": self._sampled,
-                "clients_reported": 0,
-                "noise_multiplier_present": 0.0,
-            }
-            return None, None
+            figures[protocol.NOISE_MULTIPLIER_PRESENT] = 0.0
+            return None, MetricRecord({**self.rounds.privacy_metrics(), **figures})
         z_present = self._share_std * math.sqrt(reported) / self.clip_norm
         epsilon = self.rounds.record(z_present)
-        bound = self._global.max_abs + sum(u.max_abs for _, u in accepted)
-        self.last_report = {
-            "epsilon": epsilon,
-            "clients_sampled": self._sampled,
-            "clients_reported": reported,
-            "noise_multiplier_present": z_present,
-            "noise_std_present": self._share_std * math.sqrt(reported) / self.rounds.denominator,
-        }
+        figures[protocol.NOISE_MULTIPLIER_PRESENT] = z_present
+        figures[protocol.NOISE_STD_PRESENT] = (
+            self._share_std * math.sqrt(reported) / self.rounds.denominator
+        )
         if z_present < self.rounds.noise_multiplier * (1 - 1e-9):
             log(
                 WARNING,
@@ -188,24 +229,17 @@ class HEDPFedAvg(StopsAtPrivacyBudget, HEFedAvg):
             self.rounds.delta,
             reported,
         )
-        total = EncryptedModel(self._global.manifest, sums, 1.0, self.fingerprint, bound)
-        metrics = self.train_metrics_aggr_fn([m.content for m, _ in accepted], self.weighted_by_key)
-        return total.to_record(), metrics
-
-
-def build_he_dp_fedavg(cfg: dict) -> HEDPFedAvg:
-    """HEDPFedAvg from the ``strategy``, ``he`` and ``privacy`` config groups."""
-    s, he, p = cfg["strategy"], cfg["he"], cfg["privacy"]
-    if not he.get("public_context_path"):
-        raise ValueError(
-            "strategy=he_dp_fedavg needs he.public_context_path (see `lepton-flwr keygen`)."
+        # The shares are already divided by d: the released model has weight 1.
+        released = dataclasses.replace(total, weight=1.0)
+        metrics = clients_metrics(
+            self.train_metrics_aggr_fn, accepted, self.weighted_by_key, "HEDPFedAvg", server_round
         )
-    return HEDPFedAvg(
-        he["public_context_path"],
-        clip_norm=p["clip_norm"],
-        dropout_rate=s["dropout_rate"],
-        headroom_fraction=he["headroom_fraction"],
-        workers=he["workers"],
-        **dp_round_settings(cfg),
-        **fedavg_settings(s, train_sampling=False),
-    )
+        return released.to_record(), MetricRecord(
+            {**metrics, **self.rounds.privacy_metrics(), **figures}
+        )
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord:
+        """FedAvg's, after explaining replies that could not read the encrypted model."""
+        replies = list(replies)
+        explain_evaluation_errors("HEDPFedAvg", replies)
+        return super().aggregate_evaluate(server_round, replies)

@@ -1,7 +1,15 @@
 """Aggregation of client metrics: weighted means, except privacy losses, which take the max."""
 
-from flwr.app import MetricRecord, RecordDict
+from __future__ import annotations
+
+from collections.abc import Callable
+from logging import WARNING
+
+from flwr.app import Message, MetricRecord, RecordDict
+from flwr.common.logger import log
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+
+MetricsAggregation = Callable[[list[RecordDict], str], MetricRecord]
 
 
 def aggregate_train_metrics(records: list[RecordDict], weighting_metric_name: str) -> MetricRecord:
@@ -19,3 +27,30 @@ def aggregate_train_metrics(records: list[RecordDict], weighting_metric_name: st
                 if key in r.metric_records.get("metrics", {})
             )
     return metrics
+
+
+def clients_metrics(
+    aggregate: MetricsAggregation,
+    replies: list[Message],
+    weighted_by_key: str,
+    strategy_name: str,
+    server_round: int,
+) -> dict:
+    """The clients' own training metrics, aggregated; {} (and one log line) if they cannot be.
+
+    A strategy's round must not fail because clients report metrics that Flower's
+    aggregation cannot combine.
+    """
+    if not replies:
+        return {}
+    try:
+        return dict(aggregate([m.content for m in replies], weighted_by_key))
+    except Exception as err:  # noqa: BLE001 - any aggregation failure leaves the round intact
+        log(
+            WARNING,
+            "%s round %d: the clients' training metrics were not aggregated: %r",
+            strategy_name,
+            server_round,
+            err,
+        )
+        return {}

@@ -37,8 +37,14 @@ def _one_round(strategy, grid):
     start = ArrayRecord({"w": Array(np.zeros(SIZE, dtype=np.float32))})
     messages = list(strategy.configure_train(1, start, ConfigRecord(), grid))
     replies = grid.send_and_receive(messages)
-    arrays, _ = strategy.aggregate_train(1, replies)
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    strategy.test_metrics = metrics
     return arrays["w"].numpy().astype(np.float64), len(messages)
+
+
+def _metrics(strategy):
+    """The MetricRecord the last ``_one_round`` got from ``aggregate_train``."""
+    return strategy.test_metrics
 
 
 @pytest.mark.parametrize(
@@ -90,15 +96,16 @@ def test_client_side_clipping_mod_clips_and_reports_the_bit():
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
     arrays = ArrayRecord({"w": Array(np.zeros(100, dtype=np.float32))})
-    config = ConfigRecord({"dp-clip-norm": 1.0})
-    for shift, bit in ((1.0, 0.0), (0.01, 1.0)):  # norms 10 and 0.1
+    # Flower's own clipping key: Flower's fixedclipping_mod and ours read the same config.
+    config = ConfigRecord({"clipping_norm": 1.0})
+    for shift, bit in ((1.0, 1), (0.01, 0)):  # norms 10 (clipped) and 0.1
         msg = Message(
             RecordDict({"arrays": arrays, "config": config}), dst_node_id=1, message_type="train"
         )
         msg.metadata.__dict__["_message_id"] = "m"
         reply = dp_clip_mod(msg, None, _echo(shift))
         assert l2_norm([reply.content["arrays"]["w"].numpy()]) <= 1.0 + 1e-6
-        assert reply.content["metrics"]["dp-unclipped"] == bit
+        assert reply.content["metrics"]["norm_bit"] == bit  # Flower's key: 1 = clipped
 
 
 def test_client_side_mode_rejects_unclipped_updates(caplog):
@@ -115,7 +122,8 @@ def test_client_side_mode_rejects_unclipped_updates(caplog):
     )
     _one_round(strategy, InProcessGrid(_echo(shift=1.0), num_nodes=3))
     assert caplog.text.count("exceeds the clipping norm") == 3
-    assert strategy.last_report["clients_accepted"] == 0
+    assert "dp_clip_mod, or Flower's fixedclipping_mod" in caplog.text
+    assert _metrics(strategy)["clients-accepted"] == 0
 
 
 def test_nan_reply_is_rejected_and_named(caplog):
@@ -130,7 +138,7 @@ def test_nan_reply_is_rejected_and_named(caplog):
     )
     _one_round(strategy, InProcessGrid(_echo(nan_node=101), num_nodes=3))
     assert "rejected the reply of node 101: tensor 'w' holds NaN or Inf" in caplog.text
-    assert strategy.last_report["clients_accepted"] == 2
+    assert _metrics(strategy)["clients-accepted"] == 2
 
 
 def test_clip_and_samplers():

@@ -57,7 +57,8 @@ def _one_round(keys, dropout_rate, failing):
     grid = InProcessGrid(_client_app(keys, failing), NODES)
     start = ArrayRecord({"w": Array(np.zeros(SIZE, dtype=np.float32))})
     replies = grid.send_and_receive(strategy.configure_train(1, start, ConfigRecord(), grid))
-    arrays, _ = strategy.aggregate_train(1, replies)
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    strategy.test_metrics = metrics
     encoder, own = encoder_for(keys[0], workers=1)
     released = decrypt_model(arrays, encoder, own)["w"].numpy().astype(np.float64)
     return strategy, grid, arrays, released
@@ -77,9 +78,10 @@ def test_decrypted_noise_has_the_noise_actually_present(keys, dropout_rate, fail
     # 20,000 draws: within 2 % of the truth with overwhelming probability.
     assert np.std(released) == pytest.approx(expected_std, rel=0.02)
     assert abs(np.mean(released)) < 4 * expected_std / math.sqrt(SIZE)
-    report = strategy.last_report
-    assert report["clients_sampled"] == NODES and report["clients_reported"] == NODES - len(failing)
-    assert report["noise_multiplier_present"] == pytest.approx(z_present)
+    report = strategy.test_metrics  # privacy figures travel in the round's MetricRecord
+    assert report["clients-sampled"] == NODES and report["clients-reported"] == NODES - len(failing)
+    assert report["noise-multiplier-present"] == pytest.approx(z_present)
+    assert report["epsilon"] == pytest.approx(strategy.epsilon()) and report["delta"] == 1e-3
     # ε is central DP-FedAvg's for the same total noise and sampling.
     central = ClientLevelAccountant("rdp", "fixed", NODES)
     central.compose(z_present, 1.0)
@@ -88,7 +90,7 @@ def test_decrypted_noise_has_the_noise_actually_present(keys, dropout_rate, fail
 
 def test_the_server_sees_only_ciphertexts_and_holds_no_key(keys):
     strategy, grid, arrays, _ = _one_round(keys, 0.0, ())
-    assert not strategy.context.has_secret_key()
+    assert not strategy.encrypted_sum.context.has_secret_key()
     train_replies = [r for r in grid.received if not r.has_error()]
     assert len(train_replies) == NODES
     for reply in train_replies:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.client.mod.utils import make_ffn
 from flwr.clientapp import ClientApp
 
+from lepton_flwr.apps.build import build_client_mods
 from lepton_flwr.apps.common import config_from_context, model_for
 from lepton_flwr.data import load_client_data, load_dataset
 from lepton_flwr.dp.dpsgd import (
@@ -14,9 +16,7 @@ from lepton_flwr.dp.dpsgd import (
     train_dpsgd,
 )
 from lepton_flwr.models import evaluate, resolve_device, train
-from lepton_flwr.mods.clip_mod import dp_clip_mod
-from lepton_flwr.mods.dp_share_mod import dp_share_mod
-from lepton_flwr.mods.he_mod import SECRET_CONTEXT_NODE_KEY, apply_he
+from lepton_flwr.mods.common import is_train
 
 PARTITION_ID_KEY = "partition-id"
 NUM_PARTITIONS_KEY = "num-partitions"
@@ -133,7 +133,7 @@ def handle_evaluate(msg: Message, context: Context, cfg: dict) -> Message:
 
 
 def make_client_app(cfg: dict | None = None) -> ClientApp:
-    """Build the ClientApp.
+    """Build the ClientApp: our handlers, wrapped in the public mods the config needs.
 
     Parameters
     ----------
@@ -145,31 +145,17 @@ def make_client_app(cfg: dict | None = None) -> ClientApp:
     def config(context: Context) -> dict:
         return cfg if cfg is not None else config_from_context(context)
 
-    def privacy_mod(msg: Message, context: Context, call_next) -> Message:
-        """Apply the mods the config asks for: HE outside, DP clipping inside.
+    def configured_mods(msg: Message, context: Context, call_next) -> Message:
+        """Run the config's mods (he_mod / he_dp_mod / dp_clip_mod) around the handler.
 
-        he=ckks decrypts the inbound model and encrypts the outbound update;
-        ``dp_clip_mod`` clips training updates when the server asks for it, and
-        ``dp_share_mod`` clips and adds a noise share before encryption (HE + DP).
+        Under ``flwr run`` the config arrives with the run, so the mods are chosen per
+        message; they are the public ones a user would attach by hand.
         """
-        he = config(context)["he"]
+        app_mods, train_mods = build_client_mods(config(context))
+        mods = app_mods + (train_mods if is_train(msg) else [])
+        return make_ffn(call_next, mods)(msg, context)
 
-        def clipped(msg: Message, context: Context) -> Message:
-            return dp_share_mod(msg, context, lambda m, c: dp_clip_mod(m, c, call_next))
-
-        if he["name"] == "none":
-            return clipped(msg, context)
-        path = context.node_config.get(SECRET_CONTEXT_NODE_KEY, he["secret_context_path"])
-        if not path:
-            raise ValueError(
-                f"he=ckks needs the clients' secret context: node config "
-                f"'{SECRET_CONTEXT_NODE_KEY}=<path>' or he.secret_context_path"
-            )
-        return apply_he(
-            msg, context, clipped, path, he["weight_scale"], he["workers"], he["seeded"]
-        )
-
-    client_app = ClientApp(mods=[privacy_mod])
+    client_app = ClientApp(mods=[configured_mods])
 
     @client_app.train()
     def train_handler(msg: Message, context: Context) -> Message:

@@ -10,15 +10,13 @@ from pathlib import Path
 
 from lepton_flwr.apps.common import model_for
 from lepton_flwr.data import load_dataset
-from lepton_flwr.he import load_encrypted
+from lepton_flwr.he.keyholder import decrypt_arrays
 from lepton_flwr.models import evaluate
-from lepton_flwr.mods.he_mod import decrypt_model, encoder_for
 
 
 def evaluate_encrypted_model(cfg: dict, model_path: str | Path, secret_context: str | Path) -> dict:
     """Decrypt a saved encrypted model and evaluate it on the global test set."""
-    encoder, own = encoder_for(secret_context, workers=1)
-    record = decrypt_model(load_encrypted(model_path).to_record(), encoder, own)
+    record = decrypt_arrays(model_path, secret_context)
     data = load_dataset(cfg["dataset"], cfg["seed"])
     model = model_for(cfg, data)
     model.load_state_dict(record.to_torch_state_dict())

@@ -1,4 +1,4 @@
-"""The ServerApp: builds the strategy from the config and runs the recorded round loop."""
+"""The ServerApp: builds the strategy from the config and runs Flower's ``Strategy.start``."""
 
 from __future__ import annotations
 
@@ -11,13 +11,15 @@ from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from lepton_flwr.apps.build import build_strategy
 from lepton_flwr.apps.common import config_from_context, model_for
-from lepton_flwr.apps.loop import run_rounds
+from lepton_flwr.apps.recording import RecordingGrid, RoundRows, timed_evaluation
 from lepton_flwr.data import load_dataset
-from lepton_flwr.he.records import EncryptedModel, is_encrypted, save_encrypted
+from lepton_flwr.he.keyholder import save_encrypted_arrays
+from lepton_flwr.he.records import is_encrypted
 from lepton_flwr.models import evaluate, resolve_device
 from lepton_flwr.results import RunRecorder
-from lepton_flwr.strategies import build_strategy
+from lepton_flwr.strategies.round_loop import RoundObserver
 
 ENCRYPTED_MODEL_FILE = "model.ckks.zip"
 
@@ -31,8 +33,11 @@ def default_output_dir(cfg: dict) -> Path:
 def run_server(grid: Grid, cfg: dict) -> Path:
     """Run a whole federated training as the config says; return the output folder.
 
-    The held-out global test set is evaluated on the server after every round
-    (central evaluation); clients evaluate on their own test splits (federated).
+    The strategy runs in Flower's own round loop (``strategy.start``). The held-out
+    global test set is evaluated on the server after every round (central evaluation,
+    plaintext models only); clients evaluate on their own test splits (federated).
+    Each round's row (metrics, privacy figures, bytes, seconds) is written as soon as
+    the round ends.
     """
     recorder = RunRecorder(cfg["output_dir"] or default_output_dir(cfg), cfg)
     try:
@@ -43,26 +48,26 @@ def run_server(grid: Grid, cfg: dict) -> Path:
         device = resolve_device(cfg["device"])
 
         def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-            if is_encrypted(arrays):
-                return None  # the server cannot decrypt: evaluation is federated only
             model.load_state_dict(arrays.to_torch_state_dict())
             metrics = evaluate(
                 model, data.x_test, data.y_test, num_outputs=data.num_outputs, device=device
             )
             return MetricRecord(metrics)
 
-        final = run_rounds(
-            build_strategy(cfg),
-            grid,
-            ArrayRecord(model.state_dict()),
-            cfg["num_rounds"],
-            recorder,
-            evaluate_fn=central_evaluate,
-        )
-        if is_encrypted(final):
-            path = save_encrypted(
-                EncryptedModel.from_record(final), recorder.out_dir / ENCRYPTED_MODEL_FILE
+        strategy = build_strategy(cfg)
+        recording = RecordingGrid(grid)
+        with RoundObserver(strategy) as observer:
+            rows = RoundRows(recording, observer, recorder.record, cfg["num_rounds"])
+            result = strategy.start(
+                recording,
+                ArrayRecord(model.state_dict()),
+                num_rounds=cfg["num_rounds"],
+                evaluate_fn=timed_evaluation(central_evaluate, rows),
             )
+            rows.finish()
+        final = result.arrays
+        if is_encrypted(final):
+            path = save_encrypted_arrays(final, recorder.out_dir / ENCRYPTED_MODEL_FILE)
             log(
                 INFO,
                 "[lepton] final model saved encrypted: %s (decrypt: lepton-flwr decrypt)",

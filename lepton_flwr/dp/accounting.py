@@ -19,12 +19,20 @@ import logging
 import math
 from dataclasses import dataclass, field
 
+from flwr.serverapp import exception as flwr_exception
+
+from lepton_flwr.dp.quiet_opacus import import_opacus
+
 SAMPLINGS = ("poisson", "fixed")
 ACCOUNTANTS = ("rdp", "prv")
 
 
-class PrivacyBudgetExhausted(Exception):  # noqa: N818 - Flower's name for it
-    """The next round would spend more than the privacy budget; training stops."""
+class PrivacyBudgetExhausted(flwr_exception.PrivacyBudgetExhausted):
+    """The next round would spend more than the privacy budget; training stops.
+
+    A subclass of Flower's own, so ``except flwr.serverapp.exception.PrivacyBudgetExhausted``
+    catches ours too.
+    """
 
 
 class PrivacyConfigError(ValueError):
@@ -38,11 +46,11 @@ def _check(condition: bool, message: str) -> None:
 
 def check_delta(delta: float, population: int | None = None) -> None:
     """Refuse δ outside (0, 1), or δ >= 1/population (it would allow leaking one record)."""
-    _check(0 < delta < 1, f"privacy.delta must be in (0, 1), got {delta}.")
+    _check(0 < delta < 1, f"delta must be in (0, 1), got {delta}.")
     if population:
         _check(
             delta < 1 / population,
-            f"privacy.delta={delta} is not below 1/{population} (1/number of clients); "
+            f"delta={delta} is not below 1/{population} (1/number of clients); "
             f"use delta < {1 / population:.3g}.",
         )
 
@@ -70,12 +78,11 @@ class ClientLevelAccountant:
     def __post_init__(self):
         _check(
             self.accountant in ACCOUNTANTS,
-            f"Unknown privacy.accountant '{self.accountant}'. "
-            f"Allowed choices: {', '.join(ACCOUNTANTS)}.",
+            f"Unknown accountant '{self.accountant}'. Allowed choices: {', '.join(ACCOUNTANTS)}.",
         )
         _check(
             self.sampling in SAMPLINGS,
-            f"Unknown privacy.sampling '{self.sampling}'. Allowed choices: {', '.join(SAMPLINGS)}.",
+            f"Unknown sampling '{self.sampling}'. Allowed choices: {', '.join(SAMPLINGS)}.",
         )
         if self.sampling == "fixed":
             _check(
@@ -84,7 +91,7 @@ class ClientLevelAccountant:
             )
             _check(
                 self.accountant == "rdp",
-                "fixed-size sampling is accounted with RDP only; use privacy.accountant=rdp.",
+                "fixed-size sampling is accounted with RDP only; use accountant=rdp.",
             )
 
     def compose(self, noise_multiplier: float, sample_rate: float, rounds: int = 1) -> None:
@@ -115,6 +122,7 @@ class ClientLevelAccountant:
         return trial.epsilon(delta)
 
     def _opacus_epsilon(self, delta: float) -> float:
+        import_opacus()
         from opacus.accountants import PRVAccountant, RDPAccountant
 
         if self.accountant == "rdp":

@@ -51,7 +51,7 @@ def update_noise_multiplier(noise_multiplier: float, count_stddev: float) -> flo
     """
     if count_stddev <= noise_multiplier / 2:
         raise ValueError(
-            f"privacy.count_stddev={count_stddev} must exceed noise_multiplier / 2 = "
+            f"count_stddev={count_stddev} must exceed noise_multiplier / 2 = "
             f"{noise_multiplier / 2}; the count would use up the whole privacy budget."
         )
     return (noise_multiplier**-2 - (2 * count_stddev) ** -2) ** -0.5

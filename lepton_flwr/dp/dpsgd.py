@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from lepton_flwr.dp.accounting import PrivacyConfigError, check_delta
+from lepton_flwr.dp.quiet_opacus import import_opacus
 from lepton_flwr.models.training import learning_part, loss_fn, prepare_sgd, run_epochs
 
 MODES = ("ghost", "hooks", "functorch", "ew")
@@ -33,6 +34,7 @@ def dpsgd_noise_multiplier(
     """
     if privacy["noise_multiplier"] is not None:
         return float(privacy["noise_multiplier"])
+    import_opacus()
     from opacus.accountants.utils import get_noise_multiplier
 
     sample_rate = min(1.0, batch_size / num_examples)
@@ -82,13 +84,12 @@ def train_dpsgd(
         Mean training loss of the last epoch, ε spent so far (this call and the
         ``history`` before it), and the accountant's new history to keep.
     """
+    import_opacus()
     from opacus import PrivacyEngine
 
     check_delta(delta, len(y))
     if mode not in MODES:
-        raise PrivacyConfigError(
-            f"Unknown privacy.mode '{mode}'. Allowed choices: {', '.join(MODES)}."
-        )
+        raise PrivacyConfigError(f"Unknown mode '{mode}'. Allowed choices: {', '.join(MODES)}.")
     model, x = learning_part(model, x, device)
     loader, optimizer = prepare_sgd(
         model, x, y, batch_size, lr, momentum, weight_decay, device=device, seed=seed

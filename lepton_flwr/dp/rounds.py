@@ -14,6 +14,7 @@ import numpy as np
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
+from lepton_flwr import protocol
 from lepton_flwr.dp.accounting import (
     ClientLevelAccountant,
     PrivacyBudgetExhausted,
@@ -143,6 +144,10 @@ class DPRounds:
         if self.sampling == "poisson":
             return poisson_sample(node_ids, self.sample_rate, self.rng)
         return fixed_size_sample(node_ids, self.sample_size, self.rng)
+
+    def privacy_metrics(self) -> dict[str, float]:
+        """ε spent so far and its δ, under the protocol's metric names."""
+        return {protocol.EPSILON: self.epsilon(), protocol.DELTA: self.delta}
 
     def record(self, noise_multiplier: float) -> float:
         """Compose one release whose noise had multiplier ``noise_multiplier``; return ε."""

@@ -8,6 +8,11 @@ from lepton_flwr.he.codec import (
     flatten,
     unflatten,
 )
+from lepton_flwr.he.keyholder import (
+    decrypt_arrays,
+    load_encrypted_arrays,
+    save_encrypted_arrays,
+)
 from lepton_flwr.he.keys import (
     create_secret_context,
     fingerprint,
@@ -28,13 +33,16 @@ __all__ = [
     "HEParamsError",
     "TensorSpec",
     "create_secret_context",
+    "decrypt_arrays",
     "fingerprint",
     "flatten",
     "is_encrypted",
     "load_context",
     "load_encrypted",
+    "load_encrypted_arrays",
     "public_context_bytes",
     "save_encrypted",
+    "save_encrypted_arrays",
     "secret_context_bytes",
     "unflatten",
     "write_keys",

@@ -67,17 +67,17 @@ class CKKSParams:
         n, bits = self.poly_modulus_degree, list(self.coeff_mod_bit_sizes)
         if n not in MAX_COEFF_BITS_128:
             raise HEParamsError(
-                f"he.poly_modulus_degree={n} is not supported; use one of "
+                f"poly_modulus_degree={n} is not supported; use one of "
                 f"{sorted(MAX_COEFF_BITS_128)} (4096 or 8192 suit aggregation)."
             )
         if len(bits) < 2:
             raise HEParamsError(
-                f"he.coeff_mod_bit_sizes={bits} needs at least two primes: one data prime "
+                f"coeff_mod_bit_sizes={bits} needs at least two primes: one data prime "
                 f"and SEAL's special prime, e.g. [60, 49] at N=4096."
             )
         if any(not 20 <= b <= MAX_PRIME_BITS for b in bits):
             raise HEParamsError(
-                f"he.coeff_mod_bit_sizes={bits}: each prime must have 20 to {MAX_PRIME_BITS} bits."
+                f"coeff_mod_bit_sizes={bits}: each prime must have 20 to {MAX_PRIME_BITS} bits."
             )
         limit = MAX_COEFF_BITS_128[n]
         if sum(bits) > limit:
@@ -90,7 +90,7 @@ class CKKSParams:
             )
         if not 20 <= self.scale_bits <= bits[0] - 10:
             raise HEParamsError(
-                f"he.scale_bits={self.scale_bits} must be between 20 and "
+                f"scale_bits={self.scale_bits} must be between 20 and "
                 f"{bits[0] - 10} (the first prime's {bits[0]} bits minus 10 bits of "
                 f"headroom for the summed values)."
             )

@@ -1,14 +1,35 @@
-"""Client mods: thin adapters between Flower messages and lepton_flwr's he/ and dp/."""
+"""Client mods: thin adapters between Flower messages and lepton_flwr's he/ and dp/.
+
+Which mod for which strategy:
+
+=================  ============================================================
+``HEFedAvg``       ``ClientApp(mods=[he_mod])`` (or ``make_he_mod(path)``)
+``DPFedAvg``       none (server-side clipping); ``@app.train(mods=[dp_clip_mod])``
+                   with ``clipping_side="client"``
+``HEDPFedAvg``     ``ClientApp(mods=[he_dp_mod])`` (or ``make_he_dp_mod(path)``)
+=================  ============================================================
+"""
 
 from lepton_flwr.mods.clip_mod import dp_clip_mod
 from lepton_flwr.mods.dp_share_mod import dp_share_mod
-from lepton_flwr.mods.he_mod import SECRET_CONTEXT_NODE_KEY, apply_he, he_mod, make_he_mod
+from lepton_flwr.mods.he_mod import (
+    SECRET_CONTEXT_NODE_KEY,
+    apply_he,
+    find_secret_context,
+    he_dp_mod,
+    he_mod,
+    make_he_dp_mod,
+    make_he_mod,
+)
 
 __all__ = [
     "SECRET_CONTEXT_NODE_KEY",
     "apply_he",
     "dp_clip_mod",
     "dp_share_mod",
+    "find_secret_context",
+    "he_dp_mod",
     "he_mod",
+    "make_he_dp_mod",
     "make_he_mod",
 ]

@@ -1,61 +1,50 @@
 """``dp_clip_mod``: clip the training update on the client to the norm the server sends.
 
-Attach it to training only (``@app.train(mods=[dp_clip_mod])``) or anywhere: it acts
-only on training messages whose config carries ``dp-clip-norm``. It reports whether the
-update needed no clipping (``dp-unclipped`` = 1.0), what adaptive clipping needs.
+For ``DPFedAvg(clipping_side="client")``. Attach it to training
+(``@app.train(mods=[dp_clip_mod])``) or to the whole app: it acts only on training
+messages whose config carries Flower's ``clipping_norm`` key, so Flower's own
+``fixedclipping_mod`` and ``adaptiveclipping_mod`` work in its place. It reports Flower's
+``norm_bit`` (1 when the update was clipped), which adaptive clipping counts.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
+from flwr.app import Array, Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
+from lepton_flwr import protocol
 from lepton_flwr.dp.clipping import clip
-
-CLIP_NORM_KEY = "dp-clip-norm"
-UNCLIPPED_KEY = "dp-unclipped"
-
-
-def train_and_diff(
-    msg: Message, context: Context, call_next: ClientAppCallable
-) -> tuple[Message, dict[str, np.ndarray], list[np.ndarray] | None]:
-    """Run the handler; return its reply, the received weights θ and the update θ' − θ.
-
-    The update is None when the reply is an error.
-    """
-    received = {k: v.numpy().astype(np.float64) for k, v in msg.content["arrays"].items()}
-    reply = call_next(msg, context)
-    if reply.has_error():
-        return reply, received, None
-    trained = reply.content["arrays"]
-    return reply, received, [trained[k].numpy().astype(np.float64) - received[k] for k in received]
+from lepton_flwr.mods.common import (
+    is_train,
+    replies_with_errors,
+    set_reply,
+    train_and_diff,
+    train_config,
+)
 
 
-def set_reply(reply: Message, arrays: dict[str, Array], **metrics: float) -> Message:
-    """Give a reply new arrays and extra metrics (a new RecordDict: never edit a shared one)."""
-    merged = reply.content["metrics"]
-    for key, value in metrics.items():
-        merged[key] = value
-    reply.content = RecordDict({**reply.content, "arrays": ArrayRecord(arrays), "metrics": merged})
-    return reply
-
-
+@replies_with_errors("dp_clip_mod")
 def dp_clip_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Replace the trained weights θ' by θ + clip(θ' − θ, C)."""
-    config = msg.content.config_records.get("config", {})
-    is_train = msg.metadata.message_type.startswith("train")
-    # With a noise share in the config, dp_share_mod clips (and noises) instead.
-    if not is_train or CLIP_NORM_KEY not in config or "dp-noise-share-std" in config:
+    """Replace the trained weights θ' by θ + clip(θ' − θ, C), C from the train config.
+
+    Messages that are not training, or carry no clipping norm, pass through untouched.
+    With a noise share in the config (HE + DP), ``dp_share_mod`` clips instead.
+    """
+    config = train_config(msg)
+    if (
+        not is_train(msg)
+        or protocol.CLIPPING_NORM not in config
+        or protocol.NOISE_SHARE_STD in config
+    ):
         return call_next(msg, context)
-    clip_norm = float(config[CLIP_NORM_KEY])
+    clip_norm = float(config[protocol.CLIPPING_NORM])
     reply, received, update = train_and_diff(msg, context, call_next)
     if update is None:
         return reply
     clipped, norm = clip(update, clip_norm)
-    trained = reply.content["arrays"]
     arrays = {
-        k: Array((received[k] + c).astype(trained[k].numpy().dtype))
-        for k, c in zip(received, clipped, strict=True)
+        k: Array((theta.astype(np.float64) + c).astype(theta.dtype))
+        for (k, theta), c in zip(received.items(), clipped, strict=True)
     }
-    return set_reply(reply, arrays, **{UNCLIPPED_KEY: float(norm <= clip_norm)})
+    return set_reply(reply, arrays, **{protocol.NORM_BIT: int(norm > clip_norm)})

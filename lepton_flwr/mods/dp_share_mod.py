@@ -1,9 +1,10 @@
 """``dp_share_mod``: a client's part of distributed DP, applied before encryption.
 
 For HE + DP (``HEDPFedAvg``): the client clips its update Δ = θ' − θ to norm C, adds its
-share of the Gaussian noise, N(0, σ_share²), scales by the server's ``1/d`` and replies
-with that scaled noisy update (weight 1) instead of its weights. Put it inside
-``he_mod``, which then encrypts it: no place ever holds a noise-free update.
+share of the Gaussian noise, N(0, σ²), scales by the server's ``1/d`` and replies with
+that scaled noisy update (weight 1) instead of its weights. It must run inside
+``he_mod``, which then encrypts it, so that no place outside the client ever holds a
+noise-free update: use ``he_dp_mod`` (both, in that order) rather than the two by hand.
 """
 
 from __future__ import annotations
@@ -14,30 +15,51 @@ import numpy as np
 from flwr.app import Array, Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
+from lepton_flwr import protocol
 from lepton_flwr.dp.clipping import clip
-from lepton_flwr.mods.clip_mod import CLIP_NORM_KEY, UNCLIPPED_KEY, set_reply, train_and_diff
+from lepton_flwr.mods.common import (
+    ModError,
+    is_train,
+    replies_with_errors,
+    set_reply,
+    train_and_diff,
+    train_config,
+)
 
-NOISE_SHARE_KEY = "dp-noise-share-std"  # config: std of this client's noise share
-UPDATE_SCALE_KEY = "dp-update-scale"  # config: 1/d, the fixed denominator of the mean
-HE_WEIGHT_KEY = "he-weight"  # metrics: the weight he_mod encrypts with (1: an update)
 
-
+@replies_with_errors("dp_share_mod")
 def dp_share_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Replace the trained weights by ``(clip(θ' − θ, C) + N(0, σ²)) / d``."""
-    config = msg.content.config_records.get("config", {})
-    if not msg.metadata.message_type.startswith("train") or NOISE_SHARE_KEY not in config:
+    """Replace the trained weights by ``(clip(θ' − θ, C) + N(0, σ²)) / d``.
+
+    Acts on training messages whose config carries a noise share (sent by
+    ``HEDPFedAvg``); everything else passes through. The noise comes from the
+    operating system's secure randomness. The reply's metrics gain ``he-weight`` = 1 and
+    ``dp-share-std`` = σ, which ``HEDPFedAvg`` checks: a reply without them is not a DP
+    share and is refused.
+    """
+    config = train_config(msg)
+    if not is_train(msg) or protocol.NOISE_SHARE_STD not in config:
         return call_next(msg, context)
-    clip_norm, share_std = float(config[CLIP_NORM_KEY]), float(config[NOISE_SHARE_KEY])
-    scale = float(config[UPDATE_SCALE_KEY])
+    try:
+        clip_norm = float(config[protocol.CLIPPING_NORM])
+        share_std = float(config[protocol.NOISE_SHARE_STD])
+        scale = float(config[protocol.UPDATE_SCALE])
+    except (KeyError, TypeError, ValueError) as err:
+        raise ModError(f"the train config lacks a valid {err}") from err
     reply, received, update = train_and_diff(msg, context, call_next)
     if update is None:
         return reply
     if not all(np.isfinite(u).all() for u in update):
-        raise ValueError("the local update has NaN or Inf values; nothing was sent")
+        raise ModError("the local update has NaN or Inf values; nothing was sent")
     clipped, norm = clip(update, clip_norm)
     rng = np.random.default_rng(secrets.randbits(128))
     shares = {
         k: Array(((c + rng.normal(0.0, share_std, c.shape)) * scale).astype(np.float32))
         for k, c in zip(received, clipped, strict=True)
     }
-    return set_reply(reply, shares, **{UNCLIPPED_KEY: float(norm <= clip_norm), HE_WEIGHT_KEY: 1.0})
+    extra = {
+        protocol.NORM_BIT: int(norm > clip_norm),
+        protocol.HE_WEIGHT: 1.0,
+        protocol.DP_SHARE_STD: share_std,
+    }
+    return set_reply(reply, shares, **extra)

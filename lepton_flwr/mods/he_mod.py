@@ -1,58 +1,65 @@
-"""``he_mod``: decrypt the inbound global model, encrypt the outbound training reply.
+"""``he_mod`` and ``he_dp_mod``: CKKS encryption around a ClientApp's handlers.
 
-Attach it to the ClientApp (``ClientApp(mods=[he_mod])``); it works on every message
-type: an encrypted global model is decrypted for training *and* evaluation, and only
-training replies are encrypted (evaluation replies carry metrics only).
+``he_mod`` decrypts an encrypted global model on the way in (for training *and*
+evaluation) and encrypts a training reply on the way out; ``HEFedAvg`` pairs with it.
+``he_dp_mod`` does the same around ``dp_share_mod`` (clip + noise share inside, then
+encryption); ``HEDPFedAvg`` pairs with it. Attach either to the whole app,
+``ClientApp(mods=[he_mod])``: evaluation needs the decrypted model too.
+
+The clients' secret context is found, first match wins, in the node config
+(``--node-config "he-secret-context='/keys/secret.ctx'"``, per SuperNode), the run config
+(``he-secret-context`` in ``[tool.flwr.app.config]``), or the path given to
+:func:`make_he_mod`. Give an absolute path: Flower runs the ClientApp from the
+SuperNode's (or simulation's) working folder, not from your app's folder.
 """
 
 from __future__ import annotations
 
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
-from lepton_flwr.he.codec import CiphertextError, CkksEncoder, flatten, unflatten
-from lepton_flwr.he.keys import fingerprint, load_context
+from lepton_flwr import protocol
+from lepton_flwr.he.codec import CiphertextError, CkksEncoder, flatten
+from lepton_flwr.he.keyholder import decrypt_model, encoder_for
 from lepton_flwr.he.records import EncryptedModel, is_encrypted
+from lepton_flwr.mods.common import (
+    ModError,
+    is_train,
+    replies_with_errors,
+    the_record,
+    train_config,
+)
+from lepton_flwr.mods.dp_share_mod import dp_share_mod
 
-SECRET_CONTEXT_NODE_KEY = "he-secret-context"
+SECRET_CONTEXT_NODE_KEY = protocol.SECRET_CONTEXT  # kept for older imports
 DEFAULT_WEIGHT_SCALE = 1000.0
 
 
-@lru_cache(maxsize=4)
-def _encoder(
-    path: str, mtime_ns: int, workers: int | None, seeded: bool
-) -> tuple[CkksEncoder, str]:
-    context = load_context(path, expect_secret=True)
-    return CkksEncoder(context, workers=workers, seeded=seeded), fingerprint(context)
+def find_secret_context(context: Context, default: str | Path | None) -> str:
+    """The clients' secret context path: node config, run config, then ``default``.
 
-
-def encoder_for(
-    path: str | Path, workers: int | None = None, seeded: bool = True
-) -> tuple[CkksEncoder, str]:
-    """The codec and key fingerprint of a secret context file (cached per process)."""
-    resolved = Path(path).resolve()
-    if not resolved.is_file():
-        raise FileNotFoundError(
-            f"CKKS secret context not found: {resolved}. Create keys with `lepton-flwr keygen` "
-            f"and give clients the secret context (node config '{SECRET_CONTEXT_NODE_KEY}=<path>')."
-        )
-    return _encoder(str(resolved), resolved.stat().st_mtime_ns, workers, seeded)
-
-
-def decrypt_model(record: ArrayRecord, encoder: CkksEncoder, own_fingerprint: str) -> ArrayRecord:
-    """Turn an encrypted global model (weighted sum + total weight) into plaintext tensors."""
-    model = EncryptedModel.from_record(record)
-    if model.fingerprint != own_fingerprint:
-        raise CiphertextError(
-            f"the global model is encrypted under key {model.fingerprint}, this client holds "
-            f"key {own_fingerprint}: the server and clients use different key pairs"
-        )
-    vector = encoder.decrypt(model.chunks, model.num_values) / model.weight
-    return ArrayRecord({k: Array(v) for k, v in unflatten(vector, model.manifest).items()})
+    Raises
+    ------
+    ModError
+        If none of the three gives one, naming all three.
+    """
+    for source in (context.node_config, context.run_config):
+        if source.get(protocol.SECRET_CONTEXT):
+            return str(source[protocol.SECRET_CONTEXT])
+    if default:
+        return str(default)
+    key = protocol.SECRET_CONTEXT
+    raise ModError(
+        "no CKKS secret context given. Give its absolute path in one of: the node config "
+        f"(flower-supernode --node-config \"{key}='/path/secret.ctx'\"), the run config "
+        f'({key} = "/path/secret.ctx" under [tool.flwr.app.config], or flwr run '
+        f"--run-config \"{key}='/path/secret.ctx'\"; in a simulation this reaches every "
+        f"client), or the mod itself (make_he_mod('/path/secret.ctx')). Create keys with "
+        f"`lepton-flwr keygen --out <folder>`."
+    )
 
 
 def encrypt_update(
@@ -79,6 +86,24 @@ def encrypt_update(
     return EncryptedModel(manifest, chunks, weight, own_fingerprint, max_abs).to_record()
 
 
+def _reply_weight(msg: Message, metrics: MetricRecord, weight_scale: float) -> float:
+    """The weight a training reply is encrypted with: 1 for a DP share, else its data."""
+    if protocol.HE_WEIGHT in metrics:
+        return float(metrics[protocol.HE_WEIGHT])
+    if protocol.NOISE_SHARE_STD in train_config(msg):
+        raise ModError(
+            "the server (HEDPFedAvg) asks for a DP noise share, but no dp_share_mod ran: "
+            "use ClientApp(mods=[he_dp_mod]) so that the update is clipped and noised "
+            "before it is encrypted. Nothing was sent."
+        )
+    weighted_by = str(train_config(msg).get(protocol.WEIGHTED_BY, protocol.NUM_EXAMPLES))
+    if weighted_by not in metrics:
+        raise ModError(
+            f"the training reply's metrics lack '{weighted_by}', the weight of the update"
+        )
+    return float(metrics[weighted_by]) / weight_scale
+
+
 def apply_he(
     msg: Message,
     context: Context,
@@ -88,25 +113,46 @@ def apply_he(
     workers: int | None = None,
     seeded: bool = True,
 ) -> Message:
-    """The HE round trip around a handler (see :func:`make_he_mod`)."""
-    encoder, own_fingerprint = encoder_for(secret_context_path, workers, seeded)
-    if "arrays" in msg.content and is_encrypted(msg.content["arrays"]):
-        plain = decrypt_model(msg.content["arrays"], encoder, own_fingerprint)
-        msg.content = RecordDict({**msg.content, "arrays": plain})  # never edit a shared record
+    """The HE round trip around a handler (see :func:`make_he_mod`).
+
+    Raises
+    ------
+    ModError
+        For a missing key file, a model under another key, or a reply it cannot encrypt.
+    """
+    try:
+        encoder, own_fingerprint = encoder_for(secret_context_path, workers, seeded)
+    except (FileNotFoundError, ValueError) as err:
+        raise ModError(str(err)) from err
+    arrays = msg.content.array_records
+    if len(arrays) == 1:
+        key, record = next(iter(arrays.items()))
+        if is_encrypted(record):
+            try:
+                plain = decrypt_model(record, encoder, own_fingerprint)
+            except CiphertextError as err:
+                raise ModError(f"cannot decrypt the global model: {err}") from err
+            msg.content = RecordDict({**msg.content, key: plain})  # never edit a shared record
     reply = call_next(msg, context)
-    if not msg.metadata.message_type.startswith("train") or reply.has_error():
+    if not is_train(msg) or reply.has_error():
         return reply
-    metrics = reply.content["metrics"]
-    # A DP share (dp_share_mod) is an update with weight 1; a model is weighted by its data.
-    weight = (
-        float(metrics["he-weight"])
-        if "he-weight" in metrics
-        else float(metrics["num-examples"]) / weight_scale
-    )
-    reply.content["arrays"] = encrypt_update(
-        reply.content["arrays"], weight, encoder, own_fingerprint
-    )
+    key, record = the_record(reply.content, ArrayRecord)
+    if is_encrypted(record):
+        raise ModError("the reply is already encrypted: attach he_mod once")
+    _, metrics = the_record(reply.content, MetricRecord)
+    weight = _reply_weight(msg, metrics, weight_scale)
+    try:
+        encrypted = encrypt_update(record, weight, encoder, own_fingerprint)
+    except ValueError as err:
+        raise ModError(str(err)) from err
+    reply.content = RecordDict({**reply.content, key: encrypted})
     return reply
+
+
+def _checked_scale(weight_scale: float) -> float:
+    if weight_scale <= 0:
+        raise ValueError(f"weight_scale must be > 0, got {weight_scale}")
+    return weight_scale
 
 
 def make_he_mod(
@@ -115,13 +161,14 @@ def make_he_mod(
     workers: int | None = None,
     seeded: bool = True,
 ) -> Mod:
-    """Build the HE client mod.
+    """Build the HE client mod, for ``HEFedAvg``.
 
     Parameters
     ----------
     secret_context_path : str | Path | None
-        The clients' secret context file. The node config key ``he-secret-context``
-        takes precedence (set per SuperNode in a deployment).
+        Absolute path of the clients' secret context (``secret.ctx`` from
+        ``lepton-flwr keygen``). The node config key ``he-secret-context`` (per SuperNode)
+        and then the run config key of the same name take precedence.
     weight_scale : float
         A client encrypts ``(num_examples / weight_scale) * weights``; the server divides
         the sum by the summed weights. It keeps the encrypted values small: all clients
@@ -134,21 +181,45 @@ def make_he_mod(
     Returns
     -------
     Mod
-        ``(msg, context, call_next) -> Message``.
-    """
-    if weight_scale <= 0:
-        raise ValueError(f"weight_scale must be > 0, got {weight_scale}")
+        ``(msg, context, call_next) -> Message``; problems become error replies.
 
+    Examples
+    --------
+    >>> app = ClientApp(mods=[make_he_mod("/keys/secret.ctx")])  # doctest: +SKIP
+    """
+    weight_scale = _checked_scale(weight_scale)
+
+    @replies_with_errors("he_mod")
     def he_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-        path = context.node_config.get(SECRET_CONTEXT_NODE_KEY, secret_context_path)
-        if path is None:
-            raise ValueError(
-                f"he_mod needs the clients' secret CKKS context: start the SuperNode with "
-                f"--node-config '{SECRET_CONTEXT_NODE_KEY}=<path to secret.ctx>'"
-            )
-        return apply_he(msg, context, call_next, str(path), weight_scale, workers, seeded)
+        path = find_secret_context(context, secret_context_path)
+        return apply_he(msg, context, call_next, path, weight_scale, workers, seeded)
 
     return he_mod
 
 
+def make_he_dp_mod(
+    secret_context_path: str | Path | None = None,
+    workers: int | None = None,
+    seeded: bool = True,
+) -> Mod:
+    """Build the HE + DP client mod, for ``HEDPFedAvg``: ``dp_share_mod`` inside ``he_mod``.
+
+    On a training message from ``HEDPFedAvg`` the client's update is clipped to the C the
+    server sent, given its Gaussian noise share, scaled by 1/d and then encrypted; the
+    global model is decrypted for training and evaluation as with ``he_mod``. Parameters
+    as in :func:`make_he_mod` (a DP share has weight 1, so there is no ``weight_scale``).
+
+    Examples
+    --------
+    >>> app = ClientApp(mods=[make_he_dp_mod("/keys/secret.ctx")])  # doctest: +SKIP
+    """
+    he = make_he_mod(secret_context_path, workers=workers, seeded=seeded)
+
+    def he_dp_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        return he(msg, context, lambda m, c: dp_share_mod(m, c, call_next))
+
+    return he_dp_mod
+
+
 he_mod = make_he_mod()
+he_dp_mod = make_he_dp_mod()

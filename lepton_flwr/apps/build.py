@@ -1,0 +1,135 @@
+"""The one place where the runner turns a composed Hydra config into library objects.
+
+The library (strategies, mods) takes explicit arguments and raises plain messages that
+name them; here the config's groups map onto those arguments, and a library error is
+re-worded with the config's key paths (``privacy.delta`` rather than ``delta``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from flwr.clientapp.typing import Mod
+from flwr.serverapp.strategy import FedAvg, Strategy
+
+from lepton_flwr.config import HE_ARGUMENTS, PRIVACY_ARGUMENTS, ConfigError, reword
+from lepton_flwr.mods import dp_clip_mod, make_he_dp_mod, make_he_mod
+from lepton_flwr.strategies import DPFedAvg, HEDPFedAvg, HEFedAvg
+from lepton_flwr.strategies.metrics import aggregate_train_metrics
+
+
+def _fedavg_arguments(strategy_cfg: dict, train_sampling: bool = True) -> dict:
+    """Flower FedAvg's arguments from the ``strategy`` group.
+
+    DP strategies sample training clients themselves (``privacy.sample_rate``):
+    ``train_sampling=False`` leaves out ``fraction_train`` and ``min_train_nodes``.
+    """
+    keys = ["fraction_evaluate", "min_evaluate_nodes", "min_available_nodes"]
+    if train_sampling:
+        keys += ["fraction_train", "min_train_nodes"]
+    return {key: strategy_cfg[key] for key in keys} | {
+        "train_metrics_aggr_fn": aggregate_train_metrics
+    }
+
+
+def _dp_arguments(cfg: dict) -> dict:
+    """The DP round arguments (sampling, noise, budget) from the ``privacy`` group."""
+    p = cfg["privacy"]
+    keys = ("noise_multiplier", "delta", "sample_rate", "sampling", "accountant")
+    keys += ("max_epsilon", "target_epsilon", "seed", "clip_norm")
+    return {key: p[key] for key in keys} | {"num_rounds": cfg["num_rounds"]}
+
+
+def _public_context(cfg: dict) -> str:
+    path = cfg["he"].get("public_context_path")
+    if not path:
+        raise ConfigError(
+            f"strategy={cfg['strategy']['name']} needs the server's public CKKS context: set "
+            f"he.public_context_path (create keys with `lepton-flwr keygen`)."
+        )
+    return path
+
+
+def _fedavg(cfg: dict) -> Strategy:
+    return FedAvg(**_fedavg_arguments(cfg["strategy"]))
+
+
+def _he_fedavg(cfg: dict) -> Strategy:
+    he = cfg["he"]
+    return HEFedAvg(
+        _public_context(cfg),
+        headroom_fraction=he["headroom_fraction"],
+        workers=he["workers"],
+        **_fedavg_arguments(cfg["strategy"]),
+    )
+
+
+def _dp_fedavg(cfg: dict) -> Strategy:
+    p = cfg["privacy"]
+    return DPFedAvg(
+        clipping_side=p["clipping_side"],
+        adaptive=p["clipping"] == "adaptive",
+        target_quantile=p["target_quantile"],
+        clip_lr=p["clip_lr"],
+        count_stddev=p["count_stddev"],
+        **_dp_arguments(cfg),
+        **_fedavg_arguments(cfg["strategy"], train_sampling=False),
+    )
+
+
+def _he_dp_fedavg(cfg: dict) -> Strategy:
+    he = cfg["he"]
+    return HEDPFedAvg(
+        _public_context(cfg),
+        dropout_rate=cfg["strategy"]["dropout_rate"],
+        headroom_fraction=he["headroom_fraction"],
+        workers=he["workers"],
+        **_dp_arguments(cfg),
+        **_fedavg_arguments(cfg["strategy"], train_sampling=False),
+    )
+
+
+STRATEGIES: dict[str, Callable[[dict], Strategy]] = {
+    "fedavg": _fedavg,
+    "he_fedavg": _he_fedavg,
+    "dp_fedavg": _dp_fedavg,
+    "he_dp_fedavg": _he_dp_fedavg,
+}
+
+
+def build_strategy(cfg: dict) -> Strategy:
+    """The strategy the config names, with the config's settings.
+
+    Raises
+    ------
+    ConfigError
+        For an unknown name, or a setting the strategy refuses (with its key path).
+    """
+    name = cfg["strategy"]["name"]
+    if name not in STRATEGIES:
+        raise ConfigError(
+            f"Unknown strategy '{name}'. Allowed choices: {', '.join(sorted(STRATEGIES))}."
+        )
+    try:
+        return STRATEGIES[name](cfg)
+    except ConfigError:
+        raise
+    except ValueError as err:
+        message = reword(reword(str(err), "privacy", PRIVACY_ARGUMENTS), "he", HE_ARGUMENTS)
+        raise ConfigError(f"strategy={name}: {message}") from err
+
+
+def build_client_mods(cfg: dict) -> tuple[list[Mod], list[Mod]]:
+    """The public mods a client of this config runs: (app-level mods, train-only mods).
+
+    HE runs around every handler (evaluation needs the decrypted model); clipping for
+    ``DPFedAvg(clipping_side="client")`` runs around training only.
+    """
+    he = cfg["he"]
+    if he["name"] == "none":
+        return [], [dp_clip_mod]
+    path = he["secret_context_path"]
+    if cfg["strategy"]["name"] == "he_dp_fedavg":
+        return [make_he_dp_mod(path, workers=he["workers"], seeded=he["seeded"])], []
+    he_mod = make_he_mod(path, he["weight_scale"], he["workers"], he["seeded"])
+    return [he_mod], []

@@ -1,0 +1,95 @@
+"""What a key holder does with an encrypted model: decrypt it, save it, load it.
+
+The server of an HE run only ever holds the encrypted global model (``Result.arrays``
+of ``HEFedAvg.start``/``HEDPFedAvg.start``). It can save it with
+:func:`save_encrypted_arrays`; a party holding the clients' secret context decrypts it
+with :func:`decrypt_arrays` (or ``lepton-flwr decrypt`` on the command line) into plain
+tensors, e.g. ``decrypt_arrays(arrays, "secret.ctx").to_torch_state_dict()``.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from flwr.app import Array, ArrayRecord
+
+from lepton_flwr.he.codec import CiphertextError, CkksEncoder, unflatten
+from lepton_flwr.he.keys import fingerprint, load_context
+from lepton_flwr.he.records import EncryptedModel, load_encrypted, save_encrypted
+
+
+@lru_cache(maxsize=4)
+def _encoder(
+    path: str, mtime_ns: int, workers: int | None, seeded: bool
+) -> tuple[CkksEncoder, str]:
+    context = load_context(path, expect_secret=True)
+    return CkksEncoder(context, workers=workers, seeded=seeded), fingerprint(context)
+
+
+def encoder_for(
+    path: str | Path, workers: int | None = None, seeded: bool = True
+) -> tuple[CkksEncoder, str]:
+    """The codec and key fingerprint of a secret context file (cached per process).
+
+    Raises
+    ------
+    FileNotFoundError
+        If there is no such file, saying where it was looked for.
+    """
+    resolved = Path(path).expanduser().resolve()
+    if not resolved.is_file():
+        hint = (
+            f" (a relative path, resolved against this process's folder {Path.cwd()}: "
+            f"give an absolute path)"
+            if not Path(path).expanduser().is_absolute()
+            else ""
+        )
+        raise FileNotFoundError(
+            f"CKKS secret context not found: {resolved}{hint}. Create keys with "
+            f"`lepton-flwr keygen --out <folder>` and give clients its secret.ctx."
+        )
+    return _encoder(str(resolved), resolved.stat().st_mtime_ns, workers, seeded)
+
+
+def decrypt_model(record: ArrayRecord, encoder: CkksEncoder, own_fingerprint: str) -> ArrayRecord:
+    """Turn an encrypted global model (weighted sum + total weight) into plaintext tensors."""
+    model = EncryptedModel.from_record(record)
+    if model.fingerprint != own_fingerprint:
+        raise CiphertextError(
+            f"the global model is encrypted under key {model.fingerprint}, this client holds "
+            f"key {own_fingerprint}: the server and clients use different key pairs"
+        )
+    vector = encoder.decrypt(model.chunks, model.num_values) / model.weight
+    return ArrayRecord({k: Array(v) for k, v in unflatten(vector, model.manifest).items()})
+
+
+def decrypt_arrays(arrays: ArrayRecord | str | Path, secret_context: str | Path) -> ArrayRecord:
+    """Decrypt an encrypted model (a record, or a file from :func:`save_encrypted_arrays`).
+
+    Parameters
+    ----------
+    arrays : ArrayRecord | str | Path
+        ``Result.arrays`` of an HE strategy, or the path of a saved encrypted model.
+    secret_context : str | Path
+        The clients' secret context (``secret.ctx`` of ``lepton-flwr keygen``).
+
+    Returns
+    -------
+    ArrayRecord
+        The plaintext tensors (``.to_torch_state_dict()`` for a torch model).
+    """
+    if not isinstance(arrays, ArrayRecord):
+        arrays = load_encrypted_arrays(arrays)
+    encoder, own = encoder_for(secret_context, workers=1)
+    return decrypt_model(arrays, encoder, own)
+
+
+def save_encrypted_arrays(arrays: ArrayRecord, path: str | Path) -> Path:
+    """Write an encrypted model (e.g. ``Result.arrays``) to a zip file; no key needed."""
+    return save_encrypted(EncryptedModel.from_record(arrays), path)
+
+
+def load_encrypted_arrays(path: str | Path) -> ArrayRecord:
+    """Read a file written by :func:`save_encrypted_arrays` back into a record."""
+    return load_encrypted(path).to_record()

@@ -1,0 +1,47 @@
+"""Every message key of lepton-flwr's protocol, in one place.
+
+Where Flower has a key with the same meaning, it is Flower's own, so that Flower's mods
+and strategies compose with ours (Flower's ``fixedclipping_mod`` clips for our
+``DPFedAvg(clipping_side="client")``, for instance).
+"""
+
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
+
+# ---- train config (server -> client) ----------------------------------------------------
+SERVER_ROUND = "server-round"  # Flower's FedAvg injects it too
+CLIPPING_NORM = KEY_CLIPPING_NORM  # C, the bound on the update's L2 norm (Flower's key)
+NOISE_SHARE_STD = "dp-noise-share-std"  # HE + DP: std of one client's Gaussian noise share
+UPDATE_SCALE = "dp-update-scale"  # HE + DP: 1/d, the fixed denominator of the mean
+WEIGHTED_BY = "he-weighted-by"  # HE: the reply metric clients weight their update by
+
+# ---- reply metrics (client -> server) ---------------------------------------------------
+NUM_EXAMPLES = "num-examples"  # Flower's default ``weighted_by_key``
+NORM_BIT = KEY_NORM_BIT  # 1 when the update was clipped (Flower's key and meaning)
+DP_SHARE_STD = "dp-share-std"  # dp_share_mod: the noise std this share carries
+HE_WEIGHT = "he-weight"  # the weight he_mod encrypts with (1 for a DP share)
+
+# ---- node config / run config (per SuperNode, per run) ----------------------------------
+SECRET_CONTEXT = "he-secret-context"  # path of the clients' secret CKKS context
+
+# ---- privacy figures a DP strategy returns in its train MetricRecord each round --------
+EPSILON = "epsilon"  # ε spent so far, at DELTA
+DELTA = "delta"
+NOISE_MULTIPLIER = "noise-multiplier"  # z planned for the round
+NOISE_MULTIPLIER_PRESENT = "noise-multiplier-present"  # HE + DP: z the reporters carried
+NOISE_STD_PRESENT = "noise-std-present"  # HE + DP: std of the noise on the released mean
+CLIP_NORM = "clip-norm"  # C used in the round (adaptive clipping changes it)
+CLIENTS_SAMPLED = "clients-sampled"
+CLIENTS_ACCEPTED = "clients-accepted"  # DP-FedAvg: updates in the sum
+CLIENTS_REPORTED = "clients-reported"  # HE + DP: shares in the sum
+
+PRIVACY_METRICS = (
+    EPSILON,
+    DELTA,
+    NOISE_MULTIPLIER,
+    NOISE_MULTIPLIER_PRESENT,
+    NOISE_STD_PRESENT,
+    CLIP_NORM,
+    CLIENTS_SAMPLED,
+    CLIENTS_ACCEPTED,
+    CLIENTS_REPORTED,
+)

@@ -1,0 +1,235 @@
+"""Check encrypted training replies one by one and add the valid ones: both HE strategies use it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from logging import ERROR, INFO, WARNING
+from pathlib import Path
+
+import numpy as np
+import tenseal as ts
+from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.common.logger import log
+
+from lepton_flwr.he.codec import CiphertextError, CkksAdder, TensorSpec, flatten
+from lepton_flwr.he.keys import fingerprint, load_context
+from lepton_flwr.he.params import headroom
+from lepton_flwr.he.records import EncryptedModel, is_encrypted
+
+ReplyCheck = Callable[[Message, EncryptedModel], None]
+
+
+def the_arrays(msg: Message) -> ArrayRecord:
+    """A reply's one ArrayRecord (Flower's reply contract).
+
+    Raises
+    ------
+    CiphertextError
+        If there is not exactly one.
+    """
+    records = msg.content.array_records
+    if len(records) != 1:
+        raise CiphertextError(f"expected one ArrayRecord, got {list(records)}")
+    return next(iter(records.values()))
+
+
+def the_metrics(msg: Message) -> MetricRecord:
+    """A reply's one MetricRecord.
+
+    Raises
+    ------
+    CiphertextError
+        If there is not exactly one.
+    """
+    records = msg.content.metric_records
+    if len(records) != 1:
+        raise CiphertextError(f"expected one MetricRecord, got {list(records)}")
+    return next(iter(records.values()))
+
+
+class EncryptedSum:
+    """Validates encrypted replies alone and adds them, within the CKKS headroom.
+
+    The server side of HE: it holds a context without secret key, remembers the global
+    model's manifest, and turns a round's replies into one encrypted sum. A reply is
+    rejected, with one log line naming the node and the reason, when its ciphertexts do
+    not parse or are not fresh ciphertexts of the server's parameters, carry another
+    key's fingerprint, come in the wrong number, hold plaintext tensors, describe other
+    tensors than the global model's, or fail the strategy's own check. CKKS raises no
+    error on overflow: a sum whose bound could pass ``headroom_fraction`` of the headroom
+    is refused as a whole.
+
+    Parameters
+    ----------
+    public_context : ts.Context | str | Path
+        The server's CKKS context (or the path of ``public.ctx``); refused if it holds
+        a secret key.
+    headroom_fraction : float
+        Largest share of the CKKS headroom the bound on the summed values may use.
+    workers : int | None
+        Processes that load and add ciphertexts; None uses every core.
+    name : str
+        The strategy's name, for log lines.
+    """
+
+    def __init__(
+        self,
+        public_context: ts.Context | str | Path,
+        headroom_fraction: float = 0.5,
+        workers: int | None = None,
+        name: str = "HEFedAvg",
+    ):
+        if isinstance(public_context, str | Path):
+            public_context = load_context(public_context, expect_secret=False)
+        if public_context.has_secret_key():
+            raise ValueError(f"{name} must not hold a secret key: pass the public context.")
+        if not 0 < headroom_fraction <= 1:
+            raise ValueError(f"headroom_fraction must be in (0, 1], got {headroom_fraction}.")
+        self.context, self.workers, self.name = public_context, workers, name
+        self.fingerprint = fingerprint(public_context)
+        self.adder = CkksAdder(public_context)
+        data_level = public_context.seal_context().data.first_context_data()
+        scale_bits = round(public_context.global_scale).bit_length() - 1
+        self.headroom = (
+            headroom(data_level.total_coeff_modulus_bit_count(), scale_bits) * headroom_fraction
+        )
+        self.manifest: list[TensorSpec] | None = None
+
+    def encrypted(self, arrays: ArrayRecord) -> EncryptedModel:
+        """The global model as an encrypted model (a plaintext one is encrypted, weight 1).
+
+        Remembers its manifest, against which replies are checked.
+        """
+        if is_encrypted(arrays):
+            model = EncryptedModel.from_record(arrays)
+            self.manifest = model.manifest
+            return model
+        vector, self.manifest = flatten({k: v.numpy() for k, v in arrays.items()})
+        chunks = self.adder.encrypt_public(vector)
+        bound = float(np.abs(vector).max(initial=0.0))
+        return EncryptedModel(self.manifest, chunks, 1.0, self.fingerprint, bound)
+
+    def remember_manifest(self, arrays: ArrayRecord) -> None:
+        """Take the manifest of the global model (plaintext or encrypted), once."""
+        if self.manifest is not None:
+            return
+        if is_encrypted(arrays):
+            self.manifest = EncryptedModel.from_record(arrays).manifest
+        else:
+            _, self.manifest = flatten({k: v.numpy() for k, v in arrays.items()})
+
+    def check(self, msg: Message) -> EncryptedModel:
+        """Validate one training reply's ciphertexts and return its encrypted update.
+
+        Raises
+        ------
+        CiphertextError
+            Saying what is wrong with it.
+        """
+        try:
+            update = EncryptedModel.from_record(the_arrays(msg))
+        except CiphertextError as err:
+            if "plaintext" in str(err):
+                raise CiphertextError(f"{err}; is he_mod on the client?") from err
+            raise
+        if update.fingerprint != self.fingerprint:
+            raise CiphertextError(
+                f"encrypted under key {update.fingerprint}, the server's key is {self.fingerprint}"
+            )
+        if self.manifest is not None and update.manifest != self.manifest:
+            raise CiphertextError(
+                "tensor names, shapes or dtypes disagree with the global model's manifest"
+            )
+        expected_chunks = -(-update.num_values // self.adder.slots)
+        if len(update.chunks) != expected_chunks:
+            raise CiphertextError(
+                f"{len(update.chunks)} ciphertext chunks for {update.num_values} values, "
+                f"expected {expected_chunks}"
+            )
+        return update
+
+    def reject(self, server_round: int, msg: Message, reason: object) -> None:
+        """Log one rejected reply."""
+        log(
+            WARNING,
+            "%s round %d: rejected the reply of node %d: %s",
+            self.name,
+            server_round,
+            msg.metadata.src_node_id,
+            reason,
+        )
+
+    def add(
+        self,
+        server_round: int,
+        replies: Iterable[Message],
+        extra: EncryptedModel | None = None,
+        check_reply: ReplyCheck | None = None,
+    ) -> tuple[list[Message], EncryptedModel | None]:
+        """Check the replies, reject bad ones (one log line each), add the rest.
+
+        Parameters
+        ----------
+        server_round : int
+            For the log lines.
+        replies : Iterable[Message]
+            The training replies (error replies are logged and skipped).
+        extra : EncryptedModel | None
+            Added to the sum as well (HE + DP adds the encrypted global model).
+        check_reply : Callable[[Message, EncryptedModel], None] | None
+            The strategy's own check of a reply; raises ``CiphertextError`` to reject it.
+
+        Returns
+        -------
+        tuple[list[Message], EncryptedModel | None]
+            The accepted replies, and their encrypted sum (with ``extra``); the sum is
+            None when nothing was accepted or its bound passes the safe headroom (logged).
+        """
+        candidates: list[tuple[Message, EncryptedModel]] = []
+        for msg in replies:
+            if msg.has_error():
+                self.reject(server_round, msg, f"the client failed: {msg.error.reason}")
+                continue
+            try:
+                update = self.check(msg)
+                if check_reply is not None:
+                    check_reply(msg, update)
+            except CiphertextError as err:
+                self.reject(server_round, msg, err)
+                continue
+            candidates.append((msg, update))
+        uploads = [u.chunks for _, u in candidates] + ([extra.chunks] if extra else [])
+        # Loading checks every ciphertext; it runs in parallel with the additions.
+        sums, failed = self.adder.sum_updates(uploads, self.workers)
+        if len(candidates) in failed:
+            raise CiphertextError(
+                f"the server's own ciphertexts failed to load: {failed[len(candidates)]}"
+            )
+        for index in sorted(failed):
+            self.reject(server_round, candidates[index][0], failed[index])
+        accepted = [pair for i, pair in enumerate(candidates) if i not in failed]
+        log(INFO, "%s round %d: %d valid encrypted replies", self.name, server_round, len(accepted))
+        if not accepted:
+            return [], None
+        parts = [u for _, u in accepted] + ([extra] if extra else [])
+        bound = sum(part.max_abs for part in parts)
+        if bound > self.headroom:
+            log(
+                ERROR,
+                "%s round %d: the summed values may reach %.3g, over the safe CKKS bound "
+                "%.3g; nothing added, global model kept (raise weight_scale on the clients, "
+                "or use a larger first prime)",
+                self.name,
+                server_round,
+                bound,
+                self.headroom,
+            )
+            return [msg for msg, _ in accepted], None
+        total = EncryptedModel(
+            manifest=accepted[0][1].manifest,
+            chunks=sums,
+            weight=sum(part.weight for part in parts),
+            fingerprint=self.fingerprint,
+            max_abs=bound,
+        )
+        return [msg for msg, _ in accepted], total

@@ -1,0 +1,169 @@
+"""Flower's own round loop (``Strategy.start``) made safe for our strategies.
+
+Two things Flower's loop cannot know: a DP strategy may stop at its privacy budget
+(``PrivacyBudgetExhausted`` from ``configure_train``), and an HE strategy's global model
+is encrypted, so the server cannot evaluate it. :class:`FlowerLoop` gives each of our
+strategies a ``start`` that returns a ``Result`` with every round that ran when the
+budget stops training, and skips server-side evaluation of encrypted models with one
+log line. :class:`RoundObserver` records the rounds as they happen; the simulation
+runner uses it too.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from logging import INFO, WARNING
+
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result, Strategy
+
+from lepton_flwr.dp.accounting import PrivacyBudgetExhausted
+from lepton_flwr.he.records import is_encrypted
+
+EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
+OBSERVED = ("configure_train", "aggregate_train", "aggregate_evaluate")
+
+
+class RoundObserver:
+    """Record a strategy's rounds while Flower's loop drives it.
+
+    Inside ``with RoundObserver(strategy) as observed:``, the strategy's
+    ``configure_train``, ``aggregate_train`` and ``aggregate_evaluate`` are wrapped on
+    the instance (nothing else changes; observers nest), ``observed.result`` holds
+    what Flower's loop would have returned so far, and ``observed.train_seconds[r]``
+    the time from round r's ``configure_train`` to the end of its ``aggregate_train``.
+
+    Parameters
+    ----------
+    strategy : Strategy
+        The strategy to observe.
+    on_round_start : Callable[[int], None] | None
+        Called with the round number before ``configure_train`` runs.
+    """
+
+    def __init__(self, strategy: Strategy, on_round_start: Callable[[int], None] | None = None):
+        self.strategy, self.on_round_start = strategy, on_round_start
+        self.result = Result()
+        self.train_seconds: dict[int, float] = {}
+        self.configured: set[int] = set()  # rounds whose configure_train returned
+        self._started: dict[int, float] = {}
+        self._saved: dict[str, object] = {}
+
+    def __enter__(self) -> RoundObserver:
+        strategy, result = self.strategy, self.result
+        configure_train, aggregate_train, aggregate_evaluate = (
+            getattr(strategy, name) for name in OBSERVED
+        )
+        self._saved = {name: strategy.__dict__.get(name) for name in OBSERVED}
+
+        def observed_configure_train(server_round, arrays, config, grid):
+            if self.on_round_start is not None:
+                self.on_round_start(server_round)
+            self._started[server_round] = time.monotonic()
+            messages = configure_train(server_round, arrays, config, grid)
+            self.configured.add(server_round)
+            return messages
+
+        def observed_aggregate_train(server_round, replies):
+            arrays, metrics = aggregate_train(server_round, replies)
+            started = self._started.get(server_round)
+            if started is not None:
+                self.train_seconds[server_round] = time.monotonic() - started
+            if arrays is not None:
+                result.arrays = arrays
+            if metrics is not None:
+                result.train_metrics_clientapp[server_round] = metrics
+            return arrays, metrics
+
+        def observed_aggregate_evaluate(server_round, replies):
+            metrics = aggregate_evaluate(server_round, replies)
+            if metrics is not None:
+                result.evaluate_metrics_clientapp[server_round] = metrics
+            return metrics
+
+        strategy.configure_train = observed_configure_train
+        strategy.aggregate_train = observed_aggregate_train
+        strategy.aggregate_evaluate = observed_aggregate_evaluate
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name, previous in self._saved.items():
+            if previous is None:
+                del self.strategy.__dict__[name]
+            else:
+                setattr(self.strategy, name, previous)
+
+
+def plaintext_only(evaluate_fn: EvaluateFn, strategy_name: str) -> EvaluateFn:
+    """Wrap a server-side ``evaluate_fn`` so that encrypted models are skipped (logged once)."""
+    logged = False
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        nonlocal logged
+        if not is_encrypted(arrays):
+            return evaluate_fn(server_round, arrays)
+        if not logged:
+            log(
+                INFO,
+                "%s: the global model is encrypted, so the server cannot evaluate it; "
+                "server-side evaluate_fn skipped from now on. Evaluation is federated; "
+                "a key holder can decrypt the final model (lepton_flwr.he.decrypt_arrays).",
+                strategy_name,
+            )
+            logged = True
+        return None
+
+    return evaluate
+
+
+def _recorded(evaluate_fn: EvaluateFn, result: Result) -> EvaluateFn:
+    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        metrics = evaluate_fn(server_round, arrays)
+        if metrics is not None:
+            result.evaluate_metrics_serverapp[server_round] = metrics
+        return metrics
+
+    return evaluate
+
+
+class FlowerLoop:
+    """Give a strategy Flower's ``start``, with the budget stop and encrypted-model guard."""
+
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: EvaluateFn | None = None,
+    ) -> Result:
+        """Run Flower's round loop (``Strategy.start``) with two guards.
+
+        When the privacy budget would be passed, training stops and the ``Result`` holds
+        the last released model and the metrics of every round that ran (privacy
+        figures in ``train_metrics_clientapp``). A server-side ``evaluate_fn`` is not
+        called on encrypted models (one log line says so).
+        """
+        name = type(self).__name__
+        with RoundObserver(self) as observed:
+            observed.result.arrays = initial_arrays
+            if evaluate_fn is not None:
+                evaluate_fn = _recorded(plaintext_only(evaluate_fn, name), observed.result)
+            try:
+                return super().start(
+                    grid,
+                    initial_arrays,
+                    num_rounds,
+                    timeout,
+                    train_config,
+                    evaluate_config,
+                    evaluate_fn,
+                )
+            except PrivacyBudgetExhausted as stop:
+                log(WARNING, "%s: privacy budget reached, training stops: %s", name, stop)
+                return observed.result
