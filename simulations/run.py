@@ -25,6 +25,10 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+# Ray pre-starts an idle worker for the driver; at start-up it can die with "Fatal Python
+# error: Aborted" and a stack dump that reads like a crash (the run is unaffected).
+# Workers are started when actors need them instead.
+os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
 
 
 def backend_config(cfg: dict) -> dict:

@@ -114,6 +114,7 @@ class HEDPFedAvg(FlowerLoop, FedAvg):
             seed=seed,
         )
         self._global: EncryptedModel | None = None
+        self._evaluated = ArrayRecord()
         self._share_std = 0.0
         self._sampled = 0
 
@@ -238,8 +239,15 @@ class HEDPFedAvg(FlowerLoop, FedAvg):
             {**metrics, **self.rounds.privacy_metrics(), **figures}
         )
 
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """FedAvg's; the model sent is kept to explain failed evaluations."""
+        self._evaluated = arrays
+        return super().configure_evaluate(server_round, arrays, config, grid)
+
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord:
         """FedAvg's, after explaining replies that could not read the encrypted model."""
         replies = list(replies)
-        explain_evaluation_errors("HEDPFedAvg", replies)
+        explain_evaluation_errors("HEDPFedAvg", replies, self._evaluated)
         return super().aggregate_evaluate(server_round, replies)

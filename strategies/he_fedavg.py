@@ -17,22 +17,27 @@ from lepton_flwr.strategies.round_loop import FlowerLoop
 
 from lepton_flwr import protocol
 from lepton_flwr.he.codec import CiphertextError
-from lepton_flwr.he.records import META_STYPE, EncryptedModel
+from lepton_flwr.he.records import EncryptedModel, is_encrypted
 
 
-def explain_evaluation_errors(strategy_name: str, replies: list[Message]) -> None:
-    """Log, once per round, why clients could not read an encrypted model, if that is why."""
-    unreadable = [
-        m.metadata.src_node_id for m in replies if m.has_error() and META_STYPE in m.error.reason
-    ]
-    if unreadable:
-        log(
-            WARNING,
-            "%s: nodes %s could not read the encrypted global model: attach the HE mod to "
-            "the whole ClientApp (ClientApp(mods=[he_mod])), not only to @app.train",
-            strategy_name,
-            unreadable,
-        )
+def explain_evaluation_errors(
+    strategy_name: str, replies: list[Message], sent: ArrayRecord
+) -> None:
+    """Log why clients may have failed to evaluate an encrypted model, if they failed."""
+    failed = [m for m in replies if m.has_error()]
+    if not failed or not is_encrypted(sent):
+        return
+    log(
+        WARNING,
+        "%s: %d of %d nodes failed to evaluate the encrypted global model (node %d: %s). If "
+        "the evaluate handler cannot read it, the HE mod runs on training only: attach it "
+        "to the whole ClientApp, ClientApp(mods=[he_mod]) or ClientApp(mods=[he_dp_mod])",
+        strategy_name,
+        len(failed),
+        len(replies),
+        failed[0].metadata.src_node_id,
+        failed[0].error.reason,
+    )
 
 
 class HEFedAvg(FlowerLoop, FedAvg):
@@ -85,6 +90,7 @@ class HEFedAvg(FlowerLoop, FedAvg):
     ):
         super().__init__(**fedavg_kwargs)
         self.encrypted_sum = EncryptedSum(public_context, headroom_fraction, workers, "HEFedAvg")
+        self._evaluated = ArrayRecord()
 
     @property
     def fingerprint(self) -> str:
@@ -144,8 +150,15 @@ class HEFedAvg(FlowerLoop, FedAvg):
         )
         return total.to_record(), MetricRecord(metrics)
 
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """FedAvg's; the model sent is kept to explain failed evaluations."""
+        self._evaluated = arrays
+        return super().configure_evaluate(server_round, arrays, config, grid)
+
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord:
         """FedAvg's, after explaining replies that could not read the encrypted model."""
         replies = list(replies)
-        explain_evaluation_errors("HEFedAvg", replies)
+        explain_evaluation_errors("HEFedAvg", replies, self._evaluated)
         return super().aggregate_evaluate(server_round, replies)

@@ -9,6 +9,12 @@ from flwr.app import Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
+from lepton_flwr import protocol
+
+# Reply metrics that belong to our protocol, not to the clients' training: a strategy
+# uses them (or checks them) per reply, and never averages them into a round's metrics.
+PROTOCOL_METRICS = (protocol.NORM_BIT, protocol.HE_WEIGHT, protocol.DP_SHARE_STD)
+
 MetricsAggregation = Callable[[list[RecordDict], str], MetricRecord]
 
 
@@ -29,6 +35,18 @@ def aggregate_train_metrics(records: list[RecordDict], weighting_metric_name: st
     return metrics
 
 
+def _own_metrics(content: RecordDict) -> RecordDict:
+    """The reply without the metrics our mods add for the server (clip bit, share std...)."""
+    return RecordDict(
+        {
+            key: MetricRecord({k: v for k, v in record.items() if k not in PROTOCOL_METRICS})
+            if isinstance(record, MetricRecord)
+            else record
+            for key, record in content.items()
+        }
+    )
+
+
 def clients_metrics(
     aggregate: MetricsAggregation,
     replies: list[Message],
@@ -38,13 +56,15 @@ def clients_metrics(
 ) -> dict:
     """The clients' own training metrics, aggregated; {} (and one log line) if they cannot be.
 
+    The metrics our mods add for the server (``PROTOCOL_METRICS``) are left out.
+
     A strategy's round must not fail because clients report metrics that Flower's
     aggregation cannot combine.
     """
     if not replies:
         return {}
     try:
-        return dict(aggregate([m.content for m in replies], weighted_by_key))
+        return dict(aggregate([_own_metrics(m.content) for m in replies], weighted_by_key))
     except Exception as err:  # noqa: BLE001 - any aggregation failure leaves the round intact
         log(
             WARNING,

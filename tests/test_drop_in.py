@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REPO_ROOT
 from test_end_to_end import _env, _free_port, _stop_processes
 
 PYPROJECT = """\
@@ -248,6 +249,18 @@ def _accuracy(state_dict) -> float:
     x = torch.tensor(x[1400:] / 16.0, dtype=torch.float32)
     logits = x @ state_dict["fc.weight"].T + state_dict["fc.bias"]
     return float((logits.argmax(1) == torch.tensor(y[1400:])).float().mean())
+
+
+def test_the_readme_shows_the_lines_this_test_applies():
+    """Imports, mods and saving verbatim; the strategies by name (the values differ)."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    for changes in CHANGES.values():
+        for _, old, new in changes:
+            for line in new.splitlines():
+                if line in old.splitlines() or "out-dir" in line:
+                    continue  # the app's own lines, kept
+                shown = line.split("(")[0] if line.startswith("strategy = ") else line
+                assert shown.strip() in readme, line
 
 
 @pytest.mark.slow

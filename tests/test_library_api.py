@@ -347,3 +347,37 @@ def test_no_doubled_log_lines_once_opacus_is_imported(capfd):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert (proc.stdout + proc.stderr).count("hello-once") == 1
+
+
+def test_he_mod_on_train_only_is_explained_by_the_server(keys, caplog):
+    caplog.set_level(logging.WARNING, logger="flwr")
+    grid = InProcessGrid(_app(train_mods=[make_he_mod(keys[0], workers=1)]), NODES)
+    HEFedAvg(keys[1], min_available_nodes=NODES, workers=1).start(grid, _start(), num_rounds=2)
+    assert "failed to evaluate the encrypted global model" in caplog.text
+    assert "ClientApp(mods=[he_mod])" in caplog.text and "KeyError: 'w'" in caplog.text
+
+
+def test_protocol_metrics_stay_out_of_the_rounds_metrics(keys):
+    grid = InProcessGrid(_app([he_dp_mod_for(keys)]), NODES)
+    metrics = _he_dp(keys).start(grid, _start(), num_rounds=1).train_metrics_clientapp[1]
+    assert metrics["my-loss"] == 0.25
+    assert not {protocol.NORM_BIT, protocol.HE_WEIGHT, protocol.DP_SHARE_STD} & set(metrics)
+
+
+def test_he_fedavg_weights_by_the_users_weighted_by_key(keys):
+    """weighted_by_key reaches the clients' he_mod, which encrypts with that weight."""
+    app = ClientApp(mods=[make_he_mod(keys[0], workers=1)])
+
+    @app.train()
+    def train(msg, context):
+        pid = context.node_config["partition-id"]
+        new = {k: Array(v.numpy() + pid + 1.0) for k, v in msg.content["arrays"].items()}
+        metrics = MetricRecord({"num-examples": 1, "my-weight": 10 * (pid + 1)})
+        return Message(RecordDict({"arrays": ArrayRecord(new), "metrics": metrics}), reply_to=msg)
+
+    strategy = HEFedAvg(keys[1], weighted_by_key="my-weight", min_available_nodes=NODES, workers=1)
+    strategy.min_evaluate_nodes = 0
+    strategy.fraction_evaluate = 0.0
+    result = strategy.start(InProcessGrid(app, NODES), _start(), num_rounds=1)
+    # (1*10 + 2*20 + 3*30) / 60 = 14/6, not the unweighted 2.
+    assert np.allclose(decrypt_arrays(result.arrays, keys[0])["w"].numpy(), 14 / 6, atol=1e-6)
