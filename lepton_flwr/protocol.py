@@ -20,8 +20,17 @@ NORM_BIT = KEY_NORM_BIT  # 1 when the update was clipped (Flower's key and meani
 DP_SHARE_STD = "dp-share-std"  # dp_share_mod: the noise std this share carries
 HE_WEIGHT = "he-weight"  # the weight he_mod encrypts with (1 for a DP share)
 
+TRAIN_LOSS = "train-loss"  # our ClientApp's training loss
+CLIENT_EPSILON = "client-epsilon"  # DP-SGD: the client's cumulative ε (the round takes the max)
+DPSGD_NOISE_MULTIPLIER = "dpsgd-noise-multiplier"
+
 # ---- node config / run config (per SuperNode, per run) ----------------------------------
 SECRET_CONTEXT = "he-secret-context"  # path of the clients' secret CKKS context
+PARTITION_ID = "partition-id"  # our ClientApp: which data partition this node holds
+NUM_PARTITIONS = "num-partitions"  # (Flower's simulation sets both the same way)
+
+# ---- node state (context.state, never sent) ---------------------------------------------
+DPSGD_STATE = "lepton-dpsgd"  # DP-SGD: the client's accountant history
 
 # ---- privacy figures a DP strategy returns in its train MetricRecord each round --------
 EPSILON = "epsilon"  # ε spent so far, at DELTA

@@ -6,6 +6,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.client.mod.utils import make_ffn
 from flwr.clientapp import ClientApp
 
+from lepton_flwr import protocol
 from lepton_flwr.apps.build import build_client_mods
 from lepton_flwr.apps.common import config_from_context, model_for
 from lepton_flwr.data import load_client_data, load_dataset
@@ -18,8 +19,8 @@ from lepton_flwr.dp.dpsgd import (
 from lepton_flwr.models import evaluate, resolve_device, train
 from lepton_flwr.mods.common import is_train
 
-PARTITION_ID_KEY = "partition-id"
-NUM_PARTITIONS_KEY = "num-partitions"
+PARTITION_ID_KEY = protocol.PARTITION_ID
+NUM_PARTITIONS_KEY = protocol.NUM_PARTITIONS
 
 
 def _node_partition(context: Context) -> tuple[int, int]:
@@ -52,7 +53,7 @@ def _round_seed(cfg: dict, partition_id: int, server_round: int) -> int:
 def handle_train(msg: Message, context: Context, cfg: dict) -> Message:
     """Train the received global model on the local split; reply with the new weights."""
     partition_id, data, spec, model = _received_model(msg, context, cfg)
-    server_round = int(msg.content["config"].get("server-round", 0))
+    server_round = int(msg.content["config"].get(protocol.SERVER_ROUND, 0))
     t = cfg["train"]
     device = resolve_device(cfg["device"])
     seed = _round_seed(cfg, partition_id, server_round)
@@ -76,14 +77,14 @@ def handle_train(msg: Message, context: Context, cfg: dict) -> Message:
         {
             "arrays": ArrayRecord(model.state_dict()),
             "metrics": MetricRecord(
-                {"train-loss": loss, "num-examples": len(data.y_train), **metrics}
+                {protocol.TRAIN_LOSS: loss, protocol.NUM_EXAMPLES: len(data.y_train), **metrics}
             ),
         }
     )
     return Message(content, reply_to=msg)
 
 
-DPSGD_STATE_KEY = "lepton-dpsgd"
+DPSGD_STATE_KEY = protocol.DPSGD_STATE
 
 
 def _train_dpsgd(model, data, context: Context, cfg: dict, options: dict) -> tuple[float, dict]:
@@ -107,7 +108,7 @@ def _train_dpsgd(model, data, context: Context, cfg: dict, options: dict) -> tup
         **options,
     )
     context.state[DPSGD_STATE_KEY] = ConfigRecord({"history": history_to_json(history)})
-    return loss, {"client-epsilon": epsilon, "dpsgd-noise-multiplier": z}
+    return loss, {protocol.CLIENT_EPSILON: epsilon, protocol.DPSGD_NOISE_MULTIPLIER: z}
 
 
 def handle_evaluate(msg: Message, context: Context, cfg: dict) -> Message:
@@ -128,7 +129,7 @@ def handle_evaluate(msg: Message, context: Context, cfg: dict) -> Message:
     if n_test == 0:
         metrics = dict.fromkeys(metrics, 0.0)
     record = {f"eval-{k}": v for k, v in metrics.items()}
-    record["num-examples"] = n_test
+    record[protocol.NUM_EXAMPLES] = n_test
     return Message(RecordDict({"metrics": MetricRecord(record)}), reply_to=msg)
 
 

@@ -15,6 +15,8 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
+from lepton_flwr import protocol
+
 ClientFn = Callable[[Message, Context], Message]
 
 
@@ -38,7 +40,7 @@ class InProcessGrid(Grid):
             100 + i: Context(
                 run_id=1,
                 node_id=100 + i,
-                node_config={"partition-id": i, "num-partitions": num_nodes},
+                node_config={protocol.PARTITION_ID: i, protocol.NUM_PARTITIONS: num_nodes},
                 state=RecordDict(),
                 run_config={},
             )

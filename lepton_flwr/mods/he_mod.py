@@ -191,6 +191,12 @@ def make_he_mod(
 
     @replies_with_errors("he_mod")
     def he_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        """Decrypt the global model for the handler; encrypt a training reply (``HEFedAvg``).
+
+        The secret context comes from the node config or run config key
+        ``he-secret-context``, or the path given to ``make_he_mod``. Attach it to the
+        whole app: ``ClientApp(mods=[he_mod])``. Problems become error replies.
+        """
         path = find_secret_context(context, secret_context_path)
         return apply_he(msg, context, call_next, path, weight_scale, workers, seeded)
 
@@ -216,6 +222,12 @@ def make_he_dp_mod(
     he = make_he_mod(secret_context_path, workers=workers, seeded=seeded)
 
     def he_dp_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        """Clip, add a noise share, scale and encrypt a training reply (``HEDPFedAvg``).
+
+        ``dp_share_mod`` inside ``he_mod``: the update never leaves the client without
+        noise, and never in the clear. The global model is decrypted for every handler.
+        Attach it to the whole app: ``ClientApp(mods=[he_dp_mod])``.
+        """
         return he(msg, context, lambda m, c: dp_share_mod(m, c, call_next))
 
     return he_dp_mod
