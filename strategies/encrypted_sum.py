@@ -19,32 +19,28 @@ from lepton_flwr.he.records import EncryptedModel, is_encrypted
 ReplyCheck = Callable[[Message, EncryptedModel], None]
 
 
-def the_arrays(msg: Message) -> ArrayRecord:
-    """A reply's one ArrayRecord (Flower's reply contract).
+def the_record(msg: Message, record_type: type) -> ArrayRecord | MetricRecord:
+    """A reply's one record of a type (Flower's reply contract: one of each).
 
     Raises
     ------
     CiphertextError
         If there is not exactly one.
     """
-    records = msg.content.array_records
+    records = [r for r in msg.content.values() if isinstance(r, record_type)]
     if len(records) != 1:
-        raise CiphertextError(f"expected one ArrayRecord, got {list(records)}")
-    return next(iter(records.values()))
+        raise CiphertextError(f"expected one {record_type.__name__}, got {len(records)}")
+    return records[0]
+
+
+def the_arrays(msg: Message) -> ArrayRecord:
+    """A reply's one ArrayRecord (raises ``CiphertextError`` otherwise)."""
+    return the_record(msg, ArrayRecord)
 
 
 def the_metrics(msg: Message) -> MetricRecord:
-    """A reply's one MetricRecord.
-
-    Raises
-    ------
-    CiphertextError
-        If there is not exactly one.
-    """
-    records = msg.content.metric_records
-    if len(records) != 1:
-        raise CiphertextError(f"expected one MetricRecord, got {list(records)}")
-    return next(iter(records.values()))
+    """A reply's one MetricRecord (raises ``CiphertextError`` otherwise)."""
+    return the_record(msg, MetricRecord)
 
 
 class EncryptedSum:

@@ -15,7 +15,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from lepton_flwr.strategies.encrypted_sum import EncryptedSum, the_metrics
 from lepton_flwr.strategies.fedavg_args import refuse_fraction_train
-from lepton_flwr.strategies.he_fedavg import explain_evaluation_errors
+from lepton_flwr.strategies.he_fedavg import ExplainsEncryptedEvaluation
 from lepton_flwr.strategies.metrics import clients_metrics
 from lepton_flwr.strategies.round_loop import FlowerLoop
 
@@ -25,7 +25,7 @@ from lepton_flwr.he.codec import CiphertextError
 from lepton_flwr.he.records import EncryptedModel
 
 
-class HEDPFedAvg(FlowerLoop, FedAvg):
+class HEDPFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
     """Client-level DP whose noise is added by the clients, under encryption.
 
     Each sampled client (with ``he_dp_mod``) clips its update to C, adds a share
@@ -114,7 +114,6 @@ class HEDPFedAvg(FlowerLoop, FedAvg):
             seed=seed,
         )
         self._global: EncryptedModel | None = None
-        self._evaluated = ArrayRecord()
         self._share_std = 0.0
         self._sampled = 0
 
@@ -238,16 +237,3 @@ class HEDPFedAvg(FlowerLoop, FedAvg):
         return released.to_record(), MetricRecord(
             {**metrics, **self.rounds.privacy_metrics(), **figures}
         )
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """FedAvg's; the model sent is kept to explain failed evaluations."""
-        self._evaluated = arrays
-        return super().configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord:
-        """FedAvg's, after explaining replies that could not read the encrypted model."""
-        replies = list(replies)
-        explain_evaluation_errors("HEDPFedAvg", replies, self._evaluated)
-        return super().aggregate_evaluate(server_round, replies)

@@ -20,27 +20,43 @@ from lepton_flwr.he.codec import CiphertextError
 from lepton_flwr.he.records import EncryptedModel, is_encrypted
 
 
-def explain_evaluation_errors(
-    strategy_name: str, replies: list[Message], sent: ArrayRecord
-) -> None:
-    """Log why clients may have failed to evaluate an encrypted model, if they failed."""
-    failed = [m for m in replies if m.has_error()]
-    if not failed or not is_encrypted(sent):
-        return
-    log(
-        WARNING,
-        "%s: %d of %d nodes failed to evaluate the encrypted global model (node %d: %s). If "
-        "the evaluate handler cannot read it, the HE mod runs on training only: attach it "
-        "to the whole ClientApp, ClientApp(mods=[he_mod]) or ClientApp(mods=[he_dp_mod])",
-        strategy_name,
-        len(failed),
-        len(replies),
-        failed[0].metadata.src_node_id,
-        failed[0].error.reason,
-    )
+class ExplainsEncryptedEvaluation:
+    """FedAvg's evaluation, plus a log line when clients fail on the encrypted model.
+
+    For HE strategies (put it before ``FedAvg`` among the bases): the usual cause is an
+    HE mod attached to ``@app.train`` only, so the evaluate handler gets ciphertexts.
+    """
+
+    _evaluated: ArrayRecord | None = None
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """FedAvg's; the model sent is kept to explain failed evaluations."""
+        self._evaluated = arrays
+        return super().configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord:
+        """FedAvg's, after explaining replies that failed on the encrypted model."""
+        replies = list(replies)
+        failed = [m for m in replies if m.has_error()]
+        if failed and self._evaluated is not None and is_encrypted(self._evaluated):
+            log(
+                WARNING,
+                "%s: %d of %d nodes failed to evaluate the encrypted global model (node %d: "
+                "%s). If the evaluate handler cannot read it, the HE mod runs on training "
+                "only: attach it to the whole ClientApp, ClientApp(mods=[he_mod]) or "
+                "ClientApp(mods=[he_dp_mod])",
+                type(self).__name__,
+                len(failed),
+                len(replies),
+                failed[0].metadata.src_node_id,
+                failed[0].error.reason,
+            )
+        return super().aggregate_evaluate(server_round, replies)
 
 
-class HEFedAvg(FlowerLoop, FedAvg):
+class HEFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
     """Federated averaging of CKKS-encrypted updates.
 
     Clients (with ``he_mod``) send ``w_i * update_i`` encrypted, plus their weight
@@ -90,7 +106,6 @@ class HEFedAvg(FlowerLoop, FedAvg):
     ):
         super().__init__(**fedavg_kwargs)
         self.encrypted_sum = EncryptedSum(public_context, headroom_fraction, workers, "HEFedAvg")
-        self._evaluated = ArrayRecord()
 
     @property
     def fingerprint(self) -> str:
@@ -149,16 +164,3 @@ class HEFedAvg(FlowerLoop, FedAvg):
             self.train_metrics_aggr_fn, accepted, self.weighted_by_key, "HEFedAvg", server_round
         )
         return total.to_record(), MetricRecord(metrics)
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """FedAvg's; the model sent is kept to explain failed evaluations."""
-        self._evaluated = arrays
-        return super().configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord:
-        """FedAvg's, after explaining replies that could not read the encrypted model."""
-        replies = list(replies)
-        explain_evaluation_errors("HEFedAvg", replies, self._evaluated)
-        return super().aggregate_evaluate(server_round, replies)
