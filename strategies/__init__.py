@@ -19,6 +19,7 @@ from lepton_flwr.strategies.dp_fedavg import DPFedAvg
 from lepton_flwr.strategies.he_dp_fedavg import HEDPFedAvg
 from lepton_flwr.strategies.he_fedavg import HEFedAvg
 from lepton_flwr.strategies.metrics import aggregate_train_metrics
+from lepton_flwr.strategies.round_loop import NoModelTrainedError
 
 from lepton_flwr.dp.accounting import PrivacyBudgetExhausted
 
@@ -26,6 +27,7 @@ __all__ = [
     "DPFedAvg",
     "HEDPFedAvg",
     "HEFedAvg",
+    "NoModelTrainedError",
     "PrivacyBudgetExhausted",
     "aggregate_train_metrics",
 ]

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from logging import INFO, WARNING
+from logging import ERROR, INFO, WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
+from flwr.serverapp.exception import AggregationError
 from flwr.serverapp.strategy import Result, Strategy
 
 from lepton_flwr.dp.accounting import PrivacyBudgetExhausted
@@ -49,6 +50,8 @@ class RoundObserver:
         self.result = Result()
         self.train_seconds: dict[int, float] = {}
         self.configured: set[int] = set()  # rounds whose configure_train returned
+        self.aggregated: set[int] = set()  # rounds that produced a new global model
+        self.first_failure: str | None = None  # the first error reply seen, with its node
         self._started: dict[int, float] = {}
         self._saved: dict[str, object] = {}
 
@@ -68,7 +71,14 @@ class RoundObserver:
             return messages
 
         def observed_aggregate_train(server_round, replies):
+            replies = list(replies)
+            failed = [r for r in replies if r.has_error()]
+            if failed and self.first_failure is None:
+                node, reason = failed[0].metadata.src_node_id, failed[0].error.reason
+                self.first_failure = f"node {node}: {reason}"
             arrays, metrics = aggregate_train(server_round, replies)
+            if arrays is not None:
+                self.aggregated.add(server_round)
             started = self._started.get(server_round)
             if started is not None:
                 self.train_seconds[server_round] = time.monotonic() - started
@@ -142,12 +152,15 @@ class FlowerLoop:
         evaluate_config: ConfigRecord | None = None,
         evaluate_fn: EvaluateFn | None = None,
     ) -> Result:
-        """Run Flower's round loop (``Strategy.start``) with two guards.
+        """Run Flower's round loop (``Strategy.start``) with three guards.
 
         When the privacy budget would be passed, training stops and the ``Result`` holds
         the last released model and the metrics of every round that ran (privacy
         figures in ``train_metrics_clientapp``). A server-side ``evaluate_fn`` is not
-        called on encrypted models (one log line says so).
+        called on encrypted models (one log line says so). A run in which no round
+        produced a model (every client failed, e.g. without its key) ends with Flower's
+        ``AggregationError`` (:class:`NoModelTrainedError`, whose ``result`` holds the rounds)
+        naming the first failure, instead of a quiet success.
         """
         name = type(self).__name__
         with RoundObserver(self) as observed:
@@ -155,7 +168,7 @@ class FlowerLoop:
             if evaluate_fn is not None:
                 evaluate_fn = _recorded(plaintext_only(evaluate_fn, name), observed.result)
             try:
-                return super().start(
+                result = super().start(
                     grid,
                     initial_arrays,
                     num_rounds,
@@ -166,4 +179,39 @@ class FlowerLoop:
                 )
             except PrivacyBudgetExhausted as stop:
                 log(WARNING, "%s: privacy budget reached, training stops: %s", name, stop)
-                return observed.result
+                result = observed.result
+        if observed.configured and not observed.aggregated:
+            _no_model(name, observed)
+        return result
+
+
+class NoModelTrainedError(AggregationError):
+    """No round of a run produced a model; ``result`` holds what the rounds recorded.
+
+    A subclass of Flower's ``AggregationError``: uncaught, it fails the ServerApp.
+    """
+
+    def __init__(self, reason: str, result: Result):
+        super().__init__(reason)
+        self.result = result
+
+
+def _no_model(name: str, observed: RoundObserver) -> None:
+    """End a run in which no round produced a model: an error, not a quiet success.
+
+    Raises
+    ------
+    NoModelTrainedError
+        Saying why, with the rounds' ``Result``.
+    """
+    reason = (
+        f"the first failure: {observed.first_failure}"
+        if observed.first_failure
+        else "the server refused every reply (see the log lines above)"
+    )
+    message = (
+        f"{name}: none of the {len(observed.configured)} rounds produced a model, so "
+        f"training did nothing; {reason}"
+    )
+    log(ERROR, message)
+    raise NoModelTrainedError(message, observed.result)

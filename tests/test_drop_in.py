@@ -328,5 +328,31 @@ def test_the_readme_lines_add_he_dp_and_he_dp_to_a_stock_flower_app(tmp_path):
                 accuracy = _accuracy(state.to_torch_state_dict())
             assert accuracy > (0.85 if variant == "he" else 0.5), (variant, accuracy)
             assert np.isfinite(accuracy)
+        # The HE app without its secret context: the run fails and says why (Flower's
+        # `flwr run --stream` itself exits 0 for a failed run; its log says so).
+        out = tmp_path / "no-key-out"
+        out.mkdir()
+        run_config = f"out-dir='{out}' he-public-context='{keys / 'public.ctx'}'"
+        proc = subprocess.run(
+            [
+                flwr,
+                "run",
+                str(tmp_path / "he"),
+                "--stream",
+                "--run-config",
+                run_config,
+                "--federation-config",
+                "num-supernodes=3 client-resources-num-cpus=1",
+            ],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        log = proc.stdout + proc.stderr
+        assert "none of the 3 rounds produced a model" in log, log[-4000:]
+        assert "no CKKS secret context given" in log and "--node-config" in log
+        assert not (out / "model.ckks.zip").exists()
     finally:
         _stop_processes(f"flower-superlink.*--port {http_port}")

@@ -296,11 +296,18 @@ def test_a_bad_reply_is_rejected_and_the_round_goes_on(tmp_path, keys, caplog, c
 
 def test_too_few_valid_replies_skip_the_round_and_keep_the_model(tmp_path, keys, caplog):
     caplog.set_level(logging.WARNING, logger="flwr")
+    from lepton_flwr.strategies import NoModelTrainedError
+
     overrides = f"{_he(keys)} num_rounds=2 strategy.min_train_nodes=3"
-    _, _, out, rows = _run(tmp_path, "few", overrides, _tamper(101, _garbled))
+    with pytest.raises(NoModelTrainedError, match="none of the 2 rounds produced a model"):
+        _run(tmp_path, "few", overrides, _tamper(101, _garbled))
+    out = tmp_path / "few"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert caplog.text.count("fewer than min_train_nodes=3; round skipped") == 2
-    # Both rounds skipped: the global model is still the initial plaintext one.
+    # Both rounds skipped: the global model is still the initial plaintext one; the run
+    # failed (no summary.json) but kept its record.
     assert (out / "model.pt").is_file() and not (out / ENCRYPTED_MODEL_FILE).exists()
+    assert not (out / "summary.json").exists()
     assert rows[0]["federated_accuracy"] == rows[1]["federated_accuracy"]
 
 

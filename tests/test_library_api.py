@@ -88,6 +88,15 @@ def _dp(**kwargs):
     return DPFedAvg(**(settings | kwargs))
 
 
+def _no_model(run):
+    """Run a start() that trains nothing: it raises NoModelTrainedError; return its Result."""
+    from lepton_flwr.strategies import NoModelTrainedError
+
+    with pytest.raises(NoModelTrainedError) as stop:
+        run()
+    return stop.value.result
+
+
 # ---- guard rails ------------------------------------------------------------------------
 
 
@@ -95,7 +104,7 @@ def test_he_mod_without_dp_share_mod_sends_nothing_under_he_dp(keys, caplog):
     """Issue 10, item 1: he_mod alone with HEDPFedAvg used to pass as DP; now nothing is sent."""
     caplog.set_level(logging.WARNING, logger="flwr")
     grid = InProcessGrid(_app([make_he_mod(keys[0], workers=1)]), NODES)
-    result = _he_dp(keys).start(grid, _start(), num_rounds=1)
+    result = _no_model(lambda: _he_dp(keys).start(grid, _start(), num_rounds=1))
     errors = [r.error.reason for r in grid.received if r.has_error()]
     assert len(errors) == NODES
     assert all("no dp_share_mod ran" in e and "he_dp_mod" in e for e in errors)
@@ -116,7 +125,7 @@ def test_he_dp_server_refuses_an_encrypted_reply_that_is_not_a_dp_share(keys, ca
         return call_next(msg, context)
 
     grid = InProcessGrid(_app([hide_noise_request, make_he_mod(keys[0], workers=1)]), NODES)
-    result = _he_dp(keys).start(grid, _start(), num_rounds=1)
+    result = _no_model(lambda: _he_dp(keys).start(grid, _start(), num_rounds=1))
     assert caplog.text.count("not a DP share") == NODES
     assert "rejected the reply of node 100" in caplog.text
     assert result.train_metrics_clientapp[1]["clients-reported"] == 0
@@ -161,7 +170,7 @@ def test_min_train_nodes_is_honoured_not_a_type_error(keys, caplog):
         return call_next(msg, context)
 
     grid = InProcessGrid(_app([fail_two, he_dp_mod_for(keys)]), NODES)
-    result = _he_dp(keys, min_train_nodes=2).start(grid, _start(), num_rounds=1)
+    result = _no_model(lambda: _he_dp(keys, min_train_nodes=2).start(grid, _start(), 1))
     assert result.train_metrics_clientapp[1]["clients-reported"] == 1
     assert "nothing released" in caplog.text and result.train_metrics_clientapp[1]["epsilon"] == 0
 
@@ -381,3 +390,12 @@ def test_he_fedavg_weights_by_the_users_weighted_by_key(keys):
     result = strategy.start(InProcessGrid(app, NODES), _start(), num_rounds=1)
     # (1*10 + 2*20 + 3*30) / 60 = 14/6, not the unweighted 2.
     assert np.allclose(decrypt_arrays(result.arrays, keys[0])["w"].numpy(), 14 / 6, atol=1e-6)
+
+
+def test_a_run_where_no_round_produced_a_model_fails_and_says_why(keys):
+    """Issue 10, item 3: a run whose clients all lack their key no longer ends quietly."""
+    from flwr.serverapp.exception import AggregationError
+
+    grid = InProcessGrid(_app([he_mod]), NODES)
+    with pytest.raises(AggregationError, match="none of the 2 rounds.*no CKKS secret context"):
+        HEFedAvg(keys[1], min_available_nodes=NODES).start(grid, _start(), num_rounds=2)

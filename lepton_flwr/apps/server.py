@@ -19,7 +19,7 @@ from lepton_flwr.he.keyholder import save_encrypted_arrays
 from lepton_flwr.he.records import is_encrypted
 from lepton_flwr.models import evaluate, resolve_device
 from lepton_flwr.results import RunRecorder
-from lepton_flwr.strategies.round_loop import RoundObserver
+from lepton_flwr.strategies.round_loop import NoModelTrainedError, RoundObserver
 
 ENCRYPTED_MODEL_FILE = "model.ckks.zip"
 
@@ -56,14 +56,18 @@ def run_server(grid: Grid, cfg: dict) -> Path:
 
         strategy = build_strategy(cfg)
         recording = RecordingGrid(grid)
+        failure = None
         with RoundObserver(strategy) as observer:
             rows = RoundRows(recording, observer, recorder.record, cfg["num_rounds"])
-            result = strategy.start(
-                recording,
-                ArrayRecord(model.state_dict()),
-                num_rounds=cfg["num_rounds"],
-                evaluate_fn=timed_evaluation(central_evaluate, rows),
-            )
+            try:
+                result = strategy.start(
+                    recording,
+                    ArrayRecord(model.state_dict()),
+                    num_rounds=cfg["num_rounds"],
+                    evaluate_fn=timed_evaluation(central_evaluate, rows),
+                )
+            except NoModelTrainedError as err:  # keep the rounds' record, then fail the run
+                result, failure = err.result, err
             rows.finish()
         final = result.arrays
         if is_encrypted(final):
@@ -76,6 +80,8 @@ def run_server(grid: Grid, cfg: dict) -> Path:
         else:
             recorder.save_model(final.to_torch_state_dict())
         recorder.plot()
+        if failure is not None:
+            raise failure  # no summary.json: the run did not finish
         log(INFO, "[lepton] done: %s", recorder.write_summary())
         log(INFO, "[lepton] metrics, plot and model in %s", recorder.out_dir)
     finally:
