@@ -1,5 +1,6 @@
 """Sample-level DP-SGD on clients: cumulative accounting, Opacus modes."""
 
+import logging
 import math
 
 import numpy as np
@@ -111,3 +112,28 @@ def test_dpsgd_preset_trains_the_scatnet_to_good_accuracy_within_the_budget(tmp_
     assert rows[-1]["central_accuracy"] > 0.8, rows[-1]  # chance is 0.1
     weights = torch.load(folder / "model.pt")
     assert set(weights) == {"head.2.weight", "head.2.bias"}  # only the linear layer travels
+
+
+def _weights_after_dpsgd(**options):
+    import torch
+
+    torch.manual_seed(0)  # the same initial model every time
+    model, _, *_ = _dpsgd_on_random_images("cnn", seed=7, **options)
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_dpsgd_noise_and_sampling_do_not_follow_the_public_seed(caplog):
+    """Same data, same config seed: the weights differ, as DP-SGD's noise must be secret.
+
+    With the seed driving Opacus' noise, a server knowing the config could recompute the
+    outputs for neighbouring datasets and tell which one happened.
+    """
+    import torch
+
+    first, second = _weights_after_dpsgd(), _weights_after_dpsgd()
+    assert not torch.equal(first, second)
+    # The explicit opt-in is reproducible, and says it is not private.
+    caplog.set_level(logging.WARNING, logger="flwr")
+    again = [_weights_after_dpsgd(reproducible=True) for _ in range(2)]
+    assert torch.equal(again[0], again[1])
+    assert "NOT differentially private" in caplog.text

@@ -104,6 +104,7 @@ def _train_dpsgd(model, data, context: Context, cfg: dict, options: dict) -> tup
         delta=privacy["delta"],
         accountant=privacy["accountant"],
         mode=privacy["mode"],
+        reproducible=privacy["reproducible"],
         history=history,
         **options,
     )

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
 import warnings
+from logging import WARNING
 
 import numpy as np
 import torch
+from flwr.common.logger import log
 from torch import nn
 
 from lepton_flwr.dp.accounting import PrivacyConfigError, check_delta
@@ -75,8 +78,16 @@ def train_dpsgd(
     history: list | None = None,
     device: torch.device | str = "cpu",
     seed: int = 0,
+    reproducible: bool = False,
 ) -> tuple[float, float, list]:
     """Train ``model`` in place with DP-SGD.
+
+    Opacus' noise and its Poisson batch sampling draw from torch generators seeded from
+    the operating system's secure randomness, never from ``seed``: anyone who knows the
+    run's config (the server does) could otherwise recompute both possible outputs for
+    neighbouring datasets and tell which one happened. ``reproducible=True`` draws both
+    from the global torch generator seeded with ``seed`` instead: for tests and debugging
+    only, the result is not private (a warning is logged).
 
     Returns
     -------
@@ -95,6 +106,12 @@ def train_dpsgd(
         model, x, y, batch_size, lr, momentum, weight_decay, device=device, seed=seed
     )
     criterion = loss_fn(num_outputs)
+    if reproducible:
+        log(
+            WARNING,
+            "DP-SGD noise and batch sampling follow the run seed (reproducible=True): this "
+            "run is NOT differentially private; use it for tests and debugging only",
+        )
     engine = PrivacyEngine(accountant=accountant)
     engine.accountant.history = [tuple(h) for h in (history or [])]
     with warnings.catch_warnings():
@@ -108,17 +125,25 @@ def train_dpsgd(
             max_grad_norm=max_grad_norm,
             poisson_sampling=True,
             grad_sample_mode=mode,
+            noise_generator=None if reproducible else secure_torch_generator(device),
         )
     if mode == "ghost":
         private_model, optimizer, criterion, loader = made
     else:
         private_model, optimizer, loader = made
+    if not reproducible:  # Opacus samples batches with the global generator otherwise
+        loader.batch_sampler.generator = secure_torch_generator("cpu")
     with warnings.catch_warnings():
         # Opacus repeats the same UserWarnings every step (backward hooks, RDP orders).
         warnings.simplefilter("ignore", UserWarning)
         epoch_loss = run_epochs(private_model, loader, optimizer, criterion, epochs, device)
         epsilon = float(engine.accountant.get_epsilon(delta))
     return epoch_loss, epsilon, [list(h) for h in engine.accountant.history]
+
+
+def secure_torch_generator(device: torch.device | str) -> torch.Generator:
+    """A torch generator on ``device`` seeded with 63 bits from the OS's secure randomness."""
+    return torch.Generator(device=device).manual_seed(secrets.randbits(63))
 
 
 def history_to_json(history: list) -> str:
