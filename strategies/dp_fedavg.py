@@ -67,9 +67,12 @@ class DPFedAvg(FlowerLoop, FedAvg):
     clipping_side : str (default: "server")
         ``"server"`` or ``"client"`` (clients clip with ``dp_clip_mod``).
     adaptive : bool (default: False)
-        Adapt C toward the ``target_quantile`` of update norms (Andrew et al.); the noisy
-        count of unclipped updates (std ``count_stddev``, default expected clients / 20)
-        is paid for from the same budget (the update's noise grows accordingly).
+        Adapt C toward the ``target_quantile`` of update norms (Andrew et al.). The
+        server releases a noisy count of unclipped updates, centred as Andrew et al. do
+        (each reply adds b − 1/2, b = 1 if unclipped, so one client moves it by at most
+        1/2; noise std ``count_stddev``, default max(expected clients / 20, z)); it is
+        paid for from the same budget: the update's noise grows so that the two together
+        are one Gaussian mechanism of multiplier z.
     target_quantile, clip_lr : float (default: 0.5, 0.2)
         Adaptive clipping's target quantile and geometric learning rate.
     count_stddev : float | None (default: None)
@@ -269,7 +272,10 @@ class DPFedAvg(FlowerLoop, FedAvg):
         # The release happened (noise only, if nobody replied): account for it.
         epsilon = rounds.record(z)
         if self.adaptive:
-            noisy_fraction = (sum(bits) + rng.normal(0.0, count_stddev)) / denominator
+            # Centred bits (b - 1/2): one client moves the count by at most 1/2, the
+            # sensitivity that update_noise_multiplier's budget split assumes.
+            centred = sum(b - 0.5 for b in bits) + rng.normal(0.0, count_stddev)
+            noisy_fraction = 0.5 + centred / denominator
             self.clip_norm = adapt_clip_norm(
                 clip_norm, noisy_fraction, self.target_quantile, self.clip_lr
             )

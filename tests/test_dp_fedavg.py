@@ -214,3 +214,63 @@ def test_flowers_own_round_loop_also_stops_at_the_budget(caplog):
     assert strategy.epsilon() == pytest.approx(acc.epsilon(1e-3))
     assert "privacy budget reached" in caplog.text
     assert "aggregate_train" not in vars(strategy)  # the recording hooks are gone
+
+
+@pytest.mark.parametrize("dropped_bit", [0.0, 1.0])
+def test_adaptive_clipping_spends_what_it_reports(dropped_bit):
+    """Neighbouring rounds (node 103's reply there or not; same N, d and noise draws).
+
+    The released count moves by at most 1/2 per client and the released sum by at most C,
+    so the round is one Gaussian mechanism whose multiplier, computed from those measured
+    sensitivities and the noise used, gives dp-accounting the ε the strategy reports.
+    """
+    import dp_accounting
+    from dp_accounting.rdp import RdpAccountant
+
+    size, z, clip_norm, count_stddev, lr, target = 100, 1.0, 1.0, 2.0, 0.2, 0.5
+    norms = {100: 0.1, 101: 0.1, 102: 10.0, 103: 0.1 if dropped_bit else 10.0}
+
+    def client_fn(msg, context):
+        arrays = msg.content["arrays"]
+        step = norms[context.node_id] / np.sqrt(size)
+        new = {k: Array((v.numpy() + step).astype(np.float32)) for k, v in arrays.items()}
+        metrics = MetricRecord({"num-examples": 5})
+        return Message(RecordDict({"arrays": ArrayRecord(new), "metrics": metrics}), reply_to=msg)
+
+    def one_round(drop_103):
+        strategy = DPFedAvg(
+            noise_multiplier=z,
+            clip_norm=clip_norm,
+            sample_rate=1.0,
+            adaptive=True,
+            count_stddev=count_stddev,
+            clip_lr=lr,
+            target_quantile=target,
+            delta=1e-3,
+            seed=11,
+            min_available_nodes=4,
+        )
+        grid = InProcessGrid(client_fn, num_nodes=4)
+        start = ArrayRecord({"w": Array(np.zeros(size, dtype=np.float32))})
+        replies = grid.send_and_receive(strategy.configure_train(1, start, ConfigRecord(), grid))
+        replies = [r for r in replies if not (drop_103 and r.metadata.src_node_id == 103)]
+        arrays, _ = strategy.aggregate_train(1, replies)
+        fraction = target - np.log(strategy.clip_norm / clip_norm) / lr  # the released count
+        return strategy, arrays["w"].numpy().astype(np.float64), fraction
+
+    with_103, model_with, fraction_with = one_round(False)
+    _, model_without, fraction_without = one_round(True)
+    d = 4.0  # q * N
+    count_shift = abs(fraction_with - fraction_without) * d
+    sum_shift = np.linalg.norm(model_with - model_without) * d
+    assert count_shift == pytest.approx(0.5, abs=1e-6)
+    assert sum_shift <= clip_norm * (1 + 1e-5)
+    z_update = update_noise_multiplier(z, count_stddev)
+    z_joint = (
+        (clip_norm / (z_update * clip_norm)) ** 2 + (count_shift / count_stddev) ** 2
+    ) ** -0.5
+    reference = RdpAccountant()
+    reference.compose(
+        dp_accounting.PoissonSampledDpEvent(1.0, dp_accounting.GaussianDpEvent(z_joint))
+    )
+    assert with_103.epsilon() == pytest.approx(reference.get_epsilon(1e-3), rel=0.01)

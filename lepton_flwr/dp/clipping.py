@@ -32,7 +32,8 @@ def adapt_clip_norm(
 
     ``C <- C * exp(-lr * (b - target_quantile))``, where ``b`` is the (noisy) fraction of
     clients whose update norm was at most C (Andrew et al., "Differentially Private
-    Learning with Adaptive Clipping", 2021).
+    Learning with Adaptive Clipping", 2021), estimated from the centred count
+    ``1/2 + (Σ (b_i − 1/2) + noise) / d``.
     """
     return clip_norm * math.exp(-lr * (unclipped_fraction - target_quantile))
 
@@ -41,8 +42,11 @@ def update_noise_multiplier(noise_multiplier: float, count_stddev: float) -> flo
     """Noise multiplier left for the update when the unclipped count is noised too.
 
     Adaptive clipping releases a noisy count (std ``count_stddev``) besides the noisy
-    sum; both together are a Gaussian mechanism of multiplier ``noise_multiplier`` when
-    the update gets ``(z^-2 - (2 count_stddev)^-2)^(-1/2)`` (Andrew et al., Theorem 1).
+    sum. The count adds up centred bits b − 1/2, so one client moves it by at most 1/2
+    (and the sum by at most C); both together are a Gaussian mechanism of multiplier
+    ``noise_multiplier`` when the update gets ``(z^-2 - (2 count_stddev)^-2)^(-1/2)``
+    (Andrew et al., Theorem 1). With uncentred bits (sensitivity 1) this split would
+    understate ε.
 
     Raises
     ------
