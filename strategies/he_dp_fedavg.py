@@ -38,10 +38,15 @@ class HEDPFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
     line naming the node, and is never added; so is a reply that fails any check of
     ``HEFedAvg``, and a sum that could pass the CKKS headroom releases nothing.
 
-    Dropouts: σ is set so that ``(1 - dropout_rate)`` of the sampled clients carry the
-    full noise zC together (σ = zC / sqrt(planned reporters)). The accountant composes
-    the noise actually present, σ·sqrt(reporters), which is below zC (larger ε) when
-    more clients drop out than planned. Each round's ``MetricRecord`` carries
+    Colluders and dropouts: a client that reported knows its own share and can subtract
+    it from the decrypted model, so only the others' shares protect anyone from it. σ is
+    set so that ``(1 - dropout_rate)`` of the sampled clients, less ``tolerated_colluders``
+    (c) of them, carry the full noise zC together: σ = zC / sqrt(planned − c). The
+    accountant composes the noise actually present against c colluders,
+    σ·sqrt(reporters − c), which is below zC (larger ε) when more clients drop out than
+    planned. Before a round the server computes the fewest shares that keep ε within
+    ``max_epsilon``; with fewer valid shares the round releases nothing and is not
+    accounted, so dropouts never take ε past the budget. Each round's ``MetricRecord`` carries
     ``epsilon``, ``delta``, ``clients-sampled``, ``clients-reported``,
     ``noise-multiplier-present`` and ``noise-std-present`` besides the clients' metrics.
     ``start`` stops before a round that would pass ``max_epsilon``, skips a server-side
@@ -61,6 +66,9 @@ class HEDPFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
         from the clients' own secure randomness).
     headroom_fraction, workers
         As in :class:`HEFedAvg`.
+    tolerated_colluders : int (default: 1)
+        c: clients that may pool their own noise shares with the server's view; the noise
+        of the others must suffice. 0 trusts every client not to subtract its share.
     min_train_nodes : int (default: 1)
         With fewer valid shares than this, the round releases nothing (the global model
         is kept) and is not accounted.
@@ -90,11 +98,15 @@ class HEDPFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
         seed: int | None = None,
         headroom_fraction: float = 0.5,
         workers: int | None = None,
+        tolerated_colluders: int = 1,
         min_train_nodes: int = 1,
         fraction_train: float | None = None,
         **fedavg_kwargs,
     ):
         refuse_fraction_train("HEDPFedAvg", fraction_train)
+        if not isinstance(tolerated_colluders, int) or tolerated_colluders < 0:
+            raise ValueError(f"tolerated_colluders must be an int >= 0, got {tolerated_colluders}.")
+        self.tolerated_colluders = tolerated_colluders
         super().__init__(min_train_nodes=min_train_nodes, **fedavg_kwargs)
         if clip_norm <= 0:
             raise ValueError(f"The clipping norm must be > 0, got {clip_norm}.")
@@ -115,6 +127,7 @@ class HEDPFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
         )
         self._global: EncryptedModel | None = None
         self._share_std = 0.0
+        self._fewest = 1
         self._sampled = 0
 
     @property
@@ -150,8 +163,24 @@ class HEDPFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
         )
         self._sampled = len(sampled)
         self._global = self.encrypted_sum.encrypted(arrays)
-        planned = max(1, math.floor(len(sampled) * (1 - self.dropout_rate)))
-        self._share_std = self.rounds.noise_multiplier * self.clip_norm / math.sqrt(planned)
+        c = self.tolerated_colluders
+        planned = math.floor(len(sampled) * (1 - self.dropout_rate))
+        if planned <= c:
+            log(
+                WARNING,
+                "HEDPFedAvg round %d: %d sampled nodes (%d expected to report) cannot carry "
+                "the noise against %d colluding clients; round skipped, nothing released",
+                server_round,
+                len(sampled),
+                planned,
+                c,
+            )
+            self._share_std, self._fewest = 0.0, len(sampled) + 1
+            return []
+        # Sized so that the shares of `planned - c` reporters carry the full noise zC: the
+        # c colluders' own shares, which they can subtract, are not counted on.
+        self._share_std = self.rounds.noise_multiplier * self.clip_norm / math.sqrt(planned - c)
+        self._fewest = self._fewest_reporters(len(sampled))
         train_config = ConfigRecord(dict(config))
         train_config[protocol.SERVER_ROUND] = server_round
         train_config[protocol.CLIPPING_NORM] = self.clip_norm
@@ -159,17 +188,41 @@ class HEDPFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
         train_config[protocol.UPDATE_SCALE] = 1.0 / self.rounds.denominator
         log(
             INFO,
-            "HEDPFedAvg round %d: sampled %d of %d nodes, noise share std %.4g (for %d reporters)",
+            "HEDPFedAvg round %d: sampled %d of %d nodes, noise share std %.4g (for %d "
+            "reporters, %d tolerated colluders); releases only with at least %d shares",
             server_round,
             len(sampled),
             self.rounds.population,
             self._share_std,
             planned,
+            c,
+            self._fewest,
         )
         content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: train_config})
         return [
             Message(content, dst_node_id=node, message_type=MessageType.TRAIN) for node in sampled
         ]
+
+    def _noise_present(self, reported: int) -> float:
+        """The noise multiplier that ``reported`` shares carry against c colluders."""
+        reported = max(0, reported - self.tolerated_colluders)
+        return self._share_std * math.sqrt(reported) / self.clip_norm
+
+    def _fewest_reporters(self, sampled: int) -> int:
+        """Fewest valid shares whose noise keeps ε within the budget (and min_train_nodes).
+
+        A round with fewer releases nothing, so dropouts cannot take ε past ``max_epsilon``.
+        """
+        low, high = self.tolerated_colluders + 1, sampled
+        if not self.rounds.within_budget(self._noise_present(high)):
+            return sampled + 1  # not reachable: start_round checked the planned noise
+        while low < high:  # ε falls as more shares report: the first r within the budget
+            mid = (low + high) // 2
+            if self.rounds.within_budget(self._noise_present(mid)):
+                high = mid
+            else:
+                low = mid + 1
+        return max(low, self.min_train_nodes)
 
     def _check_share(self, msg: Message, update: EncryptedModel) -> None:
         """Refuse a reply that is not a DP share made for this round."""
@@ -193,23 +246,22 @@ class HEDPFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
         )
         reported = len(accepted)
         figures = {protocol.CLIENTS_SAMPLED: self._sampled, protocol.CLIENTS_REPORTED: reported}
-        if reported < max(1, self.min_train_nodes) or total is None:
+        if reported < self._fewest or total is None:
             log(
                 WARNING,
-                "HEDPFedAvg round %d: %d valid shares (min_train_nodes=%d); nothing released, "
+                "HEDPFedAvg round %d: %d valid shares, fewer than the %d this round needs "
+                "(budget, colluders, min_train_nodes); nothing released, not accounted, "
                 "global model kept",
                 server_round,
                 reported,
-                self.min_train_nodes,
+                self._fewest,
             )
             figures[protocol.NOISE_MULTIPLIER_PRESENT] = 0.0
             return None, MetricRecord({**self.rounds.privacy_metrics(), **figures})
-        z_present = self._share_std * math.sqrt(reported) / self.clip_norm
+        z_present = self._noise_present(reported)
         epsilon = self.rounds.record(z_present)
         figures[protocol.NOISE_MULTIPLIER_PRESENT] = z_present
-        figures[protocol.NOISE_STD_PRESENT] = (
-            self._share_std * math.sqrt(reported) / self.rounds.denominator
-        )
+        figures[protocol.NOISE_STD_PRESENT] = z_present * self.clip_norm / self.rounds.denominator
         if z_present < self.rounds.noise_multiplier * (1 - 1e-9):
             log(
                 WARNING,

@@ -41,11 +41,12 @@ def _client_app(keys, failing=()):
     return app
 
 
-def _one_round(keys, dropout_rate, failing):
+def _one_round(keys, dropout_rate, failing, colluders=0):
     strategy = HEDPFedAvg(
         keys[1],
         clip_norm=C,
         dropout_rate=dropout_rate,
+        tolerated_colluders=colluders,
         noise_multiplier=Z,
         delta=1e-3,
         sample_rate=1.0,
@@ -98,6 +99,59 @@ def test_the_server_sees_only_ciphertexts_and_holds_no_key(keys):
         assert META_KEY in record
         assert {a.stype for a in record.values()} <= {"lepton.ckks", "lepton.ckks-meta"}
     assert META_KEY in arrays  # the new global model stays encrypted too
+
+
+def test_colluders_get_their_own_noise_and_the_accountant_discounts_their_shares(keys):
+    """c = 1: shares sized for r - 1 reporters; ε counts the noise of r - 1 shares only."""
+    plain, _, _, _ = _one_round(keys, 0.0, ())
+    guarded, _, _, released = _one_round(keys, 0.0, (), colluders=1)
+    assert guarded._share_std == pytest.approx(plain._share_std * math.sqrt(NODES / (NODES - 1)))
+    # All report: against one colluder the noise present is still z; in the model, more.
+    assert guarded.test_metrics["noise-multiplier-present"] == pytest.approx(Z)
+    assert np.std(released) == pytest.approx(
+        Z * C / NODES * math.sqrt(NODES / (NODES - 1)), rel=0.02
+    )
+    assert guarded.epsilon() == pytest.approx(plain.epsilon(), rel=1e-9)
+    # Two dropouts: σ·sqrt(8 - 1) against one colluder.
+    dropped, _, _, _ = _one_round(keys, 0.0, (103, 107), colluders=1)
+    expected = Z * math.sqrt((8 - 1) / (NODES - 1))
+    assert dropped.test_metrics["noise-multiplier-present"] == pytest.approx(expected)
+    central = ClientLevelAccountant("rdp", "fixed", NODES)
+    central.compose(expected, 1.0)
+    assert dropped.epsilon() == pytest.approx(central.epsilon(1e-3), rel=1e-9)
+
+
+def test_dropouts_never_take_epsilon_past_the_budget(keys, caplog):
+    """A round whose reporters carry too little noise for the budget releases nothing."""
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="flwr")
+    full = ClientLevelAccountant("rdp", "fixed", NODES)
+    full.compose(Z, 1.0, 2)
+    budget = full.epsilon(1e-3) * 1.001  # two full rounds fit, a weaker second one does not
+    strategy = HEDPFedAvg(
+        keys[1],
+        clip_norm=C,
+        noise_multiplier=Z,
+        delta=1e-3,
+        sample_rate=1.0,
+        sampling="fixed",
+        seed=0,
+        min_available_nodes=NODES,
+        workers=1,
+        tolerated_colluders=0,
+        max_epsilon=budget,
+    )
+    start = ArrayRecord({"w": Array(np.zeros(SIZE, dtype=np.float32))})
+    epsilons = []
+    for rnd, failing in ((1, ()), (2, (101, 102, 103, 104, 105, 106)), (3, ())):
+        grid = InProcessGrid(_client_app(keys, failing), NODES)
+        replies = grid.send_and_receive(strategy.configure_train(rnd, start, ConfigRecord(), grid))
+        arrays, metrics = strategy.aggregate_train(rnd, replies)
+        epsilons.append(metrics["epsilon"])
+        assert (arrays is None) == (rnd == 2)  # 4 of 10 shares: nothing released
+    assert "nothing released, not accounted" in caplog.text
+    assert epsilons[0] == epsilons[1] < epsilons[2] <= budget
 
 
 def test_more_dropouts_cost_more_epsilon(keys):

@@ -82,6 +82,7 @@ def _he_dp_fedavg(cfg: dict) -> Strategy:
     return HEDPFedAvg(
         _public_context(cfg),
         dropout_rate=cfg["strategy"]["dropout_rate"],
+        tolerated_colluders=cfg["strategy"]["tolerated_colluders"],
         headroom_fraction=he["headroom_fraction"],
         workers=he["workers"],
         **_dp_arguments(cfg),

@@ -145,6 +145,13 @@ class DPRounds:
             return poisson_sample(node_ids, self.sample_rate, self.rng)
         return fixed_size_sample(node_ids, self.sample_size, self.rng)
 
+    def within_budget(self, noise_multiplier: float) -> bool:
+        """Whether one more release with this noise multiplier keeps ε within the budget."""
+        if self.max_epsilon is None:
+            return True
+        after = self.accountant.epsilon_after(noise_multiplier, self.round_rate, self.delta)
+        return after <= self.max_epsilon
+
     def privacy_metrics(self) -> dict[str, float]:
         """ε spent so far and its δ, under the protocol's metric names."""
         return {protocol.EPSILON: self.epsilon(), protocol.DELTA: self.delta}
