@@ -12,6 +12,7 @@ SERVER_ROUND = "server-round"  # Flower's FedAvg injects it too
 CLIPPING_NORM = KEY_CLIPPING_NORM  # C, the bound on the update's L2 norm (Flower's key)
 NOISE_SHARE_STD = "dp-noise-share-std"  # HE + DP: std of one client's Gaussian noise share
 UPDATE_SCALE = "dp-update-scale"  # HE + DP: 1/d, the fixed denominator of the mean
+SHARE_BOUND = "dp-share-bound"  # HE + DP: public bound B = (C + 10 σ) / d; shares clamp to ±B
 WEIGHTED_BY = "he-weighted-by"  # HE: the reply metric clients weight their update by
 
 # ---- reply metrics (client -> server) ---------------------------------------------------
@@ -19,6 +20,7 @@ NUM_EXAMPLES = "num-examples"  # Flower's default ``weighted_by_key``
 NORM_BIT = KEY_NORM_BIT  # 1 when the update was clipped (Flower's key and meaning)
 DP_SHARE_STD = "dp-share-std"  # dp_share_mod: the noise std this share carries
 HE_WEIGHT = "he-weight"  # the weight he_mod encrypts with (1 for a DP share)
+HE_BOUND = "he-bound"  # a public bound on the values he_mod encrypts (declared in the header)
 
 TRAIN_LOSS = "train-loss"  # our ClientApp's training loss
 CLIENT_EPSILON = "client-epsilon"  # DP-SGD: the client's cumulative ε (the round takes the max)

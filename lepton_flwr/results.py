@@ -103,12 +103,12 @@ class RunRecorder:
         plt.close(fig)
         return path
 
-    def write_summary(self) -> dict[str, Any]:
+    def write_summary(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """Write ``summary.json``: last round's metrics, median round time, total bytes.
 
-        Its presence marks a run that finished.
+        Its presence marks a run that finished. ``extra`` entries are added as they are.
         """
-        summary: dict[str, Any] = {"rounds": len(self.rows)}
+        summary: dict[str, Any] = {"rounds": len(self.rows), **(extra or {})}
         if self.rows:
             last = self.rows[-1]
             summary.update(

@@ -71,7 +71,9 @@ def run_simulation_from_config(cfg: dict, output_dir: str | Path) -> Path:
     )
 
     run_simulation(
-        server_app=make_server_app(cfg),
+        # Every party is this machine: the runner also plays the key holder and tests each
+        # decrypted model on the global test set (a deployment's server cannot).
+        server_app=make_server_app(cfg, keyholder_secret=cfg["he"].get("secret_context_path")),
         client_app=make_client_app(cfg),
         num_supernodes=num_nodes,
         backend_config=backend_config(cfg),

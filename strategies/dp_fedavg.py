@@ -19,7 +19,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from lepton_flwr.strategies.encrypted_sum import the_arrays, the_metrics
-from lepton_flwr.strategies.fedavg_args import refuse_fraction_train
+from lepton_flwr.strategies.fedavg_args import evaluation_off_by_default, refuse_fraction_train
 from lepton_flwr.strategies.metrics import clients_metrics
 from lepton_flwr.strategies.round_loop import FlowerLoop
 
@@ -43,7 +43,8 @@ class DPFedAvg(FlowerLoop, FedAvg):
     to exactly that. The rounds that happened are composed by the accountant (Opacus
     RDP/PRV; dp-accounting RDP for sampling without replacement). Each round's
     ``MetricRecord`` carries ``epsilon``, ``delta``, ``noise-multiplier``, ``clip-norm``,
-    ``clients-sampled`` and ``clients-accepted`` besides the clients' own metrics, so
+    ``clients-sampled`` and ``clients-accepted`` (and the clients' own metrics only with
+    ``release_client_metrics=True``), so
     the ``Result`` of ``start`` holds ε per round; ``start`` stops before a round that
     would pass ``max_epsilon`` and returns the rounds that ran.
 
@@ -84,14 +85,23 @@ class DPFedAvg(FlowerLoop, FedAvg):
     target_epsilon, num_rounds : float | None, int | None
         For calibration when ``noise_multiplier`` is None.
     seed : int | None (default: None)
-        Seed of sampling and noise, for tests; None draws fresh secure randomness.
+        Seed of sampling and noise, for tests only (the run is then not private, and a
+        warning says so); None: noise from ``os.urandom``, sampling from secret-seeded
+        numpy.
     min_train_nodes : int (default: 0)
         With fewer valid updates than this, the round releases nothing and is not
         accounted (0: a round with no update still releases the noisy model).
+    release_client_metrics : bool (default: False)
+        Aggregate the clients' own training metrics (e.g. their mean loss) into each
+        round's ``MetricRecord``. Off by default: those values come from the clients'
+        data without noise, so ε does not cover them.
     fraction_train : None
         Refused (use ``sample_rate``).
     **fedavg_kwargs
-        The rest of Flower's FedAvg arguments, honoured: ``fraction_evaluate``,
+        The rest of Flower's FedAvg arguments, honoured: ``fraction_evaluate`` (default
+        0.0 here: federated evaluation sends each client's loss and accuracy on its own
+        data to the server in the clear, which ε does not cover; a value > 0 is logged as
+        such),
         ``min_evaluate_nodes``, ``min_available_nodes`` (the server waits for this many
         nodes; N = the nodes connected in round 1), ``weighted_by_key`` (weights the
         clients' metrics only: the model average is uniform), ``arrayrecord_key``,
@@ -117,10 +127,13 @@ class DPFedAvg(FlowerLoop, FedAvg):
         num_rounds: int | None = None,
         seed: int | None = None,
         min_train_nodes: int = 0,
+        release_client_metrics: bool = False,
         fraction_train: float | None = None,
         **fedavg_kwargs,
     ):
         refuse_fraction_train("DPFedAvg", fraction_train)
+        fedavg_kwargs = evaluation_off_by_default("DPFedAvg", fedavg_kwargs)
+        self.release_client_metrics = release_client_metrics
         super().__init__(min_train_nodes=min_train_nodes, **fedavg_kwargs)
         if clip_norm <= 0:
             raise ValueError(f"The clipping norm must be > 0, got {clip_norm}.")
@@ -247,7 +260,7 @@ class DPFedAvg(FlowerLoop, FedAvg):
             bits.append(bit)
             accepted.append(msg)
 
-        rounds, rng = self.rounds, self.rounds.rng
+        rounds = self.rounds
         z, clip_norm, denominator = rounds.noise_multiplier, self.clip_norm, rounds.denominator
         figures = {
             protocol.NOISE_MULTIPLIER: z,
@@ -267,14 +280,14 @@ class DPFedAvg(FlowerLoop, FedAvg):
             return None, MetricRecord({**rounds.privacy_metrics(), **figures})
         count_stddev = self.count_stddev or max(denominator / 20, z)
         z_update = update_noise_multiplier(z, count_stddev) if self.adaptive else z
-        noisy = [(t + rng.normal(0.0, z_update * clip_norm, t.shape)) / denominator for t in total]
+        noisy = [(t + rounds.gaussian(t.shape, z_update * clip_norm)) / denominator for t in total]
         new_global = [g + n for g, n in zip(self._global, noisy, strict=True)]
         # The release happened (noise only, if nobody replied): account for it.
         epsilon = rounds.record(z)
         if self.adaptive:
             # Centred bits (b - 1/2): one client moves the count by at most 1/2, the
             # sensitivity that update_noise_multiplier's budget split assumes.
-            centred = sum(b - 0.5 for b in bits) + rng.normal(0.0, count_stddev)
+            centred = sum(b - 0.5 for b in bits) + float(rounds.gaussian(1, count_stddev)[0])
             noisy_fraction = 0.5 + centred / denominator
             self.clip_norm = adapt_clip_norm(
                 clip_norm, noisy_fraction, self.target_quantile, self.clip_lr
@@ -291,9 +304,11 @@ class DPFedAvg(FlowerLoop, FedAvg):
         arrays = ArrayRecord(
             {k: Array(v.astype(np.float32)) for k, v in zip(self._keys, new_global, strict=True)}
         )
-        metrics = clients_metrics(
-            self.train_metrics_aggr_fn, accepted, self.weighted_by_key, "DPFedAvg", server_round
-        )
+        metrics = {}
+        if self.release_client_metrics:
+            metrics = clients_metrics(
+                self.train_metrics_aggr_fn, accepted, self.weighted_by_key, "DPFedAvg", server_round
+            )
         return arrays, MetricRecord({**metrics, **rounds.privacy_metrics(), **figures})
 
     def summary(self) -> None:
@@ -310,9 +325,10 @@ class DPFedAvg(FlowerLoop, FedAvg):
         )
         log(
             INFO,
-            "\t└──> z=%s, delta=%g, %s accountant, budget %s",
+            "\t└──> z=%s, delta=%g, %s accountant, budget %s, neighbours: %s",
             r.noise_multiplier,
             r.delta,
             r.accountant_name,
             r.max_epsilon,
+            r.neighbouring,
         )

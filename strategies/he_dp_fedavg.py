@@ -14,15 +14,17 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from lepton_flwr.strategies.encrypted_sum import EncryptedSum, the_metrics
-from lepton_flwr.strategies.fedavg_args import refuse_fraction_train
+from lepton_flwr.strategies.fedavg_args import evaluation_off_by_default, refuse_fraction_train
 from lepton_flwr.strategies.he_fedavg import ExplainsEncryptedEvaluation
-from lepton_flwr.strategies.metrics import clients_metrics
 from lepton_flwr.strategies.round_loop import FlowerLoop
 
 from lepton_flwr import protocol
+from lepton_flwr.dp.accounting import ClientLevelAccountant
 from lepton_flwr.dp.rounds import DPRounds, wait_for_nodes
 from lepton_flwr.he.codec import CiphertextError
 from lepton_flwr.he.records import EncryptedModel
+
+NOISE_TAIL = 10.0  # shares are clamped to (C + NOISE_TAIL σ) / d: a 1.5e-23 event per value
 
 
 class HEDPFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
@@ -75,7 +77,10 @@ class HEDPFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
     fraction_train : None
         Refused (use ``sample_rate``).
     **fedavg_kwargs
-        The rest of Flower's FedAvg arguments, honoured: ``fraction_evaluate``,
+        The rest of Flower's FedAvg arguments, honoured: ``fraction_evaluate`` (default
+        0.0 here: federated evaluation sends each client's loss and accuracy on its own
+        data to the server in the clear, which ε does not cover; a value > 0 is logged as
+        such),
         ``min_evaluate_nodes``, ``min_available_nodes``, ``weighted_by_key`` (weights
         the clients' metrics only), ``arrayrecord_key``, ``configrecord_key``,
         ``train_metrics_aggr_fn``, ``evaluate_metrics_aggr_fn``.
@@ -104,6 +109,7 @@ class HEDPFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
         **fedavg_kwargs,
     ):
         refuse_fraction_train("HEDPFedAvg", fraction_train)
+        fedavg_kwargs = evaluation_off_by_default("HEDPFedAvg", fedavg_kwargs)
         if not isinstance(tolerated_colluders, int) or tolerated_colluders < 0:
             raise ValueError(f"tolerated_colluders must be an int >= 0, got {tolerated_colluders}.")
         self.tolerated_colluders = tolerated_colluders
@@ -126,7 +132,7 @@ class HEDPFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
             seed=seed,
         )
         self._global: EncryptedModel | None = None
-        self._share_std = 0.0
+        self._share_std = self._share_bound = 0.0
         self._fewest = 1
         self._sampled = 0
 
@@ -134,6 +140,11 @@ class HEDPFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
     def fingerprint(self) -> str:
         """Fingerprint of the CKKS key."""
         return self.encrypted_sum.fingerprint
+
+    @property
+    def accountant(self) -> ClientLevelAccountant | None:
+        """The accountant of the rounds so far (made in the first round)."""
+        return self.rounds.accountant
 
     def epsilon(self) -> float:
         """ε spent so far."""
@@ -146,11 +157,12 @@ class HEDPFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
         log(INFO, "\t├──> DP: %s sampling, q=%s, C=%s", r.sampling, r.sample_rate, self.clip_norm)
         log(
             INFO,
-            "\t└──> z=%s, delta=%g, %s accountant, budget %s, dropout planned %s",
+            "\t└──> z=%s, delta=%g, %s accountant, budget %s, neighbours: %s, dropout planned %s",
             r.noise_multiplier,
             r.delta,
             r.accountant_name,
             r.max_epsilon,
+            r.neighbouring,
             self.dropout_rate,
         )
 
@@ -186,6 +198,12 @@ class HEDPFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
         train_config[protocol.CLIPPING_NORM] = self.clip_norm
         train_config[protocol.NOISE_SHARE_STD] = self._share_std
         train_config[protocol.UPDATE_SCALE] = 1.0 / self.rounds.denominator
+        # A public bound on every share's values, what the header declares: per value
+        # |clip(Δ)_i| <= C, and the noise passes 10 σ with probability 1.5e-23.
+        self._share_bound = (
+            self.clip_norm + NOISE_TAIL * self._share_std
+        ) / self.rounds.denominator
+        train_config[protocol.SHARE_BOUND] = self._share_bound
         log(
             INFO,
             "HEDPFedAvg round %d: sampled %d of %d nodes, noise share std %.4g (for %d "
@@ -236,6 +254,11 @@ class HEDPFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
             raise CiphertextError(
                 f"its noise share has std {std}, the server asked for {self._share_std}"
             )
+        if not math.isclose(update.max_abs, self._share_bound, rel_tol=1e-9):
+            raise CiphertextError(
+                f"its header declares the bound {update.max_abs}, not the public bound "
+                f"{self._share_bound} that the server announced"
+            )
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -281,11 +304,7 @@ class HEDPFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
             self.rounds.delta,
             reported,
         )
-        # The shares are already divided by d: the released model has weight 1.
+        # The shares are already divided by d: the released model has weight 1. The
+        # replies carry no client metrics (dp_share_mod sends public values only).
         released = dataclasses.replace(total, weight=1.0)
-        metrics = clients_metrics(
-            self.train_metrics_aggr_fn, accepted, self.weighted_by_key, "HEDPFedAvg", server_round
-        )
-        return released.to_record(), MetricRecord(
-            {**metrics, **self.rounds.privacy_metrics(), **figures}
-        )
+        return released.to_record(), MetricRecord({**self.rounds.privacy_metrics(), **figures})

@@ -108,7 +108,12 @@ class RoundObserver:
 
 
 def plaintext_only(evaluate_fn: EvaluateFn, strategy_name: str) -> EvaluateFn:
-    """Wrap a server-side ``evaluate_fn`` so that encrypted models are skipped (logged once)."""
+    """Wrap a server-side ``evaluate_fn`` so that encrypted models are skipped (logged once).
+
+    A function marked ``decrypts`` (``lepton_flwr.he.keyholder_evaluate_fn``) is kept.
+    """
+    if getattr(evaluate_fn, "decrypts", False):
+        return evaluate_fn
     logged = False
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:

@@ -97,3 +97,26 @@ def test_unreachable_target_and_bad_values_are_refused():
         ClientLevelAccountant("moments")
     with pytest.raises(PrivacyConfigError, match="RDP only"):
         ClientLevelAccountant("prv", "fixed", 100)
+
+
+def test_rdp_matches_dp_accounting_and_pld_is_tighter_for_the_same_releases():
+    """Poisson sampling: Opacus' RDP against dp-accounting's RDP (1 %); PLD below both."""
+    import dp_accounting
+    from dp_accounting.pld import PLDAccountant
+    from dp_accounting.rdp import RdpAccountant
+
+    ours = ClientLevelAccountant("rdp", "poisson")
+    ours.compose(0.94, 0.1, 30)
+    ours.compose(0.8, 0.1, 2)  # a round with dropouts
+    rdp, pld = RdpAccountant(), PLDAccountant()
+    for z, rounds in ((0.94, 30), (0.8, 2)):
+        event = dp_accounting.PoissonSampledDpEvent(0.1, dp_accounting.GaussianDpEvent(z))
+        rdp.compose(event, rounds)
+        pld.compose(event, rounds)
+    assert ours.epsilon(1e-5) == pytest.approx(rdp.get_epsilon(1e-5), rel=0.01)
+    assert ours.epsilon_by("pld", 1e-5) == pytest.approx(pld.get_epsilon(1e-5), rel=0.01)
+    assert ours.epsilon_by("pld", 1e-5) < 0.95 * ours.epsilon(1e-5)
+    # Calibrating with PLD needs less noise for the same ε.
+    with_rdp = calibrate_noise_multiplier(3.0, 1e-5, 0.1, 30, "rdp")
+    with_pld = calibrate_noise_multiplier(3.0, 1e-5, 0.1, 30, "pld")
+    assert with_pld < 0.97 * with_rdp

@@ -176,6 +176,10 @@ def test_budget_stop_ends_training_and_keeps_results(tmp_path, caplog):
     assert "privacy budget reached" in caplog.text
     for name in ("model.pt", "summary.json", "metrics.csv", "metrics.png"):
         assert (out / name).is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epsilon_unit"] == "client"
+    assert summary["epsilon_neighbouring"] == "replace one client"  # fixed-size sampling
+    assert "NOT private" in caplog.text  # privacy.seed=3: reproducible, and says so
 
 
 def test_flowers_own_round_loop_also_stops_at_the_budget(caplog):

@@ -99,9 +99,16 @@ def test_simulation_sweep_trains_and_writes_outputs(tmp_path):
     )
     # Each client uploads one seeded ciphertext (2,048 slots, about 15.2 B each) + header.
     assert 2048 * 14 < he[1]["bytes_up"] / 3 < 2048 * 16
-    # DP-FedAvg reports epsilon after every round, growing.
+    # The runner plays the key holder in simulation: each decrypted model is tested on the
+    # global test set, as the plaintext one is.
+    assert [r["central_accuracy"] for r in he] == pytest.approx(
+        [r["central_accuracy"] for r in plain], abs=1e-3
+    )
+    # DP-FedAvg reports epsilon after every round, growing; no client's own evaluation
+    # metrics (outside epsilon) are collected by default.
     dp = _assert_finished_run(tmp_path / "dp_fedavg", rounds=2, model="model.pt")
     assert 0 < dp[0]["epsilon"] < dp[1]["epsilon"]
+    assert not any(k.startswith(("federated_", "train_loss")) for k in dp[0])
     assert (
         json.loads((tmp_path / "dp_fedavg" / "summary.json").read_text())["epsilon"]
         == dp[1]["epsilon"]

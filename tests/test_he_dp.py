@@ -98,6 +98,24 @@ def test_the_server_sees_only_ciphertexts_and_holds_no_key(keys):
         record = reply.content["arrays"]
         assert META_KEY in record
         assert {a.stype for a in record.values()} <= {"lepton.ckks", "lepton.ckks-meta"}
+        # In the clear: only values the server itself sent or knows (issue 11, bug 4). The
+        # handler's train-loss and num-examples, and the clip bit, never leave the client.
+        assert set(reply.content.metric_records) == {"metrics"}
+        assert dict(reply.content["metrics"]) == {
+            "he-weight": 1.0,
+            "dp-share-std": strategy._share_std,
+            "he-bound": strategy._share_bound,
+        }
+        header = json.loads(record[META_KEY].data)
+        assert header["weight"] == 1.0 and header["max_abs"] == strategy._share_bound
+        assert set(header) == {
+            "version",
+            "fingerprint",
+            "weight",
+            "max_abs",
+            "num_chunks",
+            "manifest",
+        }
     assert META_KEY in arrays  # the new global model stays encrypted too
 
 
@@ -170,7 +188,7 @@ def test_main_job_preset_trains_with_he_and_dp(keys, tmp_path):
 
     secret, public = keys
     cfg = load_config(
-        f"+experiment=main num_rounds=2 train.local_epochs=1 strategy.fraction_evaluate=0.01 "
+        f"+experiment=main num_rounds=2 train.local_epochs=1 "
         f"he.secret_context_path={secret} he.public_context_path={public} output_dir={tmp_path}"
     )
     folder = run_server(InProcessGrid(make_client_app(cfg), 1000, keep_replies=False), cfg)

@@ -191,4 +191,5 @@ def timed_evaluation(
         rows.evaluated(server_round, metrics, time.monotonic() - started)
         return metrics
 
+    evaluate_fn.decrypts = getattr(evaluate, "decrypts", False)  # a key holder's, kept
     return evaluate_fn

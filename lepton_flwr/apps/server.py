@@ -15,10 +15,12 @@ from lepton_flwr.apps.build import build_strategy
 from lepton_flwr.apps.common import config_from_context, model_for
 from lepton_flwr.apps.recording import RecordingGrid, RoundRows, timed_evaluation
 from lepton_flwr.data import load_dataset
-from lepton_flwr.he.keyholder import save_encrypted_arrays
+from lepton_flwr.dp.accounting import NEIGHBOURING
+from lepton_flwr.he.keyholder import keyholder_evaluate_fn, save_encrypted_arrays
 from lepton_flwr.he.records import is_encrypted
 from lepton_flwr.models import evaluate, resolve_device
 from lepton_flwr.results import RunRecorder
+from lepton_flwr.strategies import DPFedAvg, HEDPFedAvg
 from lepton_flwr.strategies.round_loop import NoModelTrainedError, RoundObserver
 
 ENCRYPTED_MODEL_FILE = "model.ckks.zip"
@@ -30,12 +32,40 @@ def default_output_dir(cfg: dict) -> Path:
     return Path("outputs") / f"{stamp}-{cfg['strategy']['name']}-{cfg['dataset']['name']}"
 
 
-def run_server(grid: Grid, cfg: dict) -> Path:
+def guarantee(cfg: dict) -> dict[str, str]:
+    """What the run's ε means: the unit protected and the neighbouring relation."""
+    privacy = cfg["privacy"]
+    if privacy["name"] == "client_dp":
+        return {"epsilon_unit": "client", "epsilon_neighbouring": NEIGHBOURING[privacy["sampling"]]}
+    if privacy["name"] == "dpsgd":
+        return {
+            "epsilon_unit": "example (client_epsilon: each client's own data)",
+            "epsilon_neighbouring": "add or remove one example (Poisson batches)",
+        }
+    return {}
+
+
+def epsilon_side_by_side(strategy, cfg: dict) -> dict[str, float]:
+    """ε of the run's releases by RDP and by PLD (Poisson sampling), whichever accounted."""
+    if not isinstance(strategy, DPFedAvg | HEDPFedAvg) or strategy.accountant is None:
+        return {}
+    if cfg["privacy"]["sampling"] != "poisson":
+        return {}
+    delta = cfg["privacy"]["delta"]
+    return {
+        f"epsilon_{name}": strategy.accountant.epsilon_by(name, delta) for name in ("rdp", "pld")
+    }
+
+
+def run_server(grid: Grid, cfg: dict, keyholder_secret: str | Path | None = None) -> Path:
     """Run a whole federated training as the config says; return the output folder.
 
     The strategy runs in Flower's own round loop (``strategy.start``). The held-out
-    global test set is evaluated on the server after every round (central evaluation,
-    plaintext models only); clients evaluate on their own test splits (federated).
+    global test set is evaluated on the server after every round (central evaluation)
+    for plaintext models, and for encrypted ones when ``keyholder_secret`` is given (the
+    simulation runner, where every party is this machine, also plays the key holder; a
+    deployment's server never gets the secret context). Clients evaluate on their own
+    test splits (federated) where the strategy asks for it.
     Each round's row (metrics, privacy figures, bytes, seconds) is written as soon as
     the round ends.
     """
@@ -54,6 +84,10 @@ def run_server(grid: Grid, cfg: dict) -> Path:
             )
             return MetricRecord(metrics)
 
+        evaluate_fn = central_evaluate
+        if keyholder_secret is not None:
+            log(INFO, "[lepton] simulation: the runner tests each decrypted model as key holder")
+            evaluate_fn = keyholder_evaluate_fn(central_evaluate, keyholder_secret)
         strategy = build_strategy(cfg)
         recording = RecordingGrid(grid)
         failure = None
@@ -64,7 +98,7 @@ def run_server(grid: Grid, cfg: dict) -> Path:
                     recording,
                     ArrayRecord(model.state_dict()),
                     num_rounds=cfg["num_rounds"],
-                    evaluate_fn=timed_evaluation(central_evaluate, rows),
+                    evaluate_fn=timed_evaluation(evaluate_fn, rows),
                 )
             except NoModelTrainedError as err:  # keep the rounds' record, then fail the run
                 result, failure = err.result, err
@@ -82,14 +116,17 @@ def run_server(grid: Grid, cfg: dict) -> Path:
         recorder.plot()
         if failure is not None:
             raise failure  # no summary.json: the run did not finish
-        log(INFO, "[lepton] done: %s", recorder.write_summary())
+        extra = guarantee(cfg) | epsilon_side_by_side(strategy, cfg)
+        log(INFO, "[lepton] done: %s", recorder.write_summary(extra))
         log(INFO, "[lepton] metrics, plot and model in %s", recorder.out_dir)
     finally:
         recorder.close()
     return recorder.out_dir
 
 
-def make_server_app(cfg: dict | None = None) -> ServerApp:
+def make_server_app(
+    cfg: dict | None = None, keyholder_secret: str | Path | None = None
+) -> ServerApp:
     """Build the ServerApp.
 
     Parameters
@@ -97,12 +134,16 @@ def make_server_app(cfg: dict | None = None) -> ServerApp:
     cfg : dict | None
         A composed config (the simulation runner passes it); None reads the
         ``hydra-overrides`` run-config key, as under ``flwr run``.
+    keyholder_secret : str | Path | None
+        The secret context, for a simulation whose runner also plays the key holder
+        (see :func:`run_server`); never set under ``flwr run``.
     """
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_server(grid, cfg if cfg is not None else config_from_context(context))
+        config = cfg if cfg is not None else config_from_context(context)
+        run_server(grid, config, keyholder_secret)
 
     return server_app
 

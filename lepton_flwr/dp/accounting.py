@@ -1,15 +1,27 @@
 """Privacy accounting for client-level DP: compose the rounds that actually happened.
 
 Each round releases a Gaussian mechanism applied to a sample of clients: the sum of
-updates clipped to norm C, plus noise of std z·C. Poisson sampling (each client
-independently with probability q) is accounted with Opacus' accountants (RDP or PRV)
-under add/remove-one-client neighbouring, the relation Poisson amplification needs;
-there the sum's sensitivity is C and the noise multiplier is z. Fixed-size sampling
-without replacement (m of N) is accounted with dp-accounting's RDP analysis of sampling
-without replacement, under replace-one-client neighbouring (Opacus has no analysis of
-that sampling); replacing one client moves the sum by up to 2C, so the multiplier there
-is z/2. Rounds may differ (a dropout lowers the noise actually present): every round is
-composed as it was.
+updates clipped to norm C, plus noise of std z·C. The guarantee is stated under one
+neighbouring relation per sampling, named in :data:`NEIGHBOURING` (the one place the
+README, the logs and ``summary.json`` take it from):
+
+- Poisson sampling (each client independently with probability q), accounted with
+  Opacus' accountants (RDP or PRV): **zero-out** neighbours, the usual convention for
+  user-level DP in federated learning (Kairouz et al., 2021). Two runs are neighbours when
+  one client's contributions to every released sum (its clipped update, its centred
+  clip bit) are replaced by zero; the client stays in the population. The number of
+  clients N, the number sampled |S| and the denominator d = qN are then the same in both
+  runs, so releasing them (every sampled client is told 1/d; ``clients-sampled`` is in
+  the metrics) costs nothing, and the sampled Gaussian mechanism's analysis is the one
+  for add/remove neighbours, because a zeroed contribution adds nothing to any sum: the
+  sensitivity is C and the multiplier z. The guarantee does *not* hide whether a client
+  is part of the population or was sampled.
+- Fixed-size sampling without replacement (m of N), accounted with dp-accounting's RDP
+  analysis of that sampling (Opacus has none): **replace-one** neighbours; replacing one
+  client moves the sum by up to 2C, so the multiplier there is z/2.
+
+Rounds may differ (a dropout lowers the noise actually present): every round is composed
+as it was.
 """
 
 from __future__ import annotations
@@ -24,7 +36,11 @@ from flwr.serverapp import exception as flwr_exception
 from lepton_flwr.dp.quiet_opacus import import_opacus
 
 SAMPLINGS = ("poisson", "fixed")
-ACCOUNTANTS = ("rdp", "prv")
+NEIGHBOURING = {
+    "poisson": "zero-out one client's contributions (N and |S| public)",
+    "fixed": "replace one client",
+}
+ACCOUNTANTS = ("rdp", "prv", "pld")
 
 
 class PrivacyBudgetExhausted(flwr_exception.PrivacyBudgetExhausted):
@@ -62,7 +78,9 @@ class ClientLevelAccountant:
     Parameters
     ----------
     accountant : str
-        ``"rdp"`` or ``"prv"`` (Opacus); fixed-size sampling supports ``"rdp"`` only.
+        ``"rdp"`` or ``"prv"`` (Opacus), or ``"pld"`` (dp-accounting's privacy loss
+        distributions, the tightest of the three); fixed-size sampling supports ``"rdp"``
+        only.
     sampling : str
         ``"poisson"`` (each client with probability q) or ``"fixed"`` (m of N without
         replacement).
@@ -105,13 +123,19 @@ class ClientLevelAccountant:
             self.history.append((noise_multiplier, sample_rate, rounds))
 
     def epsilon(self, delta: float) -> float:
-        """ε spent so far at δ (0 before any release)."""
+        """ε spent so far at δ (0 before any release), by this accountant."""
+        return self.epsilon_by(self.accountant, delta)
+
+    def epsilon_by(self, accountant: str, delta: float) -> float:
+        """ε of the same releases by another accountant (``"rdp"``, ``"prv"``, ``"pld"``)."""
         check_delta(delta)
         if not self.history:
             return 0.0
-        if self.sampling == "poisson":
-            return self._opacus_epsilon(delta)
-        return self._without_replacement_epsilon(delta)
+        if self.sampling == "fixed":
+            return self._without_replacement_epsilon(delta)
+        if accountant == "pld":
+            return self._pld_epsilon(delta)
+        return self._opacus_epsilon(delta, accountant)
 
     def epsilon_after(
         self, noise_multiplier: float, sample_rate: float, delta: float, rounds: int = 1
@@ -121,11 +145,22 @@ class ClientLevelAccountant:
         trial.compose(noise_multiplier, sample_rate, rounds)
         return trial.epsilon(delta)
 
-    def _opacus_epsilon(self, delta: float) -> float:
+    def _pld_epsilon(self, delta: float) -> float:
+        """dp-accounting's privacy-loss-distribution accountant: tighter than RDP."""
+        import dp_accounting
+        from dp_accounting.pld import PLDAccountant
+
+        acc = PLDAccountant()
+        for z, q, rounds in self.history:
+            event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z))
+            acc.compose(event, rounds)
+        return float(acc.get_epsilon(delta))
+
+    def _opacus_epsilon(self, delta: float, accountant: str) -> float:
         import_opacus()
         from opacus.accountants import PRVAccountant, RDPAccountant
 
-        if self.accountant == "rdp":
+        if accountant == "rdp":
             acc = RDPAccountant()
             acc.history = list(self.history)
             return float(acc.get_epsilon(delta))

@@ -139,7 +139,11 @@ class LeptonAccountant:
 def poisson_config(
     target_delta: float, population_size: int, max_epsilon: float | None = None
 ) -> PrivacyConfig:
-    """Flower's ``PrivacyConfig`` for Poisson client sampling (add/remove-one-client)."""
+    """Flower's ``PrivacyConfig`` for Poisson client sampling.
+
+    Flower names the relation ``ADD_OR_REMOVE_ONE``; its analysis is also that of
+    zero-out neighbours, the relation lepton-flwr states (see ``lepton_flwr.dp.accounting``).
+    """
     return PrivacyConfig(
         target_delta=target_delta,
         population_size=population_size,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from logging import INFO
+from logging import INFO, WARNING
 
 import numpy as np
 from flwr.common.logger import log
@@ -16,11 +16,13 @@ from flwr.serverapp import Grid
 
 from lepton_flwr import protocol
 from lepton_flwr.dp.accounting import (
+    NEIGHBOURING,
     ClientLevelAccountant,
     PrivacyBudgetExhausted,
     calibrate_noise_multiplier,
     check_delta,
 )
+from lepton_flwr.dp.noise import secure_gaussian
 from lepton_flwr.dp.sampling import fixed_size_sample, poisson_sample
 
 
@@ -44,7 +46,8 @@ class DPRounds:
     delta, sample_rate, sampling, accountant, max_epsilon, target_epsilon, num_rounds
         As in :class:`lepton_flwr.strategies.DPFedAvg`.
     seed : int | None
-        Seed of sampling and noise; None draws fresh secure randomness.
+        Seed of sampling and noise, for tests (logged as not private); None: sampling
+        from numpy seeded with 128 secret bits, noise from ``os.urandom``.
     """
 
     def __init__(
@@ -77,6 +80,14 @@ class DPRounds:
             num_rounds,
         )
         self.rng = np.random.default_rng(seed if seed is not None else secrets.randbits(128))
+        self.seeded = seed is not None
+        if self.seeded:
+            log(
+                WARNING,
+                "DP sampling and noise follow seed=%s: reproducible for tests, NOT private "
+                "(leave the seed unset in real runs)",
+                seed,
+            )
         self.accountant: ClientLevelAccountant | None = None
         self.population = 0
 
@@ -145,12 +156,23 @@ class DPRounds:
             return poisson_sample(node_ids, self.sample_rate, self.rng)
         return fixed_size_sample(node_ids, self.sample_size, self.rng)
 
+    def gaussian(self, shape: tuple[int, ...] | int, std: float) -> np.ndarray:
+        """Noise for a release: from the OS's secure randomness, or the seed (tests)."""
+        if self.seeded:
+            return self.rng.normal(0.0, std, shape)
+        return secure_gaussian(shape, std)
+
     def within_budget(self, noise_multiplier: float) -> bool:
         """Whether one more release with this noise multiplier keeps ε within the budget."""
         if self.max_epsilon is None:
             return True
         after = self.accountant.epsilon_after(noise_multiplier, self.round_rate, self.delta)
         return after <= self.max_epsilon
+
+    @property
+    def neighbouring(self) -> str:
+        """The neighbouring relation ε is stated under."""
+        return NEIGHBOURING[self.sampling]
 
     def privacy_metrics(self) -> dict[str, float]:
         """ε spent so far and its δ, under the protocol's metric names."""

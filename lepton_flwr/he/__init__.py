@@ -10,6 +10,7 @@ from lepton_flwr.he.codec import (
 )
 from lepton_flwr.he.keyholder import (
     decrypt_arrays,
+    keyholder_evaluate_fn,
     load_encrypted_arrays,
     save_encrypted_arrays,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "fingerprint",
     "flatten",
     "is_encrypted",
+    "keyholder_evaluate_fn",
     "load_context",
     "load_encrypted",
     "load_encrypted_arrays",

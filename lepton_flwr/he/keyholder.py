@@ -9,14 +9,15 @@ tensors, e.g. ``decrypt_arrays(arrays, "secret.ctx").to_torch_state_dict()``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, MetricRecord
 
 from lepton_flwr.he.codec import CiphertextError, CkksEncoder, unflatten
 from lepton_flwr.he.keys import fingerprint, load_context
-from lepton_flwr.he.records import EncryptedModel, load_encrypted, save_encrypted
+from lepton_flwr.he.records import EncryptedModel, is_encrypted, load_encrypted, save_encrypted
 
 
 @lru_cache(maxsize=4)
@@ -83,6 +84,27 @@ def decrypt_arrays(arrays: ArrayRecord | str | Path, secret_context: str | Path)
         arrays = load_encrypted_arrays(arrays)
     encoder, own = encoder_for(secret_context, workers=1)
     return decrypt_model(arrays, encoder, own)
+
+
+def keyholder_evaluate_fn(
+    evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None],
+    secret_context: str | Path,
+) -> Callable[[int, ArrayRecord], MetricRecord | None]:
+    """An ``evaluate_fn`` for a ServerApp that also plays a key holder: decrypt, then evaluate.
+
+    Our strategies skip a server-side ``evaluate_fn`` on encrypted models; one made by
+    this function is called, and decrypts first. Only for a server that may hold the
+    secret key (a simulation where every party is one machine, or an evaluator the
+    clients trust); in a deployment that server could decrypt every upload.
+    """
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if is_encrypted(arrays):
+            arrays = decrypt_arrays(arrays, secret_context)
+        return evaluate_fn(server_round, arrays)
+
+    evaluate.decrypts = True
+    return evaluate
 
 
 def save_encrypted_arrays(arrays: ArrayRecord, path: str | Path) -> Path:

@@ -112,19 +112,19 @@ def train_and_diff(
     return reply, received, update
 
 
-def set_reply(reply: Message, arrays: dict[str, Array], **metrics: float) -> Message:
+def set_reply(
+    reply: Message, arrays: dict[str, Array], *, keep_metrics: bool = True, **metrics: float
+) -> Message:
     """Give a reply new arrays and extra metrics, under the keys the handler used.
 
-    The reply's records are replaced, never edited in place: a handler may have returned
-    records that it shares with the message received.
+    With ``keep_metrics=False`` the reply's metrics are only ``metrics``: nothing else the
+    handler reported leaves the client. The reply's records are replaced, never edited in
+    place: a handler may have returned records that it shares with the message received.
     """
     array_key, _ = the_record(reply.content, ArrayRecord)
     metric_key, old = the_record(reply.content, MetricRecord)
+    new_metrics = MetricRecord({**old, **metrics} if keep_metrics else metrics)
     reply.content = RecordDict(
-        {
-            **reply.content,
-            array_key: ArrayRecord(arrays),
-            metric_key: MetricRecord({**old, **metrics}),
-        }
+        {**reply.content, array_key: ArrayRecord(arrays), metric_key: new_metrics}
     )
     return reply

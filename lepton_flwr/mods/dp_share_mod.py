@@ -1,15 +1,16 @@
 """``dp_share_mod``: a client's part of distributed DP, applied before encryption.
 
 For HE + DP (``HEDPFedAvg``): the client clips its update Δ = θ' − θ to norm C, adds its
-share of the Gaussian noise, N(0, σ²), scales by the server's ``1/d`` and replies with
-that scaled noisy update (weight 1) instead of its weights. It must run inside
+share of the Gaussian noise, N(0, σ²), scales by the server's ``1/d``, clamps to the public
+bound ±B the server sends (B = (C + 10 σ)/d: only a noise draw beyond 10 σ, probability
+1.5e-23 per value, is ever clamped) and replies with that (weight 1) instead of its weights.
+The reply's metrics are replaced by public values only (weight 1, σ, B): the handler's own
+metrics (loss, example count) never leave the client. It must run inside
 ``he_mod``, which then encrypts it, so that no place outside the client ever holds a
 noise-free update: use ``he_dp_mod`` (both, in that order) rather than the two by hand.
 """
 
 from __future__ import annotations
-
-import secrets
 
 import numpy as np
 from flwr.app import Array, Context, Message
@@ -17,6 +18,7 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from lepton_flwr import protocol
 from lepton_flwr.dp.clipping import clip
+from lepton_flwr.dp.noise import secure_gaussian
 from lepton_flwr.mods.common import (
     ModError,
     is_train,
@@ -33,9 +35,9 @@ def dp_share_mod(msg: Message, context: Context, call_next: ClientAppCallable) -
 
     Acts on training messages whose config carries a noise share (sent by
     ``HEDPFedAvg``); everything else passes through. The noise comes from the
-    operating system's secure randomness. The reply's metrics gain ``he-weight`` = 1 and
-    ``dp-share-std`` = σ, which ``HEDPFedAvg`` checks: a reply without them is not a DP
-    share and is refused.
+    operating system's secure randomness. The reply's metrics become ``he-weight`` = 1,
+    ``dp-share-std`` = σ and ``he-bound`` = B, public values that ``HEDPFedAvg`` checks: a
+    reply without them is not a DP share and is refused.
     """
     config = train_config(msg)
     if not is_train(msg) or protocol.NOISE_SHARE_STD not in config:
@@ -44,6 +46,7 @@ def dp_share_mod(msg: Message, context: Context, call_next: ClientAppCallable) -
         clip_norm = float(config[protocol.CLIPPING_NORM])
         share_std = float(config[protocol.NOISE_SHARE_STD])
         scale = float(config[protocol.UPDATE_SCALE])
+        bound = float(config[protocol.SHARE_BOUND])
     except (KeyError, TypeError, ValueError) as err:
         raise ModError(f"the train config lacks a valid {err}") from err
     reply, received, update = train_and_diff(msg, context, call_next)
@@ -51,15 +54,14 @@ def dp_share_mod(msg: Message, context: Context, call_next: ClientAppCallable) -
         return reply
     if not all(np.isfinite(u).all() for u in update):
         raise ModError("the local update has NaN or Inf values; nothing was sent")
-    clipped, norm = clip(update, clip_norm)
-    rng = np.random.default_rng(secrets.randbits(128))
+    clipped, _ = clip(update, clip_norm)
     shares = {
-        k: Array(((c + rng.normal(0.0, share_std, c.shape)) * scale).astype(np.float32))
+        k: Array(
+            np.clip((c + secure_gaussian(c.shape, share_std)) * scale, -bound, bound).astype(
+                np.float32
+            )
+        )
         for k, c in zip(received, clipped, strict=True)
     }
-    extra = {
-        protocol.NORM_BIT: int(norm > clip_norm),
-        protocol.HE_WEIGHT: 1.0,
-        protocol.DP_SHARE_STD: share_std,
-    }
-    return set_reply(reply, shares, **extra)
+    public = {protocol.HE_WEIGHT: 1.0, protocol.DP_SHARE_STD: share_std, protocol.HE_BOUND: bound}
+    return set_reply(reply, shares, keep_metrics=False, **public)

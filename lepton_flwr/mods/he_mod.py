@@ -63,14 +63,23 @@ def find_secret_context(context: Context, default: str | Path | None) -> str:
 
 
 def encrypt_update(
-    record: ArrayRecord, weight: float, encoder: CkksEncoder, own_fingerprint: str
+    record: ArrayRecord,
+    weight: float,
+    encoder: CkksEncoder,
+    own_fingerprint: str,
+    bound: float | None = None,
 ) -> ArrayRecord:
     """Encrypt ``weight * tensors`` as seeded CKKS chunks, with header.
+
+    The header declares ``bound`` (a public bound the values respect) as their largest
+    magnitude when one is given, so that it reveals nothing about the data; otherwise
+    their actual largest magnitude.
 
     Raises
     ------
     ValueError
-        If the tensors hold NaN or Inf (they would poison the encrypted sum unseen).
+        If the tensors hold NaN or Inf (they would poison the encrypted sum unseen), or
+        exceed ``bound``.
     """
     vector, manifest = flatten({k: v.numpy() for k, v in record.items()})
     if not np.isfinite(vector).all():
@@ -82,6 +91,10 @@ def encrypt_update(
         raise ValueError(f"the local update has NaN or Inf values in {bad}; nothing was encrypted")
     scaled = weight * vector
     max_abs = float(np.abs(scaled).max()) if len(scaled) else 0.0
+    if bound is not None:
+        if max_abs > bound:
+            raise ValueError(f"values reach {max_abs:.4g}, over the public bound {bound:.4g}")
+        max_abs = bound
     chunks = encoder.encrypt(scaled)
     return EncryptedModel(manifest, chunks, weight, own_fingerprint, max_abs).to_record()
 
@@ -141,8 +154,9 @@ def apply_he(
         raise ModError("the reply is already encrypted: attach he_mod once")
     _, metrics = the_record(reply.content, MetricRecord)
     weight = _reply_weight(msg, metrics, weight_scale)
+    bound = float(metrics[protocol.HE_BOUND]) if protocol.HE_BOUND in metrics else None
     try:
-        encrypted = encrypt_update(record, weight, encoder, own_fingerprint)
+        encrypted = encrypt_update(record, weight, encoder, own_fingerprint, bound)
     except ValueError as err:
         raise ModError(str(err)) from err
     reply.content = RecordDict({**reply.content, key: encrypted})
