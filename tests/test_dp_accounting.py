@@ -120,3 +120,19 @@ def test_rdp_matches_dp_accounting_and_pld_is_tighter_for_the_same_releases():
     with_rdp = calibrate_noise_multiplier(3.0, 1e-5, 0.1, 30, "rdp")
     with_pld = calibrate_noise_multiplier(3.0, 1e-5, 0.1, 30, "pld")
     assert with_pld < 0.97 * with_rdp
+
+
+def test_fixed_size_sampling_accounts_each_rounds_own_population():
+    """N grows from 10 to 40 nodes, m = 5 each round: each round is (N, m) as it was."""
+    ours = ClientLevelAccountant("rdp", "fixed", population=10)
+    ours.compose(1.0, 5 / 10, 3)  # the population given at the start
+    ours.compose(1.0, 5 / 40, 3, population=40)
+    reference = RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+    for population, rounds in ((10, 3), (40, 3)):
+        event = dp_accounting.SampledWithoutReplacementDpEvent(
+            population, 5, dp_accounting.GaussianDpEvent(0.5)
+        )
+        reference.compose(event, rounds)
+    assert ours.epsilon(1e-3) == pytest.approx(reference.get_epsilon(1e-3), rel=1e-6)
+    restored = ClientLevelAccountant.from_state_dict(ours.state_dict())
+    assert restored.epsilon(1e-3) == ours.epsilon(1e-3)

@@ -43,6 +43,7 @@ def test_client_epsilon_is_cumulative_and_matches_opacus():
         reply = app(_train_message(arrays, rnd), context)
         assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
         reported.append(reply.content["metrics"]["client-epsilon"])
+        assert "train-loss" not in reply.content["metrics"]  # outside ε: stays on the client
         z = reply.content["metrics"]["dpsgd-noise-multiplier"]
         arrays = reply.content["arrays"]
     n = reply.content["metrics"]["num-examples"]

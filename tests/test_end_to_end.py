@@ -70,6 +70,7 @@ def test_simulation_sweep_trains_and_writes_outputs(tmp_path):
         SMOKE,
         "strategy=fedavg,he_fedavg,dp_fedavg",
         "++privacy.delta=1e-3",
+        "++privacy.sample_rate=1.0",  # every client every round: no empty Poisson sample
         f"hydra.sweep.dir={tmp_path}",
         "hydra.sweep.subdir=${strategy.name}",
     ]

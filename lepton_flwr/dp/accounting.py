@@ -91,7 +91,7 @@ class ClientLevelAccountant:
     accountant: str = "rdp"
     sampling: str = "poisson"
     population: int | None = None
-    history: list[tuple[float, float, int]] = field(default_factory=list)
+    history: list[tuple] = field(default_factory=list)  # (z, q, rounds[, N if fixed])
 
     def __post_init__(self):
         _check(
@@ -112,15 +112,29 @@ class ClientLevelAccountant:
                 "fixed-size sampling is accounted with RDP only; use accountant=rdp.",
             )
 
-    def compose(self, noise_multiplier: float, sample_rate: float, rounds: int = 1) -> None:
-        """Record ``rounds`` releases with noise multiplier z and sampling rate q (m/N if fixed)."""
+    def compose(
+        self,
+        noise_multiplier: float,
+        sample_rate: float,
+        rounds: int = 1,
+        population: int | None = None,
+    ) -> None:
+        """Record ``rounds`` releases with noise multiplier z and sampling rate q (m/N if fixed).
+
+        For fixed-size sampling each entry keeps the round's own N (``population``,
+        default the accountant's): the analysis needs (N, m) as they were, and N may
+        change between rounds.
+        """
         _check(noise_multiplier > 0, f"noise multiplier must be > 0, got {noise_multiplier}.")
         _check(0 < sample_rate <= 1, f"sampling rate q must be in (0, 1], got {sample_rate}.")
-        if self.history and self.history[-1][:2] == (noise_multiplier, sample_rate):
-            z, q, n = self.history[-1]
-            self.history[-1] = (z, q, n + rounds)
+        entry = (noise_multiplier, sample_rate)
+        if self.sampling == "fixed":
+            entry += (population or self.population,)
+        last = self.history[-1] if self.history else None
+        if last is not None and last[:2] + last[3:] == entry:
+            self.history[-1] = (*last[:2], last[2] + rounds, *last[3:])
         else:
-            self.history.append((noise_multiplier, sample_rate, rounds))
+            self.history.append((*entry[:2], rounds, *entry[2:]))
 
     def epsilon(self, delta: float) -> float:
         """ε spent so far at δ (0 before any release), by this accountant."""
@@ -138,11 +152,16 @@ class ClientLevelAccountant:
         return self._opacus_epsilon(delta, accountant)
 
     def epsilon_after(
-        self, noise_multiplier: float, sample_rate: float, delta: float, rounds: int = 1
+        self,
+        noise_multiplier: float,
+        sample_rate: float,
+        delta: float,
+        rounds: int = 1,
+        population: int | None = None,
     ) -> float:
         """ε if ``rounds`` more such releases were made (the accountant is left unchanged)."""
         trial = copy.deepcopy(self)
-        trial.compose(noise_multiplier, sample_rate, rounds)
+        trial.compose(noise_multiplier, sample_rate, rounds, population)
         return trial.epsilon(delta)
 
     def _pld_epsilon(self, delta: float) -> float:
@@ -175,12 +194,12 @@ class ClientLevelAccountant:
         from dp_accounting.rdp import RdpAccountant
 
         acc = RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
-        for z, q, rounds in self.history:
-            size = max(1, round(q * self.population))
+        for z, q, rounds, population in self.history:
+            size = max(1, round(q * population))
             # Replace-one sensitivity of a sum of updates clipped to C is 2C: noise z·C is
             # a Gaussian mechanism of multiplier z/2 under this relation.
             event = dp_accounting.SampledWithoutReplacementDpEvent(
-                self.population, size, dp_accounting.GaussianDpEvent(z / 2)
+                population, size, dp_accounting.GaussianDpEvent(z / 2)
             )
             acc.compose(event, rounds)
         return float(acc.get_epsilon(delta))
@@ -197,7 +216,10 @@ class ClientLevelAccountant:
     @classmethod
     def from_state_dict(cls, state: dict) -> ClientLevelAccountant:
         """Rebuild from :meth:`state_dict`."""
-        history = [(float(z), float(q), int(n)) for z, q, n in state["history"]]
+        history = [
+            (float(h[0]), float(h[1]), int(h[2]), *(int(n) for n in h[3:]))
+            for h in state["history"]
+        ]
         return cls(state["accountant"], state["sampling"], state["population"], history)
 
 

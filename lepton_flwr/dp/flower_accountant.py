@@ -64,7 +64,7 @@ class LeptonAccountant:
     @property
     def num_releases(self) -> int:
         """Releases composed so far."""
-        return sum(count for _, _, count in self._accountant.history)
+        return sum(entry[2] for entry in self._accountant.history)
 
     def _sample_rate(self, event: GaussianPrivacyEvent) -> float:
         if event.population_size != self._config.population_size:

@@ -145,7 +145,7 @@ class DPRounds:
                     self.target_epsilon,
                 )
         next_epsilon = self.accountant.epsilon_after(
-            self.noise_multiplier, self.round_rate, self.delta
+            self.noise_multiplier, self.round_rate, self.delta, population=self.population
         )
         if self.max_epsilon is not None and next_epsilon > self.max_epsilon:
             raise PrivacyBudgetExhausted(
@@ -166,7 +166,9 @@ class DPRounds:
         """Whether one more release with this noise multiplier keeps ε within the budget."""
         if self.max_epsilon is None:
             return True
-        after = self.accountant.epsilon_after(noise_multiplier, self.round_rate, self.delta)
+        after = self.accountant.epsilon_after(
+            noise_multiplier, self.round_rate, self.delta, population=self.population
+        )
         return after <= self.max_epsilon
 
     @property
@@ -180,5 +182,5 @@ class DPRounds:
 
     def record(self, noise_multiplier: float) -> float:
         """Compose one release whose noise had multiplier ``noise_multiplier``; return ε."""
-        self.accountant.compose(noise_multiplier, self.round_rate)
+        self.accountant.compose(noise_multiplier, self.round_rate, population=self.population)
         return self.epsilon()
