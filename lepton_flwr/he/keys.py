@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
 from functools import cache, lru_cache
+from multiprocessing.util import Finalize
 from pathlib import Path
 
 import tenseal as ts
@@ -24,7 +26,11 @@ def scratch_dir() -> Path:
 
 @cache
 def _scratch(base: str | None, pid: int) -> str:
-    return tempfile.mkdtemp(prefix=f"lepton-he-{pid}-", dir=base)
+    path = tempfile.mkdtemp(prefix=f"lepton-he-{pid}-", dir=base)
+    # Removed when this process exits normally (multiprocessing's finalizers run at exit
+    # in the main process and in forked workers, each only for its own folder).
+    Finalize(None, shutil.rmtree, args=(path,), kwargs={"ignore_errors": True}, exitpriority=0)
+    return path
 
 
 def create_secret_context(params: CKKSParams) -> ts.Context:
@@ -67,6 +73,8 @@ def fingerprint(context: ts.Context) -> str:
 def write_keys(params: CKKSParams, folder: str | Path) -> tuple[Path, Path]:
     """Generate keys; write ``secret.ctx`` (mode 600, for clients) and ``public.ctx`` (server).
 
+    Both are written atomically; existing files (or symlinks) at those paths are replaced.
+
     Returns
     -------
     tuple[Path, Path]
@@ -76,11 +84,30 @@ def write_keys(params: CKKSParams, folder: str | Path) -> tuple[Path, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     context = create_secret_context(params)
     secret, public = folder / SECRET_CONTEXT_FILE, folder / PUBLIC_CONTEXT_FILE
-    fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(secret_context_bytes(context))
-    public.write_bytes(public_context_bytes(context))
+    _write_atomically(secret, secret_context_bytes(context), 0o600)
+    _write_atomically(public, public_context_bytes(context), 0o644)
     return secret, public
+
+
+def _write_atomically(path: Path, data: bytes, mode: int) -> None:
+    """Write a new file with ``mode``, then rename it over ``path``.
+
+    The file is created with mode 600 (``mkstemp``) in the target folder and only then
+    given ``mode``, so a secret is never readable by others, whatever ``path`` was before
+    (a world-readable file keeps nothing; a symlink planted there is replaced, not
+    followed).
+    """
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(temporary, mode)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
 
 
 @lru_cache(maxsize=4)

@@ -16,6 +16,10 @@ CKKS_STYPE = "lepton.ckks"  # one serialized CKKS ciphertext (seeded or full)
 META_STYPE = "lepton.ckks-meta"  # the JSON header of an encrypted model
 META_KEY = "ckks-meta"
 FORMAT_VERSION = 1
+MAX_HEADER_BYTES = 1 << 20  # 1 MiB: a manifest of ~20,000 tensors; refused unparsed beyond
+MAX_CHUNK_BYTES = 1 << 24  # 16 MiB: far above a ciphertext at N = 32768 (about 4 MiB)
+MAX_CHUNKS = 1 << 20  # a billion values at N = 4096
+MAX_VALUES = 1 << 34  # values a manifest may describe (16 billion)
 
 
 def chunk_key(index: int) -> str:
@@ -99,8 +103,12 @@ class EncryptedModel:
             ]
             weight, max_abs = float(header["weight"]), float(header["max_abs"])
             fingerprint, num_chunks = str(header["fingerprint"]), int(header["num_chunks"])
-        except (KeyError, TypeError, ValueError) as err:
-            raise CiphertextError(f"malformed ciphertext header ({err!r})") from err
+        except (KeyError, TypeError, ValueError, OverflowError) as err:
+            raise CiphertextError(f"malformed ciphertext header ({err!r})"[:300]) from err
+        if any(not 0 <= d < 2**31 for spec in manifest for d in spec.shape) or (
+            sum(spec.size for spec in manifest) > MAX_VALUES
+        ):
+            raise CiphertextError("manifest shapes out of range (malformed header)")
         if not (math.isfinite(weight) and weight > 0):
             raise CiphertextError(f"weight must be finite and > 0, got {weight}")
         if not (math.isfinite(max_abs) and max_abs >= 0):
@@ -127,10 +135,7 @@ class EncryptedModel:
         meta = record[META_KEY]
         if meta.stype != META_STYPE:
             raise CiphertextError(f"'{META_KEY}' has stype '{meta.stype}', expected '{META_STYPE}'")
-        try:
-            header = json.loads(meta.data.decode())
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise CiphertextError(f"malformed ciphertext header ({err})") from err
+        header = parse_header(meta.data)
         keys = [k for k in record.keys() if k != META_KEY]
         expected = [chunk_key(i) for i in range(len(keys))]
         if sorted(keys) != expected:
@@ -145,6 +150,26 @@ class EncryptedModel:
         return cls.from_header(header, [record[k].data for k in expected])
 
 
+def parse_header(data: bytes) -> dict:
+    """Parse a header's JSON, refusing oversized or malformed input before it costs much.
+
+    Raises
+    ------
+    CiphertextError
+        If it is over ``MAX_HEADER_BYTES``, not JSON, not an object, or holds an integer
+        too long to convert (Python's limit, 4,300 digits).
+    """
+    if len(data) > MAX_HEADER_BYTES:
+        raise CiphertextError(f"header of {len(data)} bytes, over the {MAX_HEADER_BYTES} allowed")
+    try:
+        header = json.loads(data.decode())
+    except (UnicodeDecodeError, ValueError) as err:  # JSONDecodeError, and int digits limit
+        raise CiphertextError(f"malformed ciphertext header ({err})"[:300]) from err
+    if not isinstance(header, dict):
+        raise CiphertextError(f"header is a {type(header).__name__}, not an object")
+    return header
+
+
 def save_encrypted(model: EncryptedModel, path: str | Path) -> Path:
     """Write an encrypted model to a zip file: ``header.json`` and one file per chunk."""
     path = Path(path)
@@ -156,8 +181,40 @@ def save_encrypted(model: EncryptedModel, path: str | Path) -> Path:
 
 
 def load_encrypted(path: str | Path) -> EncryptedModel:
-    """Read a file written by :func:`save_encrypted`."""
-    with zipfile.ZipFile(path) as archive:
-        header = json.loads(archive.read("header.json"))
-        chunks = [archive.read(f"{chunk_key(i)}.seal") for i in range(int(header["num_chunks"]))]
+    """Read a file written by :func:`save_encrypted`, refusing what does not fit the format.
+
+    Raises
+    ------
+    CiphertextError
+        Naming the file and the reason: not a zip, a missing or oversized member, a
+        header that announces chunks the file lacks, or more than ``MAX_CHUNKS``.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            header = parse_header(_member(archive, "header.json", MAX_HEADER_BYTES))
+            count = header.get("num_chunks")
+            if not isinstance(count, int) or not 0 <= count <= MAX_CHUNKS:
+                raise CiphertextError(f"num_chunks {str(count)[:30]} is not in 0..{MAX_CHUNKS}")
+            chunks = [
+                _member(archive, f"{chunk_key(i)}.seal", MAX_CHUNK_BYTES) for i in range(count)
+            ]
+    except (zipfile.BadZipFile, OSError) as err:
+        raise CiphertextError(f"{path}: not a readable encrypted model ({err})") from err
+    except CiphertextError as err:
+        raise CiphertextError(f"{path}: {err}") from err
     return EncryptedModel.from_header(header, chunks)
+
+
+def _member(archive: zipfile.ZipFile, name: str, limit: int) -> bytes:
+    """One member's bytes, checked against ``limit`` before and while reading (zip bombs)."""
+    try:
+        info = archive.getinfo(name)
+    except KeyError:
+        raise CiphertextError(f"the file has no '{name}'") from None
+    if info.file_size > limit:
+        raise CiphertextError(f"'{name}' holds {info.file_size} bytes, over the {limit} allowed")
+    with archive.open(info) as member:
+        data = member.read(limit + 1)
+    if len(data) > limit:
+        raise CiphertextError(f"'{name}' expands past the {limit} bytes allowed")
+    return data

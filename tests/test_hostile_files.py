@@ -1,0 +1,138 @@
+"""Hostile input from files and headers: refused with a reason, never a crash or a leak."""
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from flwr.app import Array, ArrayRecord
+
+from lepton_flwr.he import CiphertextError, CKKSParams, EncryptedModel, load_encrypted, write_keys
+from lepton_flwr.he.records import MAX_HEADER_BYTES, META_KEY, META_STYPE
+
+
+def _record_with_header(text: bytes) -> ArrayRecord:
+    return ArrayRecord(
+        {META_KEY: Array(dtype="uint8", shape=(len(text),), stype=META_STYPE, data=text)}
+    )
+
+
+@pytest.mark.parametrize(
+    ("header", "reason"),
+    [
+        (b'{"version": 1, "num_chunks": 1' + b"0" * 5000 + b"}", "malformed ciphertext header"),
+        (
+            json.dumps(
+                {
+                    "version": 1,
+                    "fingerprint": "f",
+                    "weight": 1e400,
+                    "max_abs": 0,
+                    "num_chunks": 0,
+                    "manifest": [],
+                }
+            ).encode(),
+            "weight must be finite",
+        ),
+        (
+            json.dumps(
+                {
+                    "version": 1,
+                    "fingerprint": "f",
+                    "weight": 1,
+                    "max_abs": 0,
+                    "num_chunks": 0,
+                    "manifest": [["w", [10**400], "float32"]],
+                }
+            ).encode(),
+            "malformed",
+        ),
+        (b"[1, 2]", "not an object"),
+        (b"x" * (MAX_HEADER_BYTES + 1), "over the"),
+    ],
+)
+def test_hostile_headers_are_refused_with_a_reason(header, reason):
+    with pytest.raises(CiphertextError, match=reason):
+        EncryptedModel.from_record(_record_with_header(header))
+
+
+def _zip(path: Path, members: dict[str, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return path
+
+
+def test_model_files_that_lie_or_expand_are_refused(tmp_path):
+    header = {
+        "version": 1,
+        "fingerprint": "f",
+        "weight": 1.0,
+        "max_abs": 0.0,
+        "num_chunks": 3,
+        "manifest": [["w", [1], "float32"]],
+    }
+    lying = _zip(tmp_path / "lying.zip", {"header.json": json.dumps(header).encode()})
+    with pytest.raises(CiphertextError, match="no 'ckks-00000.seal'"):
+        load_encrypted(lying)
+    bomb = _zip(
+        tmp_path / "bomb.zip",
+        {
+            "header.json": json.dumps(header | {"num_chunks": 1}).encode(),
+            "ckks-00000.seal": b"\0" * (1 << 25),
+        },  # 32 MiB of zeros, a few KiB zipped
+    )
+    assert bomb.stat().st_size < 100_000
+    with pytest.raises(CiphertextError, match="over the"):
+        load_encrypted(bomb)
+    with pytest.raises(CiphertextError, match="not a readable encrypted model"):
+        load_encrypted(_zip(tmp_path / "x.zip", {}).with_name("missing.zip"))
+    # The command line says so in one line, no traceback.
+    keys = write_keys(CKKSParams(), tmp_path / "keys")
+    proc = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "lepton-flwr"),
+            "decrypt",
+            "--secret-context",
+            str(keys[0]),
+            "--model",
+            str(lying),
+            "--out",
+            str(tmp_path / "m.pt"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "no 'ckks-00000.seal'" in proc.stderr
+
+
+def test_keygen_never_leaves_the_secret_readable_nor_follows_a_planted_link(tmp_path):
+    folder = tmp_path / "keys"
+    folder.mkdir()
+    (folder / "secret.ctx").write_bytes(b"old")
+    os.chmod(folder / "secret.ctx", 0o644)  # world-readable before
+    elsewhere = tmp_path / "elsewhere.txt"
+    elsewhere.write_text("not a key")
+    (folder / "public.ctx").symlink_to(elsewhere)
+    secret, public = write_keys(CKKSParams(), folder)
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+    assert not public.is_symlink() and elsewhere.read_text() == "not a key"
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no temp left
+
+
+def test_seal_scratch_folders_are_removed_when_the_process_exits(tmp_path):
+    code = (
+        "from lepton_flwr.he import CKKSParams, create_secret_context, fingerprint\n"
+        "from lepton_flwr.he.keys import scratch_dir\n"
+        "fingerprint(create_secret_context(CKKSParams()))\n"
+        "print(scratch_dir())\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    folder = Path(proc.stdout.strip().splitlines()[-1])
+    assert folder.name.startswith("lepton-he-") and not folder.exists()
