@@ -14,6 +14,7 @@ NOISE_SHARE_STD = "dp-noise-share-std"  # HE + DP: std of one client's Gaussian 
 UPDATE_SCALE = "dp-update-scale"  # HE + DP: 1/d, the fixed denominator of the mean
 SHARE_BOUND = "dp-share-bound"  # HE + DP: public bound B = (C + 10 σ) / d; shares clamp to ±B
 WEIGHTED_BY = "he-weighted-by"  # HE: the reply metric clients weight their update by
+WEIGHT_SCALE = "he-weight-scale"  # HE: clients encrypt (count / scale) * update
 
 # ---- reply metrics (client -> server) ---------------------------------------------------
 NUM_EXAMPLES = "num-examples"  # Flower's default ``weighted_by_key``

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from logging import INFO, WARNING
 from pathlib import Path
@@ -83,6 +84,12 @@ class HEFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
     public_context : ts.Context | str | Path
         The server's CKKS context (or the path of ``public.ctx`` from
         ``lepton-flwr keygen``); refused if it holds a secret key.
+    weight_scale : float (default: 1000.0)
+        Announced to the clients, whose ``he_mod`` encrypts ``(count / weight_scale) *
+        update``; the server derives each reply's weight the same way and rejects a header
+        that disagrees (a client cannot weigh in more than its count says).
+    max_examples : int (default: 10,000,000)
+        Largest example count a reply may claim; counts must be whole numbers from 1.
     headroom_fraction : float (default: 0.5)
         Largest share of the CKKS headroom that the bound on the summed values may use;
         a round that would exceed it is skipped (CKKS would wrap around silently).
@@ -102,9 +109,16 @@ class HEFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
         *,
         headroom_fraction: float = 0.5,
         workers: int | None = None,
+        weight_scale: float = 1000.0,
+        max_examples: int = 10_000_000,
         **fedavg_kwargs,
     ):
         super().__init__(**fedavg_kwargs)
+        if not weight_scale > 0:
+            raise ValueError(f"weight_scale must be > 0, got {weight_scale}.")
+        if not (isinstance(max_examples, int) and max_examples >= 1):
+            raise ValueError(f"max_examples must be an int >= 1, got {max_examples}.")
+        self.weight_scale, self.max_examples = float(weight_scale), max_examples
         self.encrypted_sum = EncryptedSum(public_context, headroom_fraction, workers, "HEFedAvg")
 
     @property
@@ -135,11 +149,25 @@ class HEFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
         self.encrypted_sum.remember_manifest(arrays)
         if self.weighted_by_key != protocol.NUM_EXAMPLES:
             config[protocol.WEIGHTED_BY] = self.weighted_by_key
+        config[protocol.WEIGHT_SCALE] = self.weight_scale
         return super().configure_train(server_round, arrays, config, grid)
 
     def _check_weight(self, msg: Message, update: EncryptedModel) -> None:
-        if self.weighted_by_key not in the_metrics(msg):
-            raise CiphertextError(f"no '{self.weighted_by_key}' in the reply's metrics")
+        """The server derives the weight from the example count; the header must agree."""
+        key = self.weighted_by_key
+        count = the_metrics(msg).get(key)
+        if count is None:
+            raise CiphertextError(f"no '{key}' in the reply's metrics")
+        if not (isinstance(count, int | float) and float(count).is_integer()):
+            raise CiphertextError(f"'{key}' must be a whole number, got {str(count)[:40]}")
+        if not 1 <= count <= self.max_examples:
+            raise CiphertextError(f"'{key}' = {count:.0f} is not in [1, {self.max_examples}]")
+        expected = float(count) / self.weight_scale
+        if not math.isclose(update.weight, expected, rel_tol=1e-9):
+            raise CiphertextError(
+                f"its header weight {update.weight:.6g} disagrees with {key} = {count:.0f} "
+                f"(expected {expected:.6g})"
+            )
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

@@ -136,3 +136,30 @@ def test_seal_scratch_folders_are_removed_when_the_process_exits(tmp_path):
     assert proc.returncode == 0, proc.stderr
     folder = Path(proc.stdout.strip().splitlines()[-1])
     assert folder.name.startswith("lepton-he-") and not folder.exists()
+
+
+def test_a_ciphertext_in_coefficient_form_is_rejected_alone():
+    """It loads like any other, then SEAL's addition throws: rejected at load now."""
+    import numpy as np
+    import tenseal as ts
+    import tenseal.sealapi as sealapi
+
+    from lepton_flwr.he import CkksAdder, CkksEncoder, create_secret_context
+    from lepton_flwr.he.codec import _save
+    from lepton_flwr.he.keys import public_context_bytes, scratch_dir
+
+    context = create_secret_context(CKKSParams())
+    good = CkksEncoder(context, workers=1, seeded=False).encrypt(np.ones(10))
+    path = scratch_dir() / "coefficient-form"
+    path.write_bytes(good[0])
+    ciphertext = sealapi.Ciphertext()
+    ciphertext.load(context.seal_context().data, str(path))
+    sealapi.Evaluator(context.seal_context().data).transform_from_ntt_inplace(ciphertext)
+    bad = _save(ciphertext)
+    adder = CkksAdder(ts.context_from(public_context_bytes(context)))
+    with pytest.raises(CiphertextError, match="not in NTT form"):
+        adder.load([bad])
+    sums, failed = adder.sum_updates([good, [bad], good], workers=1)
+    assert list(failed) == [1] and "NTT" in failed[1]
+    total = CkksEncoder(context, workers=1).decrypt(sums, 10)
+    assert np.allclose(total, 2.0, atol=1e-5)  # the two good uploads, added

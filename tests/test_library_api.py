@@ -426,3 +426,49 @@ def test_a_key_holders_evaluate_fn_sees_every_decrypted_model(keys):
     )
     means = [result.evaluate_metrics_serverapp[r]["mean"] for r in (0, 1, 2)]
     assert means == pytest.approx([0.0, 0.01, 0.02], abs=1e-6)
+
+
+def _tampered_reply(field, value):
+    """A mod outside he_mod that rewrites one thing in node 101's encrypted reply."""
+    from lepton_flwr.he import EncryptedModel
+
+    def tamper(msg, context, call_next):
+        reply = call_next(msg, context)
+        if context.node_id != 101 or msg.metadata.message_type != "train":
+            return reply
+        if field == "weight":
+            model = EncryptedModel.from_record(reply.content["arrays"])
+            model.weight = value
+            reply.content = RecordDict({**reply.content, "arrays": model.to_record()})
+        else:
+            metrics = MetricRecord({**reply.content["metrics"], field: value})
+            reply.content = RecordDict({**reply.content, "metrics": metrics})
+        return reply
+
+    return tamper
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "reason"),
+    [
+        ("weight", 1e300, "disagrees with num-examples"),
+        ("weight", 1e-300, "disagrees with num-examples"),
+        ("num-examples", -5, "is not in [1,"),
+        ("num-examples", 10**12, "is not in [1,"),
+        ("num-examples", [1, 2], "whole number"),
+        ("num-examples", 2.5, "whole number"),
+    ],
+)
+def test_the_server_derives_each_weight_and_refuses_a_header_that_disagrees(
+    keys, caplog, field, value, reason
+):
+    """Issue 12: a weight of 1e300 used to zero the model; now only that reply is refused."""
+    caplog.set_level(logging.WARNING, logger="flwr")
+    mods = [_tampered_reply(field, value), make_he_mod(keys[0], workers=1)]
+    grid = InProcessGrid(_app(mods), NODES)
+    result = HEFedAvg(keys[1], min_available_nodes=NODES, workers=1).start(
+        grid, _start(), num_rounds=1
+    )
+    assert "rejected the reply of node 101" in caplog.text and reason in caplog.text
+    # The two honest clients carried the round: each moved every weight by 0.01.
+    assert np.allclose(decrypt_arrays(result.arrays, keys[0])["w"].numpy(), 0.01, atol=1e-6)

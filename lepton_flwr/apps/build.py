@@ -60,6 +60,7 @@ def _he_fedavg(cfg: dict) -> Strategy:
         _public_context(cfg),
         headroom_fraction=he["headroom_fraction"],
         workers=he["workers"],
+        weight_scale=he["weight_scale"],
         **_fedavg_arguments(cfg["strategy"]),
     )
 

@@ -289,6 +289,8 @@ class CkksAdder:
         for index, ciphertext in enumerate(vector.ciphertext()):
             if ciphertext.size() != 2:
                 raise CiphertextError(f"chunk {index} has {ciphertext.size()} polynomials, not 2")
+            if not ciphertext.is_ntt_form():  # it would load, then make the addition throw
+                raise CiphertextError(f"chunk {index} is not in NTT form")
             if list(ciphertext.parms_id()) != self._parms_id:
                 raise CiphertextError(f"chunk {index} is not at the first data level")
             if not math.isclose(ciphertext.scale, self.scale, rel_tol=1e-9):
@@ -317,8 +319,11 @@ class CkksAdder:
                 continue
             if total is None:
                 total = vector
-            else:
+                continue
+            try:
                 total += vector
+            except (ValueError, RuntimeError) as err:  # anything load's checks missed
+                errors[index] = f"cannot be added to the others ({err})"
         return ([] if total is None else proto_ciphertexts(total.serialize())), errors
 
     def sum_updates(

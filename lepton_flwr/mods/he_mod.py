@@ -114,6 +114,7 @@ def _reply_weight(msg: Message, metrics: MetricRecord, weight_scale: float) -> f
         raise ModError(
             f"the training reply's metrics lack '{weighted_by}', the weight of the update"
         )
+    weight_scale = float(train_config(msg).get(protocol.WEIGHT_SCALE, weight_scale))
     return float(metrics[weighted_by]) / weight_scale
 
 
@@ -185,8 +186,9 @@ def make_he_mod(
         and then the run config key of the same name take precedence.
     weight_scale : float
         A client encrypts ``(num_examples / weight_scale) * weights``; the server divides
-        the sum by the summed weights. It keeps the encrypted values small: all clients
-        must use the same value.
+        the sum by the summed weights. It keeps the encrypted values small. ``HEFedAvg``
+        announces its own value, which takes precedence, and checks each reply's weight
+        against it.
     workers : int | None
         Processes that encrypt in parallel (None: all cores this process may use).
     seeded : bool
