@@ -281,7 +281,28 @@ def test_the_readme_lines_add_he_dp_and_he_dp_to_a_stock_flower_app(tmp_path):
         FLWR_LOCAL_CONTROL_API_PORT=str(control_port),
         FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
     )
-    flwr = str(Path(sys.executable).parent / "flwr")
+
+    def flwr_run(app: Path, run_config: str) -> tuple[int, str]:
+        """`flwr run <app> --stream` on 3 simulated SuperNodes: exit status and log."""
+        proc = subprocess.run(
+            [
+                str(Path(sys.executable).parent / "flwr"),
+                "run",
+                str(app),
+                "--stream",
+                "--run-config",
+                run_config,
+                "--federation-config",
+                "num-supernodes=3 client-resources-num-cpus=1",
+            ],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        return proc.returncode, proc.stdout + proc.stderr
+
     try:
         for variant in ("he", "dp", "he_dp"):
             app = write_app(tmp_path / variant, variant)
@@ -293,25 +314,8 @@ def test_the_readme_lines_add_he_dp_and_he_dp_to_a_stock_flower_app(tmp_path):
                     f" he-secret-context='{keys / 'secret.ctx'}'"
                     f" he-public-context='{keys / 'public.ctx'}'"
                 )
-            proc = subprocess.run(
-                [
-                    flwr,
-                    "run",
-                    str(app),
-                    "--stream",
-                    "--run-config",
-                    run_config,
-                    "--federation-config",
-                    "num-supernodes=3 client-resources-num-cpus=1",
-                ],
-                cwd=tmp_path,
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=600,
-            )
-            log = proc.stdout + proc.stderr
-            assert proc.returncode == 0, log[-4000:]
+            returncode, log = flwr_run(app, run_config)
+            assert returncode == 0, log[-4000:]
             assert (out / "train_metrics.json").is_file(), f"{variant}: {log[-4000:]}"
             metrics = json.loads((out / "train_metrics.json").read_text())
             assert sorted(metrics) == ["1", "2", "3"], (variant, metrics)
@@ -333,24 +337,7 @@ def test_the_readme_lines_add_he_dp_and_he_dp_to_a_stock_flower_app(tmp_path):
         out = tmp_path / "no-key-out"
         out.mkdir()
         run_config = f"out-dir='{out}' he-public-context='{keys / 'public.ctx'}'"
-        proc = subprocess.run(
-            [
-                flwr,
-                "run",
-                str(tmp_path / "he"),
-                "--stream",
-                "--run-config",
-                run_config,
-                "--federation-config",
-                "num-supernodes=3 client-resources-num-cpus=1",
-            ],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        log = proc.stdout + proc.stderr
+        log = flwr_run(tmp_path / "he", run_config)[1]
         assert "none of the 3 rounds produced a model" in log, log[-4000:]
         assert "no CKKS secret context given" in log and "--node-config" in log
         assert not (out / "model.ckks.zip").exists()
