@@ -176,6 +176,9 @@ def validate_config(cfg: dict[str, Any]) -> None:
 
     _validate_privacy(cfg)
     _require(cfg["num_rounds"] >= 1, f"num_rounds must be >= 1, got {cfg['num_rounds']}.")
+    _require(
+        cfg["round_timeout"] > 0, f"round_timeout must be > 0 seconds, got {cfg['round_timeout']}."
+    )
     train = cfg["train"]
     _require(
         train["local_epochs"] >= 1, f"train.local_epochs must be >= 1, got {train['local_epochs']}."

@@ -122,3 +122,28 @@ def test_run_config_overrides_reach_the_apps():
 def test_unknown_run_config_key_is_refused():
     with pytest.raises(KeyError, match="num-server-rounds"):
         config_from_context(_context({"hydra-overrides": "", "num-server-rounds": 3}))
+
+
+def test_run_config_interpolations_are_never_resolved_on_a_node(monkeypatch):
+    """Issue 12: ``${oc.env:VAR}`` in hydra-overrides sent a node's secrets back."""
+    from flwr.app import Context, RecordDict
+
+    from lepton_flwr.apps.common import config_from_context
+
+    monkeypatch.setenv("LEPTON_TEST_SECRET", "do-not-leak")
+    context = Context(
+        run_id=1,
+        node_id=1,
+        node_config={},
+        state=RecordDict(),
+        run_config={"hydra-overrides": "dataset=${oc.env:LEPTON_TEST_SECRET}"},
+    )
+    with pytest.raises(ValueError, match="interpolation") as err:
+        config_from_context(context)
+    assert "do-not-leak" not in str(err.value)
+
+
+def test_round_timeout_is_configurable_and_checked():
+    assert load_config("round_timeout=120")["round_timeout"] == 120
+    with pytest.raises(ConfigError, match="round_timeout must be > 0"):
+        load_config("round_timeout=0")

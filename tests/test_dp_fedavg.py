@@ -278,3 +278,22 @@ def test_adaptive_clipping_spends_what_it_reports(dropped_bit):
         dp_accounting.PoissonSampledDpEvent(1.0, dp_accounting.GaussianDpEvent(z_joint))
     )
     assert with_103.epsilon() == pytest.approx(reference.get_epsilon(1e-3), rel=0.01)
+
+
+def test_waiting_for_nodes_says_what_it_waits_for(caplog, monkeypatch):
+    from lepton_flwr.dp import rounds
+
+    caplog.set_level(logging.INFO, logger="flwr")
+    monkeypatch.setattr(rounds.time, "sleep", lambda seconds: None)
+
+    class ArrivingNodes:
+        def __init__(self):
+            self.calls = 0
+
+        def get_node_ids(self):
+            self.calls += 1
+            return list(range(min(self.calls, 3)))
+
+    assert rounds.wait_for_nodes(ArrivingNodes(), 3, log_every=0.0) == [0, 1, 2]
+    assert "waiting for 3 nodes to connect (1 so far)" in caplog.text
+    assert "waiting for 3 nodes to connect (2 so far)" in caplog.text

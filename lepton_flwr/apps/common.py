@@ -27,7 +27,15 @@ def config_from_context(context: Context) -> dict:
             f"Unknown run-config key(s) {unknown}: lepton-flwr takes only '{OVERRIDES_KEY}', "
             f"e.g. --run-config '{OVERRIDES_KEY}=\"dataset=digits num_rounds=3\"'."
         )
-    return _config_for_overrides(str(context.run_config.get(OVERRIDES_KEY, "")))
+    overrides = str(context.run_config.get(OVERRIDES_KEY, ""))
+    if "${" in overrides:
+        # A run's config comes from whoever launched it; resolving an interpolation on a
+        # node would let them read the node's environment (${oc.env:...}) back in an error.
+        raise ValueError(
+            f"'{OVERRIDES_KEY}' holds an interpolation ('${{...}}'); run-config overrides "
+            f"take plain values only, and nodes never resolve interpolations sent to them."
+        )
+    return _config_for_overrides(overrides)
 
 
 def model_for(cfg: dict, data: CentralData | None = None) -> nn.Module:

@@ -98,6 +98,7 @@ def run_server(grid: Grid, cfg: dict, keyholder_secret: str | Path | None = None
                     recording,
                     ArrayRecord(model.state_dict()),
                     num_rounds=cfg["num_rounds"],
+                    timeout=cfg["round_timeout"],
                     evaluate_fn=timed_evaluation(evaluate_fn, rows),
                 )
             except NoModelTrainedError as err:  # keep the rounds' record, then fail the run

@@ -26,10 +26,17 @@ from lepton_flwr.dp.noise import secure_gaussian
 from lepton_flwr.dp.sampling import fixed_size_sample, poisson_sample
 
 
-def wait_for_nodes(grid: Grid, minimum: int) -> list[int]:
-    """Return the connected nodes once there are at least ``minimum`` (polled every second)."""
+def wait_for_nodes(grid: Grid, minimum: int, log_every: float = 60.0) -> list[int]:
+    """Return the connected nodes once there are at least ``minimum`` (polled every second).
+
+    Says what it waits for when it has to wait, and again every ``log_every`` seconds.
+    """
     node_ids = list(grid.get_node_ids())
+    last_log = None
     while len(node_ids) < minimum:
+        if last_log is None or time.monotonic() - last_log >= log_every:
+            log(INFO, "waiting for %d nodes to connect (%d so far)", minimum, len(node_ids))
+            last_log = time.monotonic()
         time.sleep(1)
         node_ids = list(grid.get_node_ids())
     return node_ids
