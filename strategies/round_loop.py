@@ -1,12 +1,14 @@
 """Flower's own round loop (``Strategy.start``) made safe for our strategies.
 
-Two things Flower's loop cannot know: a DP strategy may stop at its privacy budget
-(``PrivacyBudgetExhausted`` from ``configure_train``), and an HE strategy's global model
-is encrypted, so the server cannot evaluate it. :class:`FlowerLoop` gives each of our
+Three things Flower's loop cannot know: a DP strategy may stop at its privacy budget
+(``PrivacyBudgetExhausted`` from ``configure_train``); an HE strategy's global model is
+encrypted, so the server cannot evaluate it; and a run in which every round failed (say,
+no client has its key) has trained nothing. :class:`FlowerLoop` gives each of our
 strategies a ``start`` that returns a ``Result`` with every round that ran when the
-budget stops training, and skips server-side evaluation of encrypted models with one
-log line. :class:`RoundObserver` records the rounds as they happen; the simulation
-runner uses it too.
+budget stops training, skips server-side evaluation of encrypted models with one log
+line, and ends a run that produced no model with :class:`NoModelTrainedError`.
+:class:`RoundObserver` records the rounds as they happen; the simulation runner uses it
+too.
 """
 
 from __future__ import annotations
