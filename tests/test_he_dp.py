@@ -41,12 +41,10 @@ def _client_app(keys, failing=()):
     return app
 
 
-def _one_round(keys, dropout_rate, failing, colluders=0):
-    strategy = HEDPFedAvg(
-        keys[1],
+def _strategy(keys, **settings):
+    """HEDPFedAvg over all NODES (fixed size, q = 1), z = Z, C = C; ``settings`` override."""
+    defaults = dict(
         clip_norm=C,
-        dropout_rate=dropout_rate,
-        tolerated_colluders=colluders,
         noise_multiplier=Z,
         delta=1e-3,
         sample_rate=1.0,
@@ -55,6 +53,11 @@ def _one_round(keys, dropout_rate, failing, colluders=0):
         min_available_nodes=NODES,
         workers=1,
     )
+    return HEDPFedAvg(keys[1], **(defaults | settings))
+
+
+def _one_round(keys, dropout_rate, failing, colluders=0):
+    strategy = _strategy(keys, dropout_rate=dropout_rate, tolerated_colluders=colluders)
     grid = InProcessGrid(_client_app(keys, failing), NODES)
     start = ArrayRecord({"w": Array(np.zeros(SIZE, dtype=np.float32))})
     replies = grid.send_and_receive(strategy.configure_train(1, start, ConfigRecord(), grid))
@@ -147,19 +150,7 @@ def test_dropouts_never_take_epsilon_past_the_budget(keys, caplog):
     full = ClientLevelAccountant("rdp", "fixed", NODES)
     full.compose(Z, 1.0, 2)
     budget = full.epsilon(1e-3) * 1.001  # two full rounds fit, a weaker second one does not
-    strategy = HEDPFedAvg(
-        keys[1],
-        clip_norm=C,
-        noise_multiplier=Z,
-        delta=1e-3,
-        sample_rate=1.0,
-        sampling="fixed",
-        seed=0,
-        min_available_nodes=NODES,
-        workers=1,
-        tolerated_colluders=0,
-        max_epsilon=budget,
-    )
+    strategy = _strategy(keys, tolerated_colluders=0, max_epsilon=budget)
     start = ArrayRecord({"w": Array(np.zeros(SIZE, dtype=np.float32))})
     epsilons = []
     for rnd, failing in ((1, ()), (2, (101, 102, 103, 104, 105, 106)), (3, ())):
