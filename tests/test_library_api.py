@@ -436,9 +436,9 @@ def _tampered_reply(field, value):
         reply = call_next(msg, context)
         if context.node_id != 101 or msg.metadata.message_type != "train":
             return reply
-        if field == "weight":
+        if field in ("weight", "max_abs"):
             model = EncryptedModel.from_record(reply.content["arrays"])
-            model.weight = value
+            setattr(model, field, value)
             reply.content = RecordDict({**reply.content, "arrays": model.to_record()})
         else:
             metrics = MetricRecord({**reply.content["metrics"], field: value})
@@ -472,3 +472,42 @@ def test_the_server_derives_each_weight_and_refuses_a_header_that_disagrees(
     assert "rejected the reply of node 101" in caplog.text and reason in caplog.text
     # The two honest clients carried the round: each moved every weight by 0.01.
     assert np.allclose(decrypt_arrays(result.arrays, keys[0])["w"].numpy(), 0.01, atol=1e-6)
+
+
+def test_he_dp_server_refuses_a_share_whose_header_declares_another_bound(keys, caplog):
+    """The header's bound must be the public one the server announced, not the client's."""
+    caplog.set_level(logging.WARNING, logger="flwr")
+    mods = [_tampered_reply("max_abs", 1e-3), he_dp_mod_for(keys)]
+    result = _he_dp(keys).start(InProcessGrid(_app(mods), NODES), _start(), num_rounds=1)
+    assert "rejected the reply of node 101" in caplog.text
+    assert "not the public bound" in caplog.text
+    assert result.train_metrics_clientapp[1]["clients-reported"] == NODES - 1
+
+
+def test_dp_share_mod_clamps_every_value_to_the_announced_bound():
+    bound = 0.05
+    config = ConfigRecord(
+        {
+            protocol.CLIPPING_NORM: 1.0,
+            protocol.NOISE_SHARE_STD: 10.0,  # noise far beyond the bound
+            protocol.UPDATE_SCALE: 1.0,
+            protocol.SHARE_BOUND: bound,
+        }
+    )
+    msg = Message(RecordDict({"arrays": _start(), "config": config}), 1, "train")
+    msg.metadata.__dict__["_message_id"] = "m1"
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    reply = _app([dp_share_mod])(msg, context)
+    values = reply.content["arrays"]["w"].numpy()
+    assert np.abs(values).max() <= bound and (np.abs(values) == bound).any()
+    assert dict(reply.content["metrics"])[protocol.HE_BOUND] == bound
+
+
+def test_turning_federated_evaluation_on_in_a_dp_strategy_says_it_is_outside_epsilon(keys, caplog):
+    caplog.set_level(logging.WARNING, logger="flwr")
+    _dp()
+    _he_dp(keys)
+    assert "federated evaluation is on" not in caplog.text
+    _dp(fraction_evaluate=0.5)
+    _he_dp(keys, fraction_evaluate=1.0)
+    assert caplog.text.count("does not cover them") == 2

@@ -3,10 +3,10 @@
 DP noise must be unpredictable to everyone, including whoever knows the code, the config
 and any seed. Each value takes 64 bits from ``os.urandom``: one for the sign, 63 for a
 uniform u in (0, 1), mapped to the magnitude |Z| = −Φ⁻¹(u/2) (inverse-CDF method, scipy's
-``ndtri``). The magnitude is exact to float64 precision down to u = 2⁻⁶⁴, so the tails are
-Gaussian out to about 9.3 σ on both sides; beyond that lies a probability mass of about
-1e-20 per value, which is added to δ (1e-20 x 10⁵ values x 10³ shares x 10³ rounds =
-1e-9, against δ = 1e-5). Values are drawn in float64; clients then cast to float32
+``ndtri``). The smallest u is 2⁻⁶⁴, so the tails are Gaussian out to 9.16 σ on both
+sides (``tests/test_dp_noise.py`` checks the extreme draw); beyond that lies a probability
+mass of 5.4e-20 per value, which is added to δ (5.4e-20 x 10⁵ values x 10³ shares x 10³
+rounds = 5.4e-9, against δ = 1e-5). Values are drawn in float64; clients then cast to float32
 (relative rounding 6e-8) and CKKS encodes them with an absolute error near 1e-7 of the
 scaled values: both are about 1e-6 of the noise std at our scales, far below anything
 an attack on floating-point noise has been shown to use (the review found none).
