@@ -68,7 +68,13 @@ def reword(message: str, group: str, names: tuple[str, ...]) -> str:
     return message
 
 
-HE_ARGUMENTS = ("poly_modulus_degree", "coeff_mod_bit_sizes", "scale_bits", "weight_scale")
+HE_ARGUMENTS = (
+    "poly_modulus_degree",
+    "coeff_mod_bit_sizes",
+    "scale_bits",
+    "weight_scale",
+    "value_bound",
+)
 PRIVACY_ARGUMENTS = (
     "noise_multiplier",
     "target_epsilon",

@@ -15,6 +15,7 @@ UPDATE_SCALE = "dp-update-scale"  # HE + DP: 1/d, the fixed denominator of the m
 SHARE_BOUND = "dp-share-bound"  # HE + DP: public bound B = (C + 10 σ) / d; shares clamp to ±B
 WEIGHTED_BY = "he-weighted-by"  # HE: the reply metric clients weight their update by
 WEIGHT_SCALE = "he-weight-scale"  # HE: clients encrypt (count / scale) * update
+VALUE_BOUND = "he-value-bound"  # HE: public bound b; clients clamp their values to ±b
 
 # ---- reply metrics (client -> server) ---------------------------------------------------
 NUM_EXAMPLES = "num-examples"  # Flower's default ``weighted_by_key``
@@ -26,6 +27,9 @@ HE_BOUND = "he-bound"  # a public bound on the values he_mod encrypts (declared 
 TRAIN_LOSS = "train-loss"  # our ClientApp's training loss
 CLIENT_EPSILON = "client-epsilon"  # DP-SGD: the client's cumulative ε (the round takes the max)
 DPSGD_NOISE_MULTIPLIER = "dpsgd-noise-multiplier"
+
+# ---- error replies (client -> server) ---------------------------------------------------
+MODEL_REFUSED = "refused the global model"  # in the reason: a decryption failed the bound
 
 # ---- node config / run config (per SuperNode, per run) ----------------------------------
 SECRET_CONTEXT = "he-secret-context"  # path of the clients' secret CKKS context

@@ -52,8 +52,9 @@ class EncryptedSum:
     not parse or are not fresh ciphertexts of the server's parameters, carry another
     key's fingerprint, come in the wrong number, hold plaintext tensors, describe other
     tensors than the global model's, or fail the strategy's own check. CKKS raises no
-    error on overflow: a sum whose bound could pass ``headroom_fraction`` of the headroom
-    is refused as a whole.
+    error on overflow: the bounds of the added values (public bounds, which the strategy
+    checks each header against) must stay within ``headroom_fraction`` of the headroom,
+    and the largest replies are rejected until they do.
 
     Parameters
     ----------
@@ -144,6 +145,41 @@ class EncryptedSum:
             )
         return update
 
+    def _within_headroom(
+        self,
+        server_round: int,
+        candidates: list[tuple[Message, EncryptedModel]],
+        extra: EncryptedModel | None,
+    ) -> list[tuple[Message, EncryptedModel]]:
+        """Leave out the largest replies until the bound on the sum fits the headroom.
+
+        Every bound counted here was checked by the strategy against a public one, so a
+        client cannot make the sum wrap around; one that weighs in too much (a huge
+        example count) is rejected alone instead of voiding the round.
+        """
+        kept = sorted(candidates, key=lambda pair: pair[1].max_abs)
+        base = extra.max_abs if extra else 0.0
+        if base > self.headroom:
+            log(
+                ERROR,
+                "%s round %d: the global model's bound %.3g passes the safe CKKS "
+                "bound %.3g; nothing can be added to it",
+                self.name,
+                server_round,
+                base,
+                self.headroom,
+            )
+        while kept and base + sum(u.max_abs for _, u in kept) > self.headroom:
+            msg, update = kept.pop()
+            self.reject(
+                server_round,
+                msg,
+                f"its values (up to {update.max_abs:.3g}) would take the sum past the safe "
+                f"CKKS bound {self.headroom:.3g} (raise weight_scale, or lower the bound)",
+            )
+        order = {id(msg): i for i, (msg, _) in enumerate(candidates)}
+        return sorted(kept, key=lambda pair: order[id(pair[0])])
+
     def reject(self, server_round: int, msg: Message, reason: object) -> None:
         """Log one rejected reply."""
         log(
@@ -179,7 +215,8 @@ class EncryptedSum:
         -------
         tuple[list[Message], EncryptedModel | None]
             The accepted replies, and their encrypted sum (with ``extra``); the sum is
-            None when nothing was accepted or its bound passes the safe headroom (logged).
+            None when nothing was accepted. Replies whose bounds would take the sum past
+            the safe headroom are rejected, largest first (logged).
         """
         candidates: list[tuple[Message, EncryptedModel]] = []
         for msg in replies:
@@ -194,6 +231,7 @@ class EncryptedSum:
                 self.reject(server_round, msg, err)
                 continue
             candidates.append((msg, update))
+        candidates = self._within_headroom(server_round, candidates, extra)
         uploads = [u.chunks for _, u in candidates] + ([extra.chunks] if extra else [])
         # Loading checks every ciphertext; it runs in parallel with the additions.
         sums, failed = self.adder.sum_updates(uploads, self.workers)
@@ -209,18 +247,6 @@ class EncryptedSum:
             return [], None
         parts = [u for _, u in accepted] + ([extra] if extra else [])
         bound = sum(part.max_abs for part in parts)
-        if bound > self.headroom:
-            log(
-                ERROR,
-                "%s round %d: the summed values may reach %.3g, over the safe CKKS bound "
-                "%.3g; nothing added, global model kept (raise weight_scale on the clients, "
-                "or use a larger first prime)",
-                self.name,
-                server_round,
-                bound,
-                self.headroom,
-            )
-            return [msg for msg, _ in accepted], None
         total = EncryptedModel(
             manifest=accepted[0][1].manifest,
             chunks=sums,

@@ -16,6 +16,7 @@ from flwr.serverapp.strategy import FedAvg
 from lepton_flwr.strategies.encrypted_sum import EncryptedSum, the_metrics
 from lepton_flwr.strategies.fedavg_args import evaluation_off_by_default, refuse_fraction_train
 from lepton_flwr.strategies.he_fedavg import ExplainsEncryptedEvaluation
+from lepton_flwr.strategies.last_good import LastGoodModel
 from lepton_flwr.strategies.round_loop import FlowerLoop
 
 from lepton_flwr import protocol
@@ -38,7 +39,10 @@ class HEDPFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
     and the server holds no secret key. A reply that is not such a share (no
     ``dp_share_mod`` on the client, so neither clipped nor noised) is refused with a log
     line naming the node, and is never added; so is a reply that fails any check of
-    ``HEFedAvg``, and a sum that could pass the CKKS headroom releases nothing.
+    ``HEFedAvg``; shares are added only while their public bounds keep the sum within
+    the CKKS headroom. Clients refuse a decrypted model that is not finite or passes the
+    bound the sum allows; when half of a round's replies refuse, the server falls back
+    to the last model clients accepted (logged; nothing released, no ε spent).
 
     Colluders and dropouts: a client that reported knows its own share and can subtract
     it from the decrypted model, so only the others' shares protect anyone from it. σ is
@@ -132,6 +136,7 @@ class HEDPFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
             seed=seed,
         )
         self._global: EncryptedModel | None = None
+        self.last_good = LastGoodModel("HEDPFedAvg")
         self._share_std = self._share_bound = 0.0
         self._fewest = 1
         self._sampled = 0
@@ -175,6 +180,7 @@ class HEDPFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
         )
         self._sampled = len(sampled)
         self._global = self.encrypted_sum.encrypted(arrays)
+        self.last_good.sent(server_round, arrays)
         c = self.tolerated_colluders
         planned = math.floor(len(sampled) * (1 - self.dropout_rate))
         if planned <= c:
@@ -264,6 +270,10 @@ class HEDPFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Add the encrypted noisy shares to the encrypted global model; account the noise."""
+        replies = list(replies)
+        if self.last_good.fall_back(server_round, replies):  # nothing released: no ε spent
+            figures = {protocol.CLIENTS_SAMPLED: self._sampled, protocol.CLIENTS_REPORTED: 0}
+            return self.last_good.model, MetricRecord({**self.rounds.privacy_metrics(), **figures})
         accepted, total = self.encrypted_sum.add(
             server_round, replies, extra=self._global, check_reply=self._check_share
         )

@@ -13,6 +13,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from lepton_flwr.strategies.encrypted_sum import EncryptedSum, the_metrics
+from lepton_flwr.strategies.last_good import LastGoodModel
 from lepton_flwr.strategies.metrics import clients_metrics
 from lepton_flwr.strategies.round_loop import FlowerLoop
 
@@ -66,7 +67,14 @@ class HEFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
     weights, and keeps the global model as that encrypted weighted sum: it never holds a
     plaintext update or global model, and cannot decrypt (its context has no secret key).
     Clients divide by the total weight after decryption. Round 1 sends the initial
-    (public) model in the clear. Evaluation is federated: ``start`` skips a server-side
+    (public) model in the clear. Each client clamps its weights to the public bound
+    ``value_bound`` before encrypting; the server checks that each header declares its
+    weight times that bound, and adds replies only while the sum of those bounds stays
+    within the CKKS headroom (the largest replies are rejected first), so no client can
+    make the sum wrap around. Clients refuse a decrypted model that is not finite or
+    passes the bound (an upload under another key, say); when at least half of a
+    round's replies refuse, the server falls back to the last model clients accepted
+    (logged). Evaluation is federated: ``start`` skips a server-side
     ``evaluate_fn`` once the model is encrypted (one log line), and ``Result.arrays`` is
     the encrypted final model (``lepton_flwr.he.save_encrypted_arrays`` writes it,
     ``lepton_flwr.he.decrypt_arrays`` decrypts it with the secret context).
@@ -75,7 +83,9 @@ class HEFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
     ciphertexts do not parse or are not fresh ciphertexts of the server's parameters,
     carry another key's fingerprint, come in the wrong number, hold plaintext tensors
     (no ``he_mod`` on the client), describe a model whose tensor names, shapes or dtypes
-    differ from the global one, or lack the ``weighted_by_key`` metric. With fewer than
+    differ from the global one, lack the ``weighted_by_key`` metric (a whole number in
+    [1, ``max_examples``]), or declare a weight or bound the server does not derive
+    from it. With fewer than
     ``min_train_nodes`` valid replies, or a sum that could pass the CKKS headroom, the
     round is skipped and the global model kept.
 
@@ -88,6 +98,9 @@ class HEFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
         Announced to the clients, whose ``he_mod`` encrypts ``(count / weight_scale) *
         update``; the server derives each reply's weight the same way and rejects a header
         that disagrees (a client cannot weigh in more than its count says).
+    value_bound : float (default: 100.0)
+        Public bound b on every model value: clients clamp their weights to ±b, and the
+        server counts ``weight × b`` per reply against the CKKS headroom.
     max_examples : int (default: 10,000,000)
         Largest example count a reply may claim; counts must be whole numbers from 1.
     headroom_fraction : float (default: 0.5)
@@ -110,6 +123,7 @@ class HEFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
         headroom_fraction: float = 0.5,
         workers: int | None = None,
         weight_scale: float = 1000.0,
+        value_bound: float = 100.0,
         max_examples: int = 10_000_000,
         **fedavg_kwargs,
     ):
@@ -118,8 +132,12 @@ class HEFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
             raise ValueError(f"weight_scale must be > 0, got {weight_scale}.")
         if not (isinstance(max_examples, int) and max_examples >= 1):
             raise ValueError(f"max_examples must be an int >= 1, got {max_examples}.")
+        if not (math.isfinite(value_bound) and value_bound > 0):
+            raise ValueError(f"value_bound must be finite and > 0, got {value_bound}.")
         self.weight_scale, self.max_examples = float(weight_scale), max_examples
+        self.value_bound = float(value_bound)
         self.encrypted_sum = EncryptedSum(public_context, headroom_fraction, workers, "HEFedAvg")
+        self.last_good = LastGoodModel("HEFedAvg")
 
     @property
     def fingerprint(self) -> str:
@@ -145,11 +163,13 @@ class HEFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Remember the model's manifest, tell clients what to weight by, sample as FedAvg."""
+        """Remember the model, tell clients what to weight by and the bound, sample as FedAvg."""
         self.encrypted_sum.remember_manifest(arrays)
+        self.last_good.sent(server_round, arrays)
         if self.weighted_by_key != protocol.NUM_EXAMPLES:
             config[protocol.WEIGHTED_BY] = self.weighted_by_key
         config[protocol.WEIGHT_SCALE] = self.weight_scale
+        config[protocol.VALUE_BOUND] = self.value_bound
         return super().configure_train(server_round, arrays, config, grid)
 
     def _check_weight(self, msg: Message, update: EncryptedModel) -> None:
@@ -168,11 +188,19 @@ class HEFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
                 f"its header weight {update.weight:.6g} disagrees with {key} = {count:.0f} "
                 f"(expected {expected:.6g})"
             )
+        if not math.isclose(update.max_abs, expected * self.value_bound, rel_tol=1e-9):
+            raise CiphertextError(
+                f"its header declares the bound {update.max_abs:.6g}, not its weight times "
+                f"the public bound {self.value_bound:g} ({expected * self.value_bound:.6g})"
+            )
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Add the valid encrypted updates; return the encrypted weighted sum."""
+        replies = list(replies)
+        if self.last_good.fall_back(server_round, replies):
+            return self.last_good.model, None
         accepted, total = self.encrypted_sum.add(
             server_round, replies, check_reply=self._check_weight
         )
@@ -185,8 +213,6 @@ class HEFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
                 len(accepted),
                 self.min_train_nodes,
             )
-            return None, None
-        if total is None:  # over the CKKS headroom (logged)
             return None, None
         metrics = clients_metrics(
             self.train_metrics_aggr_fn, accepted, self.weighted_by_key, "HEFedAvg", server_round

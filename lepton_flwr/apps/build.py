@@ -61,6 +61,7 @@ def _he_fedavg(cfg: dict) -> Strategy:
         headroom_fraction=he["headroom_fraction"],
         workers=he["workers"],
         weight_scale=he["weight_scale"],
+        value_bound=he["value_bound"],
         **_fedavg_arguments(cfg["strategy"]),
     )
 

@@ -13,11 +13,20 @@ from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 from flwr.app import Array, ArrayRecord, MetricRecord
 
 from lepton_flwr.he.codec import CiphertextError, CkksEncoder, unflatten
 from lepton_flwr.he.keys import fingerprint, load_context
 from lepton_flwr.he.records import EncryptedModel, is_encrypted, load_encrypted, save_encrypted
+
+# CKKS decryption is exact to about 1e-7 per summed value at our parameters; a wrapped
+# value is off by about q / (2 * scale) = 2^19. Values may pass their bound by this much.
+BOUND_SLACK = 1e-3
+
+
+class ModelOutOfBoundError(CiphertextError):
+    """A decrypted model that is not finite or passes the bound its encrypted sum allows."""
 
 
 @lru_cache(maxsize=4)
@@ -62,7 +71,34 @@ def decrypt_model(record: ArrayRecord, encoder: CkksEncoder, own_fingerprint: st
             f"key {own_fingerprint}: the server and clients use different key pairs"
         )
     vector = encoder.decrypt(model.chunks, model.num_values) / model.weight
+    check_bound(vector, model)
     return ArrayRecord({k: Array(v) for k, v in unflatten(vector, model.manifest).items()})
+
+
+def check_bound(vector: np.ndarray, model: EncryptedModel) -> None:
+    """The wrap detector: decrypted values must be finite and within the sum's bound.
+
+    The header's ``max_abs`` is the server's bound on the summed values (the sum of
+    public bounds that each added upload's header was checked against), so an honest
+    sum decrypts within ``max_abs / weight``. CKKS wraps a value that passes its
+    headroom around silently, and an upload under another key, or past its bound,
+    decrypts to values far outside it.
+
+    Raises
+    ------
+    ModelOutOfBoundError
+        Naming the largest value and the bound.
+    """
+    if not np.isfinite(vector).all():
+        raise ModelOutOfBoundError("the decrypted values are not all finite")
+    limit = (model.max_abs + BOUND_SLACK) / model.weight
+    largest = float(np.abs(vector).max(initial=0.0))
+    if largest > limit:
+        raise ModelOutOfBoundError(
+            f"a decrypted value reaches {largest:.4g}, beyond the bound {limit:.4g} that its "
+            f"encrypted sum allows: the sum wrapped around (CKKS overflow) or an upload was "
+            f"encrypted dishonestly"
+        )
 
 
 def decrypt_arrays(arrays: ArrayRecord | str | Path, secret_context: str | Path) -> ArrayRecord:

@@ -15,15 +15,17 @@ SuperNode's (or simulation's) working folder, not from your app's folder.
 
 from __future__ import annotations
 
+from logging import WARNING
 from pathlib import Path
 
 import numpy as np
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable, Mod
+from flwr.common.logger import log
 
 from lepton_flwr import protocol
 from lepton_flwr.he.codec import CiphertextError, CkksEncoder, flatten
-from lepton_flwr.he.keyholder import decrypt_model, encoder_for
+from lepton_flwr.he.keyholder import ModelOutOfBoundError, decrypt_model, encoder_for
 from lepton_flwr.he.records import EncryptedModel, is_encrypted
 from lepton_flwr.mods.common import (
     ModError,
@@ -99,6 +101,17 @@ def encrypt_update(
     return EncryptedModel(manifest, chunks, weight, own_fingerprint, max_abs).to_record()
 
 
+def clamped(record: ArrayRecord, bound: float) -> ArrayRecord:
+    """The record's tensors clamped to ±bound (a warning says how many values moved)."""
+    if not (np.isfinite(bound) and bound > 0):
+        raise ModError(f"the server's value bound {bound} is not a finite number > 0")
+    tensors = {k: v.numpy() for k, v in record.items()}
+    moved = sum(int((np.abs(t) > bound).sum()) for t in tensors.values())
+    if moved:
+        log(WARNING, "he_mod: %d values clamped to the public bound ±%g", moved, bound)
+    return ArrayRecord({k: Array(np.clip(t, -bound, bound)) for k, t in tensors.items()})
+
+
 def _reply_weight(msg: Message, metrics: MetricRecord, weight_scale: float) -> float:
     """The weight a training reply is encrypted with: 1 for a DP share, else its data."""
     if protocol.HE_WEIGHT in metrics:
@@ -144,6 +157,8 @@ def apply_he(
         if is_encrypted(record):
             try:
                 plain = decrypt_model(record, encoder, own_fingerprint)
+            except ModelOutOfBoundError as err:
+                raise ModError(f"{protocol.MODEL_REFUSED}: {err}") from err
             except CiphertextError as err:
                 raise ModError(f"cannot decrypt the global model: {err}") from err
             msg.content = RecordDict({**msg.content, key: plain})  # never edit a shared record
@@ -156,6 +171,10 @@ def apply_he(
     _, metrics = the_record(reply.content, MetricRecord)
     weight = _reply_weight(msg, metrics, weight_scale)
     bound = float(metrics[protocol.HE_BOUND]) if protocol.HE_BOUND in metrics else None
+    value_bound = train_config(msg).get(protocol.VALUE_BOUND)
+    if bound is None and value_bound is not None:  # HEFedAvg: clamp to its public bound
+        record = clamped(record, float(value_bound))
+        bound = weight * float(value_bound)
     try:
         encrypted = encrypt_update(record, weight, encoder, own_fingerprint, bound)
     except ValueError as err:
