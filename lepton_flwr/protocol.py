@@ -35,6 +35,12 @@ MODEL_REFUSED = "refused the global model"  # in the reason: a decryption failed
 SECRET_CONTEXT = "he-secret-context"  # path of the clients' secret CKKS context
 PARTITION_ID = "partition-id"  # our ClientApp: which data partition this node holds
 NUM_PARTITIONS = "num-partitions"  # (Flower's simulation sets both the same way)
+DATA_ROOT = "data-root"  # our ClientApp: the node's data folder (node config only)
+# A client's local privacy floor (node config only): requests below it are refused.
+MIN_SHARE_NOISE = "dp-min-share-noise-multiplier"  # HE + DP: least σ_share / C accepted
+MAX_CLIP_NORM = "dp-max-clip-norm"  # HE + DP: largest C accepted
+DPSGD_MAX_EPSILON = "dpsgd-max-epsilon"  # DP-SGD: largest cumulative ε the node will spend
+DPSGD_MIN_NOISE = "dpsgd-min-noise-multiplier"  # DP-SGD: least noise multiplier accepted
 
 # ---- node state (context.state, never sent) ---------------------------------------------
 DPSGD_STATE = "lepton-dpsgd"  # DP-SGD: the client's accountant history

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from logging import ERROR
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.client.mod.utils import make_ffn
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
+from flwr.common.logger import log
 
 from lepton_flwr import protocol
 from lepton_flwr.apps.build import build_client_mods
@@ -12,10 +16,12 @@ from lepton_flwr.apps.common import config_from_context, model_for
 from lepton_flwr.data import load_client_data, load_dataset
 from lepton_flwr.dp.dpsgd import (
     dpsgd_noise_multiplier,
+    epsilon_after_round,
     history_from_json,
     history_to_json,
     train_dpsgd,
 )
+from lepton_flwr.dp.floor import BelowPrivacyFloorError, check_dpsgd_request
 from lepton_flwr.models import evaluate, resolve_device, train
 from lepton_flwr.mods.common import is_train
 
@@ -35,9 +41,22 @@ def _node_partition(context: Context) -> tuple[int, int]:
         ) from err
 
 
+def with_node_data_root(cfg: dict, context: Context) -> dict:
+    """The config with the dataset's folder from the node config (``data-root``), if set.
+
+    Where a node's data lies is the node's business: run-config overrides may not set
+    it (see :func:`lepton_flwr.apps.common.config_from_context`).
+    """
+    root = context.node_config.get(protocol.DATA_ROOT)
+    if not root or "root" not in cfg["dataset"]:
+        return cfg
+    return {**cfg, "dataset": {**cfg["dataset"], "root": str(root)}}
+
+
 def _received_model(msg: Message, context: Context, cfg: dict):
     """Return the node's partition id and data, the dataset spec, and the received model."""
     partition_id, num_partitions = _node_partition(context)
+    cfg = with_node_data_root(cfg, context)
     data = load_client_data(cfg, partition_id, num_partitions)
     spec = load_dataset(cfg["dataset"], cfg["seed"])
     model = model_for(cfg, spec)
@@ -69,7 +88,13 @@ def handle_train(msg: Message, context: Context, cfg: dict) -> Message:
     )
     metrics: dict = {}
     if cfg["privacy"]["name"] == "dpsgd":
-        loss, metrics = _train_dpsgd(model, data, context, cfg, options)
+        try:
+            loss, metrics = _train_dpsgd(model, data, context, cfg, options)
+        except BelowPrivacyFloorError as err:
+            reason = f"privacy floor: {err}"
+            log(ERROR, reason)
+            error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason)
+            return Message(error, reply_to=msg)
     else:
         loss = train(model, data.x_train, data.y_train, **options)
     model.cpu()
@@ -96,6 +121,16 @@ def _train_dpsgd(model, data, context: Context, cfg: dict, options: dict) -> tup
     z = dpsgd_noise_multiplier(
         privacy, len(data.y_train), options["batch_size"], cfg["num_rounds"] * options["epochs"]
     )
+    predicted = epsilon_after_round(
+        history,
+        z,
+        len(data.y_train),
+        options["batch_size"],
+        options["epochs"],
+        privacy["delta"],
+        privacy["accountant"],
+    )
+    check_dpsgd_request(context.node_config, z, predicted)  # the node's floor, before training
     loss, epsilon, history = train_dpsgd(
         model,
         data.x_train,

@@ -12,6 +12,11 @@ from lepton_flwr.data import CentralData, load_dataset
 from lepton_flwr.models import build_model
 
 OVERRIDES_KEY = "hydra-overrides"
+# Where a node keeps its files is set in its node config, never by the run's launcher.
+NODE_ONLY_KEYS = {
+    "dataset.root": "data-root",
+    "he.secret_context_path": "he-secret-context",
+}
 
 
 @lru_cache(maxsize=8)
@@ -35,6 +40,14 @@ def config_from_context(context: Context) -> dict:
             f"'{OVERRIDES_KEY}' holds an interpolation ('${{...}}'); run-config overrides "
             f"take plain values only, and nodes never resolve interpolations sent to them."
         )
+    for token in overrides.split():
+        key = token.split("=", 1)[0].lstrip("+~")
+        if key in NODE_ONLY_KEYS:
+            raise ValueError(
+                f"'{OVERRIDES_KEY}' sets {key}, a path on the nodes; nodes take it from their "
+                f"own node config only (flower-supernode --node-config "
+                f"\"{NODE_ONLY_KEYS[key]}='/path'\")."
+            )
     return _config_for_overrides(overrides)
 
 

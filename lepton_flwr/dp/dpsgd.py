@@ -141,6 +141,32 @@ def train_dpsgd(
     return epoch_loss, epsilon, [list(h) for h in engine.accountant.history]
 
 
+def epsilon_after_round(
+    history: list,
+    noise_multiplier: float,
+    num_examples: int,
+    batch_size: int,
+    epochs: int,
+    delta: float,
+    accountant: str = "rdp",
+) -> float:
+    """The client's cumulative ε once this round's DP-SGD steps are added to ``history``.
+
+    Opacus' Poisson loader takes ``ceil(N / batch_size)`` steps per epoch at sample rate
+    one over that: the same accounting :func:`train_dpsgd` does, known before training.
+    """
+    import_opacus()
+    from opacus.accountants import create_accountant
+
+    steps_per_epoch = math.ceil(num_examples / batch_size)
+    predicted = create_accountant(accountant)
+    predicted.history = [tuple(h) for h in history]
+    predicted.history.append((noise_multiplier, 1 / steps_per_epoch, epochs * steps_per_epoch))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return float(predicted.get_epsilon(delta))
+
+
 def secure_torch_generator(device: torch.device | str) -> torch.Generator:
     """A torch generator on ``device`` seeded with 63 bits from the OS's secure randomness."""
     return torch.Generator(device=device).manual_seed(secrets.randbits(63))

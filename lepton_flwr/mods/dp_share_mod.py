@@ -18,6 +18,7 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from lepton_flwr import protocol
 from lepton_flwr.dp.clipping import clip
+from lepton_flwr.dp.floor import BelowPrivacyFloorError, check_share_request
 from lepton_flwr.dp.noise import secure_gaussian
 from lepton_flwr.mods.common import (
     ModError,
@@ -37,7 +38,10 @@ def dp_share_mod(msg: Message, context: Context, call_next: ClientAppCallable) -
     ``HEDPFedAvg``); everything else passes through. The noise comes from the
     operating system's secure randomness. The reply's metrics become ``he-weight`` = 1,
     ``dp-share-std`` = σ and ``he-bound`` = B, public values that ``HEDPFedAvg`` checks: a
-    reply without them is not a DP share and is refused.
+    reply without them is not a DP share and is refused. A request below the node's
+    privacy floor (``dp-max-clip-norm``, ``dp-min-share-noise-multiplier`` in its node
+    config; see :mod:`lepton_flwr.dp.floor`), or without noise, is refused before
+    training.
     """
     config = train_config(msg)
     if not is_train(msg) or protocol.NOISE_SHARE_STD not in config:
@@ -49,6 +53,10 @@ def dp_share_mod(msg: Message, context: Context, call_next: ClientAppCallable) -
         bound = float(config[protocol.SHARE_BOUND])
     except (KeyError, TypeError, ValueError) as err:
         raise ModError(f"the train config lacks a valid {err}") from err
+    try:
+        check_share_request(context.node_config, clip_norm, share_std)
+    except BelowPrivacyFloorError as err:
+        raise ModError(str(err)) from err
     reply, received, update = train_and_diff(msg, context, call_next)
     if update is None:
         return reply

@@ -64,6 +64,28 @@ def find_secret_context(context: Context, default: str | Path | None) -> str:
     )
 
 
+def named_by_run_config(context: Context) -> bool:
+    """Whether the secret context path comes from the run config (the launcher's choice)."""
+    key = protocol.SECRET_CONTEXT
+    return not context.node_config.get(key) and bool(context.run_config.get(key))
+
+
+def _check_run_config_key(path: str, workers: int | None, seeded: bool) -> None:
+    """Load a key the run config names, failing with one reason whatever went wrong.
+
+    Whoever launches a run chooses the run config: distinct errors for a missing file
+    and an unreadable one would tell them which files exist on the node.
+    """
+    try:
+        encoder_for(path, workers, seeded)
+    except Exception as err:  # noqa: BLE001 - the kind of failure is what must not leak
+        raise ModError(
+            f"cannot load a CKKS secret context from {path!r}, the path the run config "
+            f"names (missing, unreadable or not a secret context). On a SuperNode, set "
+            f"{protocol.SECRET_CONTEXT} in the node config, which takes precedence; give an absolute path."
+        ) from err
+
+
 def encrypt_update(
     record: ArrayRecord,
     weight: float,
@@ -233,6 +255,8 @@ def make_he_mod(
         whole app: ``ClientApp(mods=[he_mod])``. Problems become error replies.
         """
         path = find_secret_context(context, secret_context_path)
+        if named_by_run_config(context):
+            _check_run_config_key(path, workers, seeded)
         return apply_he(msg, context, call_next, path, weight_scale, workers, seeded)
 
     return he_mod
