@@ -24,13 +24,24 @@ def keygen(out: Path, overrides: list[str]) -> None:
     )
 
 
-def decrypt(secret_context: Path, model: Path, out: Path) -> None:
-    """Decrypt a saved encrypted global model into a torch state dict file."""
+def decrypt(secret_context: Path, model: Path, out: Path, like: Path | None = None) -> None:
+    """Decrypt a saved encrypted global model into a torch state dict file.
+
+    The values are flooded with noise and rounded (``lepton_flwr.he.publish``); with
+    ``like`` (a torch state dict of the key holder's own model) names, shapes and dtypes
+    come from it rather than from the file.
+    """
+    from flwr.app import ArrayRecord
+
     from lepton_flwr.he import decrypt_arrays
 
-    state = decrypt_arrays(model, secret_context).to_torch_state_dict()
+    own = ArrayRecord(torch.load(like, weights_only=True)) if like is not None else None
+    state = decrypt_arrays(model, secret_context, own).to_torch_state_dict()
     torch.save(state, out)
-    print(f"decrypted {sum(t.numel() for t in state.values())} values -> {out}")
+    print(
+        f"decrypted {sum(t.numel() for t in state.values())} values -> {out} (flooded with "
+        f"noise and rounded so that publishing them keeps the key safe)"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -46,12 +57,15 @@ def main(argv: list[str] | None = None) -> None:
     dec.add_argument("--secret-context", type=Path, required=True)
     dec.add_argument("--model", type=Path, required=True, help="model.ckks.zip of a run")
     dec.add_argument("--out", type=Path, required=True, help="torch state dict to write")
+    dec.add_argument(
+        "--like", type=Path, help="your own model's state dict: names, shapes, dtypes from it"
+    )
     args = parser.parse_args(argv)
     try:
         if args.command == "keygen":
             keygen(args.out, args.overrides)
         else:
-            decrypt(args.secret_context, args.model, args.out)
+            decrypt(args.secret_context, args.model, args.out, args.like)
     except (ValueError, FileNotFoundError) as err:
         sys.exit(f"lepton-flwr {args.command}: {err}")
 

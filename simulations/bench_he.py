@@ -73,8 +73,13 @@ def wire_bytes(vector: np.ndarray, context: ts.Context, public: ts.Context) -> d
             len(ts.ckks_vector(ctx, vector[i : i + slots]).serialize()) for i in range(0, n, slots)
         )
 
-    plain_ctx = ts.context(ts.SCHEME_TYPE.CKKS, 4096, coeff_mod_bit_sizes=[56, 53])
-    plain_ctx.global_scale = 2.0**36
+    params = CKKSParams()
+    plain_ctx = ts.context(
+        ts.SCHEME_TYPE.CKKS,
+        params.poly_modulus_degree,
+        coeff_mod_bit_sizes=list(params.coeff_mod_bit_sizes),
+    )
+    plain_ctx.global_scale = 2.0**params.scale_bits
     flare = ts.context(ts.SCHEME_TYPE.CKKS, 8192, coeff_mod_bit_sizes=[60, 40, 40])
     flare.global_scale = 2.0**40
     return {

@@ -9,12 +9,14 @@ strategy           protects                                   client mod
 ``HEFedAvg``       updates from the server (CKKS)             ``he_mod``
 ``DPFedAvg``       clients, in the released model (DP)        none, or ``dp_clip_mod``
 ``HEDPFedAvg``     both: noise shares added under encryption  ``he_dp_mod``
+``CheckedFedAvg``  nothing (plain FedAvg, each reply checked)  none
 =================  =========================================  ===========================
 
 ``strategy.start(...)`` is Flower's round loop; for DP strategies the ``Result`` holds ε
 per round in ``train_metrics_clientapp`` and training stops cleanly at ``max_epsilon``.
 """
 
+from lepton_flwr.strategies.checked_fedavg import CheckedFedAvg
 from lepton_flwr.strategies.dp_fedavg import DPFedAvg
 from lepton_flwr.strategies.he_dp_fedavg import HEDPFedAvg
 from lepton_flwr.strategies.he_fedavg import HEFedAvg
@@ -24,6 +26,7 @@ from lepton_flwr.strategies.round_loop import NoModelTrainedError
 from lepton_flwr.dp.accounting import PrivacyBudgetExhausted
 
 __all__ = [
+    "CheckedFedAvg",
     "DPFedAvg",
     "HEDPFedAvg",
     "HEFedAvg",

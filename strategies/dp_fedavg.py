@@ -21,6 +21,7 @@ from flwr.serverapp.strategy import FedAvg
 from lepton_flwr.strategies.encrypted_sum import the_arrays, the_metrics
 from lepton_flwr.strategies.fedavg_args import evaluation_off_by_default, refuse_fraction_train
 from lepton_flwr.strategies.metrics import clients_metrics
+from lepton_flwr.strategies.reply_checks import plaintext_tensors
 from lepton_flwr.strategies.round_loop import FlowerLoop
 
 from lepton_flwr import protocol
@@ -171,7 +172,7 @@ class DPFedAvg(FlowerLoop, FedAvg):
     ) -> Iterable[Message]:
         """Check the budget, sample clients as configured, send the model (and C)."""
         sampled = self.rounds.start_round(
-            server_round, wait_for_nodes(grid, self.min_available_nodes)
+            server_round, wait_for_nodes(grid, self.min_available_nodes, self.node_wait_timeout)
         )
         self._sampled = len(sampled)
         log(
@@ -203,18 +204,9 @@ class DPFedAvg(FlowerLoop, FedAvg):
                 "the reply is encrypted: DPFedAvg adds plaintext updates (for HE + DP, use "
                 "HEDPFedAvg with he_dp_mod on the clients)"
             )
-        if list(record.keys()) != self._keys:
-            raise ValueError("its tensors differ from the global model's")
-        update = []
-        for key, current in zip(self._keys, self._global, strict=True):
-            values = record[key].numpy().astype(np.float64)
-            if values.shape != current.shape:
-                raise ValueError(
-                    f"tensor '{key}' has shape {values.shape}, expected {current.shape}"
-                )
-            if not np.isfinite(values).all():
-                raise ValueError(f"tensor '{key}' holds NaN or Inf")
-            update.append(values - current)
+        reference = list(zip(self._keys, (g.shape for g in self._global), strict=True))
+        tensors = plaintext_tensors(record, reference)
+        update = [values - current for values, current in zip(tensors, self._global, strict=True)]
         norm = l2_norm(update)
         if self.clipping_side == "client":
             if norm > self.clip_norm * (1 + 1e-5):

@@ -8,8 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import tenseal as ts
+import tenseal.sealapi  # noqa: F401 - registers SEAL types (Modulus) with Python
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.common.logger import log
+from lepton_flwr.strategies.reply_checks import ReplyError
 
 from lepton_flwr.he.codec import CiphertextError, CkksAdder, TensorSpec, flatten
 from lepton_flwr.he.keys import fingerprint, load_context
@@ -88,7 +90,8 @@ class EncryptedSum:
         data_level = public_context.seal_context().data.first_context_data()
         scale_bits = round(public_context.global_scale).bit_length() - 1
         self.headroom = (
-            headroom(data_level.total_coeff_modulus_bit_count(), scale_bits) * headroom_fraction
+            headroom([q.bit_count() for q in data_level.parms().coeff_modulus()], scale_bits)
+            * headroom_fraction
         )
         self.manifest: list[TensorSpec] | None = None
 
@@ -209,7 +212,8 @@ class EncryptedSum:
         extra : EncryptedModel | None
             Added to the sum as well (HE + DP adds the encrypted global model).
         check_reply : Callable[[Message, EncryptedModel], None] | None
-            The strategy's own check of a reply; raises ``CiphertextError`` to reject it.
+            The strategy's own check of a reply; raises ``CiphertextError`` or
+            ``ReplyError`` to reject it.
 
         Returns
         -------
@@ -227,7 +231,7 @@ class EncryptedSum:
                 update = self.check(msg)
                 if check_reply is not None:
                     check_reply(msg, update)
-            except CiphertextError as err:
+            except (CiphertextError, ReplyError) as err:
                 self.reject(server_round, msg, err)
                 continue
             candidates.append((msg, update))

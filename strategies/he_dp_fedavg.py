@@ -176,7 +176,7 @@ class HEDPFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
     ) -> Iterable[Message]:
         """Sample clients, size the noise shares for the planned reporters, send the model."""
         sampled = self.rounds.start_round(
-            server_round, wait_for_nodes(grid, self.min_available_nodes)
+            server_round, wait_for_nodes(grid, self.min_available_nodes, self.node_wait_timeout)
         )
         self._sampled = len(sampled)
         self._global = self.encrypted_sum.encrypted(arrays)

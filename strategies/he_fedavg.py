@@ -15,6 +15,7 @@ from flwr.serverapp.strategy import FedAvg
 from lepton_flwr.strategies.encrypted_sum import EncryptedSum, the_metrics
 from lepton_flwr.strategies.last_good import LastGoodModel
 from lepton_flwr.strategies.metrics import clients_metrics
+from lepton_flwr.strategies.reply_checks import example_count
 from lepton_flwr.strategies.round_loop import FlowerLoop
 
 from lepton_flwr import protocol
@@ -94,7 +95,7 @@ class HEFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
     public_context : ts.Context | str | Path
         The server's CKKS context (or the path of ``public.ctx`` from
         ``lepton-flwr keygen``); refused if it holds a secret key.
-    weight_scale : float (default: 1000.0)
+    weight_scale : float (default: 100.0)
         Announced to the clients, whose ``he_mod`` encrypts ``(count / weight_scale) *
         update``; the server derives each reply's weight the same way and rejects a header
         that disagrees (a client cannot weigh in more than its count says).
@@ -122,7 +123,7 @@ class HEFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
         *,
         headroom_fraction: float = 0.5,
         workers: int | None = None,
-        weight_scale: float = 1000.0,
+        weight_scale: float = 100.0,
         value_bound: float = 100.0,
         max_examples: int = 10_000_000,
         **fedavg_kwargs,
@@ -175,13 +176,7 @@ class HEFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
     def _check_weight(self, msg: Message, update: EncryptedModel) -> None:
         """The server derives the weight from the example count; the header must agree."""
         key = self.weighted_by_key
-        count = the_metrics(msg).get(key)
-        if count is None:
-            raise CiphertextError(f"no '{key}' in the reply's metrics")
-        if not (isinstance(count, int | float) and float(count).is_integer()):
-            raise CiphertextError(f"'{key}' must be a whole number, got {str(count)[:40]}")
-        if not 1 <= count <= self.max_examples:
-            raise CiphertextError(f"'{key}' = {count:.0f} is not in [1, {self.max_examples}]")
+        count = example_count(the_metrics(msg), key, self.max_examples)
         expected = float(count) / self.weight_scale
         if not math.isclose(update.weight, expected, rel_tol=1e-9):
             raise CiphertextError(

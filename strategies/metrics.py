@@ -47,6 +47,23 @@ def _own_metrics(content: RecordDict) -> RecordDict:
     )
 
 
+def guarded(aggregate: MetricsAggregation, strategy_name: str) -> MetricsAggregation:
+    """``aggregate``, returning an empty record (and one log line) when it fails.
+
+    A round must not fail because clients report metrics that Flower's aggregation
+    cannot combine (a loss sent as a list, weights that sum to zero).
+    """
+
+    def aggregate_or_nothing(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
+        try:
+            return aggregate(records, weighted_by_key)
+        except Exception as err:  # noqa: BLE001 - any aggregation failure leaves the round intact
+            log(WARNING, "%s: the clients' metrics were not aggregated: %r", strategy_name, err)
+            return MetricRecord()
+
+    return aggregate_or_nothing
+
+
 def clients_metrics(
     aggregate: MetricsAggregation,
     replies: list[Message],
@@ -57,20 +74,8 @@ def clients_metrics(
     """The clients' own training metrics, aggregated; {} (and one log line) if they cannot be.
 
     The metrics our mods add for the server (``PROTOCOL_METRICS``) are left out.
-
-    A strategy's round must not fail because clients report metrics that Flower's
-    aggregation cannot combine.
     """
     if not replies:
         return {}
-    try:
-        return dict(aggregate([_own_metrics(m.content) for m in replies], weighted_by_key))
-    except Exception as err:  # noqa: BLE001 - any aggregation failure leaves the round intact
-        log(
-            WARNING,
-            "%s round %d: the clients' training metrics were not aggregated: %r",
-            strategy_name,
-            server_round,
-            err,
-        )
-        return {}
+    safe = guarded(aggregate, f"{strategy_name} round {server_round}")
+    return dict(safe([_own_metrics(m.content) for m in replies], weighted_by_key))

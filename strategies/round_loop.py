@@ -24,6 +24,7 @@ from flwr.serverapp.exception import AggregationError
 from flwr.serverapp.strategy import Result, Strategy
 
 from lepton_flwr.dp.accounting import PrivacyBudgetExhausted
+from lepton_flwr.dp.rounds import NodesUnavailableError
 from lepton_flwr.he.records import is_encrypted
 
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
@@ -149,6 +150,8 @@ def _recorded(evaluate_fn: EvaluateFn, result: Result) -> EvaluateFn:
 class FlowerLoop:
     """Give a strategy Flower's ``start``, with the budget stop and encrypted-model guard."""
 
+    node_wait_timeout: float | None = None  # set by ``start``: how long to wait for nodes
+
     def start(
         self,
         grid: Grid,
@@ -167,9 +170,14 @@ class FlowerLoop:
         called on encrypted models (one log line says so). A run in which no round
         produced a model (every client failed, e.g. without its key) ends with Flower's
         ``AggregationError`` (:class:`NoModelTrainedError`, whose ``result`` holds the rounds)
-        naming the first failure, instead of a quiet success.
+        naming the first failure, instead of a quiet success. Waiting for
+        ``min_available_nodes`` (DP strategies) is bounded by ``timeout`` as well: when
+        too few nodes connect in that time, training stops as at the budget, with an
+        error line saying how many came.
         """
         name = type(self).__name__
+        self.node_wait_timeout = timeout
+        nodes_missing = False
         with RoundObserver(self) as observed:
             observed.result.arrays = initial_arrays
             if evaluate_fn is not None:
@@ -187,7 +195,11 @@ class FlowerLoop:
             except PrivacyBudgetExhausted as stop:
                 log(WARNING, "%s: privacy budget reached, training stops: %s", name, stop)
                 result = observed.result
-        if observed.configured and not observed.aggregated:
+            except NodesUnavailableError as stop:
+                log(ERROR, "%s: training stops: %s", name, stop)
+                result, nodes_missing = observed.result, True
+                observed.first_failure = observed.first_failure or str(stop)
+        if (observed.configured or nodes_missing) and not observed.aggregated:
             _no_model(name, observed)
         return result
 

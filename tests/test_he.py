@@ -67,6 +67,7 @@ def test_default_parameters_meet_the_128_bit_standard():
         (CKKSParams(3000, (60, 40), 40), "use one of"),
         (CKKSParams(4096, (60,), 40), "at least two primes"),
         (CKKSParams(4096, (56, 53), 50), "scale_bits"),
+        (CKKSParams(4096, (56, 53), 36), "too coarse"),  # the old default: no room to flood
     ],
 )
 def test_insecure_or_unusable_parameters_are_refused_with_what_would_work(params, hint):
@@ -115,11 +116,11 @@ def test_encrypt_add_decrypt_precision_and_size(secret_ctx, public_ctx):
     uploads = [encoder.encrypt(u) for u in updates]
     assert len(uploads[0]) == 3  # 5000 values / 2048 slots
     per_slot = sum(map(len, uploads[0])) / (3 * 2048)
-    assert per_slot < 16  # seeded ciphertexts: about 15.2 B per value, 3.8x float32
+    assert per_slot < 25  # seeded ciphertexts: about 24.1 B per value, 6.0x float32
     sums, failed = adder.sum_updates(uploads, workers=1)
     assert failed == {} and len(sums) == 3
     result = encoder.decrypt(sums, 5000)
-    assert np.abs(result - np.sum(updates, axis=0)).max() < 1e-6
+    assert np.abs(result - np.sum(updates, axis=0)).max() < 1e-12  # exact: never published
 
 
 def test_parallel_encryption_decrypts_to_the_same_values(secret_ctx):
@@ -138,10 +139,10 @@ def test_adder_rejects_garbage_and_foreign_parameters(secret_ctx, public_ctx):
         adder.load([b"\x00" * 100])
     with pytest.raises(CiphertextError):
         adder.load([good[: len(good) // 2]])
-    other = create_secret_context(CKKSParams(8192, (60, 40, 60), 40))
+    other = create_secret_context(CKKSParams(8192, (60, 60, 60), 58))
     with pytest.raises(CiphertextError):
         adder.load(CkksEncoder(other, workers=1).encrypt(np.ones(10)))
-    other_scale = create_secret_context(CKKSParams(4096, (56, 53), 30))
+    other_scale = create_secret_context(CKKSParams(4096, (40, 40, 29), 56))
     with pytest.raises(CiphertextError, match="scale"):
         adder.load(CkksEncoder(other_scale, workers=1).encrypt(np.ones(10)))
 
@@ -189,11 +190,14 @@ def test_he_fedavg_equals_plain_fedavg_after_5_rounds(plain_and_he_runs, keys):
     (_, _, plain_out, plain_rows), (_, _, he_out, he_rows) = plain_and_he_runs
     plain_model = torch.load(plain_out / "model.pt")
     he_model = _decrypted_final(he_out, keys)
+    # Every decryption is flooded (σ_f ≈ 5e-5 here, lepton_flwr.he.publish): training
+    # from slightly perturbed models drifts a little from plain FedAvg, and no further.
     diff = max(float((plain_model[k] - he_model[k]).abs().max()) for k in plain_model)
-    assert diff < 1e-6
-    assert [r["federated_accuracy"] for r in he_rows] == [
-        r["federated_accuracy"] for r in plain_rows
-    ]
+    assert diff < 0.05
+    for he_row, plain_row in zip(he_rows, plain_rows, strict=True):
+        assert he_row["federated_accuracy"] == pytest.approx(
+            plain_row["federated_accuracy"], abs=0.02
+        )
     assert he_rows[-1]["federated_accuracy"] > 0.85
     assert not (he_out / "model.pt").exists()
 
@@ -375,8 +379,9 @@ def test_drop_in_use_with_flowers_own_start_loop(keys):
     strategy = HEFedAvg(keys[1], min_train_nodes=3, min_evaluate_nodes=3, min_available_nodes=3)
     initial = ArrayRecord({"w": Array(np.zeros((3, 4), dtype=np.float32))})
     result = strategy.start(grid, initial, num_rounds=2, train_config=ConfigRecord())
-    # Weighted mean of +1, +2, +3 with weights 10, 20, 30: +14/6 per round.
+    # Weighted mean of +1, +2, +3 with weights 10, 20, 30: +14/6 per round. Decryptions
+    # are flooded: σ_f / W = 6.5e-5 / 0.06 ≈ 1.1e-3 with these tiny weights.
     encoder, own = encoder_for(keys[0], workers=1)
     final = decrypt_model(result.arrays, encoder, own)["w"].numpy()
-    assert final.dtype == np.float32 and np.allclose(final, 2 * 14 / 6, atol=1e-6)
-    assert result.evaluate_metrics_clientapp[2]["mean-w"] == pytest.approx(2 * 14 / 6, abs=1e-6)
+    assert final.dtype == np.float32 and np.allclose(final, 2 * 14 / 6, atol=1e-2)
+    assert result.evaluate_metrics_clientapp[2]["mean-w"] == pytest.approx(2 * 14 / 6, abs=1e-2)

@@ -108,7 +108,10 @@ def _lying_bound(honest):
 
 
 def _he_fedavg(keys, **kwargs):
-    return HEFedAvg(keys[1], min_available_nodes=NODES, workers=1, **kwargs)
+    # weight_scale 1: weights are example counts, so the flooding of decryptions
+    # (σ_f / total weight) stays far below SHIFT in these small tests.
+    settings = dict(min_available_nodes=NODES, workers=1, weight_scale=1.0)
+    return HEFedAvg(keys[1], **(settings | kwargs))
 
 
 def test_a_header_declaring_a_smaller_bound_is_rejected_alone(keys, caplog):
@@ -118,7 +121,7 @@ def test_a_header_declaring_a_smaller_bound_is_rejected_alone(keys, caplog):
     result = _he_fedavg(keys).start(InProcessGrid(_app(mods), NODES), _start(), num_rounds=1)
     assert "rejected the reply of node 101" in caplog.text
     assert "not its weight times the public bound" in caplog.text
-    assert np.allclose(decrypt_arrays(result.arrays, keys[0])["w"].numpy(), SHIFT, atol=1e-6)
+    assert np.allclose(decrypt_arrays(result.arrays, keys[0])["w"].numpy(), SHIFT, atol=1e-4)
 
 
 def test_clients_clamp_to_the_public_bound_and_declare_it(keys):
@@ -127,8 +130,8 @@ def test_clients_clamp_to_the_public_bound_and_declare_it(keys):
     strategy = _he_fedavg(keys, value_bound=0.005)  # below the trained weights (0.01)
     result = strategy.start(grid, _start(), num_rounds=1)
     model = EncryptedModel.from_record(result.arrays)
-    assert model.max_abs == pytest.approx(NODES * (10 / 1000) * 0.005)
-    assert np.allclose(decrypt_arrays(result.arrays, keys[0])["w"].numpy(), 0.005, atol=1e-6)
+    assert model.max_abs == pytest.approx(NODES * 10 * 0.005)
+    assert np.allclose(decrypt_arrays(result.arrays, keys[0])["w"].numpy(), 0.005, atol=1e-4)
 
 
 @pytest.mark.parametrize("forgery", ["values past the bound", "foreign key, our fingerprint"])
@@ -159,7 +162,7 @@ def test_an_example_count_that_would_overflow_the_sum_rejects_that_reply_only(ke
     def huge_count(msg, context, call_next):
         reply = call_next(msg, context)
         if context.node_id == 101:
-            reply.content["metrics"]["num-examples"] = 9_000_000
+            reply.content["metrics"]["num-examples"] = 9_000
         return reply
 
     # The handler's count is rewritten before he_mod weights the update with it.
@@ -174,7 +177,7 @@ def test_an_example_count_that_would_overflow_the_sum_rejects_that_reply_only(ke
     result = _he_fedavg(keys).start(InProcessGrid(app, NODES), _start(), num_rounds=1)
     assert "rejected the reply of node 101" in caplog.text
     assert "past the safe CKKS bound" in caplog.text
-    assert np.allclose(decrypt_arrays(result.arrays, keys[0])["w"].numpy(), SHIFT, atol=1e-6)
+    assert np.allclose(decrypt_arrays(result.arrays, keys[0])["w"].numpy(), SHIFT, atol=1e-4)
 
 
 def test_he_dp_falls_back_too_and_spends_no_epsilon_on_the_refused_round(keys, caplog):
@@ -206,3 +209,121 @@ def test_he_dp_falls_back_too_and_spends_no_epsilon_on_the_refused_round(keys, c
     metrics = result.train_metrics_clientapp
     assert metrics[2]["clients-reported"] == 0
     assert metrics[2]["epsilon"] == pytest.approx(metrics[1]["epsilon"])
+
+
+def test_waiting_for_nodes_ends_at_the_timeout_with_what_was_missing(caplog):
+    """Before: a DP strategy polled for ``min_available_nodes`` for ever."""
+    from lepton_flwr.strategies import DPFedAvg, NoModelTrainedError
+
+    caplog.set_level(logging.INFO, logger="flwr")
+    strategy = DPFedAvg(
+        noise_multiplier=1.0, delta=1e-3, sample_rate=1.0, sampling="fixed", min_available_nodes=4
+    )
+    grid = InProcessGrid(_app([]), NODES)
+    with pytest.raises(NoModelTrainedError, match="3 of the 4 nodes needed"):
+        strategy.start(grid, _start(), num_rounds=2, timeout=1.5)
+    assert "waiting for 4 nodes to connect (3 so far)" in caplog.text
+
+
+# ---- plain FedAvg: one malformed reply must not void a round or crash the loop ----------
+
+
+def _extra_metric_record_first(content):
+    return RecordDict({"zzz": MetricRecord({"x": 1.0}), **content})
+
+
+def _count(value):
+    def corrupt(content):
+        metrics = MetricRecord({**content["metrics"], "num-examples": value})
+        return RecordDict({**content, "metrics": metrics})
+
+    return corrupt
+
+
+def _nan_weights(content):
+    w = content["arrays"]["w"].numpy().copy()
+    w[3] = np.nan
+    return RecordDict({**content, "arrays": ArrayRecord({"w": Array(w)})})
+
+
+def _unknown_array_type(content):
+    strange = Array(dtype="weird", shape=(SIZE,), stype="unknown", data=b"\x00" * 8)
+    return RecordDict({**content, "arrays": ArrayRecord({"w": strange})})
+
+
+def _loss_as_list(content):
+    metrics = MetricRecord({**content["metrics"], "train-loss": [1.0, 2.0]})
+    return RecordDict({**content, "metrics": metrics})
+
+
+def _corrupt_node_101(corrupt):
+    def mod(msg, context, call_next):
+        reply = call_next(msg, context)
+        if context.node_id == 101 and msg.metadata.message_type == "train":
+            reply.content = corrupt(reply.content)
+        return reply
+
+    return mod
+
+
+def _plain_app(mods):
+    app = ClientApp(mods=list(mods))
+
+    @app.train()
+    def train(msg, context):
+        new = {k: Array(v.numpy() + SHIFT) for k, v in msg.content["arrays"].items()}
+        metrics = MetricRecord({"num-examples": 10, "train-loss": 0.5})
+        return Message(RecordDict({"arrays": ArrayRecord(new), "metrics": metrics}), reply_to=msg)
+
+    return app
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "reason"),
+    [
+        (_extra_metric_record_first, "expected one MetricRecord, got 2"),
+        (_count(-20), "is not in [1,"),
+        (_count(10**12), "is not in [1,"),
+        (_count([1, 2]), "whole number"),
+        (_nan_weights, "holds NaN or Inf"),
+        (_unknown_array_type, "cannot be read as numbers"),
+        (_loss_as_list, None),  # a valid update: kept; the metrics are not aggregated
+    ],
+)
+def test_checked_fedavg_rejects_one_bad_reply_and_the_round_goes_on(caplog, corrupt, reason):
+    """Before: Flower's FedAvg raised (KeyError, ZeroDivisionError, TypeError, an
+    InconsistentMessageReplies error) and the run ended, or averaged NaN into the model."""
+    from lepton_flwr.strategies import CheckedFedAvg
+
+    caplog.set_level(logging.WARNING, logger="flwr")
+    grid = InProcessGrid(_plain_app([_corrupt_node_101(corrupt)]), NODES)
+    result = CheckedFedAvg(min_available_nodes=NODES, fraction_evaluate=0.0).start(
+        grid, _start(), num_rounds=2
+    )
+    assert np.allclose(result.arrays["w"].numpy(), 2 * SHIFT)
+    if reason is None:
+        assert "metrics were not aggregated" in caplog.text
+    else:
+        assert "rejected the training reply of node 101" in caplog.text and reason in caplog.text
+
+
+def test_the_runner_keeps_going_past_a_malformed_plain_reply(tmp_path, caplog):
+    from lepton_flwr.apps.client import make_client_app
+    from lepton_flwr.apps.server import run_server
+    from lepton_flwr.config import load_config
+
+    caplog.set_level(logging.WARNING, logger="flwr")
+    cfg = load_config(
+        f"+experiment=digits_smoke model=logreg num_rounds=2 output_dir={tmp_path / 'run'}"
+    )
+    app = make_client_app(cfg)
+
+    def client(msg, context):
+        reply = app(msg, context)
+        if context.node_id == 101 and msg.metadata.message_type == "train":
+            reply.content = _count(-5)(reply.content)
+        return reply
+
+    out = run_server(InProcessGrid(client, num_nodes=3), cfg)
+    assert caplog.text.count("rejected the training reply of node 101") == 2
+    assert (out / "model.pt").is_file()

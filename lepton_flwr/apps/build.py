@@ -10,11 +10,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from flwr.clientapp.typing import Mod
-from flwr.serverapp.strategy import FedAvg, Strategy
+from flwr.serverapp.strategy import Strategy
 
 from lepton_flwr.config import HE_ARGUMENTS, PRIVACY_ARGUMENTS, ConfigError, reword
 from lepton_flwr.mods import dp_clip_mod, make_he_dp_mod, make_he_mod
-from lepton_flwr.strategies import DPFedAvg, HEDPFedAvg, HEFedAvg
+from lepton_flwr.strategies import CheckedFedAvg, DPFedAvg, HEDPFedAvg, HEFedAvg
 from lepton_flwr.strategies.metrics import aggregate_train_metrics
 
 
@@ -51,7 +51,7 @@ def _public_context(cfg: dict) -> str:
 
 
 def _fedavg(cfg: dict) -> Strategy:
-    return FedAvg(**_fedavg_arguments(cfg["strategy"]))
+    return CheckedFedAvg(**_fedavg_arguments(cfg["strategy"]))
 
 
 def _he_fedavg(cfg: dict) -> Strategy:

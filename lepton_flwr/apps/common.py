@@ -7,6 +7,7 @@ from functools import lru_cache
 from flwr.app import Context
 from torch import nn
 
+from lepton_flwr import protocol
 from lepton_flwr.config import load_config
 from lepton_flwr.data import CentralData, load_dataset
 from lepton_flwr.models import build_model
@@ -26,11 +27,12 @@ def _config_for_overrides(overrides: str) -> dict:
 
 def config_from_context(context: Context) -> dict:
     """Compose the run's config from the ``hydra-overrides`` run-config key (``flwr run``)."""
-    unknown = sorted(set(context.run_config) - {OVERRIDES_KEY})
+    unknown = sorted(set(context.run_config) - {OVERRIDES_KEY, protocol.SECRET_CONTEXT})
     if unknown:
         raise KeyError(
-            f"Unknown run-config key(s) {unknown}: lepton-flwr takes only '{OVERRIDES_KEY}', "
-            f"e.g. --run-config '{OVERRIDES_KEY}=\"dataset=digits num_rounds=3\"'."
+            f"Unknown run-config key(s) {unknown}: lepton-flwr takes '{OVERRIDES_KEY}' "
+            f"(and '{protocol.SECRET_CONTEXT}' in a simulation), e.g. --run-config "
+            f"'{OVERRIDES_KEY}=\"dataset=digits num_rounds=3\"'."
         )
     overrides = str(context.run_config.get(OVERRIDES_KEY, ""))
     if "${" in overrides:

@@ -87,7 +87,8 @@ def run_server(grid: Grid, cfg: dict, keyholder_secret: str | Path | None = None
         evaluate_fn = central_evaluate
         if keyholder_secret is not None:
             log(INFO, "[lepton] simulation: the runner tests each decrypted model as key holder")
-            evaluate_fn = keyholder_evaluate_fn(central_evaluate, keyholder_secret)
+            own_model = ArrayRecord(model.state_dict())  # names, shapes, dtypes: the key holder's
+            evaluate_fn = keyholder_evaluate_fn(central_evaluate, keyholder_secret, own_model)
         strategy = build_strategy(cfg)
         recording = RecordingGrid(grid)
         failure = None

@@ -7,9 +7,9 @@ uniform u in (0, 1), mapped to the magnitude |Z| = −Φ⁻¹(u/2) (inverse-CDF 
 sides (``tests/test_dp_noise.py`` checks the extreme draw); beyond that lies a probability
 mass of 5.4e-20 per value, which is added to δ (5.4e-20 x 10⁵ values x 10³ shares x 10³
 rounds = 5.4e-9, against δ = 1e-5). Values are drawn in float64; clients then cast to float32
-(relative rounding 6e-8) and CKKS encodes them with an absolute error near 1e-7 of the
-scaled values: both are about 1e-6 of the noise std at our scales, far below anything
-an attack on floating-point noise has been shown to use (the review found none).
+(relative rounding 6e-8, about 1e-7 of the noise std at our scales) and CKKS encodes them
+with an absolute error near 1e-15: far below anything an attack on floating-point noise has
+been shown to use (the review found none).
 """
 
 from __future__ import annotations

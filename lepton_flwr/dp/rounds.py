@@ -26,17 +26,36 @@ from lepton_flwr.dp.noise import secure_gaussian
 from lepton_flwr.dp.sampling import fixed_size_sample, poisson_sample
 
 
-def wait_for_nodes(grid: Grid, minimum: int, log_every: float = 60.0) -> list[int]:
+class NodesUnavailableError(RuntimeError):
+    """Fewer nodes than a strategy needs connected within the time allowed."""
+
+
+def wait_for_nodes(
+    grid: Grid, minimum: int, timeout: float | None = None, log_every: float = 60.0
+) -> list[int]:
     """Return the connected nodes once there are at least ``minimum`` (polled every second).
 
     Says what it waits for when it has to wait, and again every ``log_every`` seconds.
+
+    Raises
+    ------
+    NodesUnavailableError
+        If ``timeout`` seconds pass first (None waits for ever).
     """
     node_ids = list(grid.get_node_ids())
-    last_log = None
+    started = last_log = time.monotonic()
+    if len(node_ids) < minimum:
+        log(INFO, "waiting for %d nodes to connect (%d so far)", minimum, len(node_ids))
     while len(node_ids) < minimum:
-        if last_log is None or time.monotonic() - last_log >= log_every:
+        now = time.monotonic()
+        if timeout is not None and now - started >= timeout:
+            raise NodesUnavailableError(
+                f"{len(node_ids)} of the {minimum} nodes needed (min_available_nodes) "
+                f"connected within {timeout:g} s"
+            )
+        if now - last_log >= log_every:
             log(INFO, "waiting for %d nodes to connect (%d so far)", minimum, len(node_ids))
-            last_log = time.monotonic()
+            last_log = now
         time.sleep(1)
         node_ids = list(grid.get_node_ids())
     return node_ids

@@ -213,6 +213,7 @@ class CkksEncoder:
         self.seeded = seeded
         self.workers = default_workers() if workers is None else max(1, workers)
         self.slots = self._encryptor.encoder.slot_count()
+        self.poly_modulus_degree, self.scale = 2 * self.slots, context.global_scale
 
     def encrypt(self, vector: np.ndarray) -> list[bytes]:
         """Encrypt a float vector as ceil(len / slots) ciphertexts."""

@@ -16,12 +16,14 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Array, ArrayRecord, MetricRecord
 
-from lepton_flwr.he.codec import CiphertextError, CkksEncoder, unflatten
+from lepton_flwr.he.codec import CiphertextError, CkksEncoder, flatten, unflatten
 from lepton_flwr.he.keys import fingerprint, load_context
+from lepton_flwr.he.publish import TooCoarseError, publishable
 from lepton_flwr.he.records import EncryptedModel, is_encrypted, load_encrypted, save_encrypted
 
-# CKKS decryption is exact to about 1e-7 per summed value at our parameters; a wrapped
-# value is off by about q / (2 * scale) = 2^19. Values may pass their bound by this much.
+# Decryption is exact to about 1e-15 per summed value at the default parameters, and the
+# flooding noise is below 1e-4 (12 σ_f = 8e-4); a wrapped value is off by about
+# Q / (2 Δ) = 2^21. Values may pass their bound by this much.
 BOUND_SLACK = 1e-3
 
 
@@ -62,17 +64,56 @@ def encoder_for(
     return _encoder(str(resolved), resolved.stat().st_mtime_ns, workers, seeded)
 
 
-def decrypt_model(record: ArrayRecord, encoder: CkksEncoder, own_fingerprint: str) -> ArrayRecord:
-    """Turn an encrypted global model (weighted sum + total weight) into plaintext tensors."""
+def decrypt_model(
+    record: ArrayRecord,
+    encoder: CkksEncoder,
+    own_fingerprint: str,
+    like: ArrayRecord | None = None,
+) -> ArrayRecord:
+    """Decrypt an encrypted global model (weighted sum + total weight) for release.
+
+    The result is flooded with noise and rounded (:func:`lepton_flwr.he.publish.publishable`)
+    and checked against the bound of its sum (:func:`check_bound`).
+
+    Parameters
+    ----------
+    record : ArrayRecord
+        The encrypted model.
+    encoder : CkksEncoder
+        The key holder's codec.
+    own_fingerprint : str
+        Its key's fingerprint; a model under another key is refused.
+    like : ArrayRecord | None
+        The key holder's own model: tensor names, shapes and dtypes are taken from it,
+        not from the header (which the server writes); None trusts the header's.
+
+    Raises
+    ------
+    CiphertextError
+        For another key, a model that is not the size of ``like``, or (as
+        :class:`ModelOutOfBoundError`) values past the sum's bound.
+    """
     model = EncryptedModel.from_record(record)
     if model.fingerprint != own_fingerprint:
         raise CiphertextError(
             f"the global model is encrypted under key {model.fingerprint}, this client holds "
             f"key {own_fingerprint}: the server and clients use different key pairs"
         )
-    vector = encoder.decrypt(model.chunks, model.num_values) / model.weight
+    manifest = model.manifest
+    if like is not None:
+        _, manifest = flatten({k: v.numpy() for k, v in like.items()})
+        if sum(spec.size for spec in manifest) != model.num_values:
+            raise CiphertextError(
+                f"the encrypted model holds {model.num_values} values, the key holder's own "
+                f"model {sum(spec.size for spec in manifest)}"
+            )
+    decrypted = encoder.decrypt(model.chunks, model.num_values)
+    try:
+        vector = publishable(decrypted, model.weight, encoder.poly_modulus_degree, encoder.scale)
+    except TooCoarseError as err:
+        raise CiphertextError(str(err)) from err
     check_bound(vector, model)
-    return ArrayRecord({k: Array(v) for k, v in unflatten(vector, model.manifest).items()})
+    return ArrayRecord({k: Array(v) for k, v in unflatten(vector, manifest).items()})
 
 
 def check_bound(vector: np.ndarray, model: EncryptedModel) -> None:
@@ -95,14 +136,22 @@ def check_bound(vector: np.ndarray, model: EncryptedModel) -> None:
     largest = float(np.abs(vector).max(initial=0.0))
     if largest > limit:
         raise ModelOutOfBoundError(
-            f"a decrypted value reaches {largest:.4g}, beyond the bound {limit:.4g} that its "
+            f"a decrypted value reaches {largest:.3g}, beyond the bound {limit:.3g} that its "
             f"encrypted sum allows: the sum wrapped around (CKKS overflow) or an upload was "
             f"encrypted dishonestly"
         )
 
 
-def decrypt_arrays(arrays: ArrayRecord | str | Path, secret_context: str | Path) -> ArrayRecord:
+def decrypt_arrays(
+    arrays: ArrayRecord | str | Path,
+    secret_context: str | Path,
+    like: ArrayRecord | None = None,
+) -> ArrayRecord:
     """Decrypt an encrypted model (a record, or a file from :func:`save_encrypted_arrays`).
+
+    The values are flooded with noise and rounded before they are returned
+    (:mod:`lepton_flwr.he.publish`): an exact CKKS decryption, published, would reveal
+    the secret key.
 
     Parameters
     ----------
@@ -110,6 +159,9 @@ def decrypt_arrays(arrays: ArrayRecord | str | Path, secret_context: str | Path)
         ``Result.arrays`` of an HE strategy, or the path of a saved encrypted model.
     secret_context : str | Path
         The clients' secret context (``secret.ctx`` of ``lepton-flwr keygen``).
+    like : ArrayRecord | None
+        The key holder's own model (e.g. ``ArrayRecord(model.state_dict())``): names,
+        shapes and dtypes come from it rather than from the file's header.
 
     Returns
     -------
@@ -119,24 +171,26 @@ def decrypt_arrays(arrays: ArrayRecord | str | Path, secret_context: str | Path)
     if not isinstance(arrays, ArrayRecord):
         arrays = load_encrypted_arrays(arrays)
     encoder, own = encoder_for(secret_context, workers=1)
-    return decrypt_model(arrays, encoder, own)
+    return decrypt_model(arrays, encoder, own, like)
 
 
 def keyholder_evaluate_fn(
     evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None],
     secret_context: str | Path,
+    like: ArrayRecord | None = None,
 ) -> Callable[[int, ArrayRecord], MetricRecord | None]:
     """An ``evaluate_fn`` for a ServerApp that also plays a key holder: decrypt, then evaluate.
 
     Our strategies skip a server-side ``evaluate_fn`` on encrypted models; one made by
-    this function is called, and decrypts first. Only for a server that may hold the
+    this function is called, and decrypts first (flooded, as every decryption: see
+    :func:`decrypt_arrays`; ``like`` as there). Only for a server that may hold the
     secret key (a simulation where every party is one machine, or an evaluator the
     clients trust); in a deployment that server could decrypt every upload.
     """
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if is_encrypted(arrays):
-            arrays = decrypt_arrays(arrays, secret_context)
+            arrays = decrypt_arrays(arrays, secret_context, like)
         return evaluate_fn(server_round, arrays)
 
     evaluate.decrypts = True

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+from lepton_flwr.he.publish import MAX_FLOODING_STD, flooding_std
 
 # Largest total coefficient-modulus bit count for 128-bit classical security with a
 # ternary secret, per poly modulus degree (HomomorphicEncryption.org standard, as SEAL
@@ -11,14 +14,15 @@ MAX_COEFF_BITS_128 = {1024: 27, 2048: 54, 4096: 109, 8192: 218, 16384: 438, 3276
 MAX_PRIME_BITS = 60
 
 
-def headroom(data_prime_bits: int, scale_bits: int) -> float:
+def headroom(data_prime_bits: Sequence[int], scale_bits: int) -> float:
     """Largest magnitude a (summed) value may reach before CKKS wraps it around silently.
 
     A value v is encoded as v * 2**scale_bits and decodes correctly while that stays
-    below half the data prime q; a b-bit prime is above 2**(b-1), so |v| < 2**(b-2-scale)
-    is safe. CKKS raises no error when it is not.
+    below half the data modulus Q, the product of the data primes; a b-bit prime is
+    above 2**(b-1), so |v| < 2**(sum(b - 1) - 1 - scale) is safe. CKKS raises no error
+    when it is not.
     """
-    return 2.0 ** (data_prime_bits - scale_bits - 2)
+    return 2.0 ** (sum(b - 1 for b in data_prime_bits) - 1 - scale_bits)
 
 
 class HEParamsError(ValueError):
@@ -35,16 +39,18 @@ class CKKSParams:
         N, a power of two; a ciphertext holds N/2 values (slots).
     coeff_mod_bit_sizes : tuple[int, ...]
         Bit sizes of the coefficient-modulus primes. The last one is SEAL's special
-        prime (key switching only); the others carry data. Sums need no rescaling, so
-        one data prime is enough: ``(56, 53)`` at N=4096 uses the 109 bits that 128-bit
-        security allows; a 56-bit data prime compresses to 7 bytes per coefficient.
+        prime (key switching, which sums never do; public-key encryption divides its
+        noise by it); the others carry data, their product Q bounding scale × values.
+        ``(40, 40, 29)`` at N=4096 uses the 109 bits that 128-bit security allows.
     scale_bits : int
-        log2 of the encoding scale: about the precision in bits after the point.
+        log2 of the encoding scale Δ. Decryption error is about 5e-16 per fresh value
+        at 2^58: small enough that published decryptions can be flooded with noise
+        (:mod:`lepton_flwr.he.publish`) at no cost in accuracy, with 2^19 of headroom.
     """
 
     poly_modulus_degree: int = 4096
-    coeff_mod_bit_sizes: tuple[int, ...] = (56, 53)
-    scale_bits: int = 36
+    coeff_mod_bit_sizes: tuple[int, ...] = (40, 40, 29)
+    scale_bits: int = 58
 
     @property
     def slots(self) -> int:
@@ -54,7 +60,7 @@ class CKKSParams:
     @property
     def headroom(self) -> float:
         """Largest magnitude a (summed) value may reach before it wraps around silently."""
-        return headroom(self.coeff_mod_bit_sizes[0], self.scale_bits)
+        return headroom(self.coeff_mod_bit_sizes[:-1], self.scale_bits)
 
     def validate(self) -> None:
         """Refuse parameters below 128-bit security or unusable for aggregation.
@@ -73,7 +79,7 @@ class CKKSParams:
         if len(bits) < 2:
             raise HEParamsError(
                 f"coeff_mod_bit_sizes={bits} needs at least two primes: one data prime "
-                f"and SEAL's special prime, e.g. [60, 49] at N=4096."
+                f"and SEAL's special prime, e.g. [40, 40, 29] at N=4096."
             )
         if any(not 20 <= b <= MAX_PRIME_BITS for b in bits):
             raise HEParamsError(
@@ -86,13 +92,22 @@ class CKKSParams:
             raise HEParamsError(
                 f"Insecure CKKS parameters: coeff_mod_bit_sizes={bits} total {sum(bits)} "
                 f"bits, but N={n} allows at most {limit} bits for 128-bit security; "
-                f"{hint}, or primes totalling <= {limit} bits (e.g. [60, {limit - 60}])."
+                f"{hint}, or primes totalling <= {limit} bits (e.g. [40, 40, {limit - 80}])."
             )
-        if not 20 <= self.scale_bits <= bits[0] - 10:
+        data_bits = sum(bits[:-1])
+        if not 20 <= self.scale_bits <= data_bits - 10:
             raise HEParamsError(
                 f"scale_bits={self.scale_bits} must be between 20 and "
-                f"{bits[0] - 10} (the first prime's {bits[0]} bits minus 10 bits of "
+                f"{data_bits - 10} (the data primes' {data_bits} bits minus 10 bits of "
                 f"headroom for the summed values)."
+            )
+        std = flooding_std(n, 2.0**self.scale_bits)
+        if std > MAX_FLOODING_STD:
+            raise HEParamsError(
+                f"scale_bits={self.scale_bits} is too coarse at N={n}: published decryptions "
+                f"need noise flooding of std {std:.3g} (over {MAX_FLOODING_STD:g}) to keep "
+                f"the key safe; use a larger scale (58 with coeff_mod_bit_sizes "
+                f"[40, 40, 29] at N=4096)."
             )
 
     @classmethod

@@ -2,6 +2,11 @@
 
 ``he_mod`` decrypts an encrypted global model on the way in (for training *and*
 evaluation) and encrypts a training reply on the way out; ``HEFedAvg`` pairs with it.
+Before encrypting, it clamps the weights to the public bound the server announces
+(``he-value-bound``); after decrypting, it refuses a model that is not finite or passes
+the bound of its encrypted sum (a wrapped CKKS sum, or an upload encrypted dishonestly),
+replying with an error that the strategy counts towards falling back to the last good
+model. Every decryption is flooded with noise and rounded (:mod:`lepton_flwr.he.publish`).
 ``he_dp_mod`` does the same around ``dp_share_mod`` (clip + noise share inside, then
 encryption); ``HEDPFedAvg`` pairs with it. Attach either to the whole app,
 ``ClientApp(mods=[he_mod])``: evaluation needs the decrypted model too.
@@ -37,7 +42,7 @@ from lepton_flwr.mods.common import (
 from lepton_flwr.mods.dp_share_mod import dp_share_mod
 
 SECRET_CONTEXT_NODE_KEY = protocol.SECRET_CONTEXT  # kept for older imports
-DEFAULT_WEIGHT_SCALE = 1000.0
+DEFAULT_WEIGHT_SCALE = 100.0
 
 
 def find_secret_context(context: Context, default: str | Path | None) -> str:
@@ -82,7 +87,8 @@ def _check_run_config_key(path: str, workers: int | None, seeded: bool) -> None:
         raise ModError(
             f"cannot load a CKKS secret context from {path!r}, the path the run config "
             f"names (missing, unreadable or not a secret context). On a SuperNode, set "
-            f"{protocol.SECRET_CONTEXT} in the node config, which takes precedence; give an absolute path."
+            f"{protocol.SECRET_CONTEXT} in the node config, which takes precedence; give "
+            f"an absolute path."
         ) from err
 
 
