@@ -133,7 +133,11 @@ def round_times(rounds: int) -> dict[str, dict]:
 
     out = {}
     # HE + DP samples every client (fixed size, q=1) so that all three do the same work.
-    dp = "privacy.sampling=fixed privacy.sample_rate=1.0 privacy.delta=1e-3"
+    # Federated evaluation is on in all three (DP strategies turn it off by default).
+    dp = (
+        "privacy.sampling=fixed privacy.sample_rate=1.0 privacy.delta=1e-3 "
+        "strategy.fraction_evaluate=1.0"
+    )
     for strategy, extra in (("fedavg", ""), ("he_fedavg", ""), ("he_dp_fedavg", dp)):
         folder = Path(tempfile.mkdtemp(prefix=f"bench-{strategy}-"))
         cfg = load_config(f"strategy={strategy} num_rounds={rounds} {extra}")

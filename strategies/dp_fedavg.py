@@ -163,6 +163,15 @@ class DPFedAvg(FlowerLoop, FedAvg):
         """The accountant of the rounds so far (made in the first round)."""
         return self.rounds.accountant
 
+    def state(self) -> dict:
+        """The DP rounds' state and the (adaptive) clip norm, for checkpoints."""
+        return {"rounds": self.rounds.state(), "clip_norm": self.clip_norm}
+
+    def load_state(self, state: dict) -> None:
+        """Continue from :meth:`state` (resume)."""
+        self.rounds.load_state(state["rounds"])
+        self.clip_norm = float(state["clip_norm"])
+
     def epsilon(self) -> float:
         """ε spent so far."""
         return self.rounds.epsilon()

@@ -151,6 +151,14 @@ class HEDPFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
         """The accountant of the rounds so far (made in the first round)."""
         return self.rounds.accountant
 
+    def state(self) -> dict:
+        """The DP rounds' state, for checkpoints (the model itself stays encrypted)."""
+        return {"rounds": self.rounds.state()}
+
+    def load_state(self, state: dict) -> None:
+        """Continue from :meth:`state` (resume)."""
+        self.rounds.load_state(state["rounds"])
+
     def epsilon(self) -> float:
         """ε spent so far."""
         return self.rounds.epsilon()

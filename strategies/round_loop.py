@@ -16,12 +16,20 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from logging import ERROR, INFO, WARNING
+from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import AggregationError
 from flwr.serverapp.strategy import Result, Strategy
+from lepton_flwr.strategies.checkpoint import (
+    CHECKPOINT_FILE,
+    METRICS,
+    Checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 from lepton_flwr.dp.accounting import PrivacyBudgetExhausted
 from lepton_flwr.dp.rounds import NodesUnavailableError
@@ -147,10 +155,52 @@ def _recorded(evaluate_fn: EvaluateFn, result: Result) -> EvaluateFn:
     return evaluate
 
 
+class _RoundOffset:
+    """Add ``offset`` to the round numbers a strategy's round methods receive (resume).
+
+    Flower's loop numbers rounds from 1; a resumed run continues from ``offset + 1``.
+    ``on_round_start(r)`` runs before round r's ``configure_train`` (checkpoints).
+    """
+
+    NAMES = ("configure_train", "aggregate_train", "configure_evaluate", "aggregate_evaluate")
+
+    def __init__(self, strategy: Strategy, offset: int, on_round_start: Callable[[int], None]):
+        self.strategy, self.offset, self.on_round_start = strategy, offset, on_round_start
+        self._saved: dict[str, object] = {}
+
+    def __enter__(self) -> _RoundOffset:
+        self._saved = {name: self.strategy.__dict__.get(name) for name in self.NAMES}
+        for name in self.NAMES:
+            method = getattr(self.strategy, name)
+
+            def shifted(server_round, *args, _method=method, _name=name):
+                server_round += self.offset
+                if _name == "configure_train":
+                    self.on_round_start(server_round)
+                return _method(server_round, *args)
+
+            setattr(self.strategy, name, shifted)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name, previous in self._saved.items():
+            if previous is None:
+                del self.strategy.__dict__[name]
+            else:
+                setattr(self.strategy, name, previous)
+
+
 class FlowerLoop:
     """Give a strategy Flower's ``start``, with the budget stop and encrypted-model guard."""
 
     node_wait_timeout: float | None = None  # set by ``start``: how long to wait for nodes
+
+    def state(self) -> dict:
+        """What the next round needs besides the global model (checkpoints); none here."""
+        return {}
+
+    def load_state(self, state: dict) -> None:
+        """Take back what :meth:`state` returned (resuming from a checkpoint)."""
 
     def start(
         self,
@@ -161,8 +211,9 @@ class FlowerLoop:
         train_config: ConfigRecord | None = None,
         evaluate_config: ConfigRecord | None = None,
         evaluate_fn: EvaluateFn | None = None,
+        checkpoint_dir: str | Path | None = None,
     ) -> Result:
-        """Run Flower's round loop (``Strategy.start``) with three guards.
+        """Run Flower's round loop (``Strategy.start``) with guards and checkpoints.
 
         When the privacy budget would be passed, training stops and the ``Result`` holds
         the last released model and the metrics of every round that ran (privacy
@@ -174,24 +225,61 @@ class FlowerLoop:
         ``min_available_nodes`` (DP strategies) is bounded by ``timeout`` as well: when
         too few nodes connect in that time, training stops as at the budget, with an
         error line saying how many came.
+
+        With ``checkpoint_dir``, the global model, the strategy's :meth:`state` and the
+        metrics so far are written there (``checkpoint.zip``, atomically) before every
+        round and at the end; when the folder already holds a checkpoint, the run
+        resumes after its last round: call ``start`` again with the same arguments and a
+        strategy built with the same settings, and the rounds, ε and metrics continue as
+        an uninterrupted run's (``initial_arrays`` is then ignored).
         """
         name = type(self).__name__
         self.node_wait_timeout = timeout
+        saved = load_checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
+        done = 0
+        if saved is not None:
+            self.load_state(saved.state)
+            initial_arrays, done = saved.arrays, saved.server_round
+            log(
+                INFO,
+                "%s: resuming after round %d of %d from %s",
+                name,
+                done,
+                num_rounds,
+                Path(checkpoint_dir) / CHECKPOINT_FILE,
+            )
+            if done >= num_rounds:
+                return saved.result
         nodes_missing = False
         with RoundObserver(self) as observed:
+            if saved is not None:
+                for key in METRICS:
+                    getattr(observed.result, key).update(getattr(saved.result, key))
+                observed.aggregated.update(range(1, done + 1))
             observed.result.arrays = initial_arrays
+
+            def save(after_round: int) -> None:
+                if checkpoint_dir is not None:
+                    checkpoint = Checkpoint(
+                        after_round, observed.result.arrays, self.state(), observed.result
+                    )
+                    save_checkpoint(checkpoint_dir, checkpoint)
+
             if evaluate_fn is not None:
                 evaluate_fn = _recorded(plaintext_only(evaluate_fn, name), observed.result)
+                evaluate_fn = _shifted(evaluate_fn, done)
             try:
-                result = super().start(
-                    grid,
-                    initial_arrays,
-                    num_rounds,
-                    timeout,
-                    train_config,
-                    evaluate_config,
-                    evaluate_fn,
-                )
+                with _RoundOffset(self, done, lambda server_round: save(server_round - 1)):
+                    result = super().start(
+                        grid,
+                        initial_arrays,
+                        num_rounds - done,
+                        timeout,
+                        train_config,
+                        evaluate_config,
+                        evaluate_fn,
+                    )
+                save(num_rounds)
             except PrivacyBudgetExhausted as stop:
                 log(WARNING, "%s: privacy budget reached, training stops: %s", name, stop)
                 result = observed.result
@@ -199,9 +287,23 @@ class FlowerLoop:
                 log(ERROR, "%s: training stops: %s", name, stop)
                 result, nodes_missing = observed.result, True
                 observed.first_failure = observed.first_failure or str(stop)
+            if done:
+                result = observed.result  # rounds numbered as in the uninterrupted run
         if (observed.configured or nodes_missing) and not observed.aggregated:
             _no_model(name, observed)
         return result
+
+
+def _shifted(evaluate_fn: EvaluateFn, offset: int) -> EvaluateFn:
+    """Call ``evaluate_fn`` with round numbers ``offset`` later (resume)."""
+    if not offset:
+        return evaluate_fn
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        return evaluate_fn(server_round + offset, arrays)
+
+    evaluate.decrypts = getattr(evaluate_fn, "decrypts", False)
+    return evaluate
 
 
 class NoModelTrainedError(AggregationError):

@@ -206,6 +206,53 @@ class DPRounds:
         """ε spent so far and its δ, under the protocol's metric names."""
         return {protocol.EPSILON: self.epsilon(), protocol.DELTA: self.delta}
 
+    def _settings(self) -> dict:
+        return {
+            "sampling": self.sampling,
+            "accountant": self.accountant_name,
+            "sample_rate": self.sample_rate,
+            "delta": self.delta,
+            "seeded": self.seeded,
+        }
+
+    def state(self) -> dict:
+        """What the next round needs (checkpoints): z, N, the sampling generator, history.
+
+        The generator's state tells which clients the next rounds sample: a checkpoint
+        holding it is as private as the server.
+        """
+        history = None if self.accountant is None else [list(h) for h in self.accountant.history]
+        return {
+            "settings": self._settings(),
+            "noise_multiplier": self.noise_multiplier,
+            "population": self.population,
+            "rng": self.rng.bit_generator.state,
+            "history": history,
+        }
+
+    def load_state(self, state: dict) -> None:
+        """Continue from :meth:`state` (resume).
+
+        Raises
+        ------
+        ValueError
+            If the state was made with other sampling, accountant, q or δ: ε would not
+            continue.
+        """
+        if state["settings"] != self._settings():
+            raise ValueError(
+                f"the checkpoint was made with {state['settings']}, this strategy has "
+                f"{self._settings()}: resume with the same privacy settings"
+            )
+        self.noise_multiplier = state["noise_multiplier"]
+        self.population = int(state["population"])
+        self.rng.bit_generator.state = state["rng"]
+        if state["history"] is not None:
+            self.accountant = ClientLevelAccountant(
+                self.accountant_name, self.sampling, self.population
+            )
+            self.accountant.history = [tuple(h) for h in state["history"]]
+
     def record(self, noise_multiplier: float) -> float:
         """Compose one release whose noise had multiplier ``noise_multiplier``; return ε."""
         self.accountant.compose(noise_multiplier, self.round_rate, population=self.population)

@@ -1,0 +1,137 @@
+"""A run's checkpoint after every round, written atomically, and read back to resume.
+
+One file, ``checkpoint.zip``: ``state.json`` (the last finished round, the strategy's
+state, the metrics of every round so far) and the global model's arrays, each stored
+as Flower wrote it (an encrypted model stays encrypted). It is written to a temporary
+file in the same folder and renamed over the old one, so a crash leaves either the
+previous checkpoint or the new one, never half of one; mode 600.
+
+What a checkpoint holds: the global model (ciphertexts under HE; under DP-FedAvg the
+model already released) and the strategy's state: the accountant's history, the
+sampling generator's state, the adaptive clip norm. It never holds a secret key or a
+client's update. Whoever reads it learns which clients the next rounds will sample:
+keep it as private as the server itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from flwr.app import Array, ArrayRecord, MetricRecord
+from flwr.serverapp.strategy import Result
+
+CHECKPOINT_FILE = "checkpoint.zip"
+STATE_MEMBER = "state.json"
+FORMAT_VERSION = 1
+MAX_STATE_BYTES = 64 << 20  # 64 MiB of JSON: the accountant's history is a few KiB
+MAX_ARRAY_BYTES = 1 << 34  # 16 GiB per array
+METRICS = ("train_metrics_clientapp", "evaluate_metrics_clientapp", "evaluate_metrics_serverapp")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read back; the message says why."""
+
+
+@dataclass
+class Checkpoint:
+    """Where a run stands after ``server_round`` rounds.
+
+    Attributes
+    ----------
+    server_round : int
+        The last finished round.
+    arrays : ArrayRecord
+        The global model after it.
+    state : dict
+        The strategy's ``state()``.
+    result : Result
+        The metrics of rounds 1..``server_round`` (``arrays`` as above).
+    """
+
+    server_round: int
+    arrays: ArrayRecord
+    state: dict = field(default_factory=dict)
+    result: Result = field(default_factory=Result)
+
+
+def save_checkpoint(folder: str | Path, checkpoint: Checkpoint) -> Path:
+    """Write ``folder/checkpoint.zip`` atomically (mode 600); return its path."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    names = list(checkpoint.arrays.keys())
+    state = {
+        "version": FORMAT_VERSION,
+        "server_round": checkpoint.server_round,
+        "strategy_state": checkpoint.state,
+        "arrays": [
+            {"name": name, "dtype": a.dtype, "shape": list(a.shape), "stype": a.stype}
+            for name, a in checkpoint.arrays.items()
+        ],
+        "result": {
+            key: {str(r): dict(m) for r, m in getattr(checkpoint.result, key).items()}
+            for key in METRICS
+        },
+    }
+    handle, tmp = tempfile.mkstemp(dir=folder, prefix=".checkpoint-", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as raw, zipfile.ZipFile(raw, "w") as archive:
+            archive.writestr(STATE_MEMBER, json.dumps(state))
+            for index, name in enumerate(names):
+                archive.writestr(f"array-{index:05d}", checkpoint.arrays[name].data)
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, folder / CHECKPOINT_FILE)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return folder / CHECKPOINT_FILE
+
+
+def load_checkpoint(folder: str | Path) -> Checkpoint | None:
+    """Read ``folder/checkpoint.zip``; None if there is none.
+
+    Raises
+    ------
+    CheckpointError
+        If the file is not a checkpoint this version wrote, or is damaged.
+    """
+    path = Path(folder) / CHECKPOINT_FILE
+    if not path.is_file():
+        return None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            sizes = {info.filename: info.file_size for info in archive.infolist()}
+            if sizes.get(STATE_MEMBER, MAX_STATE_BYTES + 1) > MAX_STATE_BYTES:
+                raise CheckpointError(f"no {STATE_MEMBER} of at most {MAX_STATE_BYTES} bytes")
+            state = json.loads(archive.read(STATE_MEMBER))
+            if not isinstance(state, dict) or state.get("version") != FORMAT_VERSION:
+                raise CheckpointError(f"not a version-{FORMAT_VERSION} checkpoint")
+            arrays = {}
+            for index, spec in enumerate(state["arrays"]):
+                member = f"array-{index:05d}"
+                if sizes.get(member, MAX_ARRAY_BYTES + 1) > MAX_ARRAY_BYTES:
+                    raise CheckpointError(f"{member} is missing or over {MAX_ARRAY_BYTES} bytes")
+                arrays[str(spec["name"])] = Array(
+                    dtype=str(spec["dtype"]),
+                    shape=tuple(int(d) for d in spec["shape"]),
+                    stype=str(spec["stype"]),
+                    data=archive.read(member),
+                )
+            result = Result(arrays=ArrayRecord(arrays))
+            for key in METRICS:
+                for server_round, metrics in state["result"][key].items():
+                    getattr(result, key)[int(server_round)] = MetricRecord(metrics)
+            return Checkpoint(
+                server_round=int(state["server_round"]),
+                arrays=result.arrays,
+                state=dict(state["strategy_state"]),
+                result=result,
+            )
+    except CheckpointError as err:
+        raise CheckpointError(f"{path}: {err}") from err
+    except (OSError, zipfile.BadZipFile, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{path} is not a readable checkpoint ({err})") from err
