@@ -35,14 +35,20 @@ class RunRecorder:
         The run's output folder; created if missing.
     cfg : dict
         The resolved config, written to ``config.yaml``.
+    resume_after : int | None
+        Continue a run stopped after this round: its rows up to that round are kept
+        (later ones, written after the checkpoint, are dropped), the rest appended.
     """
 
-    def __init__(self, out_dir: str | Path, cfg: dict[str, Any]):
+    def __init__(self, out_dir: str | Path, cfg: dict[str, Any], resume_after: int | None = None):
         self.out_dir = Path(out_dir).resolve()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / CONFIG_FILE).write_text(to_yaml(cfg))
         self.rows: list[dict[str, Any]] = []
-        (self.out_dir / METRICS_JSONL).write_text("")
+        if resume_after is not None and (self.out_dir / METRICS_JSONL).is_file():
+            lines = (self.out_dir / METRICS_JSONL).read_text().splitlines()
+            self.rows = [row for row in map(json.loads, lines) if row["round"] <= resume_after]
+        (self.out_dir / METRICS_JSONL).write_text("".join(json.dumps(r) + "\n" for r in self.rows))
         self._log_handler = logging.FileHandler(self.out_dir / LOG_FILE)
         self._log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         logging.getLogger("flwr").addHandler(self._log_handler)

@@ -55,11 +55,13 @@ def run_simulation_from_config(cfg: dict, output_dir: str | Path) -> Path:
     from flwr.simulation import run_simulation
 
     from lepton_flwr.apps.client import make_client_app
+    from lepton_flwr.apps.common import resumed_config
     from lepton_flwr.apps.server import ENCRYPTED_MODEL_FILE, make_server_app
     from lepton_flwr.config import validate_config
     from lepton_flwr.data import load_dataset, partition_indices, resolve_num_partitions
     from lepton_flwr.results import SUMMARY_FILE
 
+    cfg = resumed_config(cfg, take_saved=True)
     cfg = {**cfg, "output_dir": str(Path(cfg["output_dir"] or output_dir).resolve())}
     validate_config(cfg)
     if cfg["he"]["name"] == "ckks":

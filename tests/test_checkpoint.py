@@ -170,3 +170,38 @@ def test_a_damaged_checkpoint_is_refused_with_the_reason(tmp_path, content, reas
         path.write_bytes(content)
     with pytest.raises(CheckpointError, match=reason):
         load_checkpoint(tmp_path)
+
+
+def test_the_runner_resumes_a_crashed_run_in_its_folder(tmp_path):
+    """``resume=<run folder>``: the metrics file continues, ε as in an uninterrupted run."""
+    from lepton_flwr.apps.client import make_client_app
+    from lepton_flwr.apps.server import run_server
+    from lepton_flwr.config import ConfigError, load_config
+
+    setup = (
+        "+experiment=digits_smoke model=logreg strategy=dp_fedavg num_rounds=4 "
+        "privacy.seed=1 privacy.sample_rate=0.7 privacy.delta=1e-3 "
+        "strategy.min_available_nodes=3"
+    )
+
+    def rows(folder):
+        lines = (folder / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(line) for line in lines]
+
+    whole = load_config(f"{setup} output_dir={tmp_path / 'whole'}")
+    run_server(CrashingGrid(make_client_app(whole), 3), whole)
+    crashed = load_config(f"{setup} output_dir={tmp_path / 'crashed'}")
+    with pytest.raises(ServerCrashError):
+        run_server(CrashingGrid(make_client_app(crashed), 3, crash_at=3), crashed)
+    assert [r["round"] for r in rows(tmp_path / "crashed")] == [1, 2]
+    other = load_config(f"{setup} privacy.delta=1e-4 resume={tmp_path / 'crashed'}")
+    with pytest.raises(ConfigError, match="other settings for \\['privacy'\\]"):
+        run_server(CrashingGrid(make_client_app(other), 3), other)
+    resumed = load_config(f"{setup} resume={tmp_path / 'crashed'}")
+    run_server(CrashingGrid(make_client_app(resumed), 3), resumed)
+    done, expected = rows(tmp_path / "crashed"), rows(tmp_path / "whole")
+    assert [r["round"] for r in done] == [1, 2, 3, 4]
+    assert [r["epsilon"] for r in done] == pytest.approx(
+        [r["epsilon"] for r in expected], abs=1e-9, rel=0
+    )
+    assert (tmp_path / "crashed" / "summary.json").is_file()

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 
 from flwr.app import Context
+from omegaconf import OmegaConf
 from torch import nn
 
 from lepton_flwr import protocol
-from lepton_flwr.config import load_config
+from lepton_flwr.config import ConfigError, load_config
 from lepton_flwr.data import CentralData, load_dataset
 from lepton_flwr.models import build_model
 
@@ -51,6 +53,50 @@ def config_from_context(context: Context) -> dict:
                 f"\"{NODE_ONLY_KEYS[key]}='/path'\")."
             )
     return _config_for_overrides(overrides)
+
+
+# Settings a resumed run may change: where it writes, how long it waits, how far it goes.
+RESUME_MAY_CHANGE = ("resume", "output_dir", "checkpoint", "round_timeout", "num_rounds")
+
+
+def resumed_config(cfg: dict, take_saved: bool = False) -> dict:
+    """The config of a run that continues ``cfg["resume"]`` (a run folder), else ``cfg``.
+
+    Parameters
+    ----------
+    cfg : dict
+        The composed config.
+    take_saved : bool
+        Use the run's own ``config.yaml`` (the simulation runner, which hands the same
+        config to every client). Otherwise (``flwr run``, whose clients compose their
+        config from the same overrides) ``cfg`` must equal it but for
+        ``RESUME_MAY_CHANGE``.
+
+    Raises
+    ------
+    ConfigError
+        If the folder holds no run, or the configs differ, naming the keys.
+    """
+    if not cfg.get("resume"):
+        return cfg
+    folder = Path(cfg["resume"]).expanduser().resolve()
+    saved_file = folder / "config.yaml"
+    if not saved_file.is_file():
+        raise ConfigError(f"resume={cfg['resume']}: no run there ({saved_file} is missing)")
+    saved = OmegaConf.to_container(OmegaConf.load(saved_file), resolve=True)
+    if take_saved:
+        cfg = {**saved, "resume": str(folder), "num_rounds": saved["num_rounds"]}
+    differing = sorted(
+        key
+        for key in set(cfg) | set(saved)
+        if key not in RESUME_MAY_CHANGE and cfg.get(key) != saved.get(key)
+    )
+    if differing:
+        raise ConfigError(
+            f"resume={folder}: the run was made with other settings for {differing}; resume "
+            f"with the overrides it was started with (its config.yaml) plus resume=..."
+        )
+    return {**cfg, "resume": str(folder), "output_dir": str(folder)}
 
 
 def model_for(cfg: dict, data: CentralData | None = None) -> nn.Module:

@@ -12,8 +12,9 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from lepton_flwr.apps.build import build_strategy
-from lepton_flwr.apps.common import config_from_context, model_for
+from lepton_flwr.apps.common import config_from_context, model_for, resumed_config
 from lepton_flwr.apps.recording import RecordingGrid, RoundRows, timed_evaluation
+from lepton_flwr.config import ConfigError
 from lepton_flwr.data import load_dataset
 from lepton_flwr.dp.accounting import NEIGHBOURING
 from lepton_flwr.he.keyholder import keyholder_evaluate_fn, save_encrypted_arrays
@@ -21,6 +22,7 @@ from lepton_flwr.he.records import is_encrypted
 from lepton_flwr.models import evaluate, resolve_device
 from lepton_flwr.results import RunRecorder
 from lepton_flwr.strategies import DPFedAvg, HEDPFedAvg
+from lepton_flwr.strategies.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from lepton_flwr.strategies.round_loop import NoModelTrainedError, RoundObserver
 
 ENCRYPTED_MODEL_FILE = "model.ckks.zip"
@@ -69,7 +71,17 @@ def run_server(grid: Grid, cfg: dict, keyholder_secret: str | Path | None = None
     Each round's row (metrics, privacy figures, bytes, seconds) is written as soon as
     the round ends.
     """
-    recorder = RunRecorder(cfg["output_dir"] or default_output_dir(cfg), cfg)
+    cfg = resumed_config(cfg)
+    out_dir = Path(cfg["output_dir"] or default_output_dir(cfg))
+    checkpoint_dir = out_dir if cfg["checkpoint"] or cfg["resume"] else None
+    resume_after = None
+    if cfg["resume"]:
+        saved = load_checkpoint(out_dir)
+        if saved is None:
+            raise ConfigError(f"resume={out_dir}: no {CHECKPOINT_FILE} there to resume from")
+        resume_after = saved.server_round
+        log(INFO, "[lepton] resuming %s after round %d", out_dir, resume_after)
+    recorder = RunRecorder(out_dir, cfg, resume_after)
     try:
         log(INFO, "[lepton] output folder: %s", recorder.out_dir)
         data = load_dataset(cfg["dataset"], cfg["seed"])
@@ -101,6 +113,7 @@ def run_server(grid: Grid, cfg: dict, keyholder_secret: str | Path | None = None
                     num_rounds=cfg["num_rounds"],
                     timeout=cfg["round_timeout"],
                     evaluate_fn=timed_evaluation(evaluate_fn, rows),
+                    checkpoint_dir=checkpoint_dir,
                 )
             except NoModelTrainedError as err:  # keep the rounds' record, then fail the run
                 result, failure = err.result, err
