@@ -1,4 +1,4 @@
-"""Command line: ``lepton-flwr keygen`` and ``lepton-flwr decrypt``."""
+"""Command line: ``lepton-flwr keygen``, ``decrypt``, ``certs`` and ``node-key``."""
 
 from __future__ import annotations
 
@@ -44,6 +44,30 @@ def decrypt(secret_context: Path, model: Path, out: Path, like: Path | None = No
     )
 
 
+def certs(out: Path, hosts: list[str], days: int) -> None:
+    """Make a CA and the SuperLink's TLS certificate (see ``lepton_flwr.deploy``)."""
+    from lepton_flwr.deploy import make_certificates
+
+    files = make_certificates(out, hosts, days)
+    print(
+        f"CA certificate (give it to every SuperNode and to the flwr CLI): {files['ca.crt']}\n"
+        f"CA key (keep offline): {files['ca.key']}\n"
+        f"SuperLink certificate and key (the SuperLink only): {files['superlink.crt']}, "
+        f"{files['superlink.key']}"
+    )
+
+
+def node_key(out: Path, name: str) -> None:
+    """Make one SuperNode's authentication key pair (see ``lepton_flwr.deploy``)."""
+    from lepton_flwr.deploy import make_node_key
+
+    private, public = make_node_key(out, name)
+    print(
+        f"SuperNode {name}: private key (this SuperNode only) {private}\n"
+        f"public key (register it: flwr supernode register {public} <connection>) {public}"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``lepton-flwr`` command."""
     parser = argparse.ArgumentParser(prog="lepton-flwr", description=__doc__)
@@ -60,12 +84,25 @@ def main(argv: list[str] | None = None) -> None:
     dec.add_argument(
         "--like", type=Path, help="your own model's state dict: names, shapes, dtypes from it"
     )
+    tls = sub.add_parser("certs", help="make a CA and the SuperLink's TLS certificate")
+    tls.add_argument("--out", type=Path, required=True, help="folder for the certificates")
+    tls.add_argument(
+        "--host", action="append", required=True, help="SuperLink host name or IP (repeat)"
+    )
+    tls.add_argument("--days", type=int, default=365)
+    node = sub.add_parser("node-key", help="make a SuperNode's authentication key pair")
+    node.add_argument("--out", type=Path, required=True)
+    node.add_argument("--name", required=True, help="the SuperNode's name, e.g. hospital-a")
     args = parser.parse_args(argv)
     try:
         if args.command == "keygen":
             keygen(args.out, args.overrides)
-        else:
+        elif args.command == "decrypt":
             decrypt(args.secret_context, args.model, args.out, args.like)
+        elif args.command == "certs":
+            certs(args.out, args.host, args.days)
+        else:
+            node_key(args.out, args.name)
     except (ValueError, FileNotFoundError) as err:
         sys.exit(f"lepton-flwr {args.command}: {err}")
 

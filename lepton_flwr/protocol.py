@@ -36,6 +36,8 @@ SECRET_CONTEXT = "he-secret-context"  # path of the clients' secret CKKS context
 PARTITION_ID = "partition-id"  # our ClientApp: which data partition this node holds
 NUM_PARTITIONS = "num-partitions"  # (Flower's simulation sets both the same way)
 DATA_ROOT = "data-root"  # our ClientApp: the node's data folder (node config only)
+DEVICE = "device"  # our ClientApp: cpu | cuda | auto, this node's own (node config)
+STATE_DIR = "state-dir"  # a folder for node-local state that must survive restarts
 # A client's local privacy floor (node config only): requests below it are refused.
 MIN_SHARE_NOISE = "dp-min-share-noise-multiplier"  # HE + DP: least σ_share / C accepted
 MAX_CLIP_NORM = "dp-max-clip-norm"  # HE + DP: largest C accepted

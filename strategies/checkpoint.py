@@ -15,15 +15,16 @@ keep it as private as the server itself.
 
 from __future__ import annotations
 
+import io
 import json
-import os
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from flwr.app import Array, ArrayRecord, MetricRecord
 from flwr.serverapp.strategy import Result
+
+from lepton_flwr.files import write_atomically
 
 CHECKPOINT_FILE = "checkpoint.zip"
 STATE_MEMBER = "state.json"
@@ -77,17 +78,12 @@ def save_checkpoint(folder: str | Path, checkpoint: Checkpoint) -> Path:
             for key in METRICS
         },
     }
-    handle, tmp = tempfile.mkstemp(dir=folder, prefix=".checkpoint-", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as raw, zipfile.ZipFile(raw, "w") as archive:
-            archive.writestr(STATE_MEMBER, json.dumps(state))
-            for index, name in enumerate(names):
-                archive.writestr(f"array-{index:05d}", checkpoint.arrays[name].data)
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, folder / CHECKPOINT_FILE)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr(STATE_MEMBER, json.dumps(state))
+        for index, name in enumerate(names):
+            archive.writestr(f"array-{index:05d}", checkpoint.arrays[name].data)
+    write_atomically(folder / CHECKPOINT_FILE, buffer.getvalue(), 0o600)
     return folder / CHECKPOINT_FILE
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from logging import ERROR
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.client.mod.utils import make_ffn
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
@@ -14,11 +14,10 @@ from lepton_flwr import protocol
 from lepton_flwr.apps.build import build_client_mods
 from lepton_flwr.apps.common import config_from_context, model_for
 from lepton_flwr.data import load_client_data, load_dataset
+from lepton_flwr.dp.client_state import LostHistoryError, load_history, save_history
 from lepton_flwr.dp.dpsgd import (
     dpsgd_noise_multiplier,
     epsilon_after_round,
-    history_from_json,
-    history_to_json,
     train_dpsgd,
 )
 from lepton_flwr.dp.floor import BelowPrivacyFloorError, check_dpsgd_request
@@ -39,6 +38,11 @@ def _node_partition(context: Context) -> tuple[int, int]:
             f"node config lacks {err}: start the SuperNode with "
             f"--node-config 'partition-id=<i> num-partitions=<n>'"
         ) from err
+
+
+def node_device(context: Context, cfg: dict):
+    """The torch device: the node config's ``device`` (cpu, cuda, auto), else the run's."""
+    return resolve_device(str(context.node_config.get(protocol.DEVICE) or cfg["device"]))
 
 
 def with_node_data_root(cfg: dict, context: Context) -> dict:
@@ -74,7 +78,7 @@ def handle_train(msg: Message, context: Context, cfg: dict) -> Message:
     partition_id, data, spec, model = _received_model(msg, context, cfg)
     server_round = int(msg.content["config"].get(protocol.SERVER_ROUND, 0))
     t = cfg["train"]
-    device = resolve_device(cfg["device"])
+    device = node_device(context, cfg)
     seed = _round_seed(cfg, partition_id, server_round)
     options = dict(
         num_outputs=spec.num_outputs,
@@ -90,8 +94,8 @@ def handle_train(msg: Message, context: Context, cfg: dict) -> Message:
     if cfg["privacy"]["name"] == "dpsgd":
         try:
             loss, metrics = _train_dpsgd(model, data, context, cfg, options)
-        except BelowPrivacyFloorError as err:
-            reason = f"privacy floor: {err}"
+        except (BelowPrivacyFloorError, LostHistoryError) as err:
+            reason = f"dpsgd: {err}"
             log(ERROR, reason)
             error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason)
             return Message(error, reply_to=msg)
@@ -116,8 +120,7 @@ DPSGD_STATE_KEY = protocol.DPSGD_STATE
 def _train_dpsgd(model, data, context: Context, cfg: dict, options: dict) -> tuple[float, dict]:
     """DP-SGD for this round, continuing the node's accountant from ``context.state``."""
     privacy = cfg["privacy"]
-    state = context.state.config_records.get(DPSGD_STATE_KEY)
-    history = history_from_json(str(state["history"])) if state else []
+    history = load_history(context)
     z = dpsgd_noise_multiplier(
         privacy, len(data.y_train), options["batch_size"], cfg["num_rounds"] * options["epochs"]
     )
@@ -144,7 +147,7 @@ def _train_dpsgd(model, data, context: Context, cfg: dict, options: dict) -> tup
         history=history,
         **options,
     )
-    context.state[DPSGD_STATE_KEY] = ConfigRecord({"history": history_to_json(history)})
+    save_history(context, history)
     return loss, {protocol.CLIENT_EPSILON: epsilon, protocol.DPSGD_NOISE_MULTIPLIER: z}
 
 
@@ -161,7 +164,7 @@ def handle_evaluate(msg: Message, context: Context, cfg: dict) -> Message:
         data.x_test,
         data.y_test,
         num_outputs=spec.num_outputs,
-        device=resolve_device(cfg["device"]),
+        device=node_device(context, cfg),
     )
     if n_test == 0:
         metrics = dict.fromkeys(metrics, 0.0)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import tenseal as ts
 
+from lepton_flwr.files import write_atomically
 from lepton_flwr.he.params import CKKSParams
 
 SECRET_CONTEXT_FILE = "secret.ctx"
@@ -84,30 +85,9 @@ def write_keys(params: CKKSParams, folder: str | Path) -> tuple[Path, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     context = create_secret_context(params)
     secret, public = folder / SECRET_CONTEXT_FILE, folder / PUBLIC_CONTEXT_FILE
-    _write_atomically(secret, secret_context_bytes(context), 0o600)
-    _write_atomically(public, public_context_bytes(context), 0o644)
+    write_atomically(secret, secret_context_bytes(context), 0o600)
+    write_atomically(public, public_context_bytes(context), 0o644)
     return secret, public
-
-
-def _write_atomically(path: Path, data: bytes, mode: int) -> None:
-    """Write a new file with ``mode``, then rename it over ``path``.
-
-    The file is created with mode 600 (``mkstemp``) in the target folder and only then
-    given ``mode``, so a secret is never readable by others, whatever ``path`` was before
-    (a world-readable file keeps nothing; a symlink planted there is replaced, not
-    followed).
-    """
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temporary, mode)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 @lru_cache(maxsize=4)
