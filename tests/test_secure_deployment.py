@@ -1,0 +1,183 @@
+"""The documented deployment, on localhost: TLS everywhere, only registered SuperNodes join.
+
+A SuperLink with TLS and SuperNode authentication, three registered SuperNodes (each with
+its own auth key, the CKKS secret context and its partition in its node config) and a
+fourth whose key is not registered. `flwr run` over TLS runs HE + DP and HE-FedAvg for
+two rounds each; the fourth node takes no part. Every process the test starts runs in
+its own process group and is stopped by that id, also when the test fails.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO_ROOT
+from test_deployment import _wait_for_port
+from test_end_to_end import _env, _free_port
+
+BIN = Path(sys.executable).parent
+NODES = 3
+
+
+def _cli(*args, env=None, check=True, timeout=120):
+    return subprocess.run(
+        [str(BIN / args[0]), *args[1:]],
+        env=env or _env(),
+        capture_output=True,
+        text=True,
+        check=check,
+        timeout=timeout,
+        cwd=REPO_ROOT,
+    )
+
+
+def _spawn(cmd, env, log_path, processes):
+    log = open(log_path, "w")  # noqa: SIM115 - closed when the process is stopped
+    processes.append(
+        (
+            subprocess.Popen(
+                cmd,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=log_path.parent,
+                start_new_session=True,  # its own process group: its children stop with it
+            ),
+            log,
+        )
+    )
+
+
+def _stop(processes):
+    for process, _ in reversed(processes):
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 20
+    for process, log in processes:
+        try:
+            process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        try:  # children (flwr-clientapp) that outlived their parent, same group
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        log.close()
+
+
+@pytest.mark.slow
+def test_tls_and_supernode_auth_deployment_runs_he_dp_and_refuses_an_unknown_node(tmp_path):
+    certs, keys, node_keys = tmp_path / "certs", tmp_path / "keys", tmp_path / "node-keys"
+    _cli("lepton-flwr", "certs", "--out", str(certs), "--host", "127.0.0.1", "--host", "localhost")
+    _cli("lepton-flwr", "keygen", "--out", str(keys))
+    for i in range(NODES + 1):
+        _cli("lepton-flwr", "node-key", "--out", str(node_keys), "--name", f"node-{i}")
+    port = _free_port()
+    cli_home = tmp_path / "cli-home"
+    cli_home.mkdir()
+    from lepton_flwr.deploy import connection_toml
+
+    (cli_home / "config.toml").write_text(
+        connection_toml("secure", f"127.0.0.1:{port}", certs / "ca.crt")
+    )
+    cli_env = _env(FLWR_HOME=str(cli_home))
+    processes = []
+    try:
+        _spawn(
+            [
+                str(BIN / "flower-superlink"),
+                "--ssl-ca-certfile",
+                str(certs / "ca.crt"),
+                "--ssl-certfile",
+                str(certs / "superlink.crt"),
+                "--ssl-keyfile",
+                str(certs / "superlink.key"),
+                "--enable-supernode-auth",
+                "--database",
+                str(tmp_path / "superlink.db"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--disable-runtime-dependency-installation",
+            ],
+            _env(FLWR_HOME=str(tmp_path / "link-home")),
+            tmp_path / "superlink.log",
+            processes,
+        )
+        _wait_for_port(port)
+        for i in range(NODES):
+            _cli(
+                "flwr",
+                "supernode",
+                "register",
+                str(node_keys / f"node-{i}.pub"),
+                "secure",
+                env=cli_env,
+            )
+        for i in range(NODES + 1):  # node-3's key is not registered
+            node_config = (
+                f"partition-id={min(i, NODES - 1)} num-partitions={NODES} "
+                f'he-secret-context="{keys / "secret.ctx"}"'
+            )
+            _spawn(
+                [
+                    str(BIN / "flower-supernode"),
+                    "--superlink",
+                    f"127.0.0.1:{port}",
+                    "--root-certificates",
+                    str(certs / "ca.crt"),
+                    "--auth-supernode-private-key",
+                    str(node_keys / f"node-{i}.key"),
+                    "--node-config",
+                    node_config,
+                    "--port",
+                    str(_free_port()),
+                    "--max-retries",
+                    "3",
+                ],
+                _env(FLWR_HOME=str(tmp_path / f"node{i}-home")),
+                tmp_path / f"node{i}.log",
+                processes,
+            )
+        for strategy, extra in (
+            ("he_dp_fedavg", "privacy.sampling=fixed privacy.sample_rate=1.0 privacy.delta=1e-3"),
+            ("he_fedavg", ""),
+        ):
+            out = tmp_path / strategy
+            overrides = (
+                f"+experiment=digits_smoke model=logreg num_rounds=2 strategy={strategy} {extra} "
+                f"strategy.min_available_nodes={NODES} he.public_context_path={keys}/public.ctx "
+                f"output_dir={out}"
+            )
+            proc = _cli(
+                "flwr",
+                "run",
+                ".",
+                "secure",
+                "--stream",
+                "--run-config",
+                f'hydra-overrides="{overrides}"',
+                env=cli_env,
+                check=False,
+                timeout=900,
+            )
+            log = proc.stdout + proc.stderr
+            assert proc.returncode == 0, log[-4000:]
+            assert (out / "model.ckks.zip").is_file(), log[-3000:]
+            rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+            assert [r["round"] for r in rows] == [1, 2]
+            # Three registered nodes took part; the fourth was never among them.
+            assert all(r["clients_sampled"] == NODES for r in rows), rows
+            assert all(r["train_failures"] == 0 for r in rows), rows
+        unknown = (tmp_path / f"node{NODES}.log").read_text()
+        assert "rror" in unknown or "denied" in unknown.lower(), unknown[-2000:]
+        assert not any("[lepton]" in (tmp_path / f"node{NODES}.log").read_text() for _ in range(1))
+    finally:
+        _stop(processes)
