@@ -10,6 +10,7 @@ its own process group and is stopped by that id, also when the test fails.
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,11 +18,20 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO_ROOT
-from test_deployment import _wait_for_port
 from test_end_to_end import _env, _free_port
 
 BIN = Path(sys.executable).parent
 NODES = 3
+
+
+def _wait_for_port(port: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.5)
+    raise TimeoutError(f"nothing listens on port {port}")
 
 
 def _cli(*args, env=None, check=True, timeout=120):
@@ -176,6 +186,8 @@ def test_tls_and_supernode_auth_deployment_runs_he_dp_and_refuses_an_unknown_nod
             # Three registered nodes took part; the fourth was never among them.
             assert all(r["clients_sampled"] == NODES for r in rows), rows
             assert all(r["train_failures"] == 0 for r in rows), rows
+            # The server's config never named the secret context: the nodes' config did.
+            assert "secret_context_path: null" in (out / "config.yaml").read_text()
         unknown = (tmp_path / f"node{NODES}.log").read_text()
         assert "rror" in unknown or "denied" in unknown.lower(), unknown[-2000:]
         assert not any("[lepton]" in (tmp_path / f"node{NODES}.log").read_text() for _ in range(1))
