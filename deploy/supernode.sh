@@ -8,6 +8,8 @@
 set -euo pipefail
 superlink=${1:?superlink address}; ca=${2:?ca.crt}; key=${3:?node key}; config=${4:?node config}
 port=${5:-9094}
+# Refuse to start on a wrong key path, certificate or setting, naming it.
+lepton-flwr check-node --node-config "$config" --root-certificates "$ca" --auth-key "$key"
 exec flower-supernode \
   --superlink "$superlink" \
   --root-certificates "$ca" \

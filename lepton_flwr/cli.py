@@ -68,6 +68,18 @@ def node_key(out: Path, name: str) -> None:
     )
 
 
+def check_node_command(node_config: str, root_certificates: str | None, auth_key: str | None):
+    """Check a SuperNode's settings; exit with the list of problems if there are any."""
+    from flwr.common.config import parse_config_args
+
+    from lepton_flwr.node_check import check_node
+
+    problems = check_node(parse_config_args([node_config]), root_certificates, auth_key)
+    if problems:
+        raise ValueError("this SuperNode's settings are wrong:\n  " + "\n  ".join(problems))
+    print("node settings: ok")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``lepton-flwr`` command."""
     parser = argparse.ArgumentParser(prog="lepton-flwr", description=__doc__)
@@ -93,12 +105,18 @@ def main(argv: list[str] | None = None) -> None:
     node = sub.add_parser("node-key", help="make a SuperNode's authentication key pair")
     node.add_argument("--out", type=Path, required=True)
     node.add_argument("--name", required=True, help="the SuperNode's name, e.g. hospital-a")
+    check = sub.add_parser("check-node", help="check a SuperNode's settings before it starts")
+    check.add_argument("--node-config", required=True, help="as given to flower-supernode")
+    check.add_argument("--root-certificates", help="the CA certificate for TLS")
+    check.add_argument("--auth-key", help="the SuperNode's authentication private key")
     args = parser.parse_args(argv)
     try:
         if args.command == "keygen":
             keygen(args.out, args.overrides)
         elif args.command == "decrypt":
             decrypt(args.secret_context, args.model, args.out, args.like)
+        elif args.command == "check-node":
+            check_node_command(args.node_config, args.root_certificates, args.auth_key)
         elif args.command == "certs":
             certs(args.out, args.host, args.days)
         else:

@@ -76,3 +76,56 @@ def test_a_gpu_node_trains_on_its_gpu():
         _message(ArrayRecord(model_for(cfg).state_dict()), 1), _context({protocol.DEVICE: "cuda"})
     )
     assert not reply.has_error(), reply.error.reason
+
+
+def test_check_node_names_every_wrong_file_and_setting_before_start(tmp_path):
+    from lepton_flwr.cli import main
+    from lepton_flwr.deploy import make_certificates, make_node_key
+    from lepton_flwr.he import CKKSParams, write_keys
+
+    secret, _ = write_keys(CKKSParams(), tmp_path / "keys")
+    certs = make_certificates(tmp_path / "certs", ["127.0.0.1"])
+    node_key, _ = make_node_key(tmp_path / "node-keys", "node-0")
+    good = (
+        f"partition-id=0 num-partitions=2 he-secret-context='{secret}' "
+        f"state-dir='{tmp_path / 'state'}' dp-max-clip-norm=1.0 device='cpu'"
+    )
+    main(
+        [
+            "check-node",
+            "--node-config",
+            good,
+            "--root-certificates",
+            str(certs["ca.crt"]),
+            "--auth-key",
+            str(node_key),
+        ]
+    )
+    (tmp_path / "garbage.pem").write_text("not a certificate")
+    bad = (
+        f"partition-id=3 num-partitions=2 he-secret-context='{tmp_path / 'missing.ctx'}' "
+        f"data-root='{tmp_path / 'nowhere'}' dp-max-clip-norm='big' device='tpu'"
+    )
+    with pytest.raises(SystemExit) as stop:
+        main(
+            [
+                "check-node",
+                "--node-config",
+                bad,
+                "--root-certificates",
+                str(tmp_path / "garbage.pem"),
+                "--auth-key",
+                str(certs["ca.crt"]),
+            ]
+        )
+    message = str(stop.value)
+    for expected in (
+        "partition-id=3 is not in [0, 2)",
+        f"he-secret-context={tmp_path / 'missing.ctx'}",
+        f"data-root={tmp_path / 'nowhere'}: no such folder",
+        "dp-max-clip-norm='big' is not a finite number",
+        "device=tpu",
+        f"root certificates {tmp_path / 'garbage.pem'}",
+        f"auth key {certs['ca.crt']}",
+    ):
+        assert expected in message, message
