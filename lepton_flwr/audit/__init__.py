@@ -1,0 +1,1 @@
+"""Empirical privacy audits: what an attacker actually learns from a run."""

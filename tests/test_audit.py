@@ -1,0 +1,74 @@
+"""The privacy audit finds what leaks, and never more than the claimed ε (issue 14)."""
+
+import logging
+import math
+
+import pytest
+from lepton_flwr.strategies import DPFedAvg, HEDPFedAvg
+
+from lepton_flwr.audit.canaries import audit_client_level
+from lepton_flwr.audit.epsilon import epsilon_lower_bound, p_value
+from lepton_flwr.he import CKKSParams, decrypt_arrays, write_keys
+from lepton_flwr.mods import make_he_dp_mod
+
+
+def test_the_one_run_bound_matches_its_closed_form_without_delta():
+    """All r guesses right, δ = 0: the bound is logit(α^(1/r)), α = 1 − confidence."""
+    for r in (10, 100, 400):
+        q = 0.05 ** (1 / r)
+        assert epsilon_lower_bound(1000, r, r, 0.0) == pytest.approx(
+            math.log(q / (1 - q)), rel=1e-6
+        )
+    assert epsilon_lower_bound(1000, 100, 50, 1e-5) == 0.0  # chance level proves nothing
+    assert p_value(1000, 100, 90, 2.0, 1e-5) > p_value(1000, 100, 90, 2.0, 0.0)
+
+
+def _dp(z, nodes):
+    return DPFedAvg(
+        noise_multiplier=z,
+        clip_norm=1.0,
+        delta=1e-5,
+        sample_rate=0.5,
+        min_available_nodes=nodes,
+        fraction_evaluate=0.0,
+    )
+
+
+@pytest.mark.parametrize(("z", "least_bound"), [(0.3, 1.5), (3.0, 0.0)])
+def test_dp_fedavg_canaries_stay_below_the_claimed_epsilon(caplog, z, least_bound):
+    """Weak DP: the canaries are found (bound well above 0); strong DP: the bound stays
+    low. Either way it never passes the ε the strategy reports."""
+    caplog.set_level(logging.WARNING, logger="flwr")
+    strategy = _dp(z, 600)
+    audit = audit_client_level(strategy, strategy.epsilon, 1e-5, 1.0, rounds=5, seed=1)
+    assert least_bound <= audit["epsilon_lower_bound"] < audit["claimed_epsilon"], audit
+    if z == 3.0:
+        assert audit["epsilon_lower_bound"] < 0.5, audit
+
+
+def test_he_dp_canaries_stay_below_the_claimed_epsilon(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="flwr")
+    secret, public = write_keys(CKKSParams(), tmp_path)
+    strategy = HEDPFedAvg(
+        public,
+        noise_multiplier=0.3,
+        clip_norm=1.0,
+        delta=1e-5,
+        sample_rate=0.5,
+        min_available_nodes=350,
+        workers=1,
+    )
+    audit = audit_client_level(
+        strategy,
+        strategy.epsilon,
+        1e-5,
+        1.0,
+        rounds=3,
+        canaries=300,
+        others=50,
+        dim=2048,
+        seed=2,
+        mods=[make_he_dp_mod(secret, workers=1)],
+        decrypt=lambda arrays: decrypt_arrays(arrays, secret),
+    )
+    assert 1.0 <= audit["epsilon_lower_bound"] < audit["claimed_epsilon"], audit
