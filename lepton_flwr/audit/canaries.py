@@ -22,6 +22,7 @@ from flwr.serverapp.strategy import Strategy
 
 from lepton_flwr.apps.inprocess import InProcessGrid
 from lepton_flwr.audit.epsilon import audit_scores
+from lepton_flwr.audit.membership import membership_figures
 
 FIRST_NODE = 100  # InProcessGrid numbers its nodes from 100
 
@@ -103,8 +104,10 @@ def audit_client_level(
     Returns
     -------
     dict
-        ``claimed_epsilon``, ``epsilon_lower_bound``, ``guesses``, ``correct``,
-        ``canaries``, ``included``.
+        ``claimed_epsilon``, ``epsilon_lower_bound``, ``guesses``, ``correct``, the
+        client-level membership attack's ``auc`` and TPR at 0.1 % / 1 % FPR (the
+        canary scores as its scores), ``canaries``, ``included``, and the raw
+        ``scores`` and ``members``.
     """
     app, directions, included = canary_federation(canaries, others, dim, clip_norm, seed, mods)
     grid = InProcessGrid(app, canaries + others, keep_replies=False)
@@ -117,6 +120,9 @@ def audit_client_level(
     return {
         "claimed_epsilon": float(epsilon_of()),
         **audit,
+        **membership_figures(scores, included),  # client-level membership inference
         "canaries": canaries,
         "included": int(included.sum()),
+        "scores": scores.tolist(),
+        "members": included.tolist(),
     }

@@ -1,0 +1,46 @@
+"""What reaches the server, per client per round, read from the real reply messages.
+
+The attack surface next to the attacks: for each kind of record in a training reply,
+what the server can read (plaintext tensors, ciphertexts and their public header,
+metric names and values in the clear).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+
+from lepton_flwr.he.records import EncryptedModel, is_encrypted
+
+
+def describe_reply(msg: Message) -> list[str]:
+    """One line per thing the server can read in this reply."""
+    if msg.has_error():
+        return [f"an error reason (text): {msg.error.reason[:60]}"]
+    seen = []
+    for record in msg.content.values():
+        if isinstance(record, ArrayRecord):
+            if is_encrypted(record):
+                model = EncryptedModel.from_record(record)
+                size = sum(len(chunk) for chunk in model.chunks)
+                seen.append(f"ciphertexts of {model.num_values} values ({size} bytes)")
+                seen.append(
+                    "in the clear: key fingerprint, weight, bound, tensor names/shapes/dtypes"
+                )
+            else:
+                count = sum(a.numpy().size for a in record.values())
+                seen.append(f"plaintext tensors: {count} values (the client's model or update)")
+        elif isinstance(record, MetricRecord):
+            seen += [f"metric in the clear: {key}" for key in record]
+        elif isinstance(record, ConfigRecord):
+            seen += [f"config in the clear: {key}" for key in record]
+    return seen
+
+
+def attack_surface(replies: Iterable[Message]) -> list[dict]:
+    """What the server saw, each line with the number of replies it came in."""
+    replies = [m for m in replies if m.metadata.message_type.split(".")[0] == "train"]
+    counts = Counter(line for msg in replies for line in describe_reply(msg))
+    return [{"what": line, "replies": n, "of": len(replies)} for line, n in counts.items()]
