@@ -4,6 +4,8 @@
 ``simulations.run`` (``strategy=he_dp_fedavg privacy.noise_multiplier=1.0 ...``) and runs,
 with that strategy, its privacy settings and its client mods:
 
+- record-level membership inference with shadow models (LiRA) on 400 digits, the
+  models trained as the config's clients train (SGD, or DP-SGD with its noise);
 - a client-level canary federation (``lepton_flwr.audit.canaries``): the one-run lower
   bound on ε next to the ε the strategy claims, and the canary scores as a client-level
   membership attack (ROC AUC, TPR at 0.1 % and 1 % FPR, ROC curve);
@@ -14,7 +16,7 @@ with that strategy, its privacy settings and its client mods:
 The report (``audit.json``, ``audit.md``, ``audit_roc.png``, ``audit_inversion.png``) goes
 to ``output_dir`` (default ``outputs/<date>/<time>-audit-<strategy>``). What it audits is
 the mechanism the config chooses, on synthetic canaries and one digits image, not the
-configured dataset: record-level membership inference on it is not part of this command.
+configured dataset (LiRA on the configured dataset and model is not part of it yet).
 """
 
 from __future__ import annotations
@@ -187,6 +189,54 @@ def _save_roc(scores: np.ndarray, members: np.ndarray, out: Path) -> None:
     plt.close(fig)
 
 
+def record_level(cfg: dict, shadows: int = 8) -> dict:
+    """LiRA on 400 digits: the target and shadows trained as the config's clients train."""
+    from sklearn.datasets import load_digits
+
+    from lepton_flwr.audit.lira import lira_attack
+    from lepton_flwr.models import train
+
+    x, y = load_digits(return_X_y=True)
+    x = (x / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)[:400]
+    y = y[:400].astype(np.int64)
+    privacy = cfg["privacy"]
+
+    def fit(xs, ys, seed):
+        torch.manual_seed(seed)
+        model = build_model({"name": "mlp", "hidden": [256]}, (1, 8, 8), 10)
+        if privacy["name"] == "dpsgd":
+            train_dpsgd(
+                model,
+                xs,
+                ys,
+                num_outputs=10,
+                epochs=15,
+                batch_size=32,
+                lr=0.5,
+                momentum=0.0,
+                weight_decay=0.0,
+                noise_multiplier=float(privacy["noise_multiplier"] or 1.0),
+                max_grad_norm=float(privacy["max_grad_norm"]),
+                delta=1e-5,
+            )
+        else:
+            train(
+                model,
+                xs,
+                ys,
+                num_outputs=10,
+                epochs=100,
+                batch_size=32,
+                lr=0.1,
+                momentum=0.9,
+                seed=seed,
+            )
+        return model
+
+    figures = lira_attack(fit, x, y, shadows=shadows)
+    return {f"record_{key}": value for key, value in figures.items()}
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Run the audit for the configured strategy and write the report."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -210,6 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {"strategy": name, "privacy": cfg["privacy"]["name"]}
     report |= canaries(cfg, out, settings["canaries"], settings["others"], settings["rounds"])
     report |= inversion(cfg, out)
+    report |= record_level(cfg)
     (out / "audit.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "audit.md").write_text(_markdown(report))
     print(_markdown(report))
@@ -232,6 +283,9 @@ def _markdown(report: dict) -> str:
         f"| {report['claimed_epsilon']:.3g} | {report['epsilon_lower_bound']:.3g} "
         f"| {report['auc']:.3f} | {report['tpr_at_0.1%_fpr']:.3f} "
         f"| {report['tpr_at_1%_fpr']:.3f} | {psnr_text} |",
+        "",
+        f"Record-level membership (LiRA, 8 shadow models, 400 digits, clients' training): "
+        f"AUC {report['record_auc']:.3f}, TPR @ 0.1 % FPR {report['record_tpr_at_0.1%_fpr']:.3f}",
         "",
         "What the server can read in one client's training reply:",
         "",

@@ -29,4 +29,5 @@ def test_the_audit_command_reports_surface_bound_membership_and_inversion(
         assert saved["auc"] > 0.9  # canaries without DP are plain to see
     else:  # HE + DP: ciphertexts only, and the canaries hide in the noise
         assert saved["inversion_psnr"] is None and "only ciphertexts" in saved["inversion"]
+    assert 0.0 <= saved["record_auc"] <= 1.0  # LiRA ran on the clients' kind of training
     assert "| claimed ε |" in (tmp_path / "audit.md").read_text()
