@@ -29,18 +29,16 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
+from flwr.app import ArrayRecord
 
 from lepton_flwr.apps.build import build_client_mods, build_strategy
 from lepton_flwr.audit.canaries import audit_client_level
 from lepton_flwr.audit.inversion import invert_reply, one_client_view, psnr
+from lepton_flwr.audit.lira import lira_attack
+from lepton_flwr.audit.scenarios import digits, one_example_client, shadow_training, small_mlp
 from lepton_flwr.audit.surface import attack_surface
 from lepton_flwr.config import load_config
-from lepton_flwr.dp.dpsgd import train_dpsgd
 from lepton_flwr.he import decrypt_arrays
-from lepton_flwr.models import build_model
 
 
 def _with(cfg: dict, nodes: int, sampling_all: bool = False) -> dict:
@@ -57,67 +55,24 @@ def _with(cfg: dict, nodes: int, sampling_all: bool = False) -> dict:
     return {**cfg, "strategy": strategy, "privacy": privacy}
 
 
-def _digit():
-    from sklearn.datasets import load_digits
-
-    x, y = load_digits(return_X_y=True)
-    return (x[7] / 16.0).astype(np.float32).reshape(1, 8, 8), int(y[7])
-
-
-def _one_example_client(cfg: dict) -> ClientApp:
-    app_mods, train_mods = build_client_mods(cfg)
-    image, label = _digit()
-    dpsgd = cfg["privacy"]["name"] == "dpsgd"
-    app = ClientApp(mods=app_mods + train_mods)
-
-    @app.train()
-    def train(msg, context):
-        torch.manual_seed(0)
-        model = build_model({"name": "mlp", "hidden": [32]}, (1, 8, 8), 10)
-        model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-        if dpsgd:
-            train_dpsgd(
-                model,
-                image[None],
-                np.array([label]),
-                num_outputs=10,
-                epochs=1,
-                batch_size=1,
-                lr=0.1,
-                momentum=0.0,
-                weight_decay=0.0,
-                noise_multiplier=float(cfg["privacy"]["noise_multiplier"] or 1.0),
-                max_grad_norm=float(cfg["privacy"]["max_grad_norm"]),
-                delta=1e-5,
-            )
-        else:
-            out = model(torch.tensor(image[None]))
-            torch.nn.functional.cross_entropy(out, torch.tensor([label])).backward()
-            with torch.no_grad():
-                for parameter in model.parameters():
-                    parameter -= 0.1 * parameter.grad
-        metrics = MetricRecord({"num-examples": 1})
-        content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics})
-        return Message(content, reply_to=msg)
-
-    return app
-
-
 def inversion(cfg: dict, out: Path) -> dict:
     """The server's reconstruction of one client's single image, and what it saw."""
     from lepton_flwr.apps.inprocess import InProcessGrid
 
     strategy = build_strategy(_with(cfg, 1, sampling_all=True))
-    torch.manual_seed(0)
-    arrays = ArrayRecord(build_model({"name": "mlp", "hidden": [32]}, (1, 8, 8), 10).state_dict())
-    app = _one_example_client(cfg)
+    arrays = ArrayRecord(small_mlp().state_dict())
+    app_mods, train_mods = build_client_mods(cfg)
+    privacy = cfg["privacy"]
+    noise = float(privacy["noise_multiplier"] or 1.0) if privacy["name"] == "dpsgd" else None
+    app, image = one_example_client(
+        app_mods + train_mods, noise, float(privacy.get("max_grad_norm") or 1.0)
+    )
     view = one_client_view(strategy, app, arrays)
     grid = InProcessGrid(app, 1)
     surface = attack_surface(
         grid.send_and_receive(list(strategy.configure_train(1, arrays, _config(), grid))[:1])
     )
     outcome = invert_reply(view, arrays)
-    image, _ = _digit()
     if isinstance(outcome, str):
         return {"inversion_psnr": None, "inversion": outcome, "surface": surface}
     _save_images(image, outcome, out / "audit_inversion.png")
@@ -191,48 +146,10 @@ def _save_roc(scores: np.ndarray, members: np.ndarray, out: Path) -> None:
 
 def record_level(cfg: dict, shadows: int = 8) -> dict:
     """LiRA on 400 digits: the target and shadows trained as the config's clients train."""
-    from sklearn.datasets import load_digits
-
-    from lepton_flwr.audit.lira import lira_attack
-    from lepton_flwr.models import train
-
-    x, y = load_digits(return_X_y=True)
-    x = (x / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)[:400]
-    y = y[:400].astype(np.int64)
     privacy = cfg["privacy"]
-
-    def fit(xs, ys, seed):
-        torch.manual_seed(seed)
-        model = build_model({"name": "mlp", "hidden": [256]}, (1, 8, 8), 10)
-        if privacy["name"] == "dpsgd":
-            train_dpsgd(
-                model,
-                xs,
-                ys,
-                num_outputs=10,
-                epochs=15,
-                batch_size=32,
-                lr=0.5,
-                momentum=0.0,
-                weight_decay=0.0,
-                noise_multiplier=float(privacy["noise_multiplier"] or 1.0),
-                max_grad_norm=float(privacy["max_grad_norm"]),
-                delta=1e-5,
-            )
-        else:
-            train(
-                model,
-                xs,
-                ys,
-                num_outputs=10,
-                epochs=100,
-                batch_size=32,
-                lr=0.1,
-                momentum=0.9,
-                seed=seed,
-            )
-        return model
-
+    noise = float(privacy["noise_multiplier"] or 1.0) if privacy["name"] == "dpsgd" else None
+    fit = shadow_training(noise, float(privacy.get("max_grad_norm") or 1.0))
+    x, y = digits(400)
     figures = lira_attack(fit, x, y, shadows=shadows)
     return {f"record_{key}": value for key, value in figures.items()}
 

@@ -111,11 +111,16 @@ class RoundObserver:
         return self
 
     def __exit__(self, *exc) -> None:
-        for name, previous in self._saved.items():
-            if previous is None:
-                del self.strategy.__dict__[name]
-            else:
-                setattr(self.strategy, name, previous)
+        _restore(self.strategy, self._saved)
+
+
+def _restore(strategy: Strategy, saved: dict[str, object]) -> None:
+    """Put back the instance attributes a wrapper replaced (None: there was none)."""
+    for name, previous in saved.items():
+        if previous is None:
+            del strategy.__dict__[name]
+        else:
+            setattr(strategy, name, previous)
 
 
 def plaintext_only(evaluate_fn: EvaluateFn, strategy_name: str) -> EvaluateFn:
@@ -183,11 +188,7 @@ class _RoundOffset:
         return self
 
     def __exit__(self, *exc) -> None:
-        for name, previous in self._saved.items():
-            if previous is None:
-                del self.strategy.__dict__[name]
-            else:
-                setattr(self.strategy, name, previous)
+        _restore(self.strategy, self._saved)
 
 
 class FlowerLoop:

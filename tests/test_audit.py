@@ -3,17 +3,14 @@
 import logging
 import math
 
-import numpy as np
 import pytest
-import torch
 from lepton_flwr.strategies import DPFedAvg, HEDPFedAvg
 
 from lepton_flwr.audit.canaries import audit_client_level
 from lepton_flwr.audit.epsilon import epsilon_lower_bound, p_value
 from lepton_flwr.audit.lira import lira_attack
-from lepton_flwr.dp.dpsgd import train_dpsgd
+from lepton_flwr.audit.scenarios import digits, shadow_training
 from lepton_flwr.he import CKKSParams, decrypt_arrays, write_keys
-from lepton_flwr.models import build_model, train
 from lepton_flwr.mods import make_he_dp_mod
 
 
@@ -79,46 +76,11 @@ def test_he_dp_canaries_stay_below_the_claimed_epsilon(tmp_path, caplog):
     assert 1.0 <= audit["epsilon_lower_bound"] < audit["claimed_epsilon"], audit
 
 
-def _digits(count):
-    from sklearn.datasets import load_digits
-
-    x, y = load_digits(return_X_y=True)
-    return (x / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)[:count], y[:count].astype(np.int64)
-
-
-def _plain(xs, ys, seed):
-    torch.manual_seed(seed)
-    model = build_model({"name": "mlp", "hidden": [256]}, (1, 8, 8), 10)
-    train(model, xs, ys, num_outputs=10, epochs=100, batch_size=32, lr=0.1, momentum=0.9, seed=seed)
-    return model
-
-
-def _dpsgd(xs, ys, seed):
-    torch.manual_seed(seed)
-    model = build_model({"name": "mlp", "hidden": [256]}, (1, 8, 8), 10)
-    train_dpsgd(
-        model,
-        xs,
-        ys,
-        num_outputs=10,
-        epochs=15,
-        batch_size=32,
-        lr=0.5,
-        momentum=0.0,
-        weight_decay=0.0,
-        noise_multiplier=4.0,
-        max_grad_norm=1.0,
-        delta=1e-5,
-        seed=seed,
-        reproducible=True,
-    )  # seeded: the test is repeatable
-    return model
-
-
 def test_lira_finds_members_of_an_overfitted_model_and_not_under_strong_dpsgd():
-    x, y = _digits(400)
-    plain = lira_attack(_plain, x, y, shadows=8)
-    private = lira_attack(_dpsgd, x, y, shadows=8)
+    x, y = digits(400)
+    plain = lira_attack(shadow_training(), x, y, shadows=8)
+    # Seeded DP-SGD noise (reproducible=True, not private): the test is repeatable.
+    private = lira_attack(shadow_training(4.0, reproducible=True), x, y, shadows=8)
     assert plain["auc"] > 0.6, plain
     assert abs(private["auc"] - 0.5) < 0.07, private
     assert private["auc"] < plain["auc"] - 0.08
