@@ -46,6 +46,7 @@ DPSGD_MIN_NOISE = "dpsgd-min-noise-multiplier"  # DP-SGD: least noise multiplier
 
 # ---- node state (context.state, never sent) ---------------------------------------------
 DPSGD_STATE = "lepton-dpsgd"  # DP-SGD: the client's accountant history
+HE_MANIFEST = "lepton-he-manifest"  # HE: the model's layout, from the first plaintext model
 
 # ---- privacy figures a DP strategy returns in its train MetricRecord each round --------
 EPSILON = "epsilon"  # ε spent so far, at DELTA

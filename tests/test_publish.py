@@ -122,3 +122,42 @@ def test_the_command_line_decrypts_flooded_with_the_key_holders_own_layout(tmp_p
     state = torch.load(out)
     assert list(state) == ["layer.weight"] and state["layer.weight"].dtype == torch.float16
     assert np.allclose(state["layer.weight"].float().numpy().ravel(), values, atol=1e-3)
+
+
+def test_clients_decrypt_into_the_layout_of_the_first_plaintext_model(secret, tmp_path):
+    """A server that relabels the encrypted model (float64, other names) gets nothing new:
+    the client decrypts into the layout it saw in round 1."""
+    from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from lepton_flwr.he.keys import secret_context_bytes
+    from lepton_flwr.mods import make_he_mod
+
+    path = tmp_path / "secret.ctx"
+    path.write_bytes(secret_context_bytes(secret))
+    seen = []
+    app = ClientApp(mods=[make_he_mod(path, workers=1)])
+
+    @app.evaluate()
+    def evaluate(msg, context):
+        record = msg.content["arrays"]
+        seen.append({k: v.numpy().dtype for k, v in record.items()})
+        return Message(RecordDict({"metrics": MetricRecord({"num-examples": 1})}), reply_to=msg)
+
+    def message(arrays, number):
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+        content = RecordDict({"arrays": arrays, "config": ConfigRecord()})
+        msg = Message(content, dst_node_id=1, message_type="evaluate")
+        msg.metadata.__dict__["_message_id"] = f"m{number}"
+        return msg
+
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    plain = ArrayRecord({"w": Array(np.zeros(12, dtype=np.float32))})
+    assert not app(message(plain, 1), context).has_error()
+    _, relabelled = _encrypted(secret, np.linspace(-1, 1, 12))  # header: "w" float32
+    model = EncryptedModel.from_record(relabelled)
+    model.manifest = [TensorSpec("evil", (12,), "float64")]
+    reply = app(message(model.to_record(), 2), context)
+    assert not reply.has_error(), reply.error.reason
+    assert seen == [{"w": np.float32}, {"w": np.float32}]

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Array, ArrayRecord, MetricRecord
 
-from lepton_flwr.he.codec import CiphertextError, CkksEncoder, flatten, unflatten
+from lepton_flwr.he.codec import CiphertextError, CkksEncoder, TensorSpec, flatten, unflatten
 from lepton_flwr.he.keys import fingerprint, load_context
 from lepton_flwr.he.publish import TooCoarseError, publishable
 from lepton_flwr.he.records import EncryptedModel, is_encrypted, load_encrypted, save_encrypted
@@ -68,7 +68,7 @@ def decrypt_model(
     record: ArrayRecord,
     encoder: CkksEncoder,
     own_fingerprint: str,
-    like: ArrayRecord | None = None,
+    like: ArrayRecord | list[TensorSpec] | None = None,
 ) -> ArrayRecord:
     """Decrypt an encrypted global model (weighted sum + total weight) for release.
 
@@ -83,9 +83,10 @@ def decrypt_model(
         The key holder's codec.
     own_fingerprint : str
         Its key's fingerprint; a model under another key is refused.
-    like : ArrayRecord | None
-        The key holder's own model: tensor names, shapes and dtypes are taken from it,
-        not from the header (which the server writes); None trusts the header's.
+    like : ArrayRecord | list[TensorSpec] | None
+        The key holder's own model (or its manifest): tensor names, shapes and dtypes
+        are taken from it, not from the header (which the server writes); None trusts
+        the header's.
 
     Raises
     ------
@@ -100,8 +101,11 @@ def decrypt_model(
             f"key {own_fingerprint}: the server and clients use different key pairs"
         )
     manifest = model.manifest
-    if like is not None:
+    if isinstance(like, ArrayRecord):
         _, manifest = flatten({k: v.numpy() for k, v in like.items()})
+    elif like is not None:
+        manifest = list(like)
+    if like is not None:
         if sum(spec.size for spec in manifest) != model.num_values:
             raise CiphertextError(
                 f"the encrypted model holds {model.num_values} values, the key holder's own "

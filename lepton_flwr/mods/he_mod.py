@@ -20,16 +20,17 @@ SuperNode's (or simulation's) working folder, not from your app's folder.
 
 from __future__ import annotations
 
+import json
 from logging import WARNING
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common.logger import log
 
 from lepton_flwr import protocol
-from lepton_flwr.he.codec import CiphertextError, CkksEncoder, flatten
+from lepton_flwr.he.codec import CiphertextError, CkksEncoder, TensorSpec, flatten
 from lepton_flwr.he.keyholder import ModelOutOfBoundError, decrypt_model, encoder_for
 from lepton_flwr.he.records import EncryptedModel, is_encrypted
 from lepton_flwr.mods.common import (
@@ -140,6 +141,27 @@ def clamped(record: ArrayRecord, bound: float) -> ArrayRecord:
     return ArrayRecord({k: Array(np.clip(t, -bound, bound)) for k, t in tensors.items()})
 
 
+def remember_manifest(context: Context, record: ArrayRecord) -> None:
+    """Keep the plaintext model's names, shapes and dtypes in the node's state (first seen).
+
+    Later encrypted models are decrypted into this layout, whatever their header (which
+    the server writes) says; a model of another size is refused.
+    """
+    if protocol.HE_MANIFEST in context.state.config_records:
+        return
+    _, manifest = flatten({k: v.numpy() for k, v in record.items()})
+    text = json.dumps([[s.name, list(s.shape), s.dtype] for s in manifest])
+    context.state[protocol.HE_MANIFEST] = ConfigRecord({"manifest": text})
+
+
+def known_manifest(context: Context) -> list[TensorSpec] | None:
+    """The layout :func:`remember_manifest` kept, or None (the header's is used)."""
+    kept = context.state.config_records.get(protocol.HE_MANIFEST)
+    if not kept:
+        return None
+    return [TensorSpec(n, tuple(shape), d) for n, shape, d in json.loads(str(kept["manifest"]))]
+
+
 def _reply_weight(msg: Message, metrics: MetricRecord, weight_scale: float) -> float:
     """The weight a training reply is encrypted with: 1 for a DP share, else its data."""
     if protocol.HE_WEIGHT in metrics:
@@ -182,9 +204,11 @@ def apply_he(
     arrays = msg.content.array_records
     if len(arrays) == 1:
         key, record = next(iter(arrays.items()))
-        if is_encrypted(record):
+        if not is_encrypted(record):
+            remember_manifest(context, record)
+        else:
             try:
-                plain = decrypt_model(record, encoder, own_fingerprint)
+                plain = decrypt_model(record, encoder, own_fingerprint, known_manifest(context))
             except ModelOutOfBoundError as err:
                 raise ModError(f"{protocol.MODEL_REFUSED}: {err}") from err
             except CiphertextError as err:
