@@ -3,7 +3,8 @@
 A SuperLink with TLS and SuperNode authentication, three registered SuperNodes (each with
 its own auth key, the CKKS secret context and its partition in its node config) and a
 fourth whose key is not registered. `flwr run` over TLS runs HE + DP and HE-FedAvg for
-two rounds each; the fourth node takes no part. Every process the test starts runs in
+two rounds each; the fourth node takes no part. Then a third run loses a SuperNode in
+the middle of a round, and finishes with the others. Every process the test starts runs in
 its own process group and is stopped by that id, also when the test fails.
 """
 
@@ -79,6 +80,44 @@ def _stop(processes):
         except ProcessLookupError:
             pass
         log.close()
+
+
+def _a_node_killed_mid_round_leaves_the_others_to_finish(tmp_path, keys, processes, cli_env):
+    """Node 2 dies as round 2's training message reaches it: the round ends at its timeout
+    with the two others, the noise actually present is accounted, and the run goes on."""
+    out = tmp_path / "fault"
+    overrides = (
+        "+experiment=digits_smoke model=logreg num_rounds=3 strategy=he_dp_fedavg "
+        "privacy.sampling=fixed privacy.sample_rate=1.0 privacy.delta=1e-3 round_timeout=30 "
+        f"strategy.min_available_nodes=2 he.public_context_path={keys}/public.ctx "
+        f"output_dir={out}"
+    )
+    node_log = tmp_path / "node2.log"
+    received_before = node_log.read_text().count("Receiving: train message")
+    run = subprocess.Popen(
+        [str(BIN / "flwr"), "run", ".", "secure", "--stream", "--run-config",
+         f'hydra-overrides="{overrides}"'],
+        env=cli_env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while node_log.read_text().count("Receiving: train message") < received_before + 2:
+            assert time.monotonic() < deadline and run.poll() is None, "round 2 never came"
+            time.sleep(0.2)
+        node2 = processes[1 + 2][0]  # the SuperLink, then nodes 0, 1, 2, 3
+        os.killpg(node2.pid, signal.SIGKILL)
+        log, _ = run.communicate(timeout=600)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 0, log[-4000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2, 3], log[-3000:]
+    assert rows[0]["clients_reported"] == NODES
+    assert rows[1]["clients_reported"] == NODES - 1
+    # Planned for 3 reporters against 1 colluder; 2 reported: z present = z·√1/√2.
+    assert rows[1]["noise_multiplier_present"] < rows[0]["noise_multiplier_present"]
+    assert rows[1]["epsilon"] > rows[0]["epsilon"] and (out / "model.ckks.zip").is_file()
 
 
 @pytest.mark.slow
@@ -188,6 +227,7 @@ def test_tls_and_supernode_auth_deployment_runs_he_dp_and_refuses_an_unknown_nod
             assert all(r["train_failures"] == 0 for r in rows), rows
             # The server's config never named the secret context: the nodes' config did.
             assert "secret_context_path: null" in (out / "config.yaml").read_text()
+        _a_node_killed_mid_round_leaves_the_others_to_finish(tmp_path, keys, processes, cli_env)
         # The SuperLink turned the unregistered key away; that node never got a message.
         link_log = (tmp_path / "superlink.log").read_text()
         assert "No SuperNode found with the given public key" in link_log
