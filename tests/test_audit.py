@@ -85,3 +85,41 @@ def test_lira_finds_members_of_an_overfitted_model_and_not_under_strong_dpsgd():
     assert plain["auc"] > 0.6, plain
     assert abs(private["auc"] - 0.5) < 0.07, private
     assert private["auc"] < plain["auc"] - 0.08
+
+
+def _fit(noise):
+    """Train the shadow-size MLP on the data; return it and the ε it claims."""
+    import math
+
+    from lepton_flwr.audit.scenarios import small_mlp
+    from lepton_flwr.dp.dpsgd import train_dpsgd
+    from lepton_flwr.models import train
+
+    def fit(xs, ys):
+        model = small_mlp(256, 0)
+        if noise is None:
+            train(model, xs, ys, num_outputs=10, epochs=100, batch_size=32, lr=0.1,
+                  momentum=0.9, seed=0)  # fmt: skip
+            return model, math.inf
+        _, epsilon, _ = train_dpsgd(
+            model, xs, ys, num_outputs=10, epochs=30, batch_size=32, lr=0.5, momentum=0.0,
+            weight_decay=0.0, noise_multiplier=noise, max_grad_norm=1.0, delta=1e-5,
+            seed=0, reproducible=True,  # seeded: the test repeats
+        )  # fmt: skip
+        return model, epsilon
+
+    return fit
+
+
+@pytest.mark.parametrize("noise", [None, 0.5, 1.0])
+def test_dpsgd_canary_examples_stay_below_the_claimed_epsilon(noise):
+    """Mislabelled random images: memorised without DP (bound > 1.5), not under DP-SGD."""
+    from lepton_flwr.audit.canaries import audit_record_level
+
+    x, y = digits(400)
+    audit = audit_record_level(_fit(noise), x, y, 1e-5)
+    assert audit["epsilon_lower_bound"] < audit["claimed_epsilon"], audit
+    if noise is None:
+        assert audit["epsilon_lower_bound"] > 1.5 and audit["auc"] > 0.9, audit
+    else:
+        assert audit["epsilon_lower_bound"] < 1.0, audit

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import Strategy
@@ -125,4 +126,40 @@ def audit_client_level(
         "included": int(included.sum()),
         "scores": scores.tolist(),
         "members": included.tolist(),
+    }
+
+
+def audit_record_level(
+    train_fn: Callable[[np.ndarray, np.ndarray], tuple[torch.nn.Module, float]],
+    x: np.ndarray,
+    y: np.ndarray,
+    delta: float,
+    canaries: int = 200,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> dict:
+    """One-run audit of a record-level mechanism (DP-SGD) with canary examples.
+
+    Each canary (a random image with a random label) joins the training data with
+    probability 1/2; the model trained by ``train_fn`` (which returns it and the ε it
+    claims) scores each canary by its logit-scaled confidence in the canary's label.
+
+    Returns
+    -------
+    dict
+        ``claimed_epsilon``, ``epsilon_lower_bound``, ``guesses``, ``correct`` and the
+        canaries' membership figures (``auc``, TPR at 0.1 % / 1 % FPR).
+    """
+    from lepton_flwr.audit.lira import logit_confidence
+    from lepton_flwr.audit.scenarios import canary_examples
+
+    images, labels, included = canary_examples(canaries, seed)
+    model, claimed = train_fn(
+        np.concatenate([x, images[included]]), np.concatenate([y, labels[included]])
+    )
+    scores = logit_confidence(model, images, labels)
+    return {
+        "claimed_epsilon": float(claimed),
+        **audit_scores(scores, included, delta, confidence, guess_counts=(10, 20, 40)),
+        **membership_figures(scores, included),
     }

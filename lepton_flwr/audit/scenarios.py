@@ -98,3 +98,17 @@ def shadow_training(
         return model
 
     return fit
+
+
+def canary_examples(count: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Record-level canaries: random images with random labels, each in with probability 1/2.
+
+    Returns
+    -------
+    tuple[np.ndarray, np.ndarray, np.ndarray]
+        The canary images, their labels, and which ones go into the training data.
+    """
+    rng = np.random.default_rng(seed)
+    images = rng.random((count, *IMAGE_SHAPE)).astype(np.float32)
+    labels = rng.integers(0, 10, count).astype(np.int64)
+    return images, labels, rng.random(count) < 0.5
