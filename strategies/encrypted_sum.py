@@ -13,7 +13,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.common.logger import log
 from lepton_flwr.strategies.reply_checks import ReplyError
 
-from lepton_flwr.he.codec import CiphertextError, CkksAdder, TensorSpec, flatten
+from lepton_flwr.he.codec import CiphertextError, CkksAdder, TensorSpec, flatten, manifest_of
 from lepton_flwr.he.keys import fingerprint, load_context
 from lepton_flwr.he.params import headroom
 from lepton_flwr.he.records import EncryptedModel, is_encrypted
@@ -116,7 +116,7 @@ class EncryptedSum:
         if is_encrypted(arrays):
             self.manifest = EncryptedModel.from_record(arrays).manifest
         else:
-            _, self.manifest = flatten({k: v.numpy() for k, v in arrays.items()})
+            self.manifest = manifest_of(arrays)
 
     def check(self, msg: Message) -> EncryptedModel:
         """Validate one training reply's ciphertexts and return its encrypted update.

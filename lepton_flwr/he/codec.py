@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import struct
+from collections.abc import Mapping
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
@@ -48,11 +49,17 @@ class TensorSpec:
         return math.prod(self.shape)
 
 
+def manifest_of(tensors: Mapping) -> list[TensorSpec]:
+    """Names, shapes and dtypes of tensors (numpy arrays or Flower Arrays), in order.
+
+    Reads only their metadata: nothing is converted or copied.
+    """
+    return [TensorSpec(k, tuple(int(d) for d in v.shape), str(v.dtype)) for k, v in tensors.items()]
+
+
 def flatten(tensors: dict[str, np.ndarray]) -> tuple[np.ndarray, list[TensorSpec]]:
     """Concatenate tensors (in dict order) into one float64 vector; return it and the manifest."""
-    manifest = [
-        TensorSpec(k, tuple(int(d) for d in v.shape), str(v.dtype)) for k, v in tensors.items()
-    ]
+    manifest = manifest_of(tensors)
     if not tensors:
         return np.zeros(0), manifest
     vector = np.concatenate([np.asarray(v, dtype=np.float64).ravel() for v in tensors.values()])

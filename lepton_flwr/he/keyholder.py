@@ -16,7 +16,13 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Array, ArrayRecord, MetricRecord
 
-from lepton_flwr.he.codec import CiphertextError, CkksEncoder, TensorSpec, flatten, unflatten
+from lepton_flwr.he.codec import (
+    CiphertextError,
+    CkksEncoder,
+    TensorSpec,
+    manifest_of,
+    unflatten,
+)
 from lepton_flwr.he.keys import fingerprint, load_context
 from lepton_flwr.he.publish import TooCoarseError, publishable
 from lepton_flwr.he.records import EncryptedModel, is_encrypted, load_encrypted, save_encrypted
@@ -101,15 +107,13 @@ def decrypt_model(
             f"key {own_fingerprint}: the server and clients use different key pairs"
         )
     manifest = model.manifest
-    if isinstance(like, ArrayRecord):
-        _, manifest = flatten({k: v.numpy() for k, v in like.items()})
-    elif like is not None:
-        manifest = list(like)
     if like is not None:
-        if sum(spec.size for spec in manifest) != model.num_values:
+        manifest = manifest_of(like) if isinstance(like, ArrayRecord) else list(like)
+        own_size = sum(spec.size for spec in manifest)
+        if own_size != model.num_values:
             raise CiphertextError(
                 f"the encrypted model holds {model.num_values} values, the key holder's own "
-                f"model {sum(spec.size for spec in manifest)}"
+                f"model {own_size}"
             )
     decrypted = encoder.decrypt(model.chunks, model.num_values)
     try:

@@ -30,7 +30,7 @@ from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common.logger import log
 
 from lepton_flwr import protocol
-from lepton_flwr.he.codec import CiphertextError, CkksEncoder, TensorSpec, flatten
+from lepton_flwr.he.codec import CiphertextError, CkksEncoder, TensorSpec, flatten, manifest_of
 from lepton_flwr.he.keyholder import ModelOutOfBoundError, decrypt_model, encoder_for
 from lepton_flwr.he.records import EncryptedModel, is_encrypted
 from lepton_flwr.mods.common import (
@@ -149,8 +149,7 @@ def remember_manifest(context: Context, record: ArrayRecord) -> None:
     """
     if protocol.HE_MANIFEST in context.state.config_records:
         return
-    _, manifest = flatten({k: v.numpy() for k, v in record.items()})
-    text = json.dumps([[s.name, list(s.shape), s.dtype] for s in manifest])
+    text = json.dumps([[s.name, list(s.shape), s.dtype] for s in manifest_of(record)])
     context.state[protocol.HE_MANIFEST] = ConfigRecord({"manifest": text})
 
 
