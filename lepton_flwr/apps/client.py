@@ -114,11 +114,12 @@ def handle_train(msg: Message, context: Context, cfg: dict) -> Message:
     return Message(content, reply_to=msg)
 
 
-DPSGD_STATE_KEY = protocol.DPSGD_STATE
-
-
 def _train_dpsgd(model, data, context: Context, cfg: dict, options: dict) -> tuple[float, dict]:
-    """DP-SGD for this round, continuing the node's accountant from ``context.state``."""
+    """DP-SGD for this round, continuing the node's accountant (``dp.client_state``).
+
+    The node's privacy floor is checked against the ε this round would reach, before
+    any training.
+    """
     privacy = cfg["privacy"]
     history = load_history(context)
     z = dpsgd_noise_multiplier(

@@ -1,13 +1,13 @@
 """Sample-level DP on a client: DP-SGD with Opacus, one accountant across rounds.
 
 Each round a client trains with Opacus (per-sample clipping, Gaussian noise, Poisson
-batches). The client's accountant history is kept in the node's ``context.state``
-between rounds, so the ε it reports covers every step it took in the run.
+batches). The client's accountant history is kept between rounds (``context.state``,
+and a state file with ``state-dir``: :mod:`lepton_flwr.dp.client_state`), so the ε it
+reports covers every step it took in the run.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import secrets
 import warnings
@@ -170,13 +170,3 @@ def epsilon_after_round(
 def secure_torch_generator(device: torch.device | str) -> torch.Generator:
     """A torch generator on ``device`` seeded with 63 bits from the OS's secure randomness."""
     return torch.Generator(device=device).manual_seed(secrets.randbits(63))
-
-
-def history_to_json(history: list) -> str:
-    """Accountant history as JSON (what the node keeps in ``context.state``)."""
-    return json.dumps(history)
-
-
-def history_from_json(text: str) -> list:
-    """Inverse of :func:`history_to_json`."""
-    return [tuple(h) for h in json.loads(text)]

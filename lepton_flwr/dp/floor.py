@@ -60,18 +60,14 @@ def check_share_request(node_config: Mapping, clip_norm: float, share_std: float
             f"the server asks for a noise share with std {share_std}: an update without "
             f"noise is never sent"
         )
-    max_clip = node_setting(node_config, protocol.MAX_CLIP_NORM)
-    if max_clip is not None and clip_norm > max_clip:
-        raise BelowPrivacyFloorError(
-            f"the server's clip norm {clip_norm:g} is above this node's "
-            f"{protocol.MAX_CLIP_NORM}={max_clip:g}"
-        )
-    min_noise = node_setting(node_config, protocol.MIN_SHARE_NOISE)
-    if min_noise is not None and share_std / clip_norm < min_noise:
-        raise BelowPrivacyFloorError(
-            f"the server's noise share σ/C = {share_std / clip_norm:.4g} is below this node's "
-            f"{protocol.MIN_SHARE_NOISE}={min_noise:g}"
-        )
+    _within(node_config, protocol.MAX_CLIP_NORM, clip_norm, "the server's clip norm", most=True)
+    _within(
+        node_config,
+        protocol.MIN_SHARE_NOISE,
+        share_std / clip_norm,
+        "the server's noise share σ/C",
+        most=False,
+    )
 
 
 def check_dpsgd_request(node_config: Mapping, noise_multiplier: float, epsilon: float) -> None:
@@ -91,15 +87,37 @@ def check_dpsgd_request(node_config: Mapping, noise_multiplier: float, epsilon: 
     BelowPrivacyFloorError
         Naming the setting.
     """
-    min_noise = node_setting(node_config, protocol.DPSGD_MIN_NOISE)
-    if min_noise is not None and noise_multiplier < min_noise:
-        raise BelowPrivacyFloorError(
-            f"DP-SGD noise multiplier {noise_multiplier:.4g} is below this node's "
-            f"{protocol.DPSGD_MIN_NOISE}={min_noise:g}"
-        )
-    max_epsilon = node_setting(node_config, protocol.DPSGD_MAX_EPSILON)
-    if max_epsilon is not None and epsilon > max_epsilon:
-        raise BelowPrivacyFloorError(
-            f"this round would take the node's DP-SGD ε to {epsilon:.4g}, above its "
-            f"{protocol.DPSGD_MAX_EPSILON}={max_epsilon:g}; it does not train"
-        )
+    _within(
+        node_config,
+        protocol.DPSGD_MIN_NOISE,
+        noise_multiplier,
+        "DP-SGD noise multiplier",
+        most=False,
+    )
+    _within(
+        node_config,
+        protocol.DPSGD_MAX_EPSILON,
+        epsilon,
+        "the node's DP-SGD ε after this round",
+        most=True,
+        consequence="; it does not train",
+    )
+
+
+def _within(
+    node_config: Mapping, key: str, value: float, what: str, most: bool, consequence: str = ""
+) -> None:
+    """Refuse ``value`` if it passes the node's ``key`` (an upper limit if ``most``).
+
+    Raises
+    ------
+    BelowPrivacyFloorError
+        Naming ``what``, the value and the setting.
+    """
+    limit = node_setting(node_config, key)
+    if limit is None or (value <= limit if most else value >= limit):
+        return
+    side = "above" if most else "below"
+    raise BelowPrivacyFloorError(
+        f"{what} {value:.4g} is {side} this node's {key}={limit:g}{consequence}"
+    )
