@@ -33,7 +33,7 @@ from flwr.app import ArrayRecord
 
 from lepton_flwr.apps.build import build_client_mods, build_strategy
 from lepton_flwr.audit.canaries import audit_client_level
-from lepton_flwr.audit.inversion import invert_reply, one_client_view, psnr
+from lepton_flwr.audit.inversion import invert_reply, one_client_reply, psnr
 from lepton_flwr.audit.lira import lira_attack
 from lepton_flwr.audit.scenarios import digits, one_example_client, shadow_training, small_mlp
 from lepton_flwr.audit.surface import attack_surface
@@ -57,8 +57,6 @@ def _with(cfg: dict, nodes: int, sampling_all: bool = False) -> dict:
 
 def inversion(cfg: dict, out: Path) -> dict:
     """The server's reconstruction of one client's single image, and what it saw."""
-    from lepton_flwr.apps.inprocess import InProcessGrid
-
     strategy = build_strategy(_with(cfg, 1, sampling_all=True))
     arrays = ArrayRecord(small_mlp().state_dict())
     app_mods, train_mods = build_client_mods(cfg)
@@ -67,22 +65,14 @@ def inversion(cfg: dict, out: Path) -> dict:
     app, image = one_example_client(
         app_mods + train_mods, noise, float(privacy.get("max_grad_norm") or 1.0)
     )
-    view = one_client_view(strategy, app, arrays)
-    grid = InProcessGrid(app, 1)
-    surface = attack_surface(
-        grid.send_and_receive(list(strategy.configure_train(1, arrays, _config(), grid))[:1])
-    )
+    reply = one_client_reply(strategy, app, arrays)  # one reply serves both attacks
+    surface = attack_surface([reply])
+    (view,) = reply.content.array_records.values()
     outcome = invert_reply(view, arrays)
     if isinstance(outcome, str):
         return {"inversion_psnr": None, "inversion": outcome, "surface": surface}
     _save_images(image, outcome, out / "audit_inversion.png")
     return {"inversion_psnr": psnr(outcome, image), "inversion": "ran", "surface": surface}
-
-
-def _config():
-    from flwr.app import ConfigRecord
-
-    return ConfigRecord()
 
 
 def _save_images(truth: np.ndarray, reconstruction: np.ndarray, path: Path) -> None:

@@ -87,8 +87,9 @@ class HEFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
     differ from the global one, lack the ``weighted_by_key`` metric (a whole number in
     [1, ``max_examples``]), or declare a weight or bound the server does not derive
     from it. With fewer than
-    ``min_train_nodes`` valid replies, or a sum that could pass the CKKS headroom, the
-    round is skipped and the global model kept.
+    ``min_train_nodes`` valid replies the round is skipped and the global model kept;
+    replies whose bounds would take the sum past the CKKS headroom are rejected, largest
+    first, and the round goes on with the rest.
 
     Parameters
     ----------
@@ -106,7 +107,8 @@ class HEFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
         Largest example count a reply may claim; counts must be whole numbers from 1.
     headroom_fraction : float (default: 0.5)
         Largest share of the CKKS headroom that the bound on the summed values may use;
-        a round that would exceed it is skipped (CKKS would wrap around silently).
+        replies that would exceed it are rejected, largest first (CKKS would wrap around
+        silently).
     workers : int | None (default: None)
         Processes that load and add ciphertexts in parallel; None uses every core.
     **fedavg_kwargs

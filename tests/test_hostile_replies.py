@@ -327,3 +327,25 @@ def test_the_runner_keeps_going_past_a_malformed_plain_reply(tmp_path, caplog):
     out = run_server(InProcessGrid(client, num_nodes=3), cfg)
     assert caplog.text.count("rejected the training reply of node 101") == 2
     assert (out / "model.pt").is_file()
+
+
+def test_a_minority_claiming_to_refuse_a_good_model_changes_nothing(keys, caplog):
+    """One client lying that it refused the model cannot force a fallback."""
+    from flwr.app import Error
+
+    from lepton_flwr import protocol
+
+    caplog.set_level(logging.INFO, logger="flwr")
+
+    def liar(msg, context, call_next):
+        if context.node_id != 101 or msg.metadata.message_type != "train":
+            return call_next(msg, context)
+        reason = f"he_mod: {protocol.MODEL_REFUSED}: a decrypted value reaches 9e9"
+        return Message(Error(code=0, reason=reason), reply_to=msg)
+
+    mods = [liar, make_he_mod(keys[0], workers=1)]
+    result = _he_fedavg(keys).start(InProcessGrid(_app(mods), NODES), _start(), num_rounds=2)
+    assert "refused the global model the others accepted" in caplog.text
+    assert "falling back" not in caplog.text
+    # Both rounds aggregated the two honest clients: every weight moved twice.
+    assert np.allclose(decrypt_arrays(result.arrays, keys[0])["w"].numpy(), 2 * SHIFT, atol=1e-4)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from flwr.app import ArrayRecord
+from flwr.app import ArrayRecord, Message
 
 from lepton_flwr.he.records import is_encrypted
 
@@ -64,8 +64,8 @@ def psnr(reconstruction: np.ndarray, truth: np.ndarray) -> float:
     return 100.0 if error <= span**2 * 1e-10 else 10 * math.log10(span**2 / error)
 
 
-def one_client_view(strategy, client_app, arrays: ArrayRecord) -> ArrayRecord:
-    """What the server receives from one client in round 1: the reply's arrays.
+def one_client_reply(strategy, client_app, arrays: ArrayRecord) -> Message:
+    """The reply the server receives from one client in round 1, as it receives it.
 
     The strategy configures the round as in a run (its config, its key), the client's
     own app (with its mods) answers; nothing is read from the client's side.
@@ -81,5 +81,10 @@ def one_client_view(strategy, client_app, arrays: ArrayRecord) -> ArrayRecord:
     (reply,) = grid.send_and_receive(messages[:1])
     if reply.has_error():
         raise ValueError(f"the client failed: {reply.error.reason}")
-    (record,) = reply.content.array_records.values()
+    return reply
+
+
+def one_client_view(strategy, client_app, arrays: ArrayRecord) -> ArrayRecord:
+    """The arrays of :func:`one_client_reply`: what the server could try to invert."""
+    (record,) = one_client_reply(strategy, client_app, arrays).content.array_records.values()
     return record
