@@ -25,3 +25,15 @@ def digits_cfg():
     from lepton_flwr.config import load_config
 
     return load_config("+experiment=digits_smoke")
+
+
+def client_message(arrays, config=None, number=1, message_type="train"):
+    """A message as the server would send it to node 1, built outside a Flower runtime."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    content = RecordDict({"arrays": arrays, "config": ConfigRecord(config or {})})
+    msg = Message(content, dst_node_id=1, message_type=message_type)
+    msg.metadata.__dict__["_message_id"] = f"m{number}"
+    return msg

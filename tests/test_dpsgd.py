@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
+from conftest import client_message
+from flwr.app import ArrayRecord, Context, RecordDict
 from opacus.accountants import RDPAccountant
 
 from lepton_flwr.apps.client import make_client_app
@@ -18,11 +18,7 @@ from lepton_flwr.models import build_model
 
 
 def _train_message(arrays, server_round):
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-    content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": server_round})})
-    msg = Message(content, dst_node_id=1, message_type="train")
-    msg.metadata.__dict__["_message_id"] = f"m{server_round}"
-    return msg
+    return client_message(arrays, {"server-round": server_round}, server_round)
 
 
 def test_client_epsilon_is_cumulative_and_matches_opacus():

@@ -9,9 +9,9 @@ import math
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from conftest import client_message
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.supercore.task_identity import TaskIdentity
 from opacus.accountants import RDPAccountant
 
 from lepton_flwr import protocol
@@ -32,11 +32,7 @@ def _context(node_config=None, run_config=None):
 
 
 def _train_message(arrays, config, server_round=1):
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-    content = RecordDict({"arrays": arrays, "config": ConfigRecord(config)})
-    msg = Message(content, dst_node_id=1, message_type="train")
-    msg.metadata.__dict__["_message_id"] = f"m{server_round}"
-    return msg
+    return client_message(arrays, config, server_round)
 
 
 def _share_request(clip_norm, share_std):

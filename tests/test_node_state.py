@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
+from conftest import client_message
+from flwr.app import ArrayRecord, Context, RecordDict
 
 from lepton_flwr import protocol
 from lepton_flwr.apps.client import make_client_app
@@ -16,11 +16,7 @@ DPSGD = "+experiment=digits_smoke privacy=dpsgd privacy.delta=1e-3 num_rounds=3 
 
 
 def _message(arrays, server_round):
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-    content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": server_round})})
-    msg = Message(content, dst_node_id=1, message_type="train")
-    msg.metadata.__dict__["_message_id"] = f"m{server_round}"
-    return msg
+    return client_message(arrays, {"server-round": server_round}, server_round)
 
 
 def _context(node_config):

@@ -127,9 +127,9 @@ def test_the_command_line_decrypts_flooded_with_the_key_holders_own_layout(tmp_p
 def test_clients_decrypt_into_the_layout_of_the_first_plaintext_model(secret, tmp_path):
     """A server that relabels the encrypted model (float64, other names) gets nothing new:
     the client decrypts into the layout it saw in round 1."""
-    from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+    from conftest import client_message
+    from flwr.app import Context, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
-    from flwr.supercore.task_identity import TaskIdentity
 
     from lepton_flwr.he.keys import secret_context_bytes
     from lepton_flwr.mods import make_he_mod
@@ -146,11 +146,7 @@ def test_clients_decrypt_into_the_layout_of_the_first_plaintext_model(secret, tm
         return Message(RecordDict({"metrics": MetricRecord({"num-examples": 1})}), reply_to=msg)
 
     def message(arrays, number):
-        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-        content = RecordDict({"arrays": arrays, "config": ConfigRecord()})
-        msg = Message(content, dst_node_id=1, message_type="evaluate")
-        msg.metadata.__dict__["_message_id"] = f"m{number}"
-        return msg
+        return client_message(arrays, number=number, message_type="evaluate")
 
     context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
     plain = ArrayRecord({"w": Array(np.zeros(12, dtype=np.float32))})
