@@ -1,22 +1,28 @@
-"""Audit what a configured strategy leaks: attack surface, canaries, membership, inversion.
+"""Audit what a configured run leaks: attack surface, ε lower bound, membership, inversion.
 
 ``python -m simulations.audit <overrides>`` takes the same overrides as
-``simulations.run`` (``strategy=he_dp_fedavg privacy.noise_multiplier=1.0 ...``) and runs,
-with that strategy, its privacy settings and its client mods:
+``simulations.run`` (``strategy=he_dp_fedavg privacy.noise_multiplier=1.0 ...``) and
+attacks that configuration, on its dataset, with its model, its clients' training, its
+strategy and its client mods (the ``audit.rounds`` rounds replace ``num_rounds``, so a
+noise calibrated to ``target_epsilon`` is calibrated for the audited run):
 
-- record-level membership inference with shadow models (LiRA) on 400 digits, the
-  models trained as the config's clients train (SGD, or DP-SGD with its noise);
-- a client-level canary federation (``lepton_flwr.audit.canaries``): the one-run lower
-  bound on ε next to the ε the strategy claims, and the canary scores as a client-level
-  membership attack (ROC AUC, TPR at 0.1 % and 1 % FPR, ROC curve);
-- update inversion by the server on one client's reply (one example, one step): PSNR of
-  the reconstruction, or why there is none (ciphertexts);
+- client-level membership inference (LiRA over whole client datasets): ``audit.shadows
+  + 1`` federations of half of a pool of ``audit.clients`` clients with
+  ``audit.examples`` examples each (:mod:`lepton_flwr.audit.federations`); the released
+  models' test accuracy;
+- the one-run lower bound on the client-level ε with ``audit.canaries`` canary clients
+  among ``audit.others`` ordinary ones (:mod:`lepton_flwr.audit.canaries`), beside the ε
+  the strategy claims;
+- record-level membership inference (LiRA, ``audit.shadows + 1`` models trained as the
+  clients train, ``audit.epochs`` epochs on halves of ``audit.pool`` examples) and, under
+  DP-SGD, the one-run bound with canary examples against DP-SGD's claimed ε;
+- update inversion by the server on one client's reply (one example, one step): closed
+  form where the first layer is linear, gradient matching otherwise
+  (``audit.steps``); PSNR, or why there is none (ciphertexts);
 - the attack surface: what that reply let the server read.
 
-The report (``audit.json``, ``audit.md``, ``audit_roc.png``, ``audit_inversion.png``) goes
-to ``output_dir`` (default ``outputs/<date>/<time>-audit-<strategy>``). What it audits is
-the mechanism the config chooses, on synthetic canaries and one digits image, not the
-configured dataset (LiRA on the configured dataset and model is not part of it yet).
+The report (``audit.json``, ``audit.md``, ``audit_roc.png``, ``audit_inversion.png``)
+goes to ``output_dir`` (default ``outputs/<date>/<time>-audit-<strategy>``).
 """
 
 from __future__ import annotations
@@ -29,50 +35,28 @@ import time
 from pathlib import Path
 
 import numpy as np
-from flwr.app import ArrayRecord
 
-from lepton_flwr.apps.build import build_client_mods, build_strategy
-from lepton_flwr.audit.canaries import audit_client_level
-from lepton_flwr.audit.inversion import invert_reply, one_client_reply, psnr
+from lepton_flwr.apps.build import build_client_mods
+from lepton_flwr.audit.canaries import audit_client_level, audit_record_level
+from lepton_flwr.audit.federations import client_membership, strategy_for
+from lepton_flwr.audit.inversion import attack_one_client, inversion_method, psnr
 from lepton_flwr.audit.lira import lira_attack
-from lepton_flwr.audit.scenarios import digits, one_example_client, shadow_training, small_mlp
+from lepton_flwr.audit.scenarios import audit_pool, fit_as_configured
 from lepton_flwr.audit.surface import attack_surface
 from lepton_flwr.config import load_config
 from lepton_flwr.he import decrypt_arrays
 
 
-def _with(cfg: dict, nodes: int, sampling_all: bool = False) -> dict:
-    strategy = {**cfg["strategy"], "min_available_nodes": nodes}
-    for key in ("min_train_nodes", "min_evaluate_nodes"):
-        if key in strategy:
-            strategy[key] = min(strategy[key], nodes)
-    strategy["fraction_evaluate"] = 0.0
-    privacy = dict(cfg["privacy"])
-    if sampling_all:
-        privacy.update(sampling="fixed", sample_rate=1.0)
-    if cfg["strategy"]["name"] == "he_dp_fedavg" and sampling_all:
-        strategy["tolerated_colluders"] = 0
-    return {**cfg, "strategy": strategy, "privacy": privacy}
-
-
-def inversion(cfg: dict, out: Path) -> dict:
-    """The server's reconstruction of one client's single image, and what it saw."""
-    strategy = build_strategy(_with(cfg, 1, sampling_all=True))
-    arrays = ArrayRecord(small_mlp().state_dict())
-    app_mods, train_mods = build_client_mods(cfg)
-    privacy = cfg["privacy"]
-    noise = float(privacy["noise_multiplier"] or 1.0) if privacy["name"] == "dpsgd" else None
-    app, image = one_example_client(
-        app_mods + train_mods, noise, float(privacy.get("max_grad_norm") or 1.0)
-    )
-    reply = one_client_reply(strategy, app, arrays)  # one reply serves both attacks
+def inversion(cfg: dict, out: Path, steps: int) -> dict:
+    """The server's reconstruction of one client's single example, and what it saw."""
+    outcome, example, reply = attack_one_client(cfg, steps)  # one reply serves both
     surface = attack_surface([reply])
-    (view,) = reply.content.array_records.values()
-    outcome = invert_reply(view, arrays)
     if isinstance(outcome, str):
         return {"inversion_psnr": None, "inversion": outcome, "surface": surface}
-    _save_images(image, outcome, out / "audit_inversion.png")
-    return {"inversion_psnr": psnr(outcome, image), "inversion": "ran", "surface": surface}
+    _save_images(example, outcome, out / "audit_inversion.png")
+    (view,) = reply.content.array_records.values()
+    method = inversion_method(view, example.shape)
+    return {"inversion_psnr": psnr(outcome, example), "inversion": method, "surface": surface}
 
 
 def _save_images(truth: np.ndarray, reconstruction: np.ndarray, path: Path) -> None:
@@ -85,7 +69,7 @@ def _save_images(truth: np.ndarray, reconstruction: np.ndarray, path: Path) -> N
     for ax, picture, title in zip(
         axes, (truth, reconstruction), ("client's image", "server's reconstruction"), strict=True
     ):
-        ax.imshow(np.asarray(picture).reshape(8, 8), cmap="gray")
+        ax.imshow(np.asarray(picture).reshape(truth.shape[-2:]), cmap="gray")
         ax.set_title(title, fontsize=8)
         ax.axis("off")
     fig.tight_layout()
@@ -95,7 +79,7 @@ def _save_images(truth: np.ndarray, reconstruction: np.ndarray, path: Path) -> N
 
 def canaries(cfg: dict, out: Path, count: int, others: int, rounds: int) -> dict:
     """The canary federation under the configured strategy and mods."""
-    strategy = build_strategy(_with(cfg, count + others))
+    strategy = strategy_for(cfg, count + others)
     app_mods, train_mods = build_client_mods(cfg)
     secret = cfg["he"].get("secret_context_path")
     dp = hasattr(strategy, "epsilon")
@@ -112,7 +96,27 @@ def canaries(cfg: dict, out: Path, count: int, others: int, rounds: int) -> dict
         decrypt=(lambda arrays: decrypt_arrays(arrays, secret)) if secret else None,
     )
     _save_roc(np.array(audit.pop("scores")), np.array(audit.pop("members")), out)
-    return audit
+    return {
+        "claimed_epsilon": audit["claimed_epsilon"],
+        "epsilon_lower_bound": audit["epsilon_lower_bound"],
+        **{f"canary_{key}": audit[key] for key in ("auc", "tpr_at_0.1%_fpr", "tpr_at_1%_fpr")},
+    }
+
+
+def clients(cfg: dict, settings: dict) -> dict:
+    """Client-level LiRA with shadow federations, and the released models' accuracy."""
+    secret = cfg["he"].get("secret_context_path")
+    figures = client_membership(
+        cfg,
+        clients=settings["clients"],
+        examples=settings["examples"],
+        shadows=settings["shadows"],
+        rounds=settings["rounds"],
+        decrypt=(lambda arrays, like: decrypt_arrays(arrays, secret, like)) if secret else None,
+    )
+    accuracy = figures.pop("test_accuracy")
+    figures.pop("claimed_epsilon")  # the same mechanism and rounds as the canaries' run
+    return {"test_accuracy": accuracy, **{f"client_{k}": v for k, v in figures.items()}}
 
 
 def _save_roc(scores: np.ndarray, members: np.ndarray, out: Path) -> None:
@@ -134,43 +138,38 @@ def _save_roc(scores: np.ndarray, members: np.ndarray, out: Path) -> None:
     plt.close(fig)
 
 
-def record_level(cfg: dict, shadows: int = 8) -> dict:
-    """LiRA on 400 digits: the target and shadows trained as the config's clients train."""
-    privacy = cfg["privacy"]
-    noise = float(privacy["noise_multiplier"] or 1.0) if privacy["name"] == "dpsgd" else None
-    fit = shadow_training(noise, float(privacy.get("max_grad_norm") or 1.0))
-    x, y = digits(400)
-    figures = lira_attack(fit, x, y, shadows=shadows)
+def record_level(cfg: dict, settings: dict) -> dict:
+    """LiRA on examples of the configured dataset, models trained as the clients train."""
+    x, y, data = audit_pool(cfg, settings["pool"], seed=1)
+    fit = fit_as_configured(cfg, settings["epochs"])
+    figures = lira_attack(fit, x, y, shadows=settings["shadows"])
+    figures.pop("claimed_epsilon")
     report = {f"record_{key}": value for key, value in figures.items()}
-    if noise is not None:  # DP-SGD claims a record-level ε: audit it with canary examples
-        report |= record_canaries(noise, float(privacy.get("max_grad_norm") or 1.0), x, y)
+    if cfg["privacy"]["name"] == "dpsgd":  # a record-level ε is claimed: audit it
+        audit = audit_record_level(fit, x, y, data, float(cfg["privacy"]["delta"]))
+        report["record_claimed_epsilon"] = audit["claimed_epsilon"]
+        report["record_epsilon_lower_bound"] = audit["epsilon_lower_bound"]
     return report
 
 
-def record_canaries(noise: float, max_grad_norm: float, x: np.ndarray, y: np.ndarray) -> dict:
-    """The one-run ε lower bound for DP-SGD from 200 canary examples, beside its claim."""
-    from lepton_flwr.audit.canaries import audit_record_level
-    from lepton_flwr.dp.dpsgd import train_dpsgd
-
-    def fit(xs, ys):
-        model = small_mlp(256, 0)
-        _, epsilon, _ = train_dpsgd(
-            model, xs, ys, num_outputs=10, epochs=30, batch_size=32, lr=0.5, momentum=0.0,
-            weight_decay=0.0, noise_multiplier=noise, max_grad_norm=max_grad_norm, delta=1e-5,
-        )  # fmt: skip
-        return model, epsilon
-
-    audit = audit_record_level(fit, x, y, 1e-5)
-    return {
-        "record_claimed_epsilon": audit["claimed_epsilon"],
-        "record_epsilon_lower_bound": audit["epsilon_lower_bound"],
-    }
+SETTINGS = {
+    "canaries": 500,
+    "others": 100,
+    "rounds": 5,
+    "clients": 40,
+    "examples": 50,
+    "shadows": 8,
+    "pool": 500,
+    "epochs": 20,
+    "steps": 400,
+}
+"""The audit's own settings (``audit.<name>=<int>`` on the command line)."""
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the audit for the configured strategy and write the report."""
     args = list(sys.argv[1:] if argv is None else argv)
-    settings = {"canaries": 500, "others": 100, "rounds": 5}
+    settings = dict(SETTINGS)
     overrides = []
     for arg in args:
         key = arg.split("=", 1)[0].removeprefix("audit.")
@@ -179,7 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             overrides.append(arg)
     logging.getLogger("flwr").setLevel(logging.WARNING)
-    cfg = load_config(overrides)
+    cfg = {**load_config(overrides), "num_rounds": settings["rounds"]}
     name = cfg["strategy"]["name"]
     out = Path(cfg["output_dir"] or f"outputs/{time.strftime('%Y-%m-%d/%H-%M-%S')}-audit-{name}")
     out.mkdir(parents=True, exist_ok=True)
@@ -189,8 +188,9 @@ def main(argv: list[str] | None = None) -> dict:
         cfg["he"] = with_run_keys(cfg["he"], out / "keys")
     report = {"strategy": name, "privacy": cfg["privacy"]["name"]}
     report |= canaries(cfg, out, settings["canaries"], settings["others"], settings["rounds"])
-    report |= inversion(cfg, out)
-    report |= record_level(cfg)
+    report |= clients(cfg, settings)
+    report |= inversion(cfg, out, settings["steps"])
+    report |= record_level(cfg, settings)
     (out / "audit.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "audit.md").write_text(_markdown(report))
     print(_markdown(report))
@@ -198,30 +198,51 @@ def main(argv: list[str] | None = None) -> dict:
     return report
 
 
-def _markdown(report: dict) -> str:
+TABLE_HEADER = (
+    "| strategy | privacy | test accuracy | claimed ε | ε lower bound (95 %) "
+    "| client MIA AUC | TPR @ 0.1 % FPR | TPR @ 1 % FPR | record MIA AUC | inversion PSNR |\n"
+    "|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def table_row(report: dict) -> str:
+    """One report as a row under :data:`TABLE_HEADER`."""
     psnr_text = (
-        f"{report['inversion_psnr']:.1f} dB"
+        f"{report['inversion_psnr']:.1f} dB ({report['inversion']})"
         if report["inversion_psnr"] is not None
-        else report["inversion"]
+        else "none: ciphertexts only"
+    )
+    return (
+        f"| {report['strategy']} | {report['privacy']} | {report['test_accuracy']:.3f} "
+        f"| {report['claimed_epsilon']:.3g} | {report['epsilon_lower_bound']:.3g} "
+        f"| {report['client_auc']:.3f} | {report['client_tpr_at_0.1%_fpr']:.3f} "
+        f"| {report['client_tpr_at_1%_fpr']:.3f} | {report['record_auc']:.3f} | {psnr_text} |"
+    )
+
+
+def _markdown(report: dict) -> str:
+    record_bound = (
+        f" DP-SGD canary examples: record-level ε lower bound "
+        f"{report['record_epsilon_lower_bound']:.3g} against the claimed "
+        f"{report['record_claimed_epsilon']:.3g}."
+        if "record_epsilon_lower_bound" in report
+        else ""
     )
     lines = [
         f"# Privacy audit: {report['strategy']} ({report['privacy']})",
         "",
-        "| claimed ε | ε lower bound (95 %) | canary AUC | TPR @ 0.1 % FPR | TPR @ 1 % FPR "
-        "| inversion PSNR |",
-        "|---|---|---|---|---|---|",
-        f"| {report['claimed_epsilon']:.3g} | {report['epsilon_lower_bound']:.3g} "
-        f"| {report['auc']:.3f} | {report['tpr_at_0.1%_fpr']:.3f} "
-        f"| {report['tpr_at_1%_fpr']:.3f} | {psnr_text} |",
+        TABLE_HEADER,
+        table_row(report),
         "",
-        f"Record-level membership (LiRA, 8 shadow models, 400 digits, clients' training): "
-        f"AUC {report['record_auc']:.3f}, TPR @ 0.1 % FPR {report['record_tpr_at_0.1%_fpr']:.3f}"
-        + (
-            f"; DP-SGD canary examples: ε lower bound {report['record_epsilon_lower_bound']:.3g} "
-            f"against the claimed {report['record_claimed_epsilon']:.3g}"
-            if "record_epsilon_lower_bound" in report
-            else ""
-        ),
+        f"- test accuracy: median of the {report['client_federations']} released models of "
+        f"the client-level attack (each trained by {report['client_clients'] // 2} clients "
+        f"of {report['client_examples_per_client']} examples); claimed ε: what the strategy "
+        f"reports for the audited rounds (inf: no DP claimed).",
+        f"- ε lower bound: one-run audit with canary clients (canary AUC "
+        f"{report['canary_auc']:.3f}, TPR @ 0.1 % FPR {report['canary_tpr_at_0.1%_fpr']:.3f}).",
+        "- client MIA: LiRA over whole client datasets, every federation the target of the "
+        "others; record MIA: LiRA over examples, models trained as the clients train."
+        + record_bound,
         "",
         "What the server can read in one client's training reply:",
         "",

@@ -9,7 +9,7 @@ from lepton_flwr.strategies import DPFedAvg, HEDPFedAvg
 from lepton_flwr.audit.canaries import audit_client_level
 from lepton_flwr.audit.epsilon import epsilon_lower_bound, p_value
 from lepton_flwr.audit.lira import lira_attack
-from lepton_flwr.audit.scenarios import digits, shadow_training
+from lepton_flwr.audit.scenarios import audit_pool, fit_as_configured
 from lepton_flwr.he import CKKSParams, decrypt_arrays, write_keys
 from lepton_flwr.mods import make_he_dp_mod
 
@@ -77,47 +77,41 @@ def test_he_dp_canaries_stay_below_the_claimed_epsilon(tmp_path, caplog):
     assert 1.0 <= audit["epsilon_lower_bound"] < audit["claimed_epsilon"], audit
 
 
+def _digits_mlp(*overrides):
+    """Digits with a 256-unit MLP (memorises 200 examples in 100 epochs), and 400 of them."""
+    from lepton_flwr.config import load_config
+
+    cfg = load_config(["dataset=digits", "model=mlp", "model.hidden=[256]", *overrides])
+    return cfg, audit_pool(cfg, 400)
+
+
+PLAIN = ["train.lr=0.1", "train.momentum=0.9"]
+# Seeded DP-SGD noise (reproducible=true, not private): the tests are repeatable.
+DPSGD = ["privacy=dpsgd", "privacy.reproducible=true", "train.lr=0.5", "train.momentum=0.0"]
+
+
 def test_lira_finds_members_of_an_overfitted_model_and_not_under_strong_dpsgd():
-    x, y = digits(400)
-    plain = lira_attack(shadow_training(), x, y, shadows=8)
-    # Seeded DP-SGD noise (reproducible=True, not private): the test is repeatable.
-    private = lira_attack(shadow_training(4.0, reproducible=True), x, y, shadows=8)
-    assert plain["auc"] > 0.6, plain
+    cfg, (x, y, _) = _digits_mlp(*PLAIN)
+    plain = lira_attack(fit_as_configured(cfg, epochs=100), x, y, shadows=8)
+    cfg, _ = _digits_mlp(*DPSGD, "privacy.noise_multiplier=4.0")
+    private = lira_attack(fit_as_configured(cfg, epochs=15), x, y, shadows=8)
+    assert plain["auc"] > 0.6 and plain["claimed_epsilon"] == math.inf, plain
     assert abs(private["auc"] - 0.5) < 0.07, private
     assert private["auc"] < plain["auc"] - 0.08
 
 
-def _fit(noise):
-    """Train the shadow-size MLP on the data; return it and the ε it claims."""
-    import math
-
-    from lepton_flwr.audit.scenarios import small_mlp
-    from lepton_flwr.dp.dpsgd import train_dpsgd
-    from lepton_flwr.models import train
-
-    def fit(xs, ys):
-        model = small_mlp(256, 0)
-        if noise is None:
-            train(model, xs, ys, num_outputs=10, epochs=100, batch_size=32, lr=0.1,
-                  momentum=0.9, seed=0)  # fmt: skip
-            return model, math.inf
-        _, epsilon, _ = train_dpsgd(
-            model, xs, ys, num_outputs=10, epochs=30, batch_size=32, lr=0.5, momentum=0.0,
-            weight_decay=0.0, noise_multiplier=noise, max_grad_norm=1.0, delta=1e-5,
-            seed=0, reproducible=True,  # seeded: the test repeats
-        )  # fmt: skip
-        return model, epsilon
-
-    return fit
-
-
 @pytest.mark.parametrize("noise", [None, 0.5, 1.0])
 def test_dpsgd_canary_examples_stay_below_the_claimed_epsilon(noise):
-    """Mislabelled random images: memorised without DP (bound > 1.5), not under DP-SGD."""
+    """Mislabelled noise images: memorised without DP (bound > 1.5), not under DP-SGD."""
     from lepton_flwr.audit.canaries import audit_record_level
 
-    x, y = digits(400)
-    audit = audit_record_level(_fit(noise), x, y, 1e-5)
+    if noise is None:
+        cfg, (x, y, data) = _digits_mlp(*PLAIN)
+        fit = fit_as_configured(cfg, epochs=100)
+    else:
+        cfg, (x, y, data) = _digits_mlp(*DPSGD, f"privacy.noise_multiplier={noise}")
+        fit = fit_as_configured(cfg, epochs=30)
+    audit = audit_record_level(fit, x, y, data, 1e-5)
     assert audit["epsilon_lower_bound"] < audit["claimed_epsilon"], audit
     if noise is None:
         assert audit["epsilon_lower_bound"] > 1.5 and audit["auc"] > 0.9, audit

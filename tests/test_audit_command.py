@@ -15,19 +15,34 @@ import pytest
 def test_the_audit_command_reports_surface_bound_membership_and_inversion(
     tmp_path, overrides, surface, inverted
 ):
-    from simulations.audit import main
+    from simulations.audit import main, table_row
 
-    small = ["audit.canaries=100", "audit.others=20", "audit.rounds=2"]
+    small = [
+        "dataset=digits",
+        "model=mlp",
+        "audit.canaries=100",
+        "audit.others=20",
+        "audit.rounds=2",
+        "audit.clients=12",
+        "audit.examples=10",
+        "audit.shadows=3",
+        "audit.pool=100",
+        "audit.epochs=3",
+    ]
     report = main([*overrides, *small, f"output_dir={tmp_path}"])
     saved = json.loads((tmp_path / "audit.json").read_text())
     assert saved["strategy"] == report["strategy"]
     assert any(surface in row["what"] for row in saved["surface"])
-    assert 0.0 <= saved["auc"] <= 1.0 and (tmp_path / "audit_roc.png").is_file()
+    assert 0.0 <= saved["canary_auc"] <= 1.0 and (tmp_path / "audit_roc.png").is_file()
+    assert 0.0 <= saved["client_auc"] <= 1.0 and saved["client_federations"] == 4
+    assert 0.0 <= saved["test_accuracy"] <= 1.0
     assert saved["epsilon_lower_bound"] < saved["claimed_epsilon"]
     if inverted:  # FedAvg: the server sees the update, the image comes back
         assert saved["inversion_psnr"] > 60 and (tmp_path / "audit_inversion.png").is_file()
-        assert saved["auc"] > 0.9  # canaries without DP are plain to see
+        assert saved["inversion"] == "closed form"  # the MLP's first layer is linear
+        assert saved["canary_auc"] > 0.9  # canaries without DP are plain to see
     else:  # HE + DP: ciphertexts only, and the canaries hide in the noise
         assert saved["inversion_psnr"] is None and "only ciphertexts" in saved["inversion"]
     assert 0.0 <= saved["record_auc"] <= 1.0  # LiRA ran on the clients' kind of training
     assert "| claimed ε |" in (tmp_path / "audit.md").read_text()
+    assert table_row(saved) in (tmp_path / "audit.md").read_text()

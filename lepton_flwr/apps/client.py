@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from logging import ERROR
 
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -13,7 +14,7 @@ from flwr.common.logger import log
 from lepton_flwr import protocol
 from lepton_flwr.apps.build import build_client_mods
 from lepton_flwr.apps.common import config_from_context, model_for
-from lepton_flwr.data import load_client_data, load_dataset
+from lepton_flwr.data import ClientData, load_client_data, load_dataset
 from lepton_flwr.dp.client_state import LostHistoryError, load_history, save_history
 from lepton_flwr.dp.dpsgd import (
     dpsgd_noise_multiplier,
@@ -26,6 +27,9 @@ from lepton_flwr.mods.common import is_train
 
 PARTITION_ID_KEY = protocol.PARTITION_ID
 NUM_PARTITIONS_KEY = protocol.NUM_PARTITIONS
+
+DataSource = Callable[[dict, int, int], ClientData]
+"""(config, partition id, number of partitions) -> that client's data."""
 
 
 def _node_partition(context: Context) -> tuple[int, int]:
@@ -57,11 +61,13 @@ def with_node_data_root(cfg: dict, context: Context) -> dict:
     return {**cfg, "dataset": {**cfg["dataset"], "root": str(root)}}
 
 
-def _received_model(msg: Message, context: Context, cfg: dict):
+def _received_model(
+    msg: Message, context: Context, cfg: dict, client_data: DataSource = load_client_data
+):
     """Return the node's partition id and data, the dataset spec, and the received model."""
     partition_id, num_partitions = _node_partition(context)
     cfg = with_node_data_root(cfg, context)
-    data = load_client_data(cfg, partition_id, num_partitions)
+    data = client_data(cfg, partition_id, num_partitions)
     spec = load_dataset(cfg["dataset"], cfg["seed"])
     model = model_for(cfg, spec)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
@@ -73,9 +79,11 @@ def _round_seed(cfg: dict, partition_id: int, server_round: int) -> int:
     return (cfg["seed"] * 1_000_003 + partition_id * 10_007 + server_round) % (2**31)
 
 
-def handle_train(msg: Message, context: Context, cfg: dict) -> Message:
+def handle_train(
+    msg: Message, context: Context, cfg: dict, client_data: DataSource = load_client_data
+) -> Message:
     """Train the received global model on the local split; reply with the new weights."""
-    partition_id, data, spec, model = _received_model(msg, context, cfg)
+    partition_id, data, spec, model = _received_model(msg, context, cfg, client_data)
     server_round = int(msg.content["config"].get(protocol.SERVER_ROUND, 0))
     t = cfg["train"]
     device = node_device(context, cfg)
@@ -152,13 +160,15 @@ def _train_dpsgd(model, data, context: Context, cfg: dict, options: dict) -> tup
     return loss, {protocol.CLIENT_EPSILON: epsilon, protocol.DPSGD_NOISE_MULTIPLIER: z}
 
 
-def handle_evaluate(msg: Message, context: Context, cfg: dict) -> Message:
+def handle_evaluate(
+    msg: Message, context: Context, cfg: dict, client_data: DataSource = load_client_data
+) -> Message:
     """Evaluate the received global model on the local test split.
 
     A client with an empty test split reports zeros with weight 0, so that it
     leaves the weighted averages untouched.
     """
-    _, data, spec, model = _received_model(msg, context, cfg)
+    _, data, spec, model = _received_model(msg, context, cfg, client_data)
     n_test = len(data.y_test)
     metrics = evaluate(
         model,
@@ -174,7 +184,9 @@ def handle_evaluate(msg: Message, context: Context, cfg: dict) -> Message:
     return Message(RecordDict({"metrics": MetricRecord(record)}), reply_to=msg)
 
 
-def make_client_app(cfg: dict | None = None) -> ClientApp:
+def make_client_app(
+    cfg: dict | None = None, client_data: DataSource = load_client_data
+) -> ClientApp:
     """Build the ClientApp: our handlers, wrapped in the public mods the config needs.
 
     Parameters
@@ -182,6 +194,9 @@ def make_client_app(cfg: dict | None = None) -> ClientApp:
     cfg : dict | None
         A composed config (the simulation runner passes it); None reads the
         ``hydra-overrides`` run-config key, as under ``flwr run``.
+    client_data : DataSource
+        Where a node's data comes from: by default the config's partition of its
+        dataset; the privacy audit gives clients chosen datasets.
     """
 
     def config(context: Context) -> dict:
@@ -201,11 +216,11 @@ def make_client_app(cfg: dict | None = None) -> ClientApp:
 
     @client_app.train()
     def train_handler(msg: Message, context: Context) -> Message:
-        return handle_train(msg, context, config(context))
+        return handle_train(msg, context, config(context), client_data)
 
     @client_app.evaluate()
     def evaluate_handler(msg: Message, context: Context) -> Message:
-        return handle_evaluate(msg, context, config(context))
+        return handle_evaluate(msg, context, config(context), client_data)
 
     return client_app
 

@@ -24,6 +24,7 @@ from flwr.serverapp.strategy import Strategy
 from lepton_flwr.apps.inprocess import InProcessGrid
 from lepton_flwr.audit.epsilon import audit_scores
 from lepton_flwr.audit.membership import membership_figures
+from lepton_flwr.data import CentralData
 
 FIRST_NODE = 100  # InProcessGrid numbers its nodes from 100
 
@@ -130,9 +131,10 @@ def audit_client_level(
 
 
 def audit_record_level(
-    train_fn: Callable[[np.ndarray, np.ndarray], tuple[torch.nn.Module, float]],
+    train_fn: Callable[[np.ndarray, np.ndarray, int], tuple[torch.nn.Module, float]],
     x: np.ndarray,
     y: np.ndarray,
+    data: CentralData,
     delta: float,
     canaries: int = 200,
     seed: int = 0,
@@ -140,9 +142,10 @@ def audit_record_level(
 ) -> dict:
     """One-run audit of a record-level mechanism (DP-SGD) with canary examples.
 
-    Each canary (a random image with a random label) joins the training data with
-    probability 1/2; the model trained by ``train_fn`` (which returns it and the ε it
-    claims) scores each canary by its logit-scaled confidence in the canary's label.
+    Each canary (noise in the data's value range with a random label) joins the
+    training data ``x, y`` with probability 1/2; the model trained by ``train_fn``
+    (which returns it and the ε it claims) scores each canary by its logit-scaled
+    confidence in the canary's label.
 
     Returns
     -------
@@ -153,9 +156,9 @@ def audit_record_level(
     from lepton_flwr.audit.lira import logit_confidence
     from lepton_flwr.audit.scenarios import canary_examples
 
-    images, labels, included = canary_examples(canaries, seed)
+    images, labels, included = canary_examples(canaries, data, seed)
     model, claimed = train_fn(
-        np.concatenate([x, images[included]]), np.concatenate([y, labels[included]])
+        np.concatenate([x, images[included]]), np.concatenate([y, labels[included]]), seed
     )
     scores = logit_confidence(model, images, labels)
     return {

@@ -6,7 +6,9 @@ layer y = Wx + b by ΔW = −η δ xᵀ and Δb = −η δ (δ the gradient at y
 deep learning via additively homomorphic encryption", 2018; the closed-form case of the
 gradient inversion of Zhu et al. 2019 and Geiping et al. 2020). Larger batches and more
 steps blur it into a mixture, noise destroys it, and a ciphertext leaves nothing to
-invert: :func:`invert_reply` says so rather than guess.
+invert: :func:`invert_reply` says so rather than guess. Models whose first layer is not
+linear (a CNN, the ScatterNet) are attacked by gradient matching instead
+(:mod:`lepton_flwr.audit.matching`).
 
 The attack runs on the server's own view: the reply a client sends (through its mods)
 and the global model the server sent.
@@ -17,19 +19,28 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, Message
 
+from lepton_flwr.audit.matching import invert_by_matching
 from lepton_flwr.he.records import is_encrypted
 
 
-def first_linear_layer(arrays: ArrayRecord) -> tuple[str, str]:
-    """Names of the first 2-D weight and the bias that follows it."""
+def closed_form_layer(
+    arrays: ArrayRecord, example_shape: tuple[int, ...]
+) -> tuple[str, str] | None:
+    """Names of the model's first weight and bias if they form a linear layer on the input."""
     names = list(arrays.keys())
-    for index, name in enumerate(names[:-1]):
-        weight, bias = arrays[name].numpy(), arrays[names[index + 1]].numpy()
-        if weight.ndim == 2 and bias.ndim == 1 and bias.shape[0] == weight.shape[0]:
-            return name, names[index + 1]
-    raise ValueError("the model has no fully connected layer (weight, bias) to invert")
+    if len(names) < 2:
+        return None
+    weight, bias = arrays[names[0]].numpy(), arrays[names[1]].numpy()
+    if (
+        weight.ndim == 2
+        and weight.shape[1] == math.prod(example_shape)
+        and bias.shape == (weight.shape[0],)
+    ):
+        return names[0], names[1]
+    return None
 
 
 def invert_update(delta_weight: np.ndarray, delta_bias: np.ndarray) -> np.ndarray:
@@ -40,20 +51,39 @@ def invert_update(delta_weight: np.ndarray, delta_bias: np.ndarray) -> np.ndarra
     return delta_weight[row] / delta_bias[row]
 
 
-def invert_reply(reply_arrays: ArrayRecord, global_arrays: ArrayRecord) -> np.ndarray | str:
+def inversion_method(global_arrays: ArrayRecord, example_shape: tuple[int, ...]) -> str:
+    """The attack that applies: closed form (first layer linear) or gradient matching."""
+    return "closed form" if closed_form_layer(global_arrays, example_shape) else "gradient matching"
+
+
+def invert_reply(
+    reply_arrays: ArrayRecord,
+    global_arrays: ArrayRecord,
+    model: torch.nn.Module,
+    example_shape: tuple[int, ...],
+    value_range: tuple[float, float],
+    steps: int = 400,
+) -> np.ndarray | str:
     """The input the server reconstructs from one client's reply, or why it cannot.
+
+    Exact where the first layer is linear on the input (closed form), otherwise by
+    gradient matching (:mod:`lepton_flwr.audit.matching`) on ``model``'s architecture.
 
     Returns
     -------
     np.ndarray | str
-        The flattened reconstruction, or the reason there is none (a ciphertext).
+        The reconstruction (shape ``example_shape``), or the reason there is none.
     """
     if is_encrypted(reply_arrays):
         return "the server holds only ciphertexts of this update: nothing to invert"
-    weight, bias = first_linear_layer(global_arrays)
-    before_w, before_b = (global_arrays[k].numpy().astype(np.float64) for k in (weight, bias))
-    after_w, after_b = (reply_arrays[k].numpy().astype(np.float64) for k in (weight, bias))
-    return invert_update(after_w - before_w, after_b - before_b)
+    layer = closed_form_layer(global_arrays, example_shape)
+    if layer is None:
+        return invert_by_matching(
+            model, global_arrays, reply_arrays, example_shape, value_range, steps=steps
+        )
+    before_w, before_b = (global_arrays[k].numpy().astype(np.float64) for k in layer)
+    after_w, after_b = (reply_arrays[k].numpy().astype(np.float64) for k in layer)
+    return invert_update(after_w - before_w, after_b - before_b).reshape(example_shape)
 
 
 def psnr(reconstruction: np.ndarray, truth: np.ndarray) -> float:
@@ -62,6 +92,37 @@ def psnr(reconstruction: np.ndarray, truth: np.ndarray) -> float:
     error = float(np.mean((np.asarray(reconstruction, dtype=np.float64).ravel() - truth) ** 2))
     span = float(truth.max() - truth.min()) or 1.0
     return 100.0 if error <= span**2 * 1e-10 else 10 * math.log10(span**2 / error)
+
+
+def attack_one_client(cfg: dict, steps: int = 400) -> tuple[np.ndarray | str, np.ndarray, Message]:
+    """The server's attack on one client of the config that trains one step on one example.
+
+    The config's strategy (all clients every round) configures round 1 for the global
+    model it starts from; the config's own ClientApp and mods answer
+    (:func:`lepton_flwr.audit.scenarios.one_example_client`); the server inverts what it
+    received (:func:`invert_reply`).
+
+    Returns
+    -------
+    tuple[np.ndarray | str, np.ndarray, Message]
+        The reconstruction (or why there is none), the client's true example, and the
+        reply as the server received it.
+    """
+    from lepton_flwr.apps.common import model_for
+    from lepton_flwr.audit.federations import strategy_for
+    from lepton_flwr.audit.scenarios import one_example_client
+    from lepton_flwr.data import load_dataset
+
+    strategy = strategy_for(cfg, 1, every_client_every_round=True)
+    app, example = one_example_client(cfg)
+    data = load_dataset(cfg["dataset"], cfg["seed"])
+    torch.manual_seed(cfg["seed"])
+    arrays = ArrayRecord(model_for(cfg, data).state_dict())
+    reply = one_client_reply(strategy, app, arrays)
+    (view,) = reply.content.array_records.values()
+    value_range = (float(data.x_train.min()), float(data.x_train.max()))
+    outcome = invert_reply(view, arrays, model_for(cfg, data), example.shape, value_range, steps)
+    return outcome, example, reply
 
 
 def one_client_reply(strategy, client_app, arrays: ArrayRecord) -> Message:
@@ -82,9 +143,3 @@ def one_client_reply(strategy, client_app, arrays: ArrayRecord) -> Message:
     if reply.has_error():
         raise ValueError(f"the client failed: {reply.error.reason}")
     return reply
-
-
-def one_client_view(strategy, client_app, arrays: ArrayRecord) -> ArrayRecord:
-    """The arrays of :func:`one_client_reply`: what the server could try to invert."""
-    (record,) = one_client_reply(strategy, client_app, arrays).content.array_records.values()
-    return record

@@ -5,7 +5,9 @@ attacker trains shadow models on random halves of a data pool, so that each exam
 in about half of them; per example it fits one Gaussian to the model's logit-scaled
 confidence φ = z_y − log Σ_{j≠y} e^{z_j} when the example was in, one when it was out,
 and scores the target model's φ by the likelihood ratio of the two. Shadow models are
-trained the way the target was (plain SGD or DP-SGD), as the attack assumes.
+trained the way the target was (plain SGD or DP-SGD), as the attack assumes. The same
+scores serve client-level membership (:mod:`lepton_flwr.audit.federations`), with a
+client's mean φ in place of an example's.
 """
 
 from __future__ import annotations
@@ -18,14 +20,16 @@ from scipy.stats import norm
 
 from lepton_flwr.audit.membership import membership_figures
 
-TrainFn = Callable[[np.ndarray, np.ndarray, int], torch.nn.Module]
+TrainFn = Callable[[np.ndarray, np.ndarray, int], tuple[torch.nn.Module, float]]
+"""(x, y, seed) -> (the trained model, the ε its training claims; inf without DP)."""
 
 
 def logit_confidence(model: torch.nn.Module, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """φ per example: the true class's logit against the log-sum of the others'."""
     model.eval()
     with torch.no_grad():
-        logits = model(torch.tensor(x)).double()
+        logits = torch.cat([model(torch.tensor(x[i : i + 500])) for i in range(0, len(x), 500)])
+        logits = logits.double()
     true = logits[torch.arange(len(y)), torch.tensor(y)]
     others = logits.clone()
     others[torch.arange(len(y)), torch.tensor(y)] = -torch.inf
@@ -62,24 +66,44 @@ def likelihood_ratio(
     return scores
 
 
+def leave_one_out(phis: np.ndarray, masks: np.ndarray) -> dict[str, float]:
+    """Every model in turn is the target and the others its shadows; figures over all.
+
+    Carlini et al. evaluate LiRA this way: k + 1 trained models give k + 1 attacks
+    (one per target) without training more, and their pooled scores a far tighter
+    ROC curve than one target's.
+
+    Parameters
+    ----------
+    phis : np.ndarray
+        φ of every example (or client) under every model, shape (k + 1, n).
+    masks : np.ndarray
+        Whether each example was in each model's training data, shape (k + 1, n).
+    """
+    scores = [
+        likelihood_ratio(phis[t], np.delete(phis, t, axis=0), np.delete(masks, t, axis=0))
+        for t in range(len(phis))
+    ]
+    return membership_figures(np.concatenate(scores), masks.ravel())
+
+
 def lira_attack(
     train_fn: TrainFn, x: np.ndarray, y: np.ndarray, shadows: int = 8, seed: int = 0
 ) -> dict[str, float]:
-    """Train a target and ``shadows`` shadow models on random halves; attack the target.
+    """Train ``shadows + 1`` models on random halves of the pool; attack each with the rest.
 
     Returns
     -------
     dict[str, float]
-        ``auc``, ``tpr_at_0.1%_fpr``, ``tpr_at_1%_fpr`` of the attack on the target's
-        members (its random half) against the rest of the pool.
+        ``auc``, ``tpr_at_0.1%_fpr``, ``tpr_at_1%_fpr`` over all (model, example)
+        pairs (:func:`leave_one_out`), and ``claimed_epsilon``, the ε each model's
+        training reports (inf without DP).
     """
     rng = np.random.default_rng(seed)
     masks = rng.random((shadows + 1, len(y))) < 0.5
-    phis = np.stack(
-        [
-            logit_confidence(train_fn(x[mask], y[mask], seed + index), x, y)
-            for index, mask in enumerate(masks)
-        ]
-    )
-    scores = likelihood_ratio(phis[0], phis[1:], masks[1:])
-    return membership_figures(scores, masks[0])
+    phis, claimed = [], []
+    for index, mask in enumerate(masks):
+        model, epsilon = train_fn(x[mask], y[mask], seed + index)
+        phis.append(logit_confidence(model, x, y))
+        claimed.append(epsilon)
+    return {**leave_one_out(np.stack(phis), masks), "claimed_epsilon": float(max(claimed))}

@@ -1,114 +1,116 @@
-"""The small, fixed attack settings the audit and its tests share.
+"""What the audit attacks, built from a run config: its dataset, model, training and mods.
 
-One 8x8 digit on one client that takes one (DP-)SGD step; a small MLP; 400 digits for
-shadow-model training. Small on purpose: the attacks run in seconds on two cores.
+- :func:`audit_pool`: examples drawn from the config's training set (the attacks' data);
+- :func:`fit_as_configured`: how LiRA's target and shadow models train (the config's
+  model and SGD settings, or DP-SGD with the config's noise);
+- :func:`one_example_client`: the config's own ClientApp (handlers and mods) holding one
+  example and taking one step, the worst case for update inversion;
+- :func:`canary_examples`: record-level canaries shaped like the config's inputs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from lepton_flwr.audit.lira import TrainFn
-from lepton_flwr.dp.dpsgd import train_dpsgd
-from lepton_flwr.models import build_model, train
-
-IMAGE_SHAPE = (1, 8, 8)
-
-
-def digits(count: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Scikit-learn's digits as 1x8x8 images in [0, 1], the first ``count`` of them."""
-    from sklearn.datasets import load_digits
-
-    x, y = load_digits(return_X_y=True)
-    x = (x / 16.0).astype(np.float32).reshape(-1, *IMAGE_SHAPE)
-    return x[:count], y[:count].astype(np.int64)
+from lepton_flwr.apps.client import make_client_app
+from lepton_flwr.apps.common import model_for
+from lepton_flwr.data import CentralData, ClientData, load_dataset
+from lepton_flwr.dp.dpsgd import dpsgd_noise_multiplier, train_dpsgd
+from lepton_flwr.models import train
 
 
-def small_mlp(hidden: int = 32, seed: int = 0) -> torch.nn.Module:
-    """A one-hidden-layer MLP for 8x8 digits (its first layer is what inversion reads)."""
-    torch.manual_seed(seed)
-    return build_model({"name": "mlp", "hidden": [hidden]}, IMAGE_SHAPE, 10)
+def audit_pool(cfg: dict, count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, CentralData]:
+    """``count`` distinct training examples of the config's dataset, and the dataset."""
+    data = load_dataset(cfg["dataset"], cfg["seed"])
+    if count > len(data.y_train):
+        raise ValueError(
+            f"the audit asks for {count} examples; the dataset has {len(data.y_train)}"
+        )
+    rows = np.random.default_rng(seed).choice(len(data.y_train), count, replace=False)
+    return data.x_train[rows], data.y_train[rows], data
 
 
-def one_example_client(
-    mods: Sequence = (),
-    dpsgd_noise: float | None = None,
-    max_grad_norm: float = 1.0,
-    index: int = 7,
-) -> tuple[ClientApp, np.ndarray]:
-    """A client holding one digit that takes one SGD step (DP-SGD with ``dpsgd_noise``).
+def fit_as_configured(cfg: dict, epochs: int):
+    """A LiRA training function: the config's model trained on given examples.
+
+    Plain SGD with the config's ``train`` settings, or, with ``privacy=dpsgd``, DP-SGD
+    with its noise (``noise_multiplier``, or the one calibrated to ``target_epsilon``
+    for these ``epochs``) and clipping.
 
     Returns
     -------
-    tuple[ClientApp, np.ndarray]
-        The app (with ``mods``), and the image it holds (what an attacker wants).
+    Callable[[np.ndarray, np.ndarray, int], tuple[torch.nn.Module, float]]
+        ``(x, y, seed) -> (model, claimed ε)`` (inf without DP-SGD).
     """
-    x, y = digits(index + 1)
-    image, label = x[index], y[index]
-    app = ClientApp(mods=list(mods))
+    spec = load_dataset(cfg["dataset"], cfg["seed"])
+    t, privacy = cfg["train"], cfg["privacy"]
+    options = dict(
+        num_outputs=spec.num_outputs,
+        epochs=epochs,
+        batch_size=t["batch_size"],
+        lr=t["lr"],
+        momentum=t["momentum"],
+        weight_decay=t["weight_decay"],
+    )
 
-    @app.train()
-    def train_one(msg: Message, context) -> Message:
-        model = small_mlp()
-        model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-        if dpsgd_noise is not None:
-            train_dpsgd(
-                model, image[None], label[None], num_outputs=10, epochs=1, batch_size=1,
-                lr=0.1, momentum=0.0, weight_decay=0.0, noise_multiplier=dpsgd_noise,
-                max_grad_norm=max_grad_norm, delta=1e-5,
-            )  # fmt: skip
-        else:
-            out = model(torch.tensor(image[None]))
-            torch.nn.functional.cross_entropy(out, torch.tensor(label[None])).backward()
-            with torch.no_grad():
-                for parameter in model.parameters():
-                    parameter -= 0.1 * parameter.grad
-        content = RecordDict(
-            {
-                "arrays": ArrayRecord(model.state_dict()),
-                "metrics": MetricRecord({"num-examples": 1}),
-            }
+    def fit(xs: np.ndarray, ys: np.ndarray, seed: int) -> tuple[torch.nn.Module, float]:
+        torch.manual_seed(seed)
+        model = model_for(cfg, spec)
+        if privacy["name"] != "dpsgd":
+            train(model, xs, ys, seed=seed, **options)
+            return model, math.inf
+        _, epsilon, _ = train_dpsgd(
+            model,
+            xs,
+            ys,
+            noise_multiplier=dpsgd_noise_multiplier(privacy, len(ys), t["batch_size"], epochs),
+            max_grad_norm=privacy["max_grad_norm"],
+            delta=privacy["delta"],
+            accountant=privacy["accountant"],
+            mode=privacy["mode"],
+            reproducible=privacy["reproducible"],
+            seed=seed,
+            **options,
         )
-        return Message(content, reply_to=msg)
-
-    return app, image
-
-
-def shadow_training(
-    dpsgd_noise: float | None = None, max_grad_norm: float = 1.0, reproducible: bool = False
-) -> TrainFn:
-    """How LiRA's target and shadow models train: an overfitting MLP, or DP-SGD."""
-
-    def fit(xs: np.ndarray, ys: np.ndarray, seed: int) -> torch.nn.Module:
-        model = small_mlp(hidden=256, seed=seed)
-        if dpsgd_noise is None:
-            train(model, xs, ys, num_outputs=10, epochs=100, batch_size=32, lr=0.1,
-                  momentum=0.9, seed=seed)  # fmt: skip
-        else:
-            train_dpsgd(
-                model, xs, ys, num_outputs=10, epochs=15, batch_size=32, lr=0.5, momentum=0.0,
-                weight_decay=0.0, noise_multiplier=dpsgd_noise, max_grad_norm=max_grad_norm,
-                delta=1e-5, seed=seed, reproducible=reproducible,
-            )  # fmt: skip
-        return model
+        return model, epsilon
 
     return fit
 
 
-def canary_examples(count: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Record-level canaries: random images with random labels, each in with probability 1/2.
+def one_example_client(cfg: dict, index: int = 7) -> tuple[ClientApp, np.ndarray]:
+    """The config's ClientApp (its handlers and mods) on one training example, one step.
+
+    Returns
+    -------
+    tuple[ClientApp, np.ndarray]
+        The app, and the example it holds (what the attacker wants back).
+    """
+    data = load_dataset(cfg["dataset"], cfg["seed"])
+    x, y = data.x_train[index : index + 1], data.y_train[index : index + 1]
+    one_step = {**cfg, "train": {**cfg["train"], "local_epochs": 1, "batch_size": 1}}
+    only = ClientData(x, y, x[:0], y[:0])
+    return make_client_app(one_step, client_data=lambda *_: only), x[0]
+
+
+def canary_examples(
+    count: int, data: CentralData, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Record-level canaries: uniform noise images in the data's value range, random labels.
+
+    Each goes into the training data with probability 1/2.
 
     Returns
     -------
     tuple[np.ndarray, np.ndarray, np.ndarray]
-        The canary images, their labels, and which ones go into the training data.
+        The canary inputs, their labels, and which ones go into the training data.
     """
     rng = np.random.default_rng(seed)
-    images = rng.random((count, *IMAGE_SHAPE)).astype(np.float32)
-    labels = rng.integers(0, 10, count).astype(np.int64)
+    low, high = float(data.x_train.min()), float(data.x_train.max())
+    shape = data.x_train.shape[1:]
+    images = (low + (high - low) * rng.random((count, *shape))).astype(np.float32)
+    labels = rng.integers(0, data.num_outputs, count).astype(np.int64)
     return images, labels, rng.random(count) < 0.5
