@@ -44,6 +44,7 @@ from lepton_flwr.audit.lira import lira_attack
 from lepton_flwr.audit.scenarios import audit_pool, fit_as_configured
 from lepton_flwr.audit.surface import attack_surface
 from lepton_flwr.config import load_config
+from lepton_flwr.data import load_dataset
 from lepton_flwr.he import decrypt_arrays
 
 
@@ -55,8 +56,14 @@ def inversion(cfg: dict, out: Path, steps: int) -> dict:
         return {"inversion_psnr": None, "inversion": outcome, "surface": surface}
     _save_images(example, outcome, out / "audit_inversion.png")
     (view,) = reply.content.array_records.values()
-    method = inversion_method(view, example.shape)
-    return {"inversion_psnr": psnr(outcome, example), "inversion": method, "surface": surface}
+    data = load_dataset(cfg["dataset"], cfg["seed"])
+    return {
+        "inversion_psnr": psnr(outcome, example),
+        "inversion": inversion_method(view, example.shape),
+        # what a guess that knows no client scores: the mean of 1,000 training inputs
+        "inversion_baseline_psnr": psnr(data.x_train[:1000].mean(axis=0), example),
+        "surface": surface,
+    }
 
 
 def _save_images(truth: np.ndarray, reconstruction: np.ndarray, path: Path) -> None:
@@ -77,8 +84,8 @@ def _save_images(truth: np.ndarray, reconstruction: np.ndarray, path: Path) -> N
     plt.close(fig)
 
 
-def canaries(cfg: dict, out: Path, count: int, others: int, rounds: int) -> dict:
-    """The canary federation under the configured strategy and mods."""
+def canaries(cfg: dict, curves: dict, count: int, others: int, rounds: int) -> dict:
+    """The canary federation under the configured strategy and mods (its ROC in ``curves``)."""
     strategy = strategy_for(cfg, count + others)
     app_mods, train_mods = build_client_mods(cfg)
     secret = cfg["he"].get("secret_context_path")
@@ -95,7 +102,7 @@ def canaries(cfg: dict, out: Path, count: int, others: int, rounds: int) -> dict
         mods=app_mods + train_mods,
         decrypt=(lambda arrays: decrypt_arrays(arrays, secret)) if secret else None,
     )
-    _save_roc(np.array(audit.pop("scores")), np.array(audit.pop("members")), out)
+    curves["canary clients"] = (audit.pop("scores"), audit.pop("members"))
     return {
         "claimed_epsilon": audit["claimed_epsilon"],
         "epsilon_lower_bound": audit["epsilon_lower_bound"],
@@ -103,7 +110,7 @@ def canaries(cfg: dict, out: Path, count: int, others: int, rounds: int) -> dict
     }
 
 
-def clients(cfg: dict, settings: dict) -> dict:
+def clients(cfg: dict, curves: dict, settings: dict) -> dict:
     """Client-level LiRA with shadow federations, and the released models' accuracy."""
     secret = cfg["he"].get("secret_context_path")
     figures = client_membership(
@@ -114,21 +121,24 @@ def clients(cfg: dict, settings: dict) -> dict:
         rounds=settings["rounds"],
         decrypt=(lambda arrays, like: decrypt_arrays(arrays, secret, like)) if secret else None,
     )
+    curves["client LiRA"] = (figures.pop("scores"), figures.pop("members"))
     accuracy = figures.pop("test_accuracy")
     figures.pop("claimed_epsilon")  # the same mechanism and rounds as the canaries' run
     return {"test_accuracy": accuracy, **{f"client_{k}": v for k, v in figures.items()}}
 
 
-def _save_roc(scores: np.ndarray, members: np.ndarray, out: Path) -> None:
+def _save_roc(curves: dict, out: Path) -> None:
+    """Each attack's ROC curve (log-log, where low false-positive rates show)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from sklearn.metrics import roc_curve
 
-    fpr, tpr, _ = roc_curve(members, scores)
     fig, ax = plt.subplots(figsize=(3.6, 3.4))
-    ax.loglog(np.maximum(fpr, 1e-4), np.maximum(tpr, 1e-4), label="canary clients")
+    for label, (scores, members) in curves.items():
+        fpr, tpr, _ = roc_curve(members, scores)
+        ax.loglog(np.maximum(fpr, 1e-4), np.maximum(tpr, 1e-4), label=label)
     ax.plot([1e-4, 1], [1e-4, 1], "k:", linewidth=0.8, label="chance")
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")
@@ -186,9 +196,15 @@ def main(argv: list[str] | None = None) -> dict:
         from simulations.run import with_run_keys
 
         cfg["he"] = with_run_keys(cfg["he"], out / "keys")
-    report = {"strategy": name, "privacy": cfg["privacy"]["name"]}
-    report |= canaries(cfg, out, settings["canaries"], settings["others"], settings["rounds"])
-    report |= clients(cfg, settings)
+    report = {
+        "strategy": name,
+        "privacy": cfg["privacy"]["name"],
+        "privacy_setting": privacy_setting(cfg["privacy"]),
+    }
+    curves: dict = {}
+    report |= canaries(cfg, curves, settings["canaries"], settings["others"], settings["rounds"])
+    report |= clients(cfg, curves, settings)
+    _save_roc(curves, out)
     report |= inversion(cfg, out, settings["steps"])
     report |= record_level(cfg, settings)
     (out / "audit.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -205,16 +221,36 @@ TABLE_HEADER = (
 )
 
 
+def privacy_setting(privacy: dict) -> str:
+    """The privacy config in a few words: its name and its noise (or ε target)."""
+    if privacy["name"] == "none":
+        return "none"
+    if privacy.get("noise_multiplier") is not None:
+        return f"{privacy['name']}, z = {privacy['noise_multiplier']:g}"
+    return f"{privacy['name']}, target ε = {privacy['target_epsilon']:g}"
+
+
 def table_row(report: dict) -> str:
-    """One report as a row under :data:`TABLE_HEADER`."""
+    """One report as a row under :data:`TABLE_HEADER`.
+
+    Under DP-SGD the ε columns are the record-level ones (its claim, and the bound from
+    canary examples): DP-SGD claims nothing about whole clients.
+    """
     psnr_text = (
         f"{report['inversion_psnr']:.1f} dB ({report['inversion']})"
         if report["inversion_psnr"] is not None
         else "none: ciphertexts only"
     )
+    if "record_claimed_epsilon" in report:
+        epsilons = (
+            f"{report['record_claimed_epsilon']:.3g} (record) "
+            f"| {report['record_epsilon_lower_bound']:.3g} (record)"
+        )
+    else:
+        epsilons = f"{report['claimed_epsilon']:.3g} | {report['epsilon_lower_bound']:.3g}"
     return (
-        f"| {report['strategy']} | {report['privacy']} | {report['test_accuracy']:.3f} "
-        f"| {report['claimed_epsilon']:.3g} | {report['epsilon_lower_bound']:.3g} "
+        f"| {report['strategy']} | {report['privacy_setting']} "
+        f"| {report['test_accuracy']:.3f} | {epsilons} "
         f"| {report['client_auc']:.3f} | {report['client_tpr_at_0.1%_fpr']:.3f} "
         f"| {report['client_tpr_at_1%_fpr']:.3f} | {report['record_auc']:.3f} | {psnr_text} |"
     )
@@ -240,6 +276,14 @@ def _markdown(report: dict) -> str:
         f"reports for the audited rounds (inf: no DP claimed).",
         f"- ε lower bound: one-run audit with canary clients (canary AUC "
         f"{report['canary_auc']:.3f}, TPR @ 0.1 % FPR {report['canary_tpr_at_0.1%_fpr']:.3f}).",
+        *(
+            [
+                f"- inversion: the dataset's mean input scores "
+                f"{report['inversion_baseline_psnr']:.1f} dB against the same example."
+            ]
+            if report.get("inversion_baseline_psnr") is not None
+            else []
+        ),
         "- client MIA: LiRA over whole client datasets, every federation the target of the "
         "others; record MIA: LiRA over examples, models trained as the clients train."
         + record_bound,

@@ -49,6 +49,36 @@ def test_dp_fedavg_canaries_stay_below_the_claimed_epsilon(caplog, z, least_boun
         assert audit["epsilon_lower_bound"] < 1.0, audit
 
 
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {"adaptive": True},
+        {"accountant": "pld"},
+        {"sampling": "fixed"},
+        {"clipping_side": "client"},
+    ],
+    ids=["adaptive clipping", "PLD accountant", "fixed-size sampling", "client-side clipping"],
+)
+def test_every_dp_fedavg_variant_stays_below_its_claimed_epsilon(caplog, variant):
+    """Each mechanism and accountant the strategy offers, audited at weak DP (z = 0.5)."""
+    from lepton_flwr.mods import dp_clip_mod
+
+    caplog.set_level(logging.WARNING, logger="flwr")
+    options = dict(
+        noise_multiplier=0.5,
+        clip_norm=1.0,
+        delta=1e-5,
+        sample_rate=0.5,
+        min_available_nodes=600,
+        fraction_evaluate=0.0,
+        seed=7,
+    )
+    strategy = DPFedAvg(**(options | variant))
+    mods = [dp_clip_mod] if variant.get("clipping_side") == "client" else []
+    audit = audit_client_level(strategy, strategy.epsilon, 1e-5, 1.0, rounds=5, seed=3, mods=mods)
+    assert 1.0 <= audit["epsilon_lower_bound"] < audit["claimed_epsilon"], audit
+
+
 def test_he_dp_canaries_stay_below_the_claimed_epsilon(tmp_path, caplog):
     caplog.set_level(logging.WARNING, logger="flwr")
     secret, public = write_keys(CKKSParams(), tmp_path)

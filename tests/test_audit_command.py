@@ -40,6 +40,7 @@ def test_the_audit_command_reports_surface_bound_membership_and_inversion(
     if inverted:  # FedAvg: the server sees the update, the image comes back
         assert saved["inversion_psnr"] > 60 and (tmp_path / "audit_inversion.png").is_file()
         assert saved["inversion"] == "closed form"  # the MLP's first layer is linear
+        assert saved["inversion_psnr"] > saved["inversion_baseline_psnr"] + 20
         assert saved["canary_auc"] > 0.9  # canaries without DP are plain to see
     else:  # HE + DP: ciphertexts only, and the canaries hide in the noise
         assert saved["inversion_psnr"] is None and "only ciphertexts" in saved["inversion"]

@@ -24,6 +24,7 @@ from lepton_flwr.apps.client import make_client_app
 from lepton_flwr.apps.common import model_for
 from lepton_flwr.apps.inprocess import InProcessGrid
 from lepton_flwr.audit.lira import leave_one_out, logit_confidence
+from lepton_flwr.audit.membership import membership_figures
 from lepton_flwr.audit.scenarios import audit_pool
 from lepton_flwr.data import ClientData
 from lepton_flwr.models import evaluate
@@ -79,7 +80,8 @@ def client_membership(
     dict
         The attack's ``auc`` and TPR at 0.1 % / 1 % FPR over all (federation, client)
         pairs, the released models' median ``test_accuracy``, the strategy's
-        ``claimed_epsilon`` (inf without DP), and the pool's size.
+        ``claimed_epsilon`` (inf without DP), the pool's size, and the raw ``scores``
+        and ``members`` (for a ROC curve).
     """
     x, y, data = audit_pool(cfg, clients * examples, seed)
     pool = [
@@ -110,11 +112,14 @@ def client_membership(
         )  # fmt: skip
         if hasattr(strategy, "epsilon"):
             claimed = float(strategy.epsilon())
+    scores, members = leave_one_out(np.stack(phis), masks)
     return {
-        **leave_one_out(np.stack(phis), masks),
+        **membership_figures(scores, members),
         "test_accuracy": float(np.median(accuracies)),
         "claimed_epsilon": claimed,
         "clients": clients,
         "examples_per_client": examples,
         "federations": shadows + 1,
+        "scores": scores.tolist(),
+        "members": members.tolist(),
     }

@@ -66,8 +66,8 @@ def likelihood_ratio(
     return scores
 
 
-def leave_one_out(phis: np.ndarray, masks: np.ndarray) -> dict[str, float]:
-    """Every model in turn is the target and the others its shadows; figures over all.
+def leave_one_out(phis: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every model in turn is the target and the others its shadows; all scores pooled.
 
     Carlini et al. evaluate LiRA this way: k + 1 trained models give k + 1 attacks
     (one per target) without training more, and their pooled scores a far tighter
@@ -79,12 +79,18 @@ def leave_one_out(phis: np.ndarray, masks: np.ndarray) -> dict[str, float]:
         φ of every example (or client) under every model, shape (k + 1, n).
     masks : np.ndarray
         Whether each example was in each model's training data, shape (k + 1, n).
+
+    Returns
+    -------
+    tuple[np.ndarray, np.ndarray]
+        The likelihood-ratio score of every (model, example) pair, and whether the
+        example was in that model's training data.
     """
     scores = [
         likelihood_ratio(phis[t], np.delete(phis, t, axis=0), np.delete(masks, t, axis=0))
         for t in range(len(phis))
     ]
-    return membership_figures(np.concatenate(scores), masks.ravel())
+    return np.concatenate(scores), masks.ravel()
 
 
 def lira_attack(
@@ -106,4 +112,5 @@ def lira_attack(
         model, epsilon = train_fn(x[mask], y[mask], seed + index)
         phis.append(logit_confidence(model, x, y))
         claimed.append(epsilon)
-    return {**leave_one_out(np.stack(phis), masks), "claimed_epsilon": float(max(claimed))}
+    figures = membership_figures(*leave_one_out(np.stack(phis), masks))
+    return {**figures, "claimed_epsilon": float(max(claimed))}
