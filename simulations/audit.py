@@ -19,7 +19,8 @@ noise calibrated to ``target_epsilon`` is calibrated for the audited run):
 - update inversion by the server on one client's reply (one example, one step): closed
   form where the first layer is linear, gradient matching otherwise
   (``audit.steps``); PSNR, or why there is none (ciphertexts);
-- the attack surface: what that reply let the server read.
+- the attack surface: what the server read in every training reply of those
+  federations (per client, per round, counted from the real messages).
 
 The report (``audit.json``, ``audit.md``, ``audit_roc.png``, ``audit_inversion.png``)
 goes to ``output_dir`` (default ``outputs/<date>/<time>-audit-<strategy>``).
@@ -42,18 +43,16 @@ from lepton_flwr.audit.federations import client_membership, strategy_for
 from lepton_flwr.audit.inversion import attack_one_client, inversion_method, psnr
 from lepton_flwr.audit.lira import lira_attack
 from lepton_flwr.audit.scenarios import audit_pool, fit_as_configured
-from lepton_flwr.audit.surface import attack_surface
 from lepton_flwr.config import load_config
 from lepton_flwr.data import load_dataset
 from lepton_flwr.he import decrypt_arrays
 
 
 def inversion(cfg: dict, out: Path, steps: int) -> dict:
-    """The server's reconstruction of one client's single example, and what it saw."""
-    outcome, example, reply = attack_one_client(cfg, steps)  # one reply serves both
-    surface = attack_surface([reply])
+    """The server's reconstruction of one client's single example."""
+    outcome, example, reply = attack_one_client(cfg, steps)
     if isinstance(outcome, str):
-        return {"inversion_psnr": None, "inversion": outcome, "surface": surface}
+        return {"inversion_psnr": None, "inversion": outcome}
     _save_images(example, outcome, out / "audit_inversion.png")
     (view,) = reply.content.array_records.values()
     data = load_dataset(cfg["dataset"], cfg["seed"])
@@ -62,7 +61,6 @@ def inversion(cfg: dict, out: Path, steps: int) -> dict:
         "inversion": inversion_method(view, example.shape),
         # what a guess that knows no client scores: the mean of 1,000 training inputs
         "inversion_baseline_psnr": psnr(data.x_train[:1000].mean(axis=0), example),
-        "surface": surface,
     }
 
 
@@ -122,9 +120,13 @@ def clients(cfg: dict, curves: dict, settings: dict) -> dict:
         decrypt=(lambda arrays, like: decrypt_arrays(arrays, secret, like)) if secret else None,
     )
     curves["client LiRA"] = (figures.pop("scores"), figures.pop("members"))
-    accuracy = figures.pop("test_accuracy")
+    accuracy, surface = figures.pop("test_accuracy"), figures.pop("surface")
     figures.pop("claimed_epsilon")  # the same mechanism and rounds as the canaries' run
-    return {"test_accuracy": accuracy, **{f"client_{k}": v for k, v in figures.items()}}
+    return {
+        "test_accuracy": accuracy,
+        "surface": surface,
+        **{f"client_{k}": v for k, v in figures.items()},
+    }
 
 
 def _save_roc(curves: dict, out: Path) -> None:
@@ -288,9 +290,13 @@ def _markdown(report: dict) -> str:
         "others; record MIA: LiRA over examples, models trained as the clients train."
         + record_bound,
         "",
-        "What the server can read in one client's training reply:",
+        "What the server read in the training replies of the client-level attack's "
+        "federations (every client, every round):",
         "",
-        *[f"- {row['what']}" for row in report["surface"]],
+        *[
+            f"- {row['what']} ({row['replies']} of {row['of']} replies)"
+            for row in report["surface"]
+        ],
         "",
     ]
     return "\n".join(lines)

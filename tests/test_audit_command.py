@@ -32,7 +32,13 @@ def test_the_audit_command_reports_surface_bound_membership_and_inversion(
     report = main([*overrides, *small, f"output_dir={tmp_path}"])
     saved = json.loads((tmp_path / "audit.json").read_text())
     assert saved["strategy"] == report["strategy"]
-    assert any(surface in row["what"] for row in saved["surface"])
+    # counted over every reply of the 4 federations: each update in that form
+    (row,) = [row for row in saved["surface"] if surface in row["what"]]
+    assert row["replies"] == row["of"] > 0
+    if not inverted:
+        assert not any("plaintext" in row["what"] for row in saved["surface"])
+    else:  # FedAvg samples all 6 clients of each federation in both rounds
+        assert row["of"] == 4 * 6 * 2
     assert 0.0 <= saved["canary_auc"] <= 1.0 and (tmp_path / "audit_roc.png").is_file()
     assert 0.0 <= saved["client_auc"] <= 1.0 and saved["client_federations"] == 4
     assert 0.0 <= saved["test_accuracy"] <= 1.0

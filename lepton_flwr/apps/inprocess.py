@@ -31,9 +31,18 @@ class InProcessGrid(Grid):
         Nodes; node ``100 + i`` gets ``partition-id=i`` in its node config.
     keep_replies : bool
         Keep every reply in ``received`` (tests); off for long runs.
+    observe : Callable[[Message], None] | None
+        Called with every reply as the server receives it (the privacy audit counts
+        what the server reads).
     """
 
-    def __init__(self, client_fn: ClientFn, num_nodes: int, keep_replies: bool = True):
+    def __init__(
+        self,
+        client_fn: ClientFn,
+        num_nodes: int,
+        keep_replies: bool = True,
+        observe: Callable[[Message], None] | None = None,
+    ):
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
         self.client_fn = client_fn
         self.contexts = {
@@ -48,6 +57,7 @@ class InProcessGrid(Grid):
         }
         self.received: list[Message] = []
         self.keep_replies = keep_replies
+        self.observe = observe
         self._count = 0
 
     def set_run(self, run_id: int) -> None:  # noqa: D102
@@ -86,5 +96,7 @@ class InProcessGrid(Grid):
                 reply = Message(Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
             if self.keep_replies:
                 self.received.append(reply)
+            if self.observe is not None:
+                self.observe(reply)
             replies.append(reply)
         return replies

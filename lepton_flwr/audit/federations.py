@@ -26,6 +26,7 @@ from lepton_flwr.apps.inprocess import InProcessGrid
 from lepton_flwr.audit.lira import leave_one_out, logit_confidence
 from lepton_flwr.audit.membership import membership_figures
 from lepton_flwr.audit.scenarios import audit_pool
+from lepton_flwr.audit.surface import SurfaceTally
 from lepton_flwr.data import ClientData
 from lepton_flwr.models import evaluate
 
@@ -80,7 +81,9 @@ def client_membership(
     dict
         The attack's ``auc`` and TPR at 0.1 % / 1 % FPR over all (federation, client)
         pairs, the released models' median ``test_accuracy``, the strategy's
-        ``claimed_epsilon`` (inf without DP), the pool's size, and the raw ``scores``
+        ``claimed_epsilon`` (inf without DP), the pool's size, what the server read in
+        every training reply of every federation (``surface``, rows of
+        :meth:`lepton_flwr.audit.surface.SurfaceTally.rows`), and the raw ``scores``
         and ``members`` (for a ROC curve).
     """
     x, y, data = audit_pool(cfg, clients * examples, seed)
@@ -92,6 +95,7 @@ def client_membership(
     rng = np.random.default_rng(seed)
     masks = np.stack([rng.permutation(clients) < clients // 2 for _ in range(shadows + 1)])
     phis, accuracies, claimed = [], [], float("inf")
+    surface = SurfaceTally()  # what the server reads, over every federation's rounds
     for index, mask in enumerate(masks):
         members = np.flatnonzero(mask)
         strategy = strategy_for(cfg, len(members))
@@ -101,8 +105,8 @@ def client_membership(
         torch.manual_seed(seed + index)
         model = model_for(cfg, data)
         start = ArrayRecord(model.state_dict())
-        result = strategy.start(InProcessGrid(app, len(members), keep_replies=False), start,
-                                num_rounds=rounds)  # fmt: skip
+        grid = InProcessGrid(app, len(members), keep_replies=False, observe=surface)
+        result = strategy.start(grid, start, num_rounds=rounds)
         released = decrypt(result.arrays, start) if decrypt is not None else result.arrays
         model.load_state_dict(released.to_torch_state_dict())
         phis.append(logit_confidence(model, x, y).reshape(clients, examples).mean(axis=1))
@@ -120,6 +124,7 @@ def client_membership(
         "clients": clients,
         "examples_per_client": examples,
         "federations": shadows + 1,
+        "surface": surface.rows(),
         "scores": scores.tolist(),
         "members": members.tolist(),
     }

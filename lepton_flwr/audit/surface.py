@@ -24,8 +24,7 @@ def describe_reply(msg: Message) -> list[str]:
         if isinstance(record, ArrayRecord):
             if is_encrypted(record):
                 model = EncryptedModel.from_record(record)
-                size = sum(len(chunk) for chunk in model.chunks)
-                seen.append(f"ciphertexts of {model.num_values} values ({size} bytes)")
+                seen.append(f"ciphertexts of {model.num_values} values")
                 seen.append(
                     "in the clear: key fingerprint, weight, bound, tensor names/shapes/dtypes"
                 )
@@ -39,8 +38,31 @@ def describe_reply(msg: Message) -> list[str]:
     return seen
 
 
+class SurfaceTally:
+    """Counts what the server reads in training replies, reply by reply, keeping none.
+
+    Give it to :class:`lepton_flwr.apps.inprocess.InProcessGrid` as ``observe`` to count
+    a whole federation's rounds.
+    """
+
+    def __init__(self):
+        self.counts: Counter = Counter()
+        self.replies = 0
+
+    def __call__(self, msg: Message) -> None:
+        """Count one reply (training replies only)."""
+        if msg.metadata.message_type.split(".")[0] == "train":
+            self.replies += 1
+            self.counts.update(describe_reply(msg))
+
+    def rows(self) -> list[dict]:
+        """Each thing seen, with the number of replies it came in and the replies counted."""
+        return [{"what": line, "replies": n, "of": self.replies} for line, n in self.counts.items()]
+
+
 def attack_surface(replies: Iterable[Message]) -> list[dict]:
-    """What the server saw, each line with the number of replies it came in."""
-    replies = [m for m in replies if m.metadata.message_type.split(".")[0] == "train"]
-    counts = Counter(line for msg in replies for line in describe_reply(msg))
-    return [{"what": line, "replies": n, "of": len(replies)} for line, n in counts.items()]
+    """What the server saw in these replies (:meth:`SurfaceTally.rows`)."""
+    tally = SurfaceTally()
+    for msg in replies:
+        tally(msg)
+    return tally.rows()
