@@ -191,6 +191,11 @@ def main(argv: list[str] | None = None) -> dict:
             overrides.append(arg)
     logging.getLogger("flwr").setLevel(logging.WARNING)
     cfg = {**load_config(overrides), "num_rounds": settings["rounds"]}
+    if load_dataset(cfg["dataset"], cfg["seed"]).num_outputs < 2:
+        raise SystemExit(
+            f"dataset={cfg['dataset']['name']}: the audit's attacks score class "
+            "confidences; it needs a classification dataset (regression is not audited)."
+        )
     name = cfg["strategy"]["name"]
     out = Path(cfg["output_dir"] or f"outputs/{time.strftime('%Y-%m-%d/%H-%M-%S')}-audit-{name}")
     out.mkdir(parents=True, exist_ok=True)

@@ -53,3 +53,10 @@ def test_the_audit_command_reports_surface_bound_membership_and_inversion(
     assert 0.0 <= saved["record_auc"] <= 1.0  # LiRA ran on the clients' kind of training
     assert "| claimed ε |" in (tmp_path / "audit.md").read_text()
     assert table_row(saved) in (tmp_path / "audit.md").read_text()
+
+
+def test_the_audit_command_refuses_a_regression_dataset_with_a_reason(tmp_path):
+    from simulations.audit import main
+
+    with pytest.raises(SystemExit, match="needs a classification dataset"):
+        main(["+experiment=loans_linreg", f"output_dir={tmp_path}"])
