@@ -25,7 +25,7 @@ def test_the_one_run_bound_matches_its_closed_form_without_delta():
     assert p_value(1000, 100, 90, 2.0, 1e-5) > p_value(1000, 100, 90, 2.0, 0.0)
 
 
-def _dp(z, nodes):
+def _dp(z, nodes, seed=5, **variant):
     return DPFedAvg(
         noise_multiplier=z,
         clip_norm=1.0,
@@ -33,7 +33,8 @@ def _dp(z, nodes):
         sample_rate=0.5,
         min_available_nodes=nodes,
         fraction_evaluate=0.0,
-        seed=5,  # seeded sampling and noise (not private): the test is repeatable
+        seed=seed,  # seeded sampling and noise (not private): the test is repeatable
+        **variant,
     )
 
 
@@ -64,16 +65,7 @@ def test_every_dp_fedavg_variant_stays_below_its_claimed_epsilon(caplog, variant
     from lepton_flwr.mods import dp_clip_mod
 
     caplog.set_level(logging.WARNING, logger="flwr")
-    options = dict(
-        noise_multiplier=0.5,
-        clip_norm=1.0,
-        delta=1e-5,
-        sample_rate=0.5,
-        min_available_nodes=600,
-        fraction_evaluate=0.0,
-        seed=7,
-    )
-    strategy = DPFedAvg(**(options | variant))
+    strategy = _dp(0.5, 600, seed=7, **variant)
     mods = [dp_clip_mod] if variant.get("clipping_side") == "client" else []
     audit = audit_client_level(strategy, strategy.epsilon, 1e-5, 1.0, rounds=5, seed=3, mods=mods)
     assert 1.0 <= audit["epsilon_lower_bound"] < audit["claimed_epsilon"], audit

@@ -18,6 +18,7 @@ from lepton_flwr.data import ClientData, load_client_data, load_dataset
 from lepton_flwr.dp.client_state import LostHistoryError, load_history, save_history
 from lepton_flwr.dp.dpsgd import (
     dpsgd_noise_multiplier,
+    dpsgd_settings,
     epsilon_after_round,
     train_dpsgd,
 )
@@ -148,12 +149,8 @@ def _train_dpsgd(model, data, context: Context, cfg: dict, options: dict) -> tup
         data.x_train,
         data.y_train,
         noise_multiplier=z,
-        max_grad_norm=privacy["max_grad_norm"],
-        delta=privacy["delta"],
-        accountant=privacy["accountant"],
-        mode=privacy["mode"],
-        reproducible=privacy["reproducible"],
         history=history,
+        **dpsgd_settings(privacy),
         **options,
     )
     save_history(context, history)

@@ -19,7 +19,7 @@ from flwr.clientapp import ClientApp
 from lepton_flwr.apps.client import make_client_app
 from lepton_flwr.apps.common import model_for
 from lepton_flwr.data import CentralData, ClientData, load_dataset
-from lepton_flwr.dp.dpsgd import dpsgd_noise_multiplier, train_dpsgd
+from lepton_flwr.dp.dpsgd import dpsgd_noise_multiplier, dpsgd_settings, train_dpsgd
 from lepton_flwr.models import train
 
 
@@ -63,18 +63,9 @@ def fit_as_configured(cfg: dict, epochs: int):
         if privacy["name"] != "dpsgd":
             train(model, xs, ys, seed=seed, **options)
             return model, math.inf
+        z = dpsgd_noise_multiplier(privacy, len(ys), t["batch_size"], epochs)
         _, epsilon, _ = train_dpsgd(
-            model,
-            xs,
-            ys,
-            noise_multiplier=dpsgd_noise_multiplier(privacy, len(ys), t["batch_size"], epochs),
-            max_grad_norm=privacy["max_grad_norm"],
-            delta=privacy["delta"],
-            accountant=privacy["accountant"],
-            mode=privacy["mode"],
-            reproducible=privacy["reproducible"],
-            seed=seed,
-            **options,
+            model, xs, ys, noise_multiplier=z, seed=seed, **dpsgd_settings(privacy), **options
         )
         return model, epsilon
 

@@ -25,6 +25,14 @@ from lepton_flwr.models.training import learning_part, loss_fn, prepare_sgd, run
 MODES = ("ghost", "hooks", "functorch", "ew")
 
 
+def dpsgd_settings(privacy: dict) -> dict:
+    """The ``privacy=dpsgd`` config's options for :func:`train_dpsgd`, noise aside."""
+    return {
+        key: privacy[key]
+        for key in ("max_grad_norm", "delta", "accountant", "mode", "reproducible")
+    }
+
+
 def dpsgd_noise_multiplier(
     privacy: dict, num_examples: int, batch_size: int, total_epochs: int
 ) -> float:
