@@ -138,23 +138,13 @@ def test_tls_and_supernode_auth_deployment_runs_he_dp_and_refuses_an_unknown_nod
     cli_env = _env(FLWR_HOME=str(cli_home))
     processes = []
     try:
-        _spawn(
+        _spawn(  # the documented script, as a deployer runs it
             [
-                str(BIN / "flower-superlink"),
-                "--ssl-ca-certfile",
-                str(certs / "ca.crt"),
-                "--ssl-certfile",
-                str(certs / "superlink.crt"),
-                "--ssl-keyfile",
-                str(certs / "superlink.key"),
-                "--enable-supernode-auth",
-                "--database",
-                str(tmp_path / "superlink.db"),
-                "--host",
-                "127.0.0.1",
-                "--port",
+                "bash",
+                str(REPO_ROOT / "deploy" / "superlink.sh"),
+                str(certs),
+                str(tmp_path / "link-state"),
                 str(port),
-                "--disable-runtime-dependency-installation",
             ],
             _env(FLWR_HOME=str(tmp_path / "link-home")),
             tmp_path / "superlink.log",
@@ -175,21 +165,15 @@ def test_tls_and_supernode_auth_deployment_runs_he_dp_and_refuses_an_unknown_nod
                 f"partition-id={min(i, NODES - 1)} num-partitions={NODES} "
                 f'he-secret-context="{keys / "secret.ctx"}"'
             )
-            _spawn(
+            _spawn(  # the documented script (it checks the node's files first)
                 [
-                    str(BIN / "flower-supernode"),
-                    "--superlink",
+                    "bash",
+                    str(REPO_ROOT / "deploy" / "supernode.sh"),
                     f"127.0.0.1:{port}",
-                    "--root-certificates",
                     str(certs / "ca.crt"),
-                    "--auth-supernode-private-key",
                     str(node_keys / f"node-{i}.key"),
-                    "--node-config",
                     node_config,
-                    "--port",
                     str(_free_port()),
-                    "--max-retries",
-                    "3",
                 ],
                 _env(FLWR_HOME=str(tmp_path / f"node{i}-home")),
                 tmp_path / f"node{i}.log",
