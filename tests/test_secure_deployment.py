@@ -120,6 +120,58 @@ def _a_node_killed_mid_round_leaves_the_others_to_finish(tmp_path, keys, process
     assert rows[1]["epsilon"] > rows[0]["epsilon"] and (out / "model.ckks.zip").is_file()
 
 
+def _a_superlink_restart_resumes_the_run_from_its_checkpoint(
+    tmp_path, keys, processes, cli_env, certs, port
+):
+    """The SuperLink (and its ServerApp) dies after round 1 of 3; restarted on its own
+    database, it takes the nodes back, and ``resume=<run folder>`` finishes the run with
+    the accountant's history intact: ε as an uninterrupted run's, to 1e-9."""
+    from lepton_flwr.dp.accounting import ClientLevelAccountant
+
+    out = tmp_path / "restart"
+    setup = (
+        "+experiment=digits_smoke model=logreg num_rounds=3 strategy=he_dp_fedavg "
+        "privacy.sampling=fixed privacy.sample_rate=1.0 privacy.delta=1e-3 "
+        f"strategy.min_available_nodes=2 he.public_context_path={keys}/public.ctx"
+    )
+    first = subprocess.Popen(
+        [str(BIN / "flwr"), "run", ".", "secure", "--stream", "--run-config",
+         f'hydra-overrides="{setup} output_dir={out}"'],
+        env=cli_env, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text():
+            assert time.monotonic() < deadline and first.poll() is None, "round 1 never ended"
+            time.sleep(0.2)
+        os.killpg(processes[0][0].pid, signal.SIGKILL)  # the SuperLink and its ServerApp
+        processes[0][0].wait()
+    finally:
+        first.kill()
+        first.wait()
+    _spawn(
+        ["bash", str(REPO_ROOT / "deploy" / "superlink.sh"), str(certs),
+         str(tmp_path / "link-state"), str(port)],
+        _env(FLWR_HOME=str(tmp_path / "link-home")), tmp_path / "superlink-restarted.log",
+        processes,
+    )  # fmt: skip
+    _wait_for_port(port)
+    resumed = _cli(
+        "flwr", "run", ".", "secure", "--stream", "--run-config",
+        f'hydra-overrides="{setup} resume={out}"', env=cli_env, check=False, timeout=900,
+    )  # fmt: skip
+    log = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, log[-4000:]
+    assert "resuming" in log, log[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2, 3], log[-3000:]
+    uninterrupted = ClientLevelAccountant(sampling="fixed", population=2)
+    for row in rows:
+        uninterrupted.compose(row["noise_multiplier_present"], 1.0)
+        assert row["epsilon"] == pytest.approx(uninterrupted.epsilon(1e-3), abs=1e-9, rel=0)
+    assert (out / "model.ckks.zip").is_file()
+
+
 @pytest.mark.slow
 def test_tls_and_supernode_auth_deployment_runs_he_dp_and_refuses_an_unknown_node(tmp_path):
     certs, keys, node_keys = tmp_path / "certs", tmp_path / "keys", tmp_path / "node-keys"
@@ -212,6 +264,9 @@ def test_tls_and_supernode_auth_deployment_runs_he_dp_and_refuses_an_unknown_nod
             # The server's config never named the secret context: the nodes' config did.
             assert "secret_context_path: null" in (out / "config.yaml").read_text()
         _a_node_killed_mid_round_leaves_the_others_to_finish(tmp_path, keys, processes, cli_env)
+        _a_superlink_restart_resumes_the_run_from_its_checkpoint(
+            tmp_path, keys, processes, cli_env, certs, port
+        )
         # The SuperLink turned the unregistered key away; that node never got a message.
         link_log = (tmp_path / "superlink.log").read_text()
         assert "No SuperNode found with the given public key" in link_log
