@@ -8,9 +8,10 @@ previous checkpoint or the new one, never half of one; mode 600.
 
 What a checkpoint holds: the global model (ciphertexts under HE; under DP-FedAvg the
 model already released) and the strategy's state: the accountant's history, the
-sampling generator's state, the adaptive clip norm. It never holds a secret key or a
-client's update. Whoever reads it learns which clients the next rounds will sample:
-keep it as private as the server itself.
+sampling generator's state, the adaptive clip norm, and under HE the last global model
+clients accepted (ciphertexts, the fallback of :mod:`lepton_flwr.strategies.last_good`).
+It never holds a secret key or a client's update. Whoever reads it learns which clients
+the next rounds will sample: keep it as private as the server itself.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ class Checkpoint:
     arrays : ArrayRecord
         The global model after it.
     state : dict
-        The strategy's ``state()``.
+        The strategy's ``state()``: JSON values, and ``ArrayRecord`` values at its top
+        level.
     result : Result
         The metrics of rounds 1..``server_round`` (``arrays`` as above).
     """
@@ -60,29 +62,62 @@ class Checkpoint:
     result: Result = field(default_factory=Result)
 
 
+def _write_record(archive: zipfile.ZipFile, prefix: str, record: ArrayRecord) -> list[dict]:
+    """Store each array as the member ``<prefix>-NNNNN``; return their specs."""
+    for index, array in enumerate(record.values()):
+        archive.writestr(f"{prefix}-{index:05d}", array.data)
+    return [
+        {"name": name, "dtype": a.dtype, "shape": list(a.shape), "stype": a.stype}
+        for name, a in record.items()
+    ]
+
+
+def _read_record(
+    archive: zipfile.ZipFile, sizes: dict[str, int], prefix: str, specs: list
+) -> ArrayRecord:
+    """The record :func:`_write_record` stored under ``prefix``, size-checked."""
+    arrays = {}
+    for index, spec in enumerate(specs):
+        member = f"{prefix}-{index:05d}"
+        if sizes.get(member, MAX_ARRAY_BYTES + 1) > MAX_ARRAY_BYTES:
+            raise CheckpointError(f"{member} is missing or over {MAX_ARRAY_BYTES} bytes")
+        arrays[str(spec["name"])] = Array(
+            dtype=str(spec["dtype"]),
+            shape=tuple(int(d) for d in spec["shape"]),
+            stype=str(spec["stype"]),
+            data=archive.read(member),
+        )
+    return ArrayRecord(arrays)
+
+
 def save_checkpoint(folder: str | Path, checkpoint: Checkpoint) -> Path:
-    """Write ``folder/checkpoint.zip`` atomically (mode 600); return its path."""
+    """Write ``folder/checkpoint.zip`` atomically (mode 600); return its path.
+
+    The strategy's state is stored as JSON, except its top-level ``ArrayRecord`` values
+    (a model it keeps, e.g. the last one clients accepted), stored as arrays.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    names = list(checkpoint.arrays.keys())
-    state = {
-        "version": FORMAT_VERSION,
-        "server_round": checkpoint.server_round,
-        "strategy_state": checkpoint.state,
-        "arrays": [
-            {"name": name, "dtype": a.dtype, "shape": list(a.shape), "stype": a.stype}
-            for name, a in checkpoint.arrays.items()
-        ],
-        "result": {
-            key: {str(r): dict(m) for r, m in getattr(checkpoint.result, key).items()}
-            for key in METRICS
-        },
-    }
+    records = {k: v for k, v in checkpoint.state.items() if isinstance(v, ArrayRecord)}
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
+        state = {
+            "version": FORMAT_VERSION,
+            "server_round": checkpoint.server_round,
+            "strategy_state": {
+                k: v for k, v in checkpoint.state.items() if not isinstance(v, ArrayRecord)
+            },
+            "strategy_records": {
+                name: _write_record(archive, f"state-{index:03d}", record)
+                for index, (name, record) in enumerate(records.items())
+            },
+            "arrays": _write_record(archive, "array", checkpoint.arrays),
+            "result": {
+                key: {str(r): dict(m) for r, m in getattr(checkpoint.result, key).items()}
+                for key in METRICS
+            },
+        }
         archive.writestr(STATE_MEMBER, json.dumps(state))
-        for index, name in enumerate(names):
-            archive.writestr(f"array-{index:05d}", checkpoint.arrays[name].data)
     write_atomically(folder / CHECKPOINT_FILE, buffer.getvalue(), 0o600)
     return folder / CHECKPOINT_FILE
 
@@ -106,25 +141,17 @@ def load_checkpoint(folder: str | Path) -> Checkpoint | None:
             state = json.loads(archive.read(STATE_MEMBER))
             if not isinstance(state, dict) or state.get("version") != FORMAT_VERSION:
                 raise CheckpointError(f"not a version-{FORMAT_VERSION} checkpoint")
-            arrays = {}
-            for index, spec in enumerate(state["arrays"]):
-                member = f"array-{index:05d}"
-                if sizes.get(member, MAX_ARRAY_BYTES + 1) > MAX_ARRAY_BYTES:
-                    raise CheckpointError(f"{member} is missing or over {MAX_ARRAY_BYTES} bytes")
-                arrays[str(spec["name"])] = Array(
-                    dtype=str(spec["dtype"]),
-                    shape=tuple(int(d) for d in spec["shape"]),
-                    stype=str(spec["stype"]),
-                    data=archive.read(member),
-                )
-            result = Result(arrays=ArrayRecord(arrays))
+            result = Result(arrays=_read_record(archive, sizes, "array", state["arrays"]))
             for key in METRICS:
                 for server_round, metrics in state["result"][key].items():
                     getattr(result, key)[int(server_round)] = MetricRecord(metrics)
+            strategy_state = dict(state["strategy_state"])
+            for index, (name, specs) in enumerate(state.get("strategy_records", {}).items()):
+                strategy_state[name] = _read_record(archive, sizes, f"state-{index:03d}", specs)
             return Checkpoint(
                 server_round=int(state["server_round"]),
                 arrays=result.arrays,
-                state=dict(state["strategy_state"]),
+                state=strategy_state,
                 result=result,
             )
     except CheckpointError as err:

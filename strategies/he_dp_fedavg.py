@@ -152,12 +152,13 @@ class HEDPFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
         return self.rounds.accountant
 
     def state(self) -> dict:
-        """The DP rounds' state, for checkpoints (the model itself stays encrypted)."""
-        return {"rounds": self.rounds.state()}
+        """The DP rounds' state and the last good model, for checkpoints (encrypted)."""
+        return {"rounds": self.rounds.state(), **self.last_good.state()}
 
     def load_state(self, state: dict) -> None:
         """Continue from :meth:`state` (resume)."""
         self.rounds.load_state(state["rounds"])
+        self.last_good.load_state(state)
 
     def epsilon(self) -> float:
         """ε spent so far."""

@@ -147,6 +147,14 @@ class HEFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
         """Fingerprint of the CKKS key."""
         return self.encrypted_sum.fingerprint
 
+    def state(self) -> dict:
+        """The last model clients accepted (ciphertexts), for checkpoints."""
+        return self.last_good.state()
+
+    def load_state(self, state: dict) -> None:
+        """Continue from :meth:`state` (resume)."""
+        self.last_good.load_state(state)
+
     @property
     def headroom(self) -> float:
         """Bound the summed values may reach (a share of the CKKS headroom)."""

@@ -45,6 +45,18 @@ class LastGoodModel:
         self.model_round = 0  # the round in which it was sent
         self._sent: tuple[int, ArrayRecord] | None = None
 
+    def state(self) -> dict:
+        """For checkpoints: the last good model (if any) and the round it was sent in."""
+        if self.model is None:
+            return {}
+        return {"last_good_round": self.model_round, "last_good_model": self.model}
+
+    def load_state(self, state: dict) -> None:
+        """Take back what :meth:`state` returned (resume)."""
+        if "last_good_model" in state:
+            self.model_round = int(state["last_good_round"])
+            self.model = state["last_good_model"]
+
     def sent(self, server_round: int, arrays: ArrayRecord) -> None:
         """Note the global model sent for training this round."""
         self._sent = (server_round, arrays)

@@ -146,6 +146,17 @@ def test_an_he_dp_run_resumes_with_the_same_epsilon_and_a_ciphertext_only_checkp
         assert all(secret[-4096:] not in archive.read(n) for n in archive.namelist())
         state = json.loads(archive.read("state.json"))["strategy_state"]
     assert set(state["rounds"]) == {"settings", "noise_multiplier", "population", "rng", "history"}
+    # The fallback model (the last one clients accepted, sent in round 3) is kept, encrypted,
+    # so that a refusal in the first resumed round still has a model to go back to.
+    fallback = saved.state["last_good_model"]
+    assert saved.state["last_good_round"] == 3
+    assert {a.stype for a in fallback.values()} <= {"lepton.ckks", "lepton.ckks-meta"}
+    again = _he_dp(keys)
+    again.load_state(saved.state)
+    assert again.last_good.model_round == 3
+    assert [a.data for a in again.last_good.model.values()] == [
+        a.data for a in fallback.values()
+    ]
     resumed = _he_dp(keys).start(
         CrashingGrid(_app(mods), NODES), _start(), ROUNDS, checkpoint_dir=folder
     )
