@@ -154,9 +154,7 @@ def test_an_he_dp_run_resumes_with_the_same_epsilon_and_a_ciphertext_only_checkp
     again = _he_dp(keys)
     again.load_state(saved.state)
     assert again.last_good.model_round == 3
-    assert [a.data for a in again.last_good.model.values()] == [
-        a.data for a in fallback.values()
-    ]
+    assert [a.data for a in again.last_good.model.values()] == [a.data for a in fallback.values()]
     resumed = _he_dp(keys).start(
         CrashingGrid(_app(mods), NODES), _start(), ROUNDS, checkpoint_dir=folder
     )

@@ -181,3 +181,12 @@ def _stop_processes(pattern: str, grace: float = 15.0) -> None:
         time.sleep(0.2)
     for pid in pids:
         os.kill(int(pid), signal.SIGKILL)
+
+
+@pytest.mark.parametrize(("cores", "threads"), [(1, "1"), (2, "2"), (0.5, "1")])
+def test_client_actors_get_as_many_threads_as_the_cores_they_reserve(cores, threads):
+    """An exported OMP_NUM_THREADS=2 made two actors on 2 cores fight (rounds 7x slower)."""
+    from simulations.run import actor_threads
+
+    cfg = {"simulation": {"client_resources": {"num_cpus": cores}}}
+    assert actor_threads(cfg) == {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
