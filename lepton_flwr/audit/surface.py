@@ -7,12 +7,13 @@ metric names and values in the clear).
 
 from __future__ import annotations
 
+import math
 from collections import Counter
-from collections.abc import Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 
 from lepton_flwr.he.records import EncryptedModel, is_encrypted
+from lepton_flwr.mods.common import is_train
 
 
 def describe_reply(msg: Message) -> list[str]:
@@ -29,7 +30,7 @@ def describe_reply(msg: Message) -> list[str]:
                     "in the clear: key fingerprint, weight, bound, tensor names/shapes/dtypes"
                 )
             else:
-                count = sum(a.numpy().size for a in record.values())
+                count = sum(math.prod(a.shape) for a in record.values())
                 seen.append(f"plaintext tensors: {count} values (the client's model or update)")
         elif isinstance(record, MetricRecord):
             seen += [f"metric in the clear: {key}" for key in record]
@@ -51,18 +52,10 @@ class SurfaceTally:
 
     def __call__(self, msg: Message) -> None:
         """Count one reply (training replies only)."""
-        if msg.metadata.message_type.split(".")[0] == "train":
+        if is_train(msg):
             self.replies += 1
             self.counts.update(describe_reply(msg))
 
     def rows(self) -> list[dict]:
         """Each thing seen, with the number of replies it came in and the replies counted."""
         return [{"what": line, "replies": n, "of": self.replies} for line, n in self.counts.items()]
-
-
-def attack_surface(replies: Iterable[Message]) -> list[dict]:
-    """What the server saw in these replies (:meth:`SurfaceTally.rows`)."""
-    tally = SurfaceTally()
-    for msg in replies:
-        tally(msg)
-    return tally.rows()
