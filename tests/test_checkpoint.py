@@ -6,7 +6,8 @@ import zipfile
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from conftest import client_message
+from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from lepton_flwr.strategies import DPFedAvg, HEDPFedAvg
 from lepton_flwr.strategies.checkpoint import (
@@ -15,6 +16,7 @@ from lepton_flwr.strategies.checkpoint import (
     load_checkpoint,
 )
 
+from lepton_flwr import protocol
 from lepton_flwr.apps.inprocess import InProcessGrid
 from lepton_flwr.he import CKKSParams, write_keys
 from lepton_flwr.mods import make_he_dp_mod
@@ -154,6 +156,12 @@ def test_an_he_dp_run_resumes_with_the_same_epsilon_and_a_ciphertext_only_checkp
     again = _he_dp(keys)
     again.load_state(saved.state)
     assert again.last_good.model_round == 3
+    # Every client refuses the first resumed round's model: the resumed strategy goes back.
+    refusal = Message(
+        Error(code=0, reason=f"he_dp_mod: {protocol.MODEL_REFUSED}: a value reaches 9e9"),
+        reply_to=client_message(saved.arrays),
+    )
+    assert again.last_good.fall_back(4, [refusal] * NODES)
     assert [a.data for a in again.last_good.model.values()] == [a.data for a in fallback.values()]
     resumed = _he_dp(keys).start(
         CrashingGrid(_app(mods), NODES), _start(), ROUNDS, checkpoint_dir=folder
