@@ -44,24 +44,24 @@ def decrypt(secret_context: Path, model: Path, out: Path, like: Path | None = No
     )
 
 
-def certs(out: Path, hosts: list[str], days: int) -> None:
+def certs(out: Path, hosts: list[str], days: int, ca_dir: Path | None) -> None:
     """Make a CA and the SuperLink's TLS certificate (see ``lepton_flwr.deploy``)."""
     from lepton_flwr.deploy import make_certificates
 
-    files = make_certificates(out, hosts, days)
+    files = make_certificates(out, hosts, days, ca_dir)
     print(
         f"CA certificate (give it to every SuperNode and to the flwr CLI): {files['ca.crt']}\n"
-        f"CA key (keep offline): {files['ca.key']}\n"
-        f"SuperLink certificate and key (the SuperLink only): {files['superlink.crt']}, "
-        f"{files['superlink.key']}"
+        f"CA key (keep offline, never on the SuperLink): {files['ca.key']}\n"
+        f"SuperLink certificate and key (the SuperLink only: deploy/superlink.sh {out}): "
+        f"{files['superlink.crt']}, {files['superlink.key']}"
     )
 
 
-def node_key(out: Path, name: str) -> None:
+def node_key(out: Path, name: str, force: bool) -> None:
     """Make one SuperNode's authentication key pair (see ``lepton_flwr.deploy``)."""
     from lepton_flwr.deploy import make_node_key
 
-    private, public = make_node_key(out, name)
+    private, public = make_node_key(out, name, force)
     print(
         f"SuperNode {name}: private key (this SuperNode only) {private}\n"
         f"public key (register it: flwr supernode register {public} <connection>) {public}"
@@ -97,7 +97,12 @@ def main(argv: list[str] | None = None) -> None:
         "--like", type=Path, help="your own model's state dict: names, shapes, dtypes from it"
     )
     tls = sub.add_parser("certs", help="make a CA and the SuperLink's TLS certificate")
-    tls.add_argument("--out", type=Path, required=True, help="folder for the certificates")
+    tls.add_argument(
+        "--out", type=Path, required=True, help="the SuperLink's folder (ca.crt, superlink.*)"
+    )
+    tls.add_argument(
+        "--ca-dir", type=Path, help="the CA's folder, kept offline (default: <out>-ca)"
+    )
     tls.add_argument(
         "--host", action="append", required=True, help="SuperLink host name or IP (repeat)"
     )
@@ -105,6 +110,9 @@ def main(argv: list[str] | None = None) -> None:
     node = sub.add_parser("node-key", help="make a SuperNode's authentication key pair")
     node.add_argument("--out", type=Path, required=True)
     node.add_argument("--name", required=True, help="the SuperNode's name, e.g. hospital-a")
+    node.add_argument(
+        "--force", action="store_true", help="replace an existing key (re-register the node)"
+    )
     check = sub.add_parser("check-node", help="check a SuperNode's settings before it starts")
     check.add_argument("--node-config", required=True, help="as given to flower-supernode")
     check.add_argument("--root-certificates", help="the CA certificate for TLS")
@@ -118,10 +126,10 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "check-node":
             check_node_command(args.node_config, args.root_certificates, args.auth_key)
         elif args.command == "certs":
-            certs(args.out, args.host, args.days)
+            certs(args.out, args.host, args.days, args.ca_dir)
         else:
-            node_key(args.out, args.name)
-    except (ValueError, FileNotFoundError) as err:
+            node_key(args.out, args.name, args.force)
+    except (ValueError, OSError) as err:
         sys.exit(f"lepton-flwr {args.command}: {err}")
 
 

@@ -15,9 +15,19 @@ def _mode(path):
 
 
 def test_private_keys_are_600_and_the_certificate_is_the_cas_for_those_hosts(tmp_path):
-    files = make_certificates(tmp_path, ["127.0.0.1", "link.example.org"])
+    link_folder = tmp_path / "certs"
+    files = make_certificates(link_folder, ["127.0.0.1", "link.example.org"])
     assert _mode(files["ca.key"]) == 0o600 and _mode(files["superlink.key"]) == 0o600
+    # The CA key is in its own folder (<out>-ca, 700), not in the SuperLink's.
+    assert files["ca.key"] == tmp_path / "certs-ca" / "ca.key"
+    assert _mode(files["ca.key"].parent) == 0o700
+    assert sorted(p.name for p in link_folder.iterdir()) == [
+        "ca.crt",
+        "superlink.crt",
+        "superlink.key",
+    ]
     ca = x509.load_pem_x509_certificate(files["ca.crt"].read_bytes())
+    assert files["ca.crt"].read_bytes() == (tmp_path / "certs-ca" / "ca.crt").read_bytes()
     link = x509.load_pem_x509_certificate(files["superlink.crt"].read_bytes())
     link.verify_directly_issued_by(ca)  # raises if the CA did not sign it
     assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
@@ -25,7 +35,7 @@ def test_private_keys_are_600_and_the_certificate_is_the_cas_for_those_hosts(tmp
     assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
     assert names.get_values_for_type(x509.DNSName) == ["link.example.org"]
     # A second call reuses the CA: SuperNodes that trust ca.crt keep trusting the link.
-    again = make_certificates(tmp_path, ["127.0.0.1"])
+    again = make_certificates(link_folder, ["127.0.0.1"])
     assert again["ca.crt"].read_bytes() == files["ca.crt"].read_bytes()
 
 
