@@ -43,6 +43,7 @@ MIN_SHARE_NOISE = "dp-min-share-noise-multiplier"  # HE + DP: least σ_share / C
 MAX_CLIP_NORM = "dp-max-clip-norm"  # HE + DP: largest C accepted
 DPSGD_MAX_EPSILON = "dpsgd-max-epsilon"  # DP-SGD: largest cumulative ε the node will spend
 DPSGD_MIN_NOISE = "dpsgd-min-noise-multiplier"  # DP-SGD: least noise multiplier accepted
+DPSGD_DELTA = "dpsgd-delta"  # DP-SGD: the δ at which the node computes its own ε
 
 # ---- node state (context.state, never sent) ---------------------------------------------
 DPSGD_STATE = "lepton-dpsgd"  # DP-SGD: the client's accountant history

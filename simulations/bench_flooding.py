@@ -43,7 +43,7 @@ def main() -> None:
         return evaluate(model, data.x_test, data.y_test, num_outputs=data.num_outputs)["accuracy"]
 
     encoder, _ = encoder_for(secret, workers=1)
-    exact_vector = encoder.decrypt(encrypted.chunks, encrypted.num_values) / encrypted.weight
+    exact_vector = encoder._decrypt_exact(encrypted.chunks, encrypted.num_values) / encrypted.weight
     exact = ArrayRecord(
         {k: Array(v) for k, v in unflatten(exact_vector, encrypted.manifest).items()}
     )

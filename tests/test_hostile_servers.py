@@ -144,6 +144,7 @@ def test_dpsgd_refuses_a_round_that_would_pass_the_nodes_epsilon():
         reference.history = [(z, 1 / steps, rounds * steps)]
         epsilons.append(reference.get_epsilon(1e-3))
     context.node_config[protocol.DPSGD_MAX_EPSILON] = sum(epsilons) / 2  # between rounds 2, 3
+    context.node_config[protocol.DPSGD_DELTA] = 1e-3  # the node's own δ (default 1e-5)
     reply = app(_train_message(reply.content["arrays"], {"server-round": 2}, 2), context)
     assert not reply.has_error(), reply.error.reason
     assert reply.content["metrics"]["client-epsilon"] == pytest.approx(epsilons[0], rel=1e-9)

@@ -60,7 +60,7 @@ def test_the_error_bound_covers_what_decryption_really_leaves(secret):
     adder = CkksAdder(public)
     uploads = [encoder.encrypt(values) for _ in range(10)] + [adder.encrypt_public(values)]
     sums, _ = adder.sum_updates(uploads, workers=1)
-    error = np.abs(encoder.decrypt(sums, len(values)) - 11 * values).max()
+    error = np.abs(encoder._decrypt_exact(sums, len(values)) - 11 * values).max()
     assert 0 < error < error_bound(N, SCALE, summed=11)
 
 
@@ -129,11 +129,9 @@ def test_the_command_line_decrypts_flooded_with_the_key_holders_own_layout(tmp_p
     assert np.allclose(state["layer.weight"].float().numpy().ravel(), values, atol=1e-3)
 
 
-def test_clients_decrypt_into_the_layout_of_the_first_plaintext_model(secret, tmp_path):
-    """A server that relabels the encrypted model (float64, other names) gets nothing new:
-    the client decrypts into the layout it saw in round 1."""
-    from conftest import client_message
-    from flwr.app import Context, Message, MetricRecord, RecordDict
+def _layout_app(secret, tmp_path, seen):
+    """A ClientApp with he_mod whose handlers note the dtypes of the model they get."""
+    from flwr.app import Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
 
     from lepton_flwr.he.keys import secret_context_bytes
@@ -141,24 +139,65 @@ def test_clients_decrypt_into_the_layout_of_the_first_plaintext_model(secret, tm
 
     path = tmp_path / "secret.ctx"
     path.write_bytes(secret_context_bytes(secret))
-    seen = []
     app = ClientApp(mods=[make_he_mod(path, workers=1)])
+
+    @app.train()
+    def train(msg, context):
+        seen.append({k: v.numpy().dtype for k, v in msg.content["arrays"].items()})
+        own = ArrayRecord({"w": Array(np.zeros(12, dtype=np.float32))})  # the client's model
+        metrics = MetricRecord({"num-examples": 10})
+        return Message(RecordDict({"arrays": own, "metrics": metrics}), reply_to=msg)
 
     @app.evaluate()
     def evaluate(msg, context):
-        record = msg.content["arrays"]
-        seen.append({k: v.numpy().dtype for k, v in record.items()})
+        seen.append({k: v.numpy().dtype for k, v in msg.content["arrays"].items()})
         return Message(RecordDict({"metrics": MetricRecord({"num-examples": 1})}), reply_to=msg)
 
-    def message(arrays, number):
-        return client_message(arrays, number=number, message_type="evaluate")
+    return app
 
+
+def _message(arrays, server_round, message_type):
+    from conftest import client_message
+
+    config = {"server-round": server_round, "he-value-bound": 100.0}
+    return client_message(arrays, config, server_round, message_type)
+
+
+def _relabelled(secret):
+    """An honest encrypted sum whose header the server rewrote: 'evil', float64."""
+    _, record = _encrypted(secret, np.linspace(-1, 1, 12))  # header: "w" float32
+    model = EncryptedModel.from_record(record)
+    model.manifest = [TensorSpec("evil", (12,), "float64")]
+    return model.to_record()
+
+
+def test_clients_decrypt_into_the_layout_of_their_own_training_reply(secret, tmp_path):
+    """A server that relabels the encrypted model (float64, other names) gets nothing new:
+    the client decrypts into the layout of what its own code trained in round 1."""
+    from flwr.app import Context, RecordDict
+
+    seen = []
+    app = _layout_app(secret, tmp_path, seen)
     context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
     plain = ArrayRecord({"w": Array(np.zeros(12, dtype=np.float32))})
-    assert not app(message(plain, 1), context).has_error()
-    _, relabelled = _encrypted(secret, np.linspace(-1, 1, 12))  # header: "w" float32
-    model = EncryptedModel.from_record(relabelled)
-    model.manifest = [TensorSpec("evil", (12,), "float64")]
-    reply = app(message(model.to_record(), 2), context)
+    assert not app(_message(plain, 1, "train"), context).has_error()
+    reply = app(_message(_relabelled(secret), 1, "evaluate"), context)
     assert not reply.has_error(), reply.error.reason
     assert seen == [{"w": np.float32}, {"w": np.float32}]
+
+
+def test_a_one_value_model_sent_first_does_not_pin_the_layout(secret, tmp_path):
+    """Before: a one-value plaintext evaluate message, sent first, pinned the layout, and
+    every real model of the run was refused. Only the client's own training reply pins it."""
+    from flwr.app import Context, RecordDict
+
+    seen = []
+    app = _layout_app(secret, tmp_path, seen)
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    tiny = ArrayRecord({"w": Array(np.zeros(1, dtype=np.float32))})
+    assert not app(_message(tiny, 1, "evaluate"), context).has_error()
+    plain = ArrayRecord({"w": Array(np.zeros(12, dtype=np.float32))})
+    assert not app(_message(plain, 2, "train"), context).has_error()
+    reply = app(_message(_relabelled(secret), 2, "evaluate"), context)
+    assert not reply.has_error(), reply.error.reason
+    assert seen[-1] == {"w": np.float32}

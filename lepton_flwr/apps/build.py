@@ -13,7 +13,7 @@ from flwr.clientapp.typing import Mod
 from flwr.serverapp.strategy import Strategy
 
 from lepton_flwr.config import HE_ARGUMENTS, PRIVACY_ARGUMENTS, ConfigError, reword
-from lepton_flwr.mods import dp_clip_mod, make_he_dp_mod, make_he_mod
+from lepton_flwr.mods import dp_clip_mod, make_he_dp_mod, make_he_mod, privacy_floor_mod
 from lepton_flwr.strategies import CheckedFedAvg, DPFedAvg, HEDPFedAvg, HEFedAvg
 from lepton_flwr.strategies.metrics import aggregate_train_metrics
 
@@ -125,14 +125,16 @@ def build_strategy(cfg: dict) -> Strategy:
 def build_client_mods(cfg: dict) -> tuple[list[Mod], list[Mod]]:
     """The public mods a client of this config runs: (app-level mods, train-only mods).
 
-    HE runs around every handler (evaluation needs the decrypted model); clipping for
+    The node's privacy floor comes first, whatever the server's config says; HE runs
+    around every handler (evaluation needs the decrypted model); clipping for
     ``DPFedAvg(clipping_side="client")`` runs around training only.
     """
     he = cfg["he"]
     if he["name"] == "none":
-        return [], [dp_clip_mod]
+        return [privacy_floor_mod], [dp_clip_mod]
     path = he["secret_context_path"]
     if cfg["strategy"]["name"] == "he_dp_fedavg":
-        return [make_he_dp_mod(path, workers=he["workers"], seeded=he["seeded"])], []
+        he_dp_mod = make_he_dp_mod(path, workers=he["workers"], seeded=he["seeded"])
+        return [privacy_floor_mod, he_dp_mod], []
     he_mod = make_he_mod(path, he["weight_scale"], he["workers"], he["seeded"])
-    return [he_mod], []
+    return [privacy_floor_mod, he_mod], []

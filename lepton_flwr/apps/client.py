@@ -22,7 +22,7 @@ from lepton_flwr.dp.dpsgd import (
     epsilon_after_round,
     train_dpsgd,
 )
-from lepton_flwr.dp.floor import BelowPrivacyFloorError, check_dpsgd_request
+from lepton_flwr.dp.floor import BelowPrivacyFloorError, check_dpsgd_request, require_dpsgd
 from lepton_flwr.models import evaluate, resolve_device, train
 from lepton_flwr.mods.common import is_train
 
@@ -100,16 +100,17 @@ def handle_train(
         seed=seed,
     )
     metrics: dict = {}
-    if cfg["privacy"]["name"] == "dpsgd":
-        try:
+    try:
+        if cfg["privacy"]["name"] == "dpsgd":
             loss, metrics = _train_dpsgd(model, data, context, cfg, options)
-        except (BelowPrivacyFloorError, LostHistoryError) as err:
-            reason = f"dpsgd: {err}"
-            log(ERROR, reason)
-            error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason)
-            return Message(error, reply_to=msg)
-    else:
-        loss = train(model, data.x_train, data.y_train, **options)
+        else:
+            require_dpsgd(context.node_config, cfg["privacy"])  # refuses under a DP-SGD floor
+            loss = train(model, data.x_train, data.y_train, **options)
+    except (BelowPrivacyFloorError, LostHistoryError) as err:
+        reason = f"dpsgd: {err}"
+        log(ERROR, reason)
+        error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason)
+        return Message(error, reply_to=msg)
     model.cpu()
     # Under DP the loss on the client's own data is outside ε: it stays on the client.
     if cfg["privacy"]["name"] == "none":
@@ -130,6 +131,7 @@ def _train_dpsgd(model, data, context: Context, cfg: dict, options: dict) -> tup
     any training.
     """
     privacy = cfg["privacy"]
+    node_delta = require_dpsgd(context.node_config, privacy)  # default deny, the node's δ
     history = load_history(context)
     z = dpsgd_noise_multiplier(
         privacy, len(data.y_train), options["batch_size"], cfg["num_rounds"] * options["epochs"]
@@ -140,7 +142,7 @@ def _train_dpsgd(model, data, context: Context, cfg: dict, options: dict) -> tup
         len(data.y_train),
         options["batch_size"],
         options["epochs"],
-        privacy["delta"],
+        privacy["delta"] if node_delta is None else node_delta,
         privacy["accountant"],
     )
     check_dpsgd_request(context.node_config, z, predicted)  # the node's floor, before training

@@ -10,6 +10,11 @@ touched. Without settings, a noise share must still be finite and non-zero, and 
 ``dp-min-share-noise-multiplier`` bounds the client's *own* share, σ_share / C: the noise
 its update carries even if every other client and the server collude. With r honest
 reporters the central noise multiplier is sqrt(r) times it.
+
+A floor is default-deny: once a node sets one, every training request that does not meet
+it is refused, including one that asks for no DP at all (:func:`require_noise_share`,
+:func:`require_dpsgd`). A node's DP-SGD ε is computed at its own δ (``dpsgd-delta``,
+default ``DEFAULT_NODE_DELTA``), never at the launcher's.
 """
 
 from __future__ import annotations
@@ -18,6 +23,18 @@ import math
 from collections.abc import Mapping
 
 from lepton_flwr import protocol
+
+SHARE_FLOOR = (protocol.MAX_CLIP_NORM, protocol.MIN_SHARE_NOISE)
+DPSGD_FLOOR = (protocol.DPSGD_MAX_EPSILON, protocol.DPSGD_MIN_NOISE)
+DEFAULT_NODE_DELTA = 1e-5
+# Each setting's valid range: (lowest, highest, whether the lowest is allowed).
+RANGES = {
+    protocol.MAX_CLIP_NORM: (0.0, math.inf, False),
+    protocol.MIN_SHARE_NOISE: (0.0, math.inf, True),
+    protocol.DPSGD_MAX_EPSILON: (0.0, math.inf, False),
+    protocol.DPSGD_MIN_NOISE: (0.0, math.inf, True),
+    protocol.DPSGD_DELTA: (0.0, 1.0, False),
+}
 
 
 class BelowPrivacyFloorError(ValueError):
@@ -30,7 +47,8 @@ def node_setting(node_config: Mapping, key: str) -> float | None:
     Raises
     ------
     BelowPrivacyFloorError
-        If it is set but not a finite number (a floor must never be silently off).
+        If it is set but not a finite number in its range (a floor must never be
+        silently off, nor mean nothing, like ``dp-max-clip-norm=-1``).
     """
     if key not in node_config or node_config[key] in ("", None):
         return None
@@ -42,7 +60,76 @@ def node_setting(node_config: Mapping, key: str) -> float | None:
         raise BelowPrivacyFloorError(
             f"node config {key}={node_config[key]!r} is not a finite number; nothing was sent"
         )
+    low, high, low_allowed = RANGES.get(key, (-math.inf, math.inf, True))
+    if value < low or (value == low and not low_allowed) or value >= high:
+        interval = f"{'[' if low_allowed else '('}{low:g}, {high:g})"
+        raise BelowPrivacyFloorError(
+            f"node config {key}={value:g} is not in {interval}; nothing was sent"
+        )
     return value
+
+
+def floor_keys(node_config: Mapping, keys: tuple[str, ...]) -> list[str]:
+    """Which of ``keys`` the node config sets (each checked by :func:`node_setting`)."""
+    return [key for key in keys if node_setting(node_config, key) is not None]
+
+
+def require_noise_share(node_config: Mapping, train_config: Mapping) -> None:
+    """Default deny: a node with an HE + DP floor trains only for requests with a noise share.
+
+    Raises
+    ------
+    BelowPrivacyFloorError
+        If the node sets ``dp-max-clip-norm`` or ``dp-min-share-noise-multiplier`` and
+        the training request carries no noise share (plaintext FedAvg, HE-FedAvg,
+        DP-FedAvg: each would send an update without the node's own noise).
+    """
+    keys = floor_keys(node_config, SHARE_FLOOR)
+    if keys and protocol.NOISE_SHARE_STD not in train_config:
+        raise BelowPrivacyFloorError(
+            f"this node sets {', '.join(keys)}: it trains only for requests that ask for an "
+            f"HE + DP noise share ({protocol.NOISE_SHARE_STD}), and this one asks for none; "
+            f"nothing was trained or sent"
+        )
+
+
+def require_dpsgd(node_config: Mapping, privacy: Mapping) -> float | None:
+    """Default deny for DP-SGD floors; the δ at which this node computes its ε.
+
+    Parameters
+    ----------
+    node_config : Mapping
+        The node's config.
+    privacy : Mapping
+        The run's ``privacy`` config group (what the launcher asks for).
+
+    Returns
+    -------
+    float | None
+        The node's δ (``dpsgd-delta``, else ``DEFAULT_NODE_DELTA``) when it sets a DP-SGD
+        floor, else None.
+
+    Raises
+    ------
+    BelowPrivacyFloorError
+        If the node sets a DP-SGD floor and the run does not train with DP-SGD, or asks
+        for reproducible noise (a function of the run's public seed, no privacy).
+    """
+    delta = node_setting(node_config, protocol.DPSGD_DELTA)
+    keys = floor_keys(node_config, DPSGD_FLOOR)
+    if not keys:
+        return None
+    if privacy.get("name") != "dpsgd":
+        raise BelowPrivacyFloorError(
+            f"this node sets {', '.join(keys)}: it trains only with DP-SGD, and the run "
+            f"asks for privacy={privacy.get('name')}; it does not train"
+        )
+    if privacy.get("reproducible"):
+        raise BelowPrivacyFloorError(
+            f"this node sets {', '.join(keys)}: the run asks for reproducible DP-SGD noise, "
+            f"which follows the run's public seed and protects nothing; it does not train"
+        )
+    return DEFAULT_NODE_DELTA if delta is None else delta
 
 
 def check_share_request(node_config: Mapping, clip_norm: float, share_std: float) -> None:

@@ -25,6 +25,7 @@ import tenseal as ts
 import tenseal.sealapi as sealapi
 
 from lepton_flwr.he.keys import scratch_dir, secret_context_bytes
+from lepton_flwr.he.publish import TooCoarseError, publishable
 
 # Below this many chunks, encrypting in the calling process beats starting workers.
 PARALLEL_MIN_CHUNKS = 64
@@ -197,7 +198,7 @@ def default_workers() -> int:
 
 
 class CkksEncoder:
-    """Client-side codec: encrypt a vector into CKKS chunks, decrypt chunks back.
+    """Client-side codec: encrypt a vector into CKKS chunks; decrypt a sum for release.
 
     Parameters
     ----------
@@ -234,23 +235,79 @@ class CkksEncoder:
         chunksize = max(1, len(chunks) // (4 * self.workers))
         return list(pool.map(_encrypt_in_worker, chunks, chunksize=chunksize))
 
-    def decrypt(self, chunks: list[bytes], length: int) -> np.ndarray:
-        """Decrypt chunks and return the first ``length`` values.
+    def decrypt(self, chunks: list[bytes], length: int, weight: float = 1.0) -> np.ndarray:
+        """Decrypt a sum for release: flooded with noise, divided by ``weight``, rounded.
+
+        Only ciphertexts that can be a sum of fresh uploads are decrypted (one per N/2
+        values, first data level, this key's scale: :func:`load_fresh`); the result goes
+        through :func:`lepton_flwr.he.publish.publishable`, as every decryption that may
+        leave the key holder must.
 
         Raises
         ------
         CiphertextError
-            If the chunks hold fewer values or do not load under this context.
+            If the chunks are not ``ceil(length / slots)`` fresh-looking ciphertexts of
+            this context, or the key's parameters are too coarse to flood.
         """
-        if len(chunks) * self.slots < length:
-            raise CiphertextError(f"{len(chunks)} chunks hold fewer than {length} values")
+        exact = self._decrypt_exact(chunks, length)
         try:
-            vector = ts.ckks_vector_from(
-                self._context, vector_proto(chunks, self.slots, self._context.global_scale)
+            return publishable(exact, weight, self.poly_modulus_degree, self.scale)
+        except TooCoarseError as err:
+            raise CiphertextError(str(err)) from err
+
+    def _decrypt_exact(self, chunks: list[bytes], length: int) -> np.ndarray:
+        """The exact decryption (tests and benchmarks only: never publish it).
+
+        An exact CKKS decryption together with its ciphertext reveals the secret key
+        (:mod:`lepton_flwr.he.publish`).
+        """
+        expected = -(-length // self.slots)
+        if len(chunks) != expected:
+            raise CiphertextError(
+                f"{len(chunks)} ciphertext chunks for {length} values, expected {expected}"
             )
-        except Exception as err:  # TenSEAL raises ValueError/RuntimeError variants
-            raise CiphertextError(f"not a valid ciphertext for this context ({err})") from err
+        vector = load_fresh(self._context, chunks, self.slots)
         return np.asarray(vector.decrypt())[:length]
+
+
+def load_fresh(context: ts.Context, chunks: list[bytes], slots: int) -> ts.CKKSVector:
+    """Load chunks into one CKKS vector, refusing what cannot be a sum of fresh uploads.
+
+    The server applies it to every upload and each client to every model it decrypts:
+    each chunk must parse under ``context``, have two polynomials in NTT form, sit at the
+    first data level and carry the key's scale. (These fields are metadata a sender can
+    forge; the checks keep out malformed input and the easy transformations of a
+    ciphertext, such as a product with a plaintext, not a determined adversary.)
+
+    Raises
+    ------
+    CiphertextError
+        Naming the chunk and the field; never another exception, whatever the bytes.
+    """
+    scale = context.global_scale
+    try:
+        vector = ts.ckks_vector_from(context, vector_proto(chunks, slots, scale))
+    except Exception as err:  # TenSEAL raises ValueError/RuntimeError variants
+        raise CiphertextError(f"not a valid ciphertext for this context ({err})"[:300]) from err
+    try:
+        parms_id = list(context.seal_context().data.first_parms_id())
+        for index, ciphertext in enumerate(vector.ciphertext()):
+            if ciphertext.size() != 2:
+                raise CiphertextError(f"chunk {index} has {ciphertext.size()} polynomials, not 2")
+            if not ciphertext.is_ntt_form():  # it would load, then make the addition throw
+                raise CiphertextError(f"chunk {index} is not in NTT form")
+            if list(ciphertext.parms_id()) != parms_id:
+                raise CiphertextError(f"chunk {index} is not at the first data level")
+            found = float(ciphertext.scale)
+            if not (math.isfinite(found) and math.isclose(found, scale, rel_tol=1e-9)):
+                raise CiphertextError(
+                    f"chunk {index} has scale {found:.6g}, not the key's {scale:.6g}"
+                )
+    except CiphertextError:
+        raise
+    except Exception as err:  # noqa: BLE001 - no field of a ciphertext may end a run
+        raise CiphertextError(f"a ciphertext field cannot be read ({err!r})"[:300]) from err
+    return vector
 
 
 # ---- server side -----------------------------------------------------------------------
@@ -270,7 +327,6 @@ class CkksAdder:
         data_level = context.seal_context().data.first_context_data()
         self.slots = data_level.parms().poly_modulus_degree() // 2
         self.scale = context.global_scale
-        self._parms_id = list(context.seal_context().data.first_parms_id())
 
     def encrypt_public(self, vector: np.ndarray) -> list[bytes]:
         """Encrypt with the public key (full-size ciphertexts): the server's initial model."""
@@ -282,7 +338,7 @@ class CkksAdder:
         return chunks
 
     def load(self, chunks: list[bytes]) -> ts.CKKSVector:
-        """Load one client's chunks and check that each is a fresh ciphertext of this context.
+        """Load one client's chunks, each checked as a fresh ciphertext (:func:`load_fresh`).
 
         Raises
         ------
@@ -290,22 +346,7 @@ class CkksAdder:
             If a chunk does not parse, or its level, size or scale are not those of a
             fresh ciphertext under these parameters.
         """
-        try:
-            vector = ts.ckks_vector_from(self.context, vector_proto(chunks, self.slots, self.scale))
-        except Exception as err:  # TenSEAL raises ValueError/RuntimeError variants
-            raise CiphertextError(f"not a valid ciphertext for this context ({err})") from err
-        for index, ciphertext in enumerate(vector.ciphertext()):
-            if ciphertext.size() != 2:
-                raise CiphertextError(f"chunk {index} has {ciphertext.size()} polynomials, not 2")
-            if not ciphertext.is_ntt_form():  # it would load, then make the addition throw
-                raise CiphertextError(f"chunk {index} is not in NTT form")
-            if list(ciphertext.parms_id()) != self._parms_id:
-                raise CiphertextError(f"chunk {index} is not at the first data level")
-            if not math.isclose(ciphertext.scale, self.scale, rel_tol=1e-9):
-                raise CiphertextError(
-                    f"chunk {index} has scale 2^{math.log2(ciphertext.scale):.1f}"
-                )
-        return vector
+        return load_fresh(self.context, chunks, self.slots)
 
     def sum_range(
         self, uploads: list[list[bytes]], start: int, stop: int

@@ -24,7 +24,6 @@ from lepton_flwr.he.codec import (
     unflatten,
 )
 from lepton_flwr.he.keys import fingerprint, load_context
-from lepton_flwr.he.publish import TooCoarseError, publishable
 from lepton_flwr.he.records import EncryptedModel, is_encrypted, load_encrypted, save_encrypted
 
 # Decryption is exact to about 1e-15 per summed value at the default parameters, and the
@@ -115,11 +114,7 @@ def decrypt_model(
                 f"the encrypted model holds {model.num_values} values, the key holder's own "
                 f"model {own_size}"
             )
-    decrypted = encoder.decrypt(model.chunks, model.num_values)
-    try:
-        vector = publishable(decrypted, model.weight, encoder.poly_modulus_degree, encoder.scale)
-    except TooCoarseError as err:
-        raise CiphertextError(str(err)) from err
+    vector = encoder.decrypt(model.chunks, model.num_values, model.weight)
     check_bound(vector, model)
     return ArrayRecord({k: Array(v) for k, v in unflatten(vector, manifest).items()})
 

@@ -18,7 +18,11 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from lepton_flwr import protocol
 from lepton_flwr.dp.clipping import clip
-from lepton_flwr.dp.floor import BelowPrivacyFloorError, check_share_request
+from lepton_flwr.dp.floor import (
+    BelowPrivacyFloorError,
+    check_share_request,
+    require_noise_share,
+)
 from lepton_flwr.dp.noise import secure_gaussian
 from lepton_flwr.mods.common import (
     ModError,
@@ -35,7 +39,8 @@ def dp_share_mod(msg: Message, context: Context, call_next: ClientAppCallable) -
     """Replace the trained weights by ``(clip(θ' − θ, C) + N(0, σ²)) / d``.
 
     Acts on training messages whose config carries a noise share (sent by
-    ``HEDPFedAvg``); everything else passes through. The noise comes from the
+    ``HEDPFedAvg``); everything else passes through, except a training request on a node
+    whose privacy floor is set, which is refused (default deny). The noise comes from the
     operating system's secure randomness. The reply's metrics become ``he-weight`` = 1,
     ``dp-share-std`` = σ and ``he-bound`` = B, public values that ``HEDPFedAvg`` checks: a
     reply without them is not a DP share and is refused. A request below the node's
@@ -44,7 +49,13 @@ def dp_share_mod(msg: Message, context: Context, call_next: ClientAppCallable) -
     training.
     """
     config = train_config(msg)
-    if not is_train(msg) or protocol.NOISE_SHARE_STD not in config:
+    if not is_train(msg):
+        return call_next(msg, context)
+    if protocol.NOISE_SHARE_STD not in config:
+        try:
+            require_noise_share(context.node_config, config)  # the node's floor: default deny
+        except BelowPrivacyFloorError as err:
+            raise ModError(str(err)) from err
         return call_next(msg, context)
     try:
         clip_norm = float(config[protocol.CLIPPING_NORM])

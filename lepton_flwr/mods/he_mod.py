@@ -30,6 +30,7 @@ from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common.logger import log
 
 from lepton_flwr import protocol
+from lepton_flwr.dp.floor import BelowPrivacyFloorError, require_noise_share
 from lepton_flwr.he.codec import CiphertextError, CkksEncoder, TensorSpec, flatten, manifest_of
 from lepton_flwr.he.keyholder import ModelOutOfBoundError, decrypt_model, encoder_for
 from lepton_flwr.he.records import EncryptedModel, is_encrypted
@@ -40,6 +41,7 @@ from lepton_flwr.mods.common import (
     the_record,
     train_config,
 )
+from lepton_flwr.mods.decryptions import RefusedModelError, decrypt_once
 from lepton_flwr.mods.dp_share_mod import dp_share_mod
 
 SECRET_CONTEXT_NODE_KEY = protocol.SECRET_CONTEXT  # kept for older imports
@@ -142,10 +144,12 @@ def clamped(record: ArrayRecord, bound: float) -> ArrayRecord:
 
 
 def remember_manifest(context: Context, record: ArrayRecord) -> None:
-    """Keep the plaintext model's names, shapes and dtypes in the node's state (first seen).
+    """Keep the names, shapes and dtypes of the node's first training reply in its state.
 
-    Later encrypted models are decrypted into this layout, whatever their header (which
-    the server writes) says; a model of another size is refused.
+    The reply is what the client's own code trained (before encryption), so its layout is
+    the client's model, not one a server chose: a one-value plaintext model sent first
+    cannot pin the layout. Later encrypted models are decrypted into this layout, whatever
+    their header (which the server writes) says; a model of another size is refused.
     """
     if protocol.HE_MANIFEST in context.state.config_records:
         return
@@ -203,22 +207,30 @@ def apply_he(
     arrays = msg.content.array_records
     if len(arrays) == 1:
         key, record = next(iter(arrays.items()))
-        if not is_encrypted(record):
-            remember_manifest(context, record)
-        else:
-            try:
-                plain = decrypt_model(record, encoder, own_fingerprint, known_manifest(context))
-            except ModelOutOfBoundError as err:
-                raise ModError(f"{protocol.MODEL_REFUSED}: {err}") from err
-            except CiphertextError as err:
-                raise ModError(f"cannot decrypt the global model: {err}") from err
+        if is_encrypted(record):
+
+            def decrypt() -> ArrayRecord:
+                try:
+                    return decrypt_model(record, encoder, own_fingerprint, known_manifest(context))
+                except ModelOutOfBoundError:
+                    raise RefusedModelError() from None  # no value read from it leaves
+                except CiphertextError as err:
+                    raise ModError(f"cannot decrypt the global model: {err}") from err
+
+            plain = decrypt_once(msg, context, record, decrypt)
             msg.content = RecordDict({**msg.content, key: plain})  # never edit a shared record
+    if is_train(msg):
+        try:
+            require_noise_share(context.node_config, train_config(msg))  # the node's floor
+        except BelowPrivacyFloorError as err:
+            raise ModError(str(err)) from err
     reply = call_next(msg, context)
     if not is_train(msg) or reply.has_error():
         return reply
     key, record = the_record(reply.content, ArrayRecord)
     if is_encrypted(record):
         raise ModError("the reply is already encrypted: attach he_mod once")
+    remember_manifest(context, record)
     _, metrics = the_record(reply.content, MetricRecord)
     weight = _reply_weight(msg, metrics, weight_scale)
     bound = float(metrics[protocol.HE_BOUND]) if protocol.HE_BOUND in metrics else None
@@ -309,13 +321,20 @@ def make_he_dp_mod(
     """
     he = make_he_mod(secret_context_path, workers=workers, seeded=seeded)
 
+    @replies_with_errors("he_dp_mod")
     def he_dp_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
         """Clip, add a noise share, scale and encrypt a training reply (``HEDPFedAvg``).
 
         ``dp_share_mod`` inside ``he_mod``: the update never leaves the client without
-        noise, and never in the clear. The global model is decrypted for every handler.
+        noise, and never in the clear. A training request without a noise share is
+        refused before training. The global model is decrypted for every handler.
         Attach it to the whole app: ``ClientApp(mods=[he_dp_mod])``.
         """
+        if is_train(msg) and protocol.NOISE_SHARE_STD not in train_config(msg):
+            raise ModError(
+                "the training request asks for no DP noise share (not HEDPFedAvg's): "
+                "he_dp_mod never encrypts an update without one; nothing was trained or sent"
+            )
         return he(msg, context, lambda m, c: dp_share_mod(m, c, call_next))
 
     return he_dp_mod

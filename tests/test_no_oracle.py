@@ -1,0 +1,200 @@
+"""A client is not a decryption service (issue 18, item 1).
+
+A server holding only the public context builds ciphertexts from a client's upload (a
+one-slot mask, a forged scale) and sends them to another client. Before: the client's
+refusal quoted the largest decrypted value, and the server read a client's model value
+by value, two messages per value. Now the refusal is a fixed sentence, each client
+decrypts at most one model per round, and only ciphertexts shaped like a sum of fresh
+uploads.
+"""
+
+import numpy as np
+import pytest
+import tenseal as ts
+import tenseal.sealapi as sealapi
+from conftest import client_message
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from lepton_flwr import protocol
+from lepton_flwr.he import CkksAdder, CkksEncoder, CKKSParams, EncryptedModel, TensorSpec
+from lepton_flwr.he.codec import _save, vector_proto
+from lepton_flwr.he.keys import create_secret_context, fingerprint, secret_context_bytes
+from lepton_flwr.mods import make_he_mod
+from lepton_flwr.mods.decryptions import LEDGER, MAX_DECRYPTIONS, REFUSAL
+
+SIZE = 12
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    secret = create_secret_context(CKKSParams())
+    public = ts.context_from(secret.serialize(save_secret_key=False))
+    path = tmp_path_factory.mktemp("keys") / "secret.ctx"
+    path.write_bytes(secret_context_bytes(secret))
+    return secret, public, path
+
+
+def _app(path, evaluated):
+    """A client with he_mod whose evaluation reports a value computed from the model."""
+    app = ClientApp(mods=[make_he_mod(path, workers=1)])
+
+    @app.train()
+    def train(msg, context):
+        arrays = ArrayRecord({k: Array(v.numpy() + 0.01) for k, v in msg.content["arrays"].items()})
+        metrics = MetricRecord({"num-examples": 10})
+        return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg, context):
+        weights = msg.content["arrays"]["w"].numpy()
+        evaluated.append(weights.copy())
+        metrics = MetricRecord({"num-examples": 1, "eval-loss": float(weights.sum())})
+        return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+    return app
+
+
+def _context():
+    return Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+
+
+def _message(arrays, server_round, message_type="evaluate"):
+    config = {protocol.SERVER_ROUND: server_round, protocol.VALUE_BOUND: 100.0}
+    return client_message(arrays, config, server_round, message_type)
+
+
+def _model(secret, public, values, *, max_abs=None, chunks=None):
+    """An honest sum of one fresh upload of ``values`` (or the given chunks), as a record."""
+    if chunks is None:
+        upload = CkksEncoder(secret, workers=1).encrypt(np.asarray(values, dtype=np.float64))
+        chunks, _ = CkksAdder(public).sum_updates([upload], workers=1)
+    bound = float(np.abs(values).max()) if max_abs is None else max_abs
+    manifest = [TensorSpec("w", (SIZE,), "float32")]
+    return EncryptedModel(manifest, chunks, 1.0, fingerprint(public), bound).to_record()
+
+
+def _masked(public, chunks, slot, forge_scale):
+    """What the review's server did: one upload times a one-slot plaintext mask."""
+    seal = public.seal_context().data
+    encoder, evaluator = sealapi.CKKSEncoder(seal), sealapi.Evaluator(seal)
+    slots = encoder.slot_count()
+    vector = ts.ckks_vector_from(public, vector_proto(chunks, slots, public.global_scale))
+    out = []
+    for ciphertext in vector.ciphertext():
+        mask, plain = [0.0] * slots, sealapi.Plaintext()
+        mask[slot] = 1.0
+        encoder.encode(mask, 2.0**20, plain)
+        evaluator.multiply_plain_inplace(ciphertext, plain)
+        if forge_scale:  # the scale is metadata: the server can write the key's back
+            ciphertext.scale = public.global_scale
+        out.append(_save(ciphertext))
+    return out
+
+
+def _decryptions(context):
+    ledger = context.state.config_records.get(LEDGER)
+    return int(ledger["count"]) if ledger else 0
+
+
+@pytest.mark.parametrize("secret_value", [0.3, -7.25])
+def test_a_masked_upload_reveals_at_most_a_fixed_refusal(keys, secret_value):
+    """Before: the refusal quoted the masked value (the review read 12 of 12 values)."""
+    secret, public, path = keys
+    values = np.zeros(SIZE)
+    values[3] = secret_value
+    upload = CkksEncoder(secret, workers=1).encrypt(values)  # client A's upload
+    reasons = []
+    for forge_scale in (False, True):
+        evaluated = []
+        app, context = _app(path, evaluated), _context()
+        chunks = _masked(public, upload, 3, forge_scale)
+        reply = app(
+            _message(_model(secret, public, values, max_abs=1e-6, chunks=chunks), 1), context
+        )
+        assert reply.has_error() and not evaluated
+        reasons.append(reply.error.reason)
+    assert "scale" in reasons[0] and _decryptions(context) == 1  # forged: decrypted once
+    assert reasons[1] == f"he_mod: {REFUSAL}"  # the same sentence whatever the value
+    assert str(abs(secret_value)) not in "".join(reasons)
+
+
+def test_a_refusal_is_the_same_sentence_whatever_the_values(keys):
+    secret, public, path = keys
+    reasons = []
+    for values in (np.full(SIZE, 0.5), np.linspace(-40, 40, SIZE)):
+        app = _app(path, [])
+        reply = app(_message(_model(secret, public, values, max_abs=1e-3), 1), _context())
+        reasons.append(reply.error.reason)
+    assert reasons[0] == reasons[1] == f"he_mod: {REFUSAL}"
+
+
+def test_one_model_per_round_evaluated_then_trained_on(keys):
+    """Evaluation of round r and training of round r + 1 share one decryption."""
+    secret, public, path = keys
+    evaluated = []
+    app, context = _app(path, evaluated), _context()
+    model = _model(secret, public, np.linspace(-1, 1, SIZE))
+    assert not app(_message(model, 1, "evaluate"), context).has_error()
+    reply = app(_message(model, 2, "train"), context)
+    assert not reply.has_error(), reply.error.reason
+    assert _decryptions(context) == 1
+    other = _model(secret, public, np.linspace(-2, 2, SIZE))
+    for server_round, kind in ((1, "evaluate"), (2, "train"), (1, "train")):
+        reply = app(_message(other, server_round, kind), context)
+        assert reply.has_error() and "without decrypting" in reply.error.reason
+    assert _decryptions(context) == 1 and len(evaluated) == 1
+
+
+def test_a_refused_model_stays_refused_without_decrypting_again(keys):
+    secret, public, path = keys
+    app, context = _app(path, []), _context()
+    model = _model(secret, public, np.full(SIZE, 3.0), max_abs=1e-3)
+    first = app(_message(model, 4, "evaluate"), context)
+    again = app(_message(model, 5, "train"), context)  # the same model, next round's training
+    assert first.error.reason == again.error.reason == f"he_mod: {REFUSAL}"
+    assert _decryptions(context) == 1
+
+
+def test_a_run_decrypts_at_most_the_models_its_flooding_is_sized_for(keys):
+    secret, public, path = keys
+    app, context = _app(path, []), _context()
+    model = _model(secret, public, np.linspace(-1, 1, SIZE))
+    assert not app(_message(model, 1), context).has_error()
+    ledger = dict(context.state.config_records[LEDGER])
+    context.state[LEDGER] = type(context.state.config_records[LEDGER])(
+        {**ledger, "count": MAX_DECRYPTIONS}
+    )
+    reply = app(_message(model, 2), context)
+    assert reply.has_error() and f"decrypted {MAX_DECRYPTIONS} global models" in reply.error.reason
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        "extra chunk",
+        "no server round",
+        "scale -1",
+    ],
+)
+def test_clients_decrypt_only_what_can_be_a_sum_of_fresh_uploads(keys, tamper):
+    secret, public, path = keys
+    values = np.linspace(-1, 1, SIZE)
+    upload = CkksEncoder(secret, workers=1).encrypt(values)
+    chunks, _ = CkksAdder(public).sum_updates([upload], workers=1)
+    msg = _message(_model(secret, public, values, chunks=chunks), 1)
+    if tamper == "extra chunk":
+        msg = _message(_model(secret, public, values, chunks=chunks + chunks), 1)
+    elif tamper == "no server round":
+        msg = client_message(_model(secret, public, values, chunks=chunks), {}, 1, "evaluate")
+    else:
+        vector = ts.ckks_vector_from(public, vector_proto(chunks, 2048, public.global_scale))
+        ciphertext = vector.ciphertext()[0]
+        ciphertext.scale = -1.0
+        msg = _message(_model(secret, public, values, chunks=[_save(ciphertext)]), 1)
+    evaluated = []
+    context = _context()
+    reply = _app(path, evaluated)(msg, context)
+    assert reply.has_error() and not evaluated
+    assert protocol.MODEL_REFUSED not in reply.error.reason
+    assert _decryptions(context) == 0
