@@ -54,12 +54,16 @@ class Checkpoint:
         level.
     result : Result
         The metrics of rounds 1..``server_round`` (``arrays`` as above).
+    evaluated : bool
+        Whether round ``server_round``'s evaluation had ended (False: the checkpoint was
+        written as its ``aggregate_train`` returned, before its model left the server).
     """
 
     server_round: int
     arrays: ArrayRecord
     state: dict = field(default_factory=dict)
     result: Result = field(default_factory=Result)
+    evaluated: bool = True
 
 
 def _write_record(archive: zipfile.ZipFile, prefix: str, record: ArrayRecord) -> list[dict]:
@@ -104,6 +108,7 @@ def save_checkpoint(folder: str | Path, checkpoint: Checkpoint) -> Path:
         state = {
             "version": FORMAT_VERSION,
             "server_round": checkpoint.server_round,
+            "evaluated": checkpoint.evaluated,
             "strategy_state": {
                 k: v for k, v in checkpoint.state.items() if not isinstance(v, ArrayRecord)
             },
@@ -153,6 +158,7 @@ def load_checkpoint(folder: str | Path) -> Checkpoint | None:
                 arrays=result.arrays,
                 state=strategy_state,
                 result=result,
+                evaluated=bool(state.get("evaluated", True)),
             )
     except CheckpointError as err:
         raise CheckpointError(f"{path}: {err}") from err

@@ -30,6 +30,7 @@ from lepton_flwr.strategies.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from lepton_flwr.strategies.last_good import TrainingHeldBackError
 
 from lepton_flwr.dp.accounting import PrivacyBudgetExhausted
 from lepton_flwr.dp.rounds import NodesUnavailableError
@@ -164,13 +165,22 @@ class _RoundOffset:
     """Add ``offset`` to the round numbers a strategy's round methods receive (resume).
 
     Flower's loop numbers rounds from 1; a resumed run continues from ``offset + 1``.
-    ``on_round_start(r)`` runs before round r's ``configure_train`` (checkpoints).
+    ``on_round_start(r)`` runs before round r's ``configure_train``, and
+    ``on_aggregated(r)`` as soon as round r's ``aggregate_train`` returns, before Flower's
+    loop does anything with its model (checkpoints).
     """
 
     NAMES = ("configure_train", "aggregate_train", "configure_evaluate", "aggregate_evaluate")
 
-    def __init__(self, strategy: Strategy, offset: int, on_round_start: Callable[[int], None]):
-        self.strategy, self.offset, self.on_round_start = strategy, offset, on_round_start
+    def __init__(
+        self,
+        strategy: Strategy,
+        offset: int,
+        on_round_start: Callable[[int], None],
+        on_aggregated: Callable[[int], None],
+    ):
+        self.strategy, self.offset = strategy, offset
+        self.on_round_start, self.on_aggregated = on_round_start, on_aggregated
         self._saved: dict[str, object] = {}
 
     def __enter__(self) -> _RoundOffset:
@@ -182,7 +192,10 @@ class _RoundOffset:
                 server_round += self.offset
                 if _name == "configure_train":
                     self.on_round_start(server_round)
-                return _method(server_round, *args)
+                returned = _method(server_round, *args)
+                if _name == "aggregate_train":
+                    self.on_aggregated(server_round)
+                return returned
 
             setattr(self.strategy, name, shifted)
         return self
@@ -202,6 +215,25 @@ class FlowerLoop:
 
     def load_state(self, state: dict) -> None:
         """Take back what :meth:`state` returned (resuming from a checkpoint)."""
+
+    def _evaluate_again(
+        self,
+        server_round: int,
+        arrays: ArrayRecord,
+        config: ConfigRecord | None,
+        grid: Grid,
+        timeout: float,
+    ) -> None:
+        """Federated evaluation of a checkpointed round whose evaluation a crash cut short."""
+        log(
+            INFO,
+            "%s: round %d's model was checkpointed before its evaluation ended; "
+            "evaluating it again (the same model: nothing new is released)",
+            type(self).__name__,
+            server_round,
+        )
+        messages = self.configure_evaluate(server_round, arrays, config or ConfigRecord(), grid)
+        self.aggregate_evaluate(server_round, grid.send_and_receive(messages, timeout=timeout))
 
     def start(
         self,
@@ -225,14 +257,22 @@ class FlowerLoop:
         naming the first failure, instead of a quiet success. Waiting for
         ``min_available_nodes`` (DP strategies) is bounded by ``timeout`` as well: when
         too few nodes connect in that time, training stops as at the budget, with an
-        error line saying how many came.
+        error line saying how many came. So does an HE run whose refused models one
+        dishonest node cannot explain (``TrainingHeldBackError``, logged with the suspects:
+        :mod:`~lepton_flwr.strategies.last_good`); its ``Result`` holds the model clients
+        last accepted.
 
         With ``checkpoint_dir``, the global model, the strategy's :meth:`state` and the
-        metrics so far are written there (``checkpoint.zip``, atomically) before every
-        round and at the end; when the folder already holds a checkpoint, the run
-        resumes after its last round: call ``start`` again with the same arguments and a
+        metrics so far are written there (``checkpoint.zip``, atomically) at the start of
+        every round, at the end, and as soon as a round's ``aggregate_train`` returns:
+        before Flower's loop evaluates the round's model or sends it to any client, so
+        that no model leaves the server before the checkpoint holds it and the accountant
+        that composed it. When the folder already holds a checkpoint, the run resumes
+        after its last round: call ``start`` again with the same arguments and a
         strategy built with the same settings, and the rounds, ε and metrics continue as
-        an uninterrupted run's (``initial_arrays`` is then ignored).
+        an uninterrupted run's (``initial_arrays`` is then ignored). A round whose model
+        was checkpointed is never trained again: if its evaluation did not finish, it is
+        evaluated again (the same model, so nothing new is released).
         """
         name = type(self).__name__
         self.node_wait_timeout = timeout
@@ -249,7 +289,7 @@ class FlowerLoop:
                 num_rounds,
                 Path(checkpoint_dir) / CHECKPOINT_FILE,
             )
-            if done >= num_rounds:
+            if done >= num_rounds and saved.evaluated:
                 return saved.result
         nodes_missing = False
         with RoundObserver(self) as observed:
@@ -259,10 +299,14 @@ class FlowerLoop:
                 observed.aggregated.update(range(1, done + 1))
             observed.result.arrays = initial_arrays
 
-            def save(after_round: int) -> None:
+            def save(after_round: int, evaluated: bool = True) -> None:
                 if checkpoint_dir is not None:
                     checkpoint = Checkpoint(
-                        after_round, observed.result.arrays, self.state(), observed.result
+                        after_round,
+                        observed.result.arrays,
+                        self.state(),
+                        observed.result,
+                        evaluated=evaluated,
                     )
                     save_checkpoint(checkpoint_dir, checkpoint)
 
@@ -270,21 +314,28 @@ class FlowerLoop:
                 evaluate_fn = _recorded(plaintext_only(evaluate_fn, name), observed.result)
                 evaluate_fn = _shifted(evaluate_fn, done)
             try:
-                with _RoundOffset(self, done, lambda server_round: save(server_round - 1)):
+                if saved is not None and not saved.evaluated:
+                    self._evaluate_again(done, initial_arrays, evaluate_config, grid, timeout)
+                with _RoundOffset(
+                    self,
+                    done,
+                    on_round_start=lambda server_round: save(server_round - 1),
+                    on_aggregated=lambda server_round: save(server_round, evaluated=False),
+                ):
                     result = super().start(
                         grid,
                         initial_arrays,
-                        num_rounds - done,
+                        max(0, num_rounds - done),
                         timeout,
                         train_config,
                         evaluate_config,
-                        evaluate_fn,
+                        evaluate_fn,  # Flower's loop calls it on the checkpointed model first
                     )
-                save(num_rounds)
+                save(max(num_rounds, done))
             except PrivacyBudgetExhausted as stop:
                 log(WARNING, "%s: privacy budget reached, training stops: %s", name, stop)
                 result = observed.result
-            except NodesUnavailableError as stop:
+            except (NodesUnavailableError, TrainingHeldBackError) as stop:
                 log(ERROR, "%s: training stops: %s", name, stop)
                 result, nodes_missing = observed.result, True
                 observed.first_failure = observed.first_failure or str(stop)

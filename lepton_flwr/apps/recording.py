@@ -147,6 +147,20 @@ class RoundRows:
         self.finish()
         self._open = (server_round, time.monotonic())
 
+    def reopen(self, server_round: int, train_metrics: MetricRecord | None) -> None:
+        """Open the row of a checkpointed round whose evaluation a crash cut short (resume).
+
+        The resumed run evaluates that round's model again; its row gets the round's
+        training metrics from the checkpoint and is written when the next round starts.
+        Its bytes and seconds count what the resumed run spent on the round (its
+        evaluation), not the training before the crash.
+        """
+        self.finish()
+        self.observer.configured.add(server_round)
+        if train_metrics is not None:
+            self.observer.result.train_metrics_clientapp[server_round] = train_metrics
+        self._open = (server_round, time.monotonic())
+
     def evaluated(self, server_round: int, metrics: MetricRecord | None, seconds: float) -> None:
         """Keep the server-side evaluation of a round."""
         self.central[server_round] = (metrics, seconds)

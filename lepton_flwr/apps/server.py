@@ -74,13 +74,14 @@ def run_server(grid: Grid, cfg: dict, keyholder_secret: str | Path | None = None
     cfg = resumed_config(cfg)
     out_dir = Path(cfg["output_dir"] or default_output_dir(cfg))
     checkpoint_dir = out_dir if cfg["checkpoint"] or cfg["resume"] else None
-    resume_after = None
+    resume_after = saved = None
     if cfg["resume"]:
         saved = load_checkpoint(out_dir)
         if saved is None:
             raise ConfigError(f"resume={out_dir}: no {CHECKPOINT_FILE} there to resume from")
-        resume_after = saved.server_round
-        log(INFO, "[lepton] resuming %s after round %d", out_dir, resume_after)
+        # A round checkpointed before its evaluation ended gets its row again.
+        resume_after = saved.server_round - (not saved.evaluated)
+        log(INFO, "[lepton] resuming %s after round %d", out_dir, saved.server_round)
     recorder = RunRecorder(out_dir, cfg, resume_after)
     try:
         log(INFO, "[lepton] output folder: %s", recorder.out_dir)
@@ -106,6 +107,9 @@ def run_server(grid: Grid, cfg: dict, keyholder_secret: str | Path | None = None
         failure = None
         with RoundObserver(strategy) as observer:
             rows = RoundRows(recording, observer, recorder.record, cfg["num_rounds"])
+            if saved is not None and not saved.evaluated:
+                train_metrics = saved.result.train_metrics_clientapp.get(saved.server_round)
+                rows.reopen(saved.server_round, train_metrics)
             try:
                 result = strategy.start(
                     recording,
