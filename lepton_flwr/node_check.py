@@ -4,21 +4,22 @@ Flower reads a SuperNode's node config only when a ClientApp runs, so a wrong ke
 would surface at the first round, on the server's side. ``lepton-flwr check-node`` (which
 ``deploy/supernode.sh`` runs first) reads everything a node will need, the way the
 ClientApp and Flower will, and refuses to start with a list of what is wrong.
+
+Private keys (``he-secret-context``, the auth key) must be files only their owner has
+access to, never symbolic links; a privacy floor must be a number in its range. The
+write probe of ``state-dir`` creates a new file of a random name (never opening an
+existing path, so a link planted there is not followed) and removes it.
 """
 
 from __future__ import annotations
 
+import os
+import secrets
 from pathlib import Path
 
 from lepton_flwr import protocol
-from lepton_flwr.dp.floor import BelowPrivacyFloorError, node_setting
-
-FLOORS = (
-    protocol.MAX_CLIP_NORM,
-    protocol.MIN_SHARE_NOISE,
-    protocol.DPSGD_MAX_EPSILON,
-    protocol.DPSGD_MIN_NOISE,
-)
+from lepton_flwr.deploy import MAX_KEY_BYTES, open_private_file
+from lepton_flwr.dp.floor import RANGES, BelowPrivacyFloorError, node_setting
 
 
 def _secret_context(path: str) -> str | None:
@@ -27,10 +28,39 @@ def _secret_context(path: str) -> str | None:
     if not Path(path).is_absolute():
         return f"{protocol.SECRET_CONTEXT}={path}: give an absolute path"
     try:
+        open_private_file(path, protocol.SECRET_CONTEXT).close()
+    except ValueError as err:
+        return str(err)
+    except OSError as err:
+        return f"{protocol.SECRET_CONTEXT}={path}: {err}"
+    try:
         load_context(path, expect_secret=True)
     except Exception as err:  # noqa: BLE001 - any failure to load is reported
         return f"{protocol.SECRET_CONTEXT}={path}: {err}"
     return None
+
+
+def _write_probe(folder: Path) -> None:
+    """Create a new file of a random name in ``folder`` and remove it.
+
+    ``O_CREAT | O_EXCL | O_NOFOLLOW``: an existing path, a link included, is never opened;
+    a name that exists is skipped for another.
+
+    Raises
+    ------
+    OSError
+        If no file can be created there.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+    for _ in range(16):
+        probe = folder / f".lepton-write-test-{secrets.token_hex(8)}"
+        try:
+            os.close(os.open(probe, flags, 0o600))
+        except FileExistsError:
+            continue
+        probe.unlink()
+        return
+    raise FileExistsError(f"no new file name free in {folder}")
 
 
 def _folder(key: str, path: str, create: bool) -> str | None:
@@ -38,9 +68,7 @@ def _folder(key: str, path: str, create: bool) -> str | None:
     if create:
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            probe = folder / ".lepton-write-test"
-            probe.write_bytes(b"")
-            probe.unlink()
+            _write_probe(folder)
         except OSError as err:
             return f"{key}={path}: not a writable folder ({err})"
     elif not folder.is_dir():
@@ -85,11 +113,26 @@ def _auth_key(path: str) -> str | None:
     from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
     try:
-        key = load_ssh_private_key(Path(path).read_bytes(), None)
-    except (OSError, ValueError) as err:
+        with open_private_file(path, "auth key") as handle:
+            data = handle.read(MAX_KEY_BYTES + 1)
+    except ValueError as err:
+        return str(err)
+    except OSError as err:
+        return f"auth key {path}: not readable ({err})"
+    try:
+        key = load_ssh_private_key(data, None)
+    except (TypeError, ValueError) as err:
         return f"auth key {path}: not a readable OpenSSH private key ({err})"
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         return f"auth key {path}: not an elliptic-curve key (make one with lepton-flwr node-key)"
+    return None
+
+
+def _floor(node_config: dict, key: str) -> str | None:
+    try:
+        node_setting(node_config, key)
+    except BelowPrivacyFloorError as err:
+        return str(err).split(";")[0]
     return None
 
 
@@ -106,11 +149,7 @@ def check_node(
         problems.append(_folder(protocol.STATE_DIR, str(node_config[protocol.STATE_DIR]), True))
     if node_config.get(protocol.DEVICE):
         problems.append(_device(str(node_config[protocol.DEVICE])))
-    for key in FLOORS:
-        try:
-            node_setting(node_config, key)
-        except BelowPrivacyFloorError as err:
-            problems.append(str(err).split(";")[0])
+    problems.extend(_floor(node_config, key) for key in RANGES)
     if root_certificates:
         problems.append(_certificate(root_certificates))
     if auth_key:
