@@ -37,3 +37,24 @@ def client_message(arrays, config=None, number=1, message_type="train"):
     msg = Message(content, dst_node_id=1, message_type=message_type)
     msg.metadata.__dict__["_message_id"] = f"m{number}"
     return msg
+
+
+def ciphertext_with_scale(chunk, context, scale):
+    """A serialized SEAL ciphertext whose scale field is ``scale``: what any node can send.
+
+    Needs no key: the ciphertext is loaded under the (public) context, its scale field
+    set, and saved again.
+    """
+    import tempfile
+
+    import tenseal.sealapi as sealapi
+
+    seal = context.seal_context().data
+    ciphertext = sealapi.Ciphertext(seal)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "ciphertext"
+        path.write_bytes(chunk)
+        ciphertext.load(seal, str(path))
+        ciphertext.scale = scale
+        ciphertext.save(str(path))
+        return path.read_bytes()

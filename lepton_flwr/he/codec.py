@@ -353,26 +353,26 @@ class CkksAdder:
     ) -> tuple[list[bytes], dict[int, str]]:
         """Load and add chunks ``start:stop`` of every upload.
 
+        Every failure while loading or adding one upload (a ``CiphertextError`` from
+        :meth:`load`, or any other exception) leaves that upload out, with the reason;
+        nothing one upload holds makes this raise.
+
         Returns
         -------
         tuple[list[bytes], dict[int, str]]
             The serialized sums, and the uploads (by index) whose chunks failed to
-            load, with the reason; those are left out of the sums.
+            load or add, with the reason; those are left out of the sums.
         """
         total, errors = None, {}
         for index, chunks in enumerate(uploads):
             try:
                 vector = self.load(chunks[start:stop])
+                # Out of place: an addition that fails half-way leaves the total intact.
+                total = vector if total is None else total + vector
             except CiphertextError as err:
                 errors[index] = str(err)
-                continue
-            if total is None:
-                total = vector
-                continue
-            try:
-                total += vector
-            except (ValueError, RuntimeError) as err:  # anything load's checks missed
-                errors[index] = f"cannot be added to the others ({err})"
+            except Exception as err:  # noqa: BLE001 - one upload, one verdict
+                errors[index] = f"cannot be loaded or added to the others ({err!r})"[:300]
         return ([] if total is None else proto_ciphertexts(total.serialize())), errors
 
     def sum_updates(
@@ -381,7 +381,8 @@ class CkksAdder:
         """Add uploads chunk by chunk, in parallel over chunk ranges.
 
         Every upload must have the same number of chunks. An upload with a chunk that
-        does not load is reported (index -> reason) and left out of the sum.
+        does not load or add, whatever the error, is reported (index -> reason) and left
+        out of the sum (:meth:`sum_range`).
 
         Parameters
         ----------

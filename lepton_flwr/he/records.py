@@ -20,6 +20,13 @@ MAX_HEADER_BYTES = 1 << 20  # 1 MiB: a manifest of ~20,000 tensors; refused unpa
 MAX_CHUNK_BYTES = 1 << 24  # 16 MiB: far above a ciphertext at N = 32768 (about 4 MiB)
 MAX_CHUNKS = 1 << 20  # a billion values at N = 4096
 MAX_VALUES = 1 << 34  # values a manifest may describe (16 billion)
+MAX_DIMS = 64  # numpy's limit on a tensor's dimensions
+HEADER_FIELDS = ("version", "fingerprint", "weight", "max_abs", "num_chunks", "manifest")
+# The dtypes a manifest may name: numpy's numeric types, as str(array.dtype) writes them.
+NUMERIC_DTYPES = frozenset(
+    ("bool", "float16", "float32", "float64", "int8", "int16", "int32", "int64")
+    + ("uint8", "uint16", "uint32", "uint64")
+)
 
 
 def chunk_key(index: int) -> str:
@@ -87,35 +94,38 @@ class EncryptedModel:
 
     @classmethod
     def from_header(cls, header: dict, chunks: list[bytes]) -> EncryptedModel:
-        """Rebuild from a header and chunks, checking the header's fields.
+        """Rebuild from a header and chunks, checking every field's type and range.
 
         Raises
         ------
         CiphertextError
-            If a field is missing or malformed, or the chunk count disagrees.
+            If a field is missing, of another type (a bool, a string or a list where a
+            number is expected), out of range, or the chunk count disagrees.
         """
-        try:
-            if header["version"] != FORMAT_VERSION:
-                raise CiphertextError(f"unsupported format version {header['version']}")
-            manifest = [
-                TensorSpec(str(n), tuple(int(d) for d in shape), str(dt))
-                for n, shape, dt in header["manifest"]
-            ]
-            weight, max_abs = float(header["weight"]), float(header["max_abs"])
-            fingerprint, num_chunks = str(header["fingerprint"]), int(header["num_chunks"])
-        except (KeyError, TypeError, ValueError, OverflowError) as err:
-            raise CiphertextError(f"malformed ciphertext header ({err!r})"[:300]) from err
-        if any(not 0 <= d < 2**31 for spec in manifest for d in spec.shape) or (
-            sum(spec.size for spec in manifest) > MAX_VALUES
-        ):
-            raise CiphertextError("manifest shapes out of range (malformed header)")
+        if not isinstance(header, dict):
+            raise CiphertextError(f"header is a {type(header).__name__}, not an object")
+        missing = [key for key in HEADER_FIELDS if key not in header]
+        if missing:
+            raise _malformed(f"no {', '.join(missing)}")
+        version = header["version"]
+        if not (_is_int(version) and version == FORMAT_VERSION):
+            raise CiphertextError(f"unsupported format version {str(version)[:30]}")
+        fingerprint = header["fingerprint"]
+        if not isinstance(fingerprint, str):
+            raise _malformed(_wrong_type("fingerprint", "a string", fingerprint))
+        weight, max_abs = _number(header, "weight"), _number(header, "max_abs")
         if not (math.isfinite(weight) and weight > 0):
             raise CiphertextError(f"weight must be finite and > 0, got {weight}")
         if not (math.isfinite(max_abs) and max_abs >= 0):
             raise CiphertextError(f"max_abs must be finite and >= 0, got {max_abs}")
+        num_chunks = header["num_chunks"]
+        if not _is_int(num_chunks):
+            raise _malformed(_wrong_type("num_chunks", "an integer", num_chunks))
         if num_chunks != len(chunks):
-            raise CiphertextError(f"header announces {num_chunks} chunks, {len(chunks)} arrived")
-        return cls(manifest, chunks, weight, fingerprint, max_abs)
+            raise CiphertextError(
+                f"header announces {str(num_chunks)[:30]} chunks, {len(chunks)} arrived"
+            )
+        return cls(_manifest(header["manifest"]), chunks, weight, fingerprint, max_abs)
 
     @classmethod
     def from_record(cls, record: ArrayRecord) -> EncryptedModel:
@@ -150,20 +160,72 @@ class EncryptedModel:
         return cls.from_header(header, [record[k].data for k in expected])
 
 
+def _is_int(value: object) -> bool:
+    """An integer, not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _malformed(reason: str) -> CiphertextError:
+    return CiphertextError(f"malformed ciphertext header ({reason})")
+
+
+def _wrong_type(field: str, expected: str, value: object) -> str:
+    return f"'{field}' must be {expected}, got {type(value).__name__}"
+
+
+def _number(header: dict, field: str) -> float:
+    """A header field that must be a number (int or float, not a bool), as a float."""
+    value = header[field]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _malformed(_wrong_type(field, "a number", value))
+    try:
+        return float(value)
+    except OverflowError:  # an integer past float's range
+        raise _malformed(f"'{field}' is out of range") from None
+
+
+def _manifest(entries: object) -> list[TensorSpec]:
+    """The header's manifest: [name, shape, dtype] per tensor, every field checked.
+
+    Names are strings, shapes lists of integers in [0, 2^31), dtypes numeric numpy
+    dtype names, and the tensors hold at most ``MAX_VALUES`` values together.
+    """
+    if not isinstance(entries, list):
+        raise _malformed(_wrong_type("manifest", "a list", entries))
+    manifest, total = [], 0
+    for index, entry in enumerate(entries):
+        if not (isinstance(entry, list) and len(entry) == 3):
+            raise _malformed(f"manifest entry {index} is not [name, shape, dtype]")
+        name, shape, dtype = entry
+        if not (isinstance(name, str) and isinstance(shape, list) and isinstance(dtype, str)):
+            raise _malformed(f"manifest entry {index} is not [name, shape, dtype]")
+        if len(shape) > MAX_DIMS or not all(_is_int(d) and 0 <= d < 2**31 for d in shape):
+            raise _malformed(f"manifest entry {index}: shape out of range")
+        if dtype not in NUMERIC_DTYPES:
+            raise _malformed(f"manifest entry {index}: dtype {dtype[:30]!r} is not numeric")
+        spec = TensorSpec(name, tuple(shape), dtype)
+        total += spec.size  # at most 64 factors below 2^31: cheap whatever the values
+        if total > MAX_VALUES:
+            raise _malformed(f"the manifest describes more than {MAX_VALUES} values")
+        manifest.append(spec)
+    return manifest
+
+
 def parse_header(data: bytes) -> dict:
     """Parse a header's JSON, refusing oversized or malformed input before it costs much.
 
     Raises
     ------
     CiphertextError
-        If it is over ``MAX_HEADER_BYTES``, not JSON, not an object, or holds an integer
-        too long to convert (Python's limit, 4,300 digits).
+        If it is over ``MAX_HEADER_BYTES``, not JSON, not an object, holds an integer
+        too long to convert (Python's limit, 4,300 digits) or nests too deep.
     """
     if len(data) > MAX_HEADER_BYTES:
         raise CiphertextError(f"header of {len(data)} bytes, over the {MAX_HEADER_BYTES} allowed")
     try:
         header = json.loads(data.decode())
-    except (UnicodeDecodeError, ValueError) as err:  # JSONDecodeError, and int digits limit
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        # JSONDecodeError, Python's limit on integer digits, and arrays nested too deep
         raise CiphertextError(f"malformed ciphertext header ({err})"[:300]) from err
     if not isinstance(header, dict):
         raise CiphertextError(f"header is a {type(header).__name__}, not an object")
@@ -186,8 +248,10 @@ def load_encrypted(path: str | Path) -> EncryptedModel:
     Raises
     ------
     CiphertextError
-        Naming the file and the reason: not a zip, a missing or oversized member, a
-        header that announces chunks the file lacks, or more than ``MAX_CHUNKS``.
+        Naming the file and the reason: not a zip (or a damaged one), a missing or
+        oversized member, a malformed header (:meth:`EncryptedModel.from_header`), a
+        header that announces chunks the file lacks, or more than ``MAX_CHUNKS``; never
+        another exception, whatever the file holds.
     """
     try:
         with zipfile.ZipFile(path) as archive:
@@ -198,11 +262,14 @@ def load_encrypted(path: str | Path) -> EncryptedModel:
             chunks = [
                 _member(archive, f"{chunk_key(i)}.seal", MAX_CHUNK_BYTES) for i in range(count)
             ]
-    except (zipfile.BadZipFile, OSError) as err:
-        raise CiphertextError(f"{path}: not a readable encrypted model ({err})") from err
     except CiphertextError as err:
         raise CiphertextError(f"{path}: {err}") from err
-    return EncryptedModel.from_header(header, chunks)
+    except Exception as err:  # noqa: BLE001 - zipfile raises many kinds on a damaged file
+        raise CiphertextError(f"{path}: not a readable encrypted model ({err!r})"[:300]) from err
+    try:
+        return EncryptedModel.from_header(header, chunks)
+    except CiphertextError as err:
+        raise CiphertextError(f"{path}: {err}") from err
 
 
 def _member(archive: zipfile.ZipFile, name: str, limit: int) -> bytes:
