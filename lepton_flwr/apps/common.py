@@ -10,25 +10,43 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from lepton_flwr import protocol
-from lepton_flwr.config import ConfigError, load_config
+from lepton_flwr.config import ConfigError, load_run_config
 from lepton_flwr.data import CentralData, load_dataset
 from lepton_flwr.models import build_model
 
 OVERRIDES_KEY = "hydra-overrides"
-# Where a node keeps its files is set in its node config, never by the run's launcher.
-NODE_ONLY_KEYS = {
-    "dataset.root": "data-root",
-    "he.secret_context_path": "he-secret-context",
-}
 
 
 @lru_cache(maxsize=8)
-def _config_for_overrides(overrides: str) -> dict:
-    return load_config(overrides)
+def _config_for_overrides(overrides: str, on_server: bool) -> dict:
+    return load_run_config(overrides, on_server)
 
 
-def config_from_context(context: Context) -> dict:
-    """Compose the run's config from the ``hydra-overrides`` run-config key (``flwr run``)."""
+def config_from_context(context: Context, on_server: bool = False) -> dict:
+    """Compose the run's config from the ``hydra-overrides`` run-config key (``flwr run``).
+
+    Whoever launches a run chooses its run config, so the overrides are data: each one
+    must set a key a run may set (``lepton_flwr.config.RUN_KEYS``; the ServerApp also
+    takes ``SERVER_KEYS``, which nodes leave out) to a plain value, or pick a packaged
+    group choice; nothing is resolved, and nothing composed may hold an interpolation.
+    Paths on a node (``dataset.root``, ``he.secret_context_path``) come from its node
+    config only.
+
+    Parameters
+    ----------
+    context : Context
+        The app's Flower context.
+    on_server : bool
+        The ServerApp's config (where the run writes, its public key); else a node's.
+
+    Raises
+    ------
+    KeyError
+        If the run config holds keys other than ours.
+    ConfigError
+        Naming the override's key and the reason, never a value: the message of an
+        exception a ClientApp raises is sent back to the server.
+    """
     unknown = sorted(set(context.run_config) - {OVERRIDES_KEY, protocol.SECRET_CONTEXT})
     if unknown:
         raise KeyError(
@@ -37,22 +55,16 @@ def config_from_context(context: Context) -> dict:
             f"'{OVERRIDES_KEY}=\"dataset=digits num_rounds=3\"'."
         )
     overrides = str(context.run_config.get(OVERRIDES_KEY, ""))
-    if "${" in overrides:
-        # A run's config comes from whoever launched it; resolving an interpolation on a
-        # node would let them read the node's environment (${oc.env:...}) back in an error.
-        raise ValueError(
-            f"'{OVERRIDES_KEY}' holds an interpolation ('${{...}}'); run-config overrides "
-            f"take plain values only, and nodes never resolve interpolations sent to them."
+    try:
+        return _config_for_overrides(overrides, on_server)
+    except Exception as err:  # noqa: BLE001 - a library's own message may quote a value
+        why = (
+            err.reason
+            if isinstance(err, ConfigError)
+            else f"the config cannot be composed ({type(err).__name__})"
         )
-    for token in overrides.split():
-        key = token.split("=", 1)[0].lstrip("+~")
-        if key in NODE_ONLY_KEYS:
-            raise ValueError(
-                f"'{OVERRIDES_KEY}' sets {key}, a path on the nodes; nodes take it from their "
-                f"own node config only (flower-supernode --node-config "
-                f"\"{NODE_ONLY_KEYS[key]}='/path'\")."
-            )
-    return _config_for_overrides(overrides)
+        reason = f"'{OVERRIDES_KEY}' refused: {why}"
+        raise ConfigError(reason, reason) from err
 
 
 # Settings a resumed run may change: where it writes, how long it waits, how far it goes.
