@@ -161,7 +161,7 @@ def make_server_app(
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        config = cfg if cfg is not None else config_from_context(context)
+        config = cfg if cfg is not None else config_from_context(context, on_server=True)
         run_server(grid, config, keyholder_secret)
 
     return server_app
