@@ -20,7 +20,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from lepton_flwr.strategies.encrypted_sum import the_arrays, the_metrics
 from lepton_flwr.strategies.fedavg_args import evaluation_off_by_default, refuse_fraction_train
-from lepton_flwr.strategies.metrics import clients_metrics
+from lepton_flwr.strategies.metrics import checked_evaluation, clients_metrics
 from lepton_flwr.strategies.reply_checks import plaintext_tensors
 from lepton_flwr.strategies.round_loop import FlowerLoop
 
@@ -311,6 +311,12 @@ class DPFedAvg(FlowerLoop, FedAvg):
                 self.train_metrics_aggr_fn, accepted, self.weighted_by_key, "DPFedAvg", server_round
             )
         return arrays, MetricRecord({**metrics, **rounds.privacy_metrics(), **figures})
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Each evaluation reply checked alone; metrics over what the kept ones share."""
+        return checked_evaluation(self, server_round, replies)
 
     def summary(self) -> None:
         """Log the privacy settings."""

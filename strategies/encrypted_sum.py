@@ -11,7 +11,7 @@ import tenseal as ts
 import tenseal.sealapi  # noqa: F401 - registers SEAL types (Modulus) with Python
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.common.logger import log
-from lepton_flwr.strategies.reply_checks import ReplyError
+from lepton_flwr.strategies.reply_checks import ReplyError, the_record
 
 from lepton_flwr.he.codec import CiphertextError, CkksAdder, TensorSpec, flatten, manifest_of
 from lepton_flwr.he.keys import fingerprint, load_context
@@ -21,27 +21,13 @@ from lepton_flwr.he.records import EncryptedModel, is_encrypted
 ReplyCheck = Callable[[Message, EncryptedModel], None]
 
 
-def the_record(msg: Message, record_type: type) -> ArrayRecord | MetricRecord:
-    """A reply's one record of a type (Flower's reply contract: one of each).
-
-    Raises
-    ------
-    CiphertextError
-        If there is not exactly one.
-    """
-    records = [r for r in msg.content.values() if isinstance(r, record_type)]
-    if len(records) != 1:
-        raise CiphertextError(f"expected one {record_type.__name__}, got {len(records)}")
-    return records[0]
-
-
 def the_arrays(msg: Message) -> ArrayRecord:
-    """A reply's one ArrayRecord (raises ``CiphertextError`` otherwise)."""
+    """A reply's one ArrayRecord (raises ``ReplyError`` otherwise)."""
     return the_record(msg, ArrayRecord)
 
 
 def the_metrics(msg: Message) -> MetricRecord:
-    """A reply's one MetricRecord (raises ``CiphertextError`` otherwise)."""
+    """A reply's one MetricRecord (raises ``ReplyError`` otherwise)."""
     return the_record(msg, MetricRecord)
 
 
@@ -123,7 +109,7 @@ class EncryptedSum:
 
         Raises
         ------
-        CiphertextError
+        CiphertextError, ReplyError
             Saying what is wrong with it.
         """
         try:
@@ -213,7 +199,8 @@ class EncryptedSum:
             Added to the sum as well (HE + DP adds the encrypted global model).
         check_reply : Callable[[Message, EncryptedModel], None] | None
             The strategy's own check of a reply; raises ``CiphertextError`` or
-            ``ReplyError`` to reject it.
+            ``ReplyError`` to reject it (any other exception rejects it too, logged
+            with its type: nothing one reply holds ends the round).
 
         Returns
         -------
@@ -233,6 +220,9 @@ class EncryptedSum:
                     check_reply(msg, update)
             except (CiphertextError, ReplyError) as err:
                 self.reject(server_round, msg, err)
+                continue
+            except Exception as err:  # noqa: BLE001 - one reply, one verdict
+                self.reject(server_round, msg, f"cannot be read ({err!r})"[:300])
                 continue
             candidates.append((msg, update))
         candidates = self._within_headroom(server_round, candidates, extra)

@@ -14,7 +14,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from lepton_flwr.strategies.encrypted_sum import EncryptedSum, the_metrics
 from lepton_flwr.strategies.last_good import LastGoodModel
-from lepton_flwr.strategies.metrics import clients_metrics
+from lepton_flwr.strategies.metrics import checked_evaluation, clients_metrics
 from lepton_flwr.strategies.reply_checks import example_count
 from lepton_flwr.strategies.round_loop import FlowerLoop
 
@@ -24,7 +24,7 @@ from lepton_flwr.he.records import EncryptedModel, is_encrypted
 
 
 class ExplainsEncryptedEvaluation:
-    """FedAvg's evaluation, plus a log line when clients fail on the encrypted model.
+    """Federated evaluation, each reply checked alone, with a log line when clients fail.
 
     For HE strategies (put it before ``FedAvg`` among the bases): the usual cause is an
     HE mod attached to ``@app.train`` only, so the evaluate handler gets ciphertexts.
@@ -39,8 +39,15 @@ class ExplainsEncryptedEvaluation:
         self._evaluated = arrays
         return super().configure_evaluate(server_round, arrays, config, grid)
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord:
-        """FedAvg's, after explaining replies that failed on the encrypted model."""
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Explain replies that failed on the encrypted model; check each reply alone.
+
+        Each evaluation reply is checked alone and only the metrics the kept replies
+        share are aggregated (:func:`~lepton_flwr.strategies.metrics.checked_evaluation`):
+        one reply with another metric key than the rest cannot end the run.
+        """
         replies = list(replies)
         failed = [m for m in replies if m.has_error()]
         if failed and self._evaluated is not None and is_encrypted(self._evaluated):
@@ -56,7 +63,7 @@ class ExplainsEncryptedEvaluation:
                 failed[0].metadata.src_node_id,
                 failed[0].error.reason,
             )
-        return super().aggregate_evaluate(server_round, replies)
+        return checked_evaluation(self, server_round, replies)
 
 
 class HEFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):

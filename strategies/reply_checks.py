@@ -6,14 +6,31 @@ reply alone (one log line naming the node) and the round goes on with the others
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
-from flwr.app import ArrayRecord, MetricRecord
+from flwr.app import ArrayRecord, Message, MetricRecord
+
+MAX_EXAMPLES = 10_000_000  # default largest example count a reply may claim
 
 
 class ReplyError(ValueError):
     """A reply that a strategy rejects; the message says why."""
+
+
+def the_record(msg: Message, record_type: type) -> ArrayRecord | MetricRecord:
+    """A reply's one record of a type (Flower's reply contract: one of each).
+
+    Raises
+    ------
+    ReplyError
+        If there is not exactly one.
+    """
+    records = [r for r in msg.content.values() if isinstance(r, record_type)]
+    if len(records) != 1:
+        raise ReplyError(f"expected one {record_type.__name__}, got {len(records)}")
+    return records[0]
 
 
 def example_count(metrics: MetricRecord, key: str, max_examples: int, minimum: int = 1) -> int:
@@ -22,18 +39,39 @@ def example_count(metrics: MetricRecord, key: str, max_examples: int, minimum: i
     Raises
     ------
     ReplyError
-        If it is missing, not a whole number (a list, 2.5, NaN) or out of range.
+        If it is missing, not a whole number (a list, 2.5, NaN, a bool) or out of range
+        (integers of any size are compared exactly).
     """
     count = metrics.get(key)
     if count is None:
         raise ReplyError(f"no '{key}' in the reply's metrics")
-    if isinstance(count, bool) or not (
-        isinstance(count, int | float) and np.isfinite(count) and float(count).is_integer()
-    ):
+    whole = isinstance(count, int) or (
+        isinstance(count, float) and math.isfinite(count) and count.is_integer()
+    )
+    if isinstance(count, bool) or not whole:
         raise ReplyError(f"'{key}' must be a whole number, got {str(count)[:40]}")
     if not minimum <= count <= max_examples:
-        raise ReplyError(f"'{key}' = {count:.0f} is not in [{minimum}, {max_examples}]")
+        raise ReplyError(f"'{key}' = {str(count)[:40]} is not in [{minimum}, {max_examples}]")
     return int(count)
+
+
+def reply_metrics(
+    msg: Message, weighted_by_key: str, max_examples: int = MAX_EXAMPLES, minimum: int = 1
+) -> MetricRecord:
+    """The reply's one ``MetricRecord``, whose weight (``weighted_by_key``) is checked.
+
+    Training replies weigh at least 1 example (``minimum=1``), evaluation replies at
+    least 0 (a client without test data).
+
+    Raises
+    ------
+    ReplyError
+        If the reply has not exactly one ``MetricRecord``, or its weight fails
+        :func:`example_count`.
+    """
+    metrics = the_record(msg, MetricRecord)
+    example_count(metrics, weighted_by_key, max_examples, minimum)
+    return metrics
 
 
 def plaintext_tensors(record: ArrayRecord, reference: Sequence[tuple[str, tuple]]) -> list:

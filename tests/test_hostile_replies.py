@@ -7,6 +7,7 @@ the CKKS headroom.
 """
 
 import logging
+import math
 
 import numpy as np
 import pytest
@@ -287,7 +288,7 @@ def _plain_app(mods):
         (_count([1, 2]), "whole number"),
         (_nan_weights, "holds NaN or Inf"),
         (_unknown_array_type, "cannot be read as numbers"),
-        (_loss_as_list, None),  # a valid update: kept; the metrics are not aggregated
+        (_loss_as_list, None),  # a valid update: kept; its loss is left out of the metrics
     ],
 )
 def test_checked_fedavg_rejects_one_bad_reply_and_the_round_goes_on(caplog, corrupt, reason):
@@ -301,8 +302,9 @@ def test_checked_fedavg_rejects_one_bad_reply_and_the_round_goes_on(caplog, corr
         grid, _start(), num_rounds=2
     )
     assert np.allclose(result.arrays["w"].numpy(), 2 * SHIFT)
-    if reason is None:
-        assert "metrics were not aggregated" in caplog.text
+    if reason is None:  # before: all the round's metrics were dropped
+        held = "'train-loss' (a number: nodes 100, 102; a list of 2: nodes 101)"
+        assert f"left out: {held}" in caplog.text
     else:
         assert "rejected the training reply of node 101" in caplog.text and reason in caplog.text
 
@@ -349,3 +351,268 @@ def test_a_minority_claiming_to_refuse_a_good_model_changes_nothing(keys, caplog
     assert "falling back" not in caplog.text
     # Both rounds aggregated the two honest clients: every weight moved twice.
     assert np.allclose(decrypt_arrays(result.arrays, keys[0])["w"].numpy(), 2 * SHIFT, atol=1e-4)
+
+
+# ---- issue 18, item 3: one reply must not end the run ---------------------------------
+
+
+def _metrics_app(mods):
+    """A client reporting training and evaluation metrics; weights differ by node.
+
+    Node 100 + i trains on i + 1 examples and evaluates a loss of its node id on i + 1
+    examples, so that a mean shows which nodes it counted.
+    """
+    app = ClientApp(mods=list(mods))
+
+    @app.train()
+    def train(msg, context):
+        new = {k: Array(v.numpy() + SHIFT) for k, v in msg.content["arrays"].items()}
+        count = context.node_id - 99
+        metrics = MetricRecord({"num-examples": count, "train-loss": float(context.node_id)})
+        return Message(RecordDict({"arrays": ArrayRecord(new), "metrics": metrics}), reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg, context):
+        count = context.node_id - 99
+        metrics = {"num-examples": count, "loss": float(context.node_id), "accuracy": 0.5}
+        return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+    return app
+
+
+def _node_101_metrics(phase, change):
+    """A mod outside every other: node 101's ``phase`` reply gets ``change(metrics)``."""
+
+    def mod(msg, context, call_next):
+        reply = call_next(msg, context)
+        if context.node_id == 101 and msg.metadata.message_type == phase:
+            name = next(k for k, r in reply.content.items() if isinstance(r, MetricRecord))
+            reply.content = change(reply.content, name)
+        return reply
+
+    return mod
+
+
+def _one_key_more(content, name):
+    return RecordDict({**content, name: MetricRecord({**content[name], "extra": 1.0})})
+
+
+def _one_key_less(content, name):
+    kept = {k: v for k, v in content[name].items() if k not in ("train-loss", "accuracy")}
+    return RecordDict({**content, name: MetricRecord(kept)})
+
+
+def _strategy(name, keys, evaluate):
+    """Each of our strategies, for 3 nodes, with federated evaluation on or off."""
+    from lepton_flwr.strategies import CheckedFedAvg, DPFedAvg
+
+    common = dict(min_available_nodes=NODES, fraction_evaluate=1.0 if evaluate else 0.0)
+    dp = dict(noise_multiplier=0.5, delta=1e-3, sample_rate=1.0, sampling="fixed")
+    if name == "fedavg":
+        return CheckedFedAvg(**common), []
+    if name == "he_fedavg":
+        return _he_fedavg(keys, **common), [make_he_mod(keys[0], workers=1)]
+    if name == "he_dp_fedavg":
+        strategy = HEDPFedAvg(keys[1], clip_norm=1.0, workers=1, **dp, **common)
+        return strategy, [make_he_dp_mod(keys[0], workers=1)]
+    return DPFedAvg(seed=0, release_client_metrics=True, **dp, **common), []
+
+
+@pytest.mark.parametrize("change", ["one key more", "one key less"])
+@pytest.mark.parametrize("phase", ["train", "evaluate"])
+@pytest.mark.parametrize("name", ["fedavg", "he_fedavg", "he_dp_fedavg", "dp_fedavg"])
+def test_one_reply_with_other_metric_keys_leaves_out_those_keys_only(
+    keys, caplog, name, phase, change
+):
+    """Before: Flower's reply-consistency check raised and ended the run (training under
+    CheckedFedAvg, evaluation under every strategy); the HE and DP strategies averaged a
+    key that one reply lacked as if the others had sent 0."""
+    caplog.set_level(logging.WARNING, logger="flwr")
+    strategy, mods = _strategy(name, keys, evaluate=phase == "evaluate")
+    corrupt = _one_key_more if change == "one key more" else _one_key_less
+    app = _metrics_app([_node_101_metrics(phase, corrupt), *mods])
+    result = strategy.start(InProcessGrid(app, NODES), _start(), num_rounds=1)
+    every_node = 101 + 1 / 3  # (100 + 2·101 + 3·102) / 6: node 101 is counted
+    if phase == "evaluate":
+        metrics = result.evaluate_metrics_clientapp[1]
+        assert metrics["loss"] == pytest.approx(every_node)
+        left_out = "extra" if change == "one key more" else "accuracy"
+    else:
+        metrics = result.train_metrics_clientapp[1]
+        if name in ("he_dp_fedavg", "dp_fedavg"):
+            counted = "clients-reported" if name == "he_dp_fedavg" else "clients-accepted"
+            assert metrics[counted] == NODES
+        if name == "he_dp_fedavg":  # its replies carry public values only: none averaged
+            assert "extra" not in metrics and "train-loss" not in metrics
+            return
+        if name != "dp_fedavg":  # the model is the mean of all three updates
+            arrays = result.arrays if name == "fedavg" else decrypt_arrays(result.arrays, keys[0])
+            assert np.allclose(arrays["w"].numpy(), SHIFT, atol=1e-4)
+        if change == "one key more":
+            assert metrics["train-loss"] == pytest.approx(every_node)
+        left_out = "extra" if change == "one key more" else "train-loss"
+    assert left_out not in metrics
+    held = "a number: nodes 101" if change == "one key more" else "missing: nodes 101"
+    assert f"left out: '{left_out}' (" in caplog.text and held in caplog.text
+
+
+def _two_metric_records(content, name):
+    return RecordDict({**content, "zzz": MetricRecord({"num-examples": 1})})
+
+
+def _no_metric_record(content, name):
+    return RecordDict({k: r for k, r in content.items() if k != name})
+
+
+def _evaluation_count(value):
+    def change(content, name):
+        return RecordDict({**content, name: MetricRecord({**content[name], "num-examples": value})})
+
+    return change
+
+
+def _without_count(content, name):
+    kept = {k: v for k, v in content[name].items() if k != "num-examples"}
+    return RecordDict({**content, name: MetricRecord(kept)})
+
+
+@pytest.mark.parametrize("name", ["fedavg", "he_fedavg"])
+@pytest.mark.parametrize(
+    ("corrupt", "reason"),
+    [
+        (_two_metric_records, "expected one MetricRecord, got 2"),
+        (_no_metric_record, "expected one MetricRecord, got 0"),
+        (_without_count, "no 'num-examples'"),
+        (_evaluation_count(-1), "is not in [0,"),
+        (_evaluation_count(10**30), "is not in [0,"),
+        (_evaluation_count(2.5), "whole number"),
+        (_evaluation_count([1, 2]), "whole number"),
+    ],
+)
+def test_a_malformed_evaluation_reply_is_rejected_alone(keys, caplog, name, corrupt, reason):
+    """Before: Flower's check raised for the whole round (or a count of 10^30 raised a
+    TypeError in numpy); now node 101's reply is left out, the others' loss is the mean."""
+    caplog.set_level(logging.WARNING, logger="flwr")
+    strategy, mods = _strategy(name, keys, evaluate=True)
+    app = _metrics_app([_node_101_metrics("evaluate", corrupt), *mods])
+    result = strategy.start(InProcessGrid(app, NODES), _start(), num_rounds=1)
+    assert "rejected the evaluation metrics of node 101" in caplog.text and reason in caplog.text
+    loss = result.evaluate_metrics_clientapp[1]["loss"]
+    assert loss == pytest.approx((100 * 1 + 102 * 3) / 4)  # nodes 100 and 102 only
+
+
+def test_a_failing_metrics_aggregation_leaves_the_round_without_metrics(keys, caplog):
+    """Before: an exception in evaluate_metrics_aggr_fn ended an HEFedAvg run."""
+    caplog.set_level(logging.WARNING, logger="flwr")
+
+    def broken(records, weighted_by_key):
+        raise ZeroDivisionError("the weights sum to zero")
+
+    strategy = _he_fedavg(keys, fraction_evaluate=1.0, evaluate_metrics_aggr_fn=broken)
+    app = _metrics_app([make_he_mod(keys[0], workers=1)])
+    result = strategy.start(InProcessGrid(app, NODES), _start(), num_rounds=2)
+    assert "the clients' metrics were not aggregated: ZeroDivisionError" in caplog.text
+    assert dict(result.evaluate_metrics_clientapp[2]) == {}
+    assert np.allclose(decrypt_arrays(result.arrays, keys[0])["w"].numpy(), 2 * SHIFT, atol=1e-4)
+
+
+@pytest.mark.parametrize("reported", [float("nan"), -1.0, [0.5, 0.5]])
+def test_an_unreadable_client_epsilon_counts_as_infinite_and_names_its_node(caplog, reported):
+    """Before: node 100's NaN, first in the replies, made the round's client ε NaN (max
+    keeps its first argument when comparisons fail), hiding nodes 101 and 102's 2.0 and 3.0."""
+    from lepton_flwr.strategies import CheckedFedAvg, aggregate_train_metrics
+
+    caplog.set_level(logging.WARNING, logger="flwr")
+
+    def epsilon(msg, context, call_next):
+        reply = call_next(msg, context)
+        if msg.metadata.message_type == "train":
+            value = reported if context.node_id == 100 else float(context.node_id - 99)
+            metrics = MetricRecord({**reply.content["metrics"], "client-epsilon": value})
+            reply.content = RecordDict({**reply.content, "metrics": metrics})
+        return reply
+
+    strategy = CheckedFedAvg(
+        min_available_nodes=NODES,
+        fraction_evaluate=0.0,
+        train_metrics_aggr_fn=aggregate_train_metrics,
+    )
+    result = strategy.start(InProcessGrid(_metrics_app([epsilon]), NODES), _start(), num_rounds=1)
+    assert result.train_metrics_clientapp[1]["client-epsilon"] == math.inf
+    assert "'client-epsilon' from nodes 100" in caplog.text
+
+
+def test_the_round_epsilon_is_the_largest_and_never_nan():
+    from lepton_flwr.strategies import aggregate_train_metrics
+
+    def round_epsilon(*epsilons):
+        records = [
+            RecordDict({"metrics": MetricRecord({"num-examples": 1, "client-epsilon": e})})
+            for e in epsilons
+        ]
+        return aggregate_train_metrics(records, "num-examples")["client-epsilon"]
+
+    assert round_epsilon(1.0, 3.0, 2.0) == 3.0
+    for hostile in (float("nan"), -1.0, float("-inf")):
+        assert round_epsilon(hostile, 1.0, 2.0) == round_epsilon(1.0, 2.0, hostile) == math.inf
+    assert round_epsilon(1.0, float("inf")) == math.inf  # a client without DP-SGD noise
+
+
+def _forged_upload(forge):
+    """A mod outside the HE mod: node 101's training reply gets ``forge(arrays)``."""
+
+    def mod(msg, context, call_next):
+        reply = call_next(msg, context)
+        if context.node_id == 101 and msg.metadata.message_type == "train":
+            arrays = forge(reply.content["arrays"])
+            reply.content = RecordDict({**reply.content, "arrays": arrays})
+        return reply
+
+    return mod
+
+
+def _scale_minus_one(public_path):
+    from conftest import ciphertext_with_scale
+
+    from lepton_flwr.he.keys import load_context
+
+    public = load_context(public_path, expect_secret=False)
+
+    def forge(arrays):
+        model = EncryptedModel.from_record(arrays)
+        model.chunks[0] = ciphertext_with_scale(model.chunks[0], public, -1.0)
+        return model.to_record()
+
+    return forge
+
+
+def _nested_header(arrays):
+    from lepton_flwr.he.records import META_KEY, META_STYPE
+
+    text = b'{"version": 1, "manifest": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    header = Array(dtype="uint8", shape=(len(text),), stype=META_STYPE, data=text)
+    return ArrayRecord({**dict(arrays.items()), META_KEY: header})
+
+
+@pytest.mark.parametrize("name", ["he_fedavg", "he_dp_fedavg"])
+@pytest.mark.parametrize(
+    ("forgery", "reason"),
+    [("scale -1", "has scale -1"), ("header nested too deep", "malformed ciphertext header")],
+)
+def test_a_forged_upload_is_rejected_alone_and_the_run_completes(
+    keys, caplog, name, forgery, reason
+):
+    """Before: a scale of -1 (any node, no key needed) raised a ValueError while the server
+    formatted it, and a header nested 100,000 deep a RecursionError: both ended the run."""
+    caplog.set_level(logging.WARNING, logger="flwr")
+    forge = _scale_minus_one(keys[1]) if forgery == "scale -1" else _nested_header
+    strategy, mods = _strategy(name, keys, evaluate=False)
+    app = _metrics_app([_forged_upload(forge), *mods])
+    result = strategy.start(InProcessGrid(app, NODES), _start(), num_rounds=2)
+    assert caplog.text.count("rejected the reply of node 101") == 2, caplog.text
+    assert reason in caplog.text
+    if name == "he_fedavg":  # the two others carried both rounds
+        decrypted = decrypt_arrays(result.arrays, keys[0])["w"].numpy()
+        assert np.allclose(decrypted, 2 * SHIFT, atol=1e-4)
+    else:
+        assert [result.train_metrics_clientapp[r]["clients-reported"] for r in (1, 2)] == [2, 2]
