@@ -616,3 +616,20 @@ def test_a_forged_upload_is_rejected_alone_and_the_run_completes(
         assert np.allclose(decrypted, 2 * SHIFT, atol=1e-4)
     else:
         assert [result.train_metrics_clientapp[r]["clients-reported"] for r in (1, 2)] == [2, 2]
+
+
+def test_a_reply_whose_check_raises_anything_is_rejected_alone(keys, caplog):
+    """Before: a noise std sent as a list made HEDPFedAvg's check raise a TypeError, which
+    ended the run; EncryptedSum now rejects the reply whatever its checks raise."""
+    caplog.set_level(logging.WARNING, logger="flwr")
+
+    def std_as_list(content, name):
+        metrics = content[name]
+        changed = {**metrics, "dp-share-std": [metrics["dp-share-std"]]}
+        return RecordDict({**content, name: MetricRecord(changed)})
+
+    strategy, mods = _strategy("he_dp_fedavg", keys, evaluate=False)
+    app = _metrics_app([_node_101_metrics("train", std_as_list), *mods])
+    result = strategy.start(InProcessGrid(app, NODES), _start(), num_rounds=1)
+    assert "rejected the reply of node 101: cannot be read (TypeError" in caplog.text
+    assert result.train_metrics_clientapp[1]["clients-reported"] == NODES - 1
