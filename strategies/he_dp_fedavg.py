@@ -16,7 +16,7 @@ from flwr.serverapp.strategy import FedAvg
 from lepton_flwr.strategies.encrypted_sum import EncryptedSum, the_metrics
 from lepton_flwr.strategies.fedavg_args import evaluation_off_by_default, refuse_fraction_train
 from lepton_flwr.strategies.he_fedavg import ExplainsEncryptedEvaluation
-from lepton_flwr.strategies.last_good import LastGoodModel
+from lepton_flwr.strategies.last_good import LastGoodModel, Verdict
 from lepton_flwr.strategies.round_loop import FlowerLoop
 
 from lepton_flwr import protocol
@@ -41,8 +41,34 @@ class HEDPFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
     line naming the node, and is never added; so is a reply that fails any check of
     ``HEFedAvg``; shares are added only while their public bounds keep the sum within
     the CKKS headroom. Clients refuse a decrypted model that is not finite or passes the
-    bound the sum allows; when half of a round's replies refuse, the server falls back
-    to the last model clients accepted (logged; nothing released, no ε spent).
+    bound the sum allows; when more than half of a round's replies, and at least two,
+    refuse, the server falls back to the last model clients accepted and leaves suspects
+    out of the next rounds until the node at fault is found and excluded, as
+    ``HEFedAvg`` does (:mod:`~lepton_flwr.strategies.last_good`).
+
+    ε of refused models: the round in which clients refuse releases nothing (its shares
+    are never added) and spends no ε, nor does a round that adds nothing (disputed, too
+    few shares). The refused model itself stays accounted: clients decrypted it, and the
+    node that made it be refused, holding the key, can subtract its own upload and read
+    the others' noisy sum, an ordinary release; giving its ε back would let that node
+    collect releases for free, every fallback retraining the same clients with fresh
+    noise. What bounds this cost: one dishonest node makes at most 1 + ⌈log2 m⌉ models
+    be refused (m: the shares in the first) before it is excluded, and ``max_epsilon``
+    bounds the whole run.
+
+    What one share can move. The server checks that each header declares the public
+    bound B = (C + 10σ)/d, but cannot see values. Clients check the decrypted model against
+    the bound of the whole sum, M_t: the initial model's largest value plus B for every
+    share added in every round so far; no released model passes ±M_t, whatever its shares
+    hold. An honest share moves each value by at most B (its clipped update, of L2 norm at
+    most C/d, plus its noise); a share at +B on every one of n values moves the model by
+    B√n in L2, (1 + 10σ/C)√n times what a clipped update can. A key holder's dishonest
+    share can go further, up to what the sum's bound leaves: r·B on every value in round
+    1 (r shares, initial model 0), M_t − |θ| in round t. Nothing tighter can be checked
+    here: an L2 bound on a share would take zero-knowledge proofs over ciphertexts; B
+    cannot be lower without clamping honest shares (one clipped update may put all of C
+    on one value, and its own noise needs the 10σ tail); and a bound on the noise of the
+    sum (10σ√r rather than r·10σ) binds no single client, who clamps its own share only.
 
     Colluders and dropouts: a client that reported knows its own share and can subtract
     it from the decrypted model, so only the others' shares protect anyone from it. σ is
@@ -188,9 +214,16 @@ class HEDPFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
             server_round, wait_for_nodes(grid, self.min_available_nodes, self.node_wait_timeout)
         )
         self._sampled = len(sampled)
+        c = self.tolerated_colluders
+        # Suspects left out count as sampled nodes that do not report: the sampling, and
+        # with it the accounting, is unchanged.
+        sampled = self.last_good.leave_out(
+            server_round,
+            sampled,
+            lambda n: math.floor(n * (1 - self.dropout_rate)) > c and n >= self.min_train_nodes,
+        )
         self._global = self.encrypted_sum.encrypted(arrays)
         self.last_good.sent(server_round, arrays)
-        c = self.tolerated_colluders
         planned = math.floor(len(sampled) * (1 - self.dropout_rate))
         if planned <= c:
             log(
@@ -280,9 +313,11 @@ class HEDPFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Add the encrypted noisy shares to the encrypted global model; account the noise."""
         replies = list(replies)
-        if self.last_good.fall_back(server_round, replies):  # nothing released: no ε spent
+        verdict = self.last_good.judge(server_round, replies)
+        if verdict is not Verdict.ACCEPTED:  # nothing released: no ε spent
             figures = {protocol.CLIENTS_SAMPLED: self._sampled, protocol.CLIENTS_REPORTED: 0}
-            return self.last_good.model, MetricRecord({**self.rounds.privacy_metrics(), **figures})
+            fallback = self.last_good.model if verdict is Verdict.REFUSED else None
+            return fallback, MetricRecord({**self.rounds.privacy_metrics(), **figures})
         accepted, total = self.encrypted_sum.add(
             server_round, replies, extra=self._global, check_reply=self._check_share
         )
@@ -302,6 +337,7 @@ class HEDPFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
             return None, MetricRecord({**self.rounds.privacy_metrics(), **figures})
         z_present = self._noise_present(reported)
         epsilon = self.rounds.record(z_present)
+        self.last_good.produced(m.metadata.src_node_id for m in accepted)
         figures[protocol.NOISE_MULTIPLIER_PRESENT] = z_present
         figures[protocol.NOISE_STD_PRESENT] = z_present * self.clip_norm / self.rounds.denominator
         if z_present < self.rounds.noise_multiplier * (1 - 1e-9):

@@ -13,9 +13,9 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from lepton_flwr.strategies.encrypted_sum import EncryptedSum, the_metrics
-from lepton_flwr.strategies.last_good import LastGoodModel
+from lepton_flwr.strategies.last_good import LastGoodModel, Verdict
 from lepton_flwr.strategies.metrics import checked_evaluation, clients_metrics
-from lepton_flwr.strategies.reply_checks import example_count
+from lepton_flwr.strategies.reply_checks import ReplyError, example_count
 from lepton_flwr.strategies.round_loop import FlowerLoop
 
 from lepton_flwr import protocol
@@ -80,9 +80,14 @@ class HEFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
     weight times that bound, and adds replies only while the sum of those bounds stays
     within the CKKS headroom (the largest replies are rejected first), so no client can
     make the sum wrap around. Clients refuse a decrypted model that is not finite or
-    passes the bound (an upload under another key, say); when at least half of a
-    round's replies refuse, the server falls back to the last model clients accepted
-    (logged). Evaluation is federated: ``start`` skips a server-side
+    passes the bound (an upload under another key, say); when more than half of a
+    round's replies, and at least two, refuse, the server falls back to the last model
+    clients accepted (logged), and finds the node at fault by leaving suspects out of the
+    next rounds (:mod:`~lepton_flwr.strategies.last_good`: one dishonest node makes at
+    most 1 + ⌈log2 m⌉ models be refused, m the nodes in the first, and is then excluded;
+    refusals from a minority, or of a model sent in the clear, change nothing; a node
+    that is half of a round's replies can make that round add nothing).
+    Evaluation is federated: ``start`` skips a server-side
     ``evaluate_fn`` once the model is encrypted (one log line), and ``Result.arrays`` is
     the encrypted final model (``lepton_flwr.he.save_encrypted_arrays`` writes it,
     ``lepton_flwr.he.decrypt_arrays`` decrypts it with the secret context).
@@ -92,8 +97,8 @@ class HEFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
     carry another key's fingerprint, come in the wrong number, hold plaintext tensors
     (no ``he_mod`` on the client), describe a model whose tensor names, shapes or dtypes
     differ from the global one, lack the ``weighted_by_key`` metric (a whole number in
-    [1, ``max_examples``]), or declare a weight or bound the server does not derive
-    from it. With fewer than
+    [1, ``max_examples``]), declare a weight or bound the server does not derive from
+    it, or weigh more than ``max_weight_ratio`` times the round's median. With fewer than
     ``min_train_nodes`` valid replies the round is skipped and the global model kept;
     replies whose bounds would take the sum past the CKKS headroom are rejected, largest
     first, and the round goes on with the rest.
@@ -112,6 +117,15 @@ class HEFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
         server counts ``weight × b`` per reply against the CKKS headroom.
     max_examples : int (default: 10,000,000)
         Largest example count a reply may claim; counts must be whole numbers from 1.
+    max_weight_ratio : float | None (default: 10.0)
+        A reply whose example count is more than this many times the round's median
+        count (the lower median of the replies whose count can be read) is rejected, so
+        that one client cannot own the model by claiming a huge count. The weight is
+        encrypted into the ciphertext by the client, so the server cannot clip it: it
+        rejects. Of the n replies of a round, ⌊n/2⌋ others weigh at least the median, so
+        one reply's share of the weight is at most r / (r + ⌊n/2⌋) for r =
+        ``max_weight_ratio`` (n = 10: 67 %). Raise it for federations whose
+        honest sizes differ more; None turns it off.
     headroom_fraction : float (default: 0.5)
         Largest share of the CKKS headroom that the bound on the summed values may use;
         replies that would exceed it are rejected, largest first (CKKS would wrap around
@@ -135,9 +149,17 @@ class HEFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
         weight_scale: float = 100.0,
         value_bound: float = 100.0,
         max_examples: int = 10_000_000,
+        max_weight_ratio: float | None = 10.0,
         **fedavg_kwargs,
     ):
         super().__init__(**fedavg_kwargs)
+        if max_weight_ratio is not None and not (
+            math.isfinite(max_weight_ratio) and max_weight_ratio >= 1
+        ):
+            raise ValueError(
+                f"max_weight_ratio must be a finite number >= 1, or None, got {max_weight_ratio}."
+            )
+        self.max_weight_ratio = max_weight_ratio
         if not weight_scale > 0:
             raise ValueError(f"weight_scale must be > 0, got {weight_scale}.")
         if not (isinstance(max_examples, int) and max_examples >= 1):
@@ -176,7 +198,13 @@ class HEFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
             self.encrypted_sum.adder.slots,
             self.fingerprint,
         )
-        log(INFO, "\t└──> bound on summed values: %.3g", self.headroom)
+        log(INFO, "\t├──> bound on summed values: %.3g", self.headroom)
+        log(
+            INFO,
+            "\t└──> weights: %s per example, at most %s times the round's median",
+            1 / self.weight_scale,
+            self.max_weight_ratio,
+        )
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -188,12 +216,43 @@ class HEFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
             config[protocol.WEIGHTED_BY] = self.weighted_by_key
         config[protocol.WEIGHT_SCALE] = self.weight_scale
         config[protocol.VALUE_BOUND] = self.value_bound
-        return super().configure_train(server_round, arrays, config, grid)
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        kept = set(
+            self.last_good.leave_out(
+                server_round,
+                [m.metadata.dst_node_id for m in messages],
+                lambda nodes: nodes >= max(1, self.min_train_nodes),
+            )
+        )
+        return [m for m in messages if m.metadata.dst_node_id in kept]
 
-    def _check_weight(self, msg: Message, update: EncryptedModel) -> None:
+    def _weight_cap(self, replies: list[Message]) -> float | None:
+        """The largest example count a reply of this round may claim (None: no cap)."""
+        if self.max_weight_ratio is None:
+            return None
+        counts = []
+        for msg in replies:
+            if msg.has_error():
+                continue
+            try:
+                metrics = the_metrics(msg)
+                counts.append(example_count(metrics, self.weighted_by_key, self.max_examples))
+            except (CiphertextError, ReplyError):
+                continue  # rejected with its reason when it is checked
+        if not counts:
+            return None
+        return self.max_weight_ratio * sorted(counts)[(len(counts) - 1) // 2]
+
+    def _check_weight(self, msg: Message, update: EncryptedModel, cap: float | None = None) -> None:
         """The server derives the weight from the example count; the header must agree."""
         key = self.weighted_by_key
         count = example_count(the_metrics(msg), key, self.max_examples)
+        if cap is not None and count > cap:
+            raise ReplyError(
+                f"{key} = {count} is more than max_weight_ratio = {self.max_weight_ratio:g} "
+                f"times the round's median ({cap:.6g} at most): one client cannot own the "
+                f"model (raise max_weight_ratio if such sizes are honest)"
+            )
         expected = float(count) / self.weight_scale
         if not math.isclose(update.weight, expected, rel_tol=1e-9):
             raise CiphertextError(
@@ -211,10 +270,14 @@ class HEFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Add the valid encrypted updates; return the encrypted weighted sum."""
         replies = list(replies)
-        if self.last_good.fall_back(server_round, replies):
+        verdict = self.last_good.judge(server_round, replies)
+        if verdict is Verdict.REFUSED:
             return self.last_good.model, None
+        if verdict is Verdict.DISPUTED:
+            return None, None
+        cap = self._weight_cap(replies)
         accepted, total = self.encrypted_sum.add(
-            server_round, replies, check_reply=self._check_weight
+            server_round, replies, check_reply=lambda m, u: self._check_weight(m, u, cap)
         )
         if len(accepted) < max(1, self.min_train_nodes):
             log(
@@ -226,6 +289,7 @@ class HEFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
                 self.min_train_nodes,
             )
             return None, None
+        self.last_good.produced(m.metadata.src_node_id for m in accepted)
         metrics = clients_metrics(
             self.train_metrics_aggr_fn, accepted, self.weighted_by_key, "HEFedAvg", server_round
         )

@@ -15,6 +15,7 @@ from lepton_flwr.strategies.checkpoint import (
     CheckpointError,
     load_checkpoint,
 )
+from lepton_flwr.strategies.last_good import Verdict
 
 from lepton_flwr import protocol
 from lepton_flwr.apps.inprocess import InProcessGrid
@@ -173,7 +174,7 @@ def test_an_he_dp_run_resumes_with_the_same_epsilon_and_a_ciphertext_only_checkp
         Error(code=0, reason=f"he_dp_mod: {protocol.MODEL_REFUSED}: a value reaches 9e9"),
         reply_to=client_message(saved.arrays),
     )
-    assert again.last_good.fall_back(4, [refusal] * NODES)
+    assert again.last_good.judge(4, [refusal] * NODES) is Verdict.REFUSED
     assert [a.data for a in again.last_good.model.values()] == [a.data for a in fallback.values()]
     resumed = _he_dp(keys).start(
         CrashingGrid(_app(mods), NODES), _start(), ROUNDS, checkpoint_dir=folder

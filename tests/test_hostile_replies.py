@@ -175,7 +175,9 @@ def test_an_example_count_that_would_overflow_the_sum_rejects_that_reply_only(ke
         metrics = MetricRecord({"num-examples": 10})
         return Message(RecordDict({"arrays": ArrayRecord(new), "metrics": metrics}), reply_to=msg)
 
-    result = _he_fedavg(keys).start(InProcessGrid(app, NODES), _start(), num_rounds=1)
+    # Without the weight cap, which would reject it first (tests/test_hostile_clients.py).
+    strategy = _he_fedavg(keys, max_weight_ratio=None)
+    result = strategy.start(InProcessGrid(app, NODES), _start(), num_rounds=1)
     assert "rejected the reply of node 101" in caplog.text
     assert "past the safe CKKS bound" in caplog.text
     assert np.allclose(decrypt_arrays(result.arrays, keys[0])["w"].numpy(), SHIFT, atol=1e-4)
