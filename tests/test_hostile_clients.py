@@ -344,3 +344,43 @@ def test_one_he_dp_share_moves_the_model_by_what_the_docstring_says(
     moved = model - 7 * SHIFT / 4
     assert np.allclose(moved, values_for(bound), atol=0.005)
     assert np.linalg.norm(moved) == pytest.approx(values_for(bound) * math.sqrt(SIZE), rel=0.02)
+
+
+# ---- through the runner ---------------------------------------------------------------------
+
+
+def test_the_runner_stops_on_a_culprit_it_cannot_leave_out_and_keeps_the_last_good_model(
+    tmp_path, keys, caplog
+):
+    """digits_smoke needs all 3 nodes each round: node 101's dishonest uploads are refused
+    twice, then training stops with the model last accepted (the initial one) saved."""
+    from lepton_flwr.apps.client import make_client_app
+    from lepton_flwr.apps.server import run_server
+    from lepton_flwr.config import load_config
+
+    caplog.set_level(logging.INFO, logger="flwr")
+    he = f"strategy=he_fedavg he.secret_context_path={keys[0]} he.public_context_path={keys[1]}"
+    cfg = load_config(f"+experiment=digits_smoke {he} num_rounds=6 output_dir={tmp_path / 'r'}")
+    app = make_client_app(cfg)
+    encoder, own = encoder_for(keys[0], workers=1)
+
+    def client(msg, context):
+        reply = app(msg, context)
+        if context.node_id == 101 and msg.metadata.message_type == "train":
+            if not reply.has_error():
+                honest = EncryptedModel.from_record(reply.content["arrays"])
+                values = np.zeros(honest.num_values, dtype=np.float32)
+                values[0] = 5e4
+                forged = EncryptedModel(
+                    honest.manifest, encoder.encrypt(values), honest.weight, own, honest.max_abs
+                )
+                reply.content["arrays"] = forged.to_record()
+        return reply
+
+    # As the simulation runner does, the server also plays the key holder that tests
+    # each decrypted model: a refused one is not tested, and does not end the run.
+    out = run_server(InProcessGrid(client, num_nodes=3), cfg, keyholder_secret=keys[0])
+    assert caplog.text.count("falling back to the last good global model") == 2
+    assert "the refused model holds them all" in caplog.text
+    assert "key holder: round 1's model not tested" in caplog.text
+    assert (out / "model.pt").is_file()  # the initial model, the last one clients accepted
