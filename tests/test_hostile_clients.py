@@ -239,6 +239,36 @@ def test_a_node_that_is_half_of_every_round_stalls_it_then_training_stops(keys, 
     assert not is_encrypted(result.arrays)
 
 
+@pytest.mark.parametrize(("values", "accepted"), [(2.5, True), (3.5, False)])
+def test_a_key_holder_can_put_the_he_fedavg_model_anywhere_within_the_bound(
+    keys, caplog, values, accepted
+):
+    """What the README leaves unprotected: one of 3 equal clients, honest header (weight ×
+    b, b = 1), may encrypt values past ±b as long as the decrypted mean stays within ±b."""
+    caplog.set_level(logging.INFO, logger="flwr")
+
+    def encrypt(honest):
+        encoder, own = encoder_for(keys[0], workers=1)
+        forged = np.full(SIZE, values, dtype=np.float32)
+        model = EncryptedModel.from_record(
+            encrypt_update(ArrayRecord({"w": Array(forged)}), honest.weight, encoder, own)
+        )
+        model.max_abs = honest.max_abs
+        return model
+
+    culprit = Culprit(101, _ignoring_message(encrypt), rounds={1})
+    grid = InProcessGrid(_app([culprit, make_he_mod(keys[0], workers=1)]), 3)
+    strategy = _he_fedavg(keys, nodes=3, value_bound=1.0)
+    result = strategy.start(grid, _start(), num_rounds=2)
+    if not accepted:
+        assert "falling back to the last good global model, sent in round 1" in caplog.text
+        return
+    assert "falling back" not in caplog.text
+    # Round 1's mean (2.5 + 2 × SHIFT) / 3 = 0.84; round 2 adds SHIFT (clamped to ±1).
+    model = decrypt_arrays(result.arrays, keys[0])["w"].numpy()
+    assert np.allclose(model, (values + 2 * SHIFT) / 3 + SHIFT, atol=1e-3)
+
+
 # ---- weights ------------------------------------------------------------------------------
 
 
