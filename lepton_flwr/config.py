@@ -172,6 +172,7 @@ RUN_KEYS: dict[str, Kind] = {
     "he.scale_bits": INT,
     "he.weight_scale": NUMBER,
     "he.value_bound": NUMBER,
+    "he.max_weight_ratio": NUMBER | NULL,
     "he.headroom_fraction": NUMBER,
     "he.seeded": BOOL,
     "simulation.num_supernodes": INT | NULL,
@@ -383,6 +384,7 @@ HE_ARGUMENTS = (
     "scale_bits",
     "weight_scale",
     "value_bound",
+    "max_weight_ratio",
 )
 PRIVACY_ARGUMENTS = (
     "noise_multiplier",
@@ -522,6 +524,12 @@ def validate_config(cfg: dict[str, Any]) -> None:
             0 < he["headroom_fraction"] <= 1,
             "he.headroom_fraction must be in (0, 1]",
             he["headroom_fraction"],
+        )
+        ratio = he.get("max_weight_ratio")
+        _require(
+            ratio is None or (math.isfinite(ratio) and ratio >= 1),
+            "he.max_weight_ratio must be a finite number >= 1, or null",
+            ratio,
         )
 
     _validate_privacy(cfg)

@@ -147,3 +147,17 @@ def test_round_timeout_is_configurable_and_checked():
     assert load_config("round_timeout=120")["round_timeout"] == 120
     with pytest.raises(ConfigError, match="round_timeout must be > 0"):
         load_config("round_timeout=0")
+
+
+def test_he_max_weight_ratio_reaches_hefedavg_and_is_checked(tmp_path):
+    from lepton_flwr.apps.build import build_strategy
+    from lepton_flwr.he import CKKSParams, write_keys
+
+    _, public = write_keys(CKKSParams(), tmp_path)
+    base = f"strategy=he_fedavg he=ckks he.public_context_path={public}"
+    assert build_strategy(load_config(base)).max_weight_ratio == 10.0
+    assert build_strategy(load_config(f"{base} he.max_weight_ratio=null")).max_weight_ratio is None
+    loans = load_config(f"+experiment=loans_linreg {base}")  # California: 10.4x the median
+    assert build_strategy(loans).max_weight_ratio == 20.0
+    with pytest.raises(ConfigError, match="he.max_weight_ratio must be"):
+        load_config(f"{base} he.max_weight_ratio=0.5")

@@ -62,6 +62,7 @@ def _he_fedavg(cfg: dict) -> Strategy:
         workers=he["workers"],
         weight_scale=he["weight_scale"],
         value_bound=he["value_bound"],
+        max_weight_ratio=he["max_weight_ratio"],
         **_fedavg_arguments(cfg["strategy"]),
     )
 
