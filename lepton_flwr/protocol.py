@@ -30,6 +30,7 @@ DPSGD_NOISE_MULTIPLIER = "dpsgd-noise-multiplier"
 
 # ---- error replies (client -> server) ---------------------------------------------------
 MODEL_REFUSED = "refused the global model"  # in the reason: a decryption failed the bound
+FLOOR_REFUSAL = "privacy floor: "  # the reason's start: the node's own floor said no
 
 # ---- node config / run config (per SuperNode, per run) ----------------------------------
 SECRET_CONTEXT = "he-secret-context"  # path of the clients' secret CKKS context
@@ -44,6 +45,7 @@ MAX_CLIP_NORM = "dp-max-clip-norm"  # HE + DP: largest C accepted
 DPSGD_MAX_EPSILON = "dpsgd-max-epsilon"  # DP-SGD: largest cumulative ε the node will spend
 DPSGD_MIN_NOISE = "dpsgd-min-noise-multiplier"  # DP-SGD: least noise multiplier accepted
 DPSGD_DELTA = "dpsgd-delta"  # DP-SGD: the δ at which the node computes its own ε
+ALLOW_EVALUATION = "allow-evaluation"  # false: no federated evaluation (default under a floor)
 
 # ---- node state (context.state, never sent) ---------------------------------------------
 DPSGD_STATE = "lepton-dpsgd"  # DP-SGD: the client's accountant history

@@ -22,6 +22,7 @@ from lepton_flwr.he.codec import _save, vector_proto
 from lepton_flwr.he.keys import create_secret_context, fingerprint, secret_context_bytes
 from lepton_flwr.mods import make_he_mod
 from lepton_flwr.mods.decryptions import LEDGER, MAX_DECRYPTIONS, REFUSAL
+from lepton_flwr.mods.he_mod import HANDLER_FAILED
 
 SIZE = 12
 
@@ -165,7 +166,7 @@ def test_a_run_decrypts_at_most_the_models_its_flooding_is_sized_for(keys):
     context.state[LEDGER] = type(context.state.config_records[LEDGER])(
         {**ledger, "count": MAX_DECRYPTIONS}
     )
-    reply = app(_message(model, 2), context)
+    reply = app(_message(_model(secret, public, np.linspace(-2, 2, SIZE)), 2), context)
     assert reply.has_error() and f"decrypted {MAX_DECRYPTIONS} global models" in reply.error.reason
 
 
@@ -198,3 +199,50 @@ def test_clients_decrypt_only_what_can_be_a_sum_of_fresh_uploads(keys, tamper):
     assert reply.has_error() and not evaluated
     assert protocol.MODEL_REFUSED not in reply.error.reason
     assert _decryptions(context) == 0
+
+
+def test_the_last_accepted_model_is_served_again_without_decrypting(keys):
+    """The fallback after a refused model: the model the client accepted before."""
+    secret, public, path = keys
+    evaluated = []
+    app, context = _app(path, evaluated), _context()
+    good = _model(secret, public, np.linspace(-1, 1, SIZE))
+    bad = _model(secret, public, np.full(SIZE, 3.0), max_abs=1e-3)
+    assert not app(_message(good, 1, "evaluate"), context).has_error()
+    assert app(_message(bad, 2, "evaluate"), context).error.reason == f"he_mod: {REFUSAL}"
+    reply = app(_message(good, 3, "train"), context)  # round 3 trains on the fallback
+    assert not reply.has_error(), reply.error.reason
+    assert _decryptions(context) == 2
+
+
+def test_what_a_handler_says_about_a_decrypted_model_stays_on_the_client(keys):
+    """Before: a handler's exception text (a value of the model) reached the server."""
+    secret, public, path = keys
+    app = ClientApp(mods=[make_he_mod(path, workers=1)])
+
+    @app.evaluate()
+    def evaluate(msg, context):
+        raise ValueError(f"weight 3 is {msg.content['arrays']['w'].numpy()[3]!r}")
+
+    context = _context()
+    reply = app(_message(_model(secret, public, np.linspace(-1, 1, SIZE)), 1), context)
+    assert reply.has_error() and reply.error.reason == f"he_mod: {HANDLER_FAILED}"
+    assert _decryptions(context) == 1  # the ledger survives the handler's failure
+
+
+def test_an_he_training_reply_carries_only_public_metrics(keys):
+    """Before: HE-FedAvg replies carried train-loss, a function of the decrypted model."""
+    secret, public, path = keys
+    app = ClientApp(mods=[make_he_mod(path, workers=1)])
+
+    @app.train()
+    def train(msg, context):
+        arrays = msg.content["arrays"]
+        loss = float(arrays["w"].numpy().sum())
+        metrics = MetricRecord({"num-examples": 10, "train-loss": loss, "my-metric": 1.0})
+        return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+    model = _model(secret, public, np.linspace(-1, 1, SIZE))
+    reply = app(_message(model, 2, "train"), _context())
+    assert not reply.has_error(), reply.error.reason
+    assert dict(reply.content["metrics"]) == {"num-examples": 10}

@@ -185,3 +185,44 @@ def test_the_nodes_epsilon_is_at_its_own_delta_not_the_launchers():
     assert reply.has_error() and "dpsgd-max-epsilon" in reply.error.reason
     own_delta = {**NODE, protocol.DPSGD_MAX_EPSILON: limit, protocol.DPSGD_DELTA: 2e-3}
     assert not app(message, _context(own_delta)).has_error()
+
+
+def _evaluating_app(mods, evaluated):
+    app = ClientApp(mods=mods)
+
+    @app.evaluate()
+    def evaluate(msg, context):
+        evaluated.append(True)
+        return Message(RecordDict({"metrics": MetricRecord({"num-examples": 1})}), reply_to=msg)
+
+    return app
+
+
+@pytest.mark.parametrize(
+    ("node_config", "answers"),
+    [
+        ({}, True),
+        ({protocol.MAX_CLIP_NORM: 1.0}, False),
+        ({protocol.DPSGD_MAX_EPSILON: 3.0}, False),
+        ({protocol.MAX_CLIP_NORM: 1.0, protocol.ALLOW_EVALUATION: "true"}, True),
+        ({protocol.ALLOW_EVALUATION: False}, False),
+        ({protocol.ALLOW_EVALUATION: "maybe"}, False),
+    ],
+)
+def test_evaluation_is_refused_under_a_floor_unless_the_node_opts_in(node_config, answers):
+    """Before: a node with a floor answered evaluation of any plaintext model: ten bias-only
+    models gave the node's exact test-label histogram."""
+    evaluated = []
+    app = _evaluating_app([privacy_floor_mod], evaluated)
+    reply = app(client_message(_weights(), {}, 1, "evaluate"), _context(node_config))
+    assert reply.has_error() != answers and bool(evaluated) == answers
+
+
+@pytest.mark.parametrize("raw", ["", True, "1_0", "\u0661", "0x10", " ", "nan", "inf"])
+def test_a_floor_value_is_a_plain_number_or_refused(raw):
+    """Before: '' turned the floor off; True, '1_0' and Arabic-Indic digits were numbers."""
+    trained = []
+    app = _user_app([privacy_floor_mod, dp_share_mod], trained)
+    reply = app(client_message(_weights(), SHARE_REQUEST), _context({protocol.MAX_CLIP_NORM: raw}))
+    assert reply.has_error() and "is not a finite number" in reply.error.reason
+    assert not trained

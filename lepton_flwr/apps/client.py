@@ -107,7 +107,9 @@ def handle_train(
             require_dpsgd(context.node_config, cfg["privacy"])  # refuses under a DP-SGD floor
             loss = train(model, data.x_train, data.y_train, **options)
     except (BelowPrivacyFloorError, LostHistoryError) as err:
-        reason = f"dpsgd: {err}"
+        # Both depend on the node's state, never on the model: marked so that he_mod sends them.
+        marker = "" if isinstance(err, BelowPrivacyFloorError) else protocol.FLOOR_REFUSAL
+        reason = f"dpsgd: {marker}{err}"
         log(ERROR, reason)
         error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason)
         return Message(error, reply_to=msg)

@@ -20,6 +20,7 @@ default ``DEFAULT_NODE_DELTA``), never at the launcher's.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 
 from lepton_flwr import protocol
@@ -38,7 +39,14 @@ RANGES = {
 
 
 class BelowPrivacyFloorError(ValueError):
-    """A server's request that this node's privacy floor does not allow."""
+    """A server's request that this node's privacy floor does not allow.
+
+    Its text starts with ``protocol.FLOOR_REFUSAL``: it depends on the node's settings
+    and the request, never on a model the node decrypted, so ``he_mod`` lets it through.
+    """
+
+    def __init__(self, reason: str):
+        super().__init__(f"{protocol.FLOOR_REFUSAL}{reason}")
 
 
 def node_setting(node_config: Mapping, key: str) -> float | None:
@@ -50,12 +58,9 @@ def node_setting(node_config: Mapping, key: str) -> float | None:
         If it is set but not a finite number in its range (a floor must never be
         silently off, nor mean nothing, like ``dp-max-clip-norm=-1``).
     """
-    if key not in node_config or node_config[key] in ("", None):
+    if node_config.get(key) is None:
         return None
-    try:
-        value = float(node_config[key])
-    except (TypeError, ValueError):
-        value = math.nan
+    value = _number(node_config[key])
     if not math.isfinite(value):
         raise BelowPrivacyFloorError(
             f"node config {key}={node_config[key]!r} is not a finite number; nothing was sent"
@@ -67,6 +72,24 @@ def node_setting(node_config: Mapping, key: str) -> float | None:
             f"node config {key}={value:g} is not in {interval}; nothing was sent"
         )
     return value
+
+
+NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def _number(raw: object) -> float:
+    """A node-config number: an int or float, or a plain ASCII decimal string; else NaN.
+
+    An empty string, a bool, ``1_0``, hex or non-ASCII digits are not numbers here: a
+    floor set by mistake must not be silently off, nor mean something else.
+    """
+    if isinstance(raw, bool):
+        return math.nan
+    if isinstance(raw, int | float):
+        return float(raw)
+    if isinstance(raw, str) and NUMBER.fullmatch(raw.strip()) and raw.strip().isascii():
+        return float(raw)
+    return math.nan
 
 
 def floor_keys(node_config: Mapping, keys: tuple[str, ...]) -> list[str]:
@@ -90,6 +113,46 @@ def require_noise_share(node_config: Mapping, train_config: Mapping) -> None:
             f"this node sets {', '.join(keys)}: it trains only for requests that ask for an "
             f"HE + DP noise share ({protocol.NOISE_SHARE_STD}), and this one asks for none; "
             f"nothing was trained or sent"
+        )
+
+
+def evaluation_allowed(node_config: Mapping) -> bool:
+    """Whether this node answers federated evaluation.
+
+    ``allow-evaluation`` in the node config (true or false) decides; without it, a node
+    that sets a privacy floor does not evaluate: evaluation metrics are exact functions of
+    the node's data, outside every ε, and under HE of a model the server may have crafted.
+
+    Raises
+    ------
+    BelowPrivacyFloorError
+        If ``allow-evaluation`` is set to something other than true or false.
+    """
+    raw = node_config.get(protocol.ALLOW_EVALUATION)
+    if raw is None:
+        return not (floor_keys(node_config, SHARE_FLOOR) or floor_keys(node_config, DPSGD_FLOOR))
+    if isinstance(raw, bool):
+        return raw
+    if str(raw).strip().lower() in ("true", "false"):
+        return str(raw).strip().lower() == "true"
+    raise BelowPrivacyFloorError(
+        f"node config {protocol.ALLOW_EVALUATION}={raw!r} is not true or false; nothing was sent"
+    )
+
+
+def require_evaluation(node_config: Mapping) -> None:
+    """Refuse federated evaluation on a node that does not allow it (see above).
+
+    Raises
+    ------
+    BelowPrivacyFloorError
+        Naming the setting.
+    """
+    if not evaluation_allowed(node_config):
+        raise BelowPrivacyFloorError(
+            f"this node does not answer federated evaluation (its metrics are exact functions "
+            f"of its data, outside ε; a node with a privacy floor opts in with "
+            f"{protocol.ALLOW_EVALUATION}=true); nothing was evaluated"
         )
 
 

@@ -10,10 +10,11 @@ decrypts through :func:`decrypt_once`:
   carries the model of round r − 1 (the one it trains on), an evaluation message of round
   r the model of round r (which round r + 1 trains on);
 - a client decrypts at most one model per round number, and only for a round later than
-  any it decrypted before; the same ciphertexts, sent again for that round (evaluated in
-  round r, trained on in round r + 1), are served from the node's state without
-  decrypting again; other ciphertexts for a round it has decrypted, or for an earlier
-  round, are refused without decrypting;
+  any it decrypted before; other ciphertexts for a round it has decrypted, or for an
+  earlier round, are refused without decrypting;
+- the last model it accepted is kept in the node's state and served again, whatever the
+  round, without decrypting (evaluated in round r, trained on in round r + 1; sent again
+  as the fallback after a refused model): no new decryption, nothing new to learn;
 - a model it refused (past its bound) stays refused, with the same fixed reason;
 - over a run it decrypts at most ``MAX_DECRYPTIONS`` models (the number of decryptions
   the flooding of :mod:`lepton_flwr.he.publish` is sized for).
@@ -37,8 +38,8 @@ from lepton_flwr.he.publish import DECRYPTIONS
 from lepton_flwr.mods.common import ModError, is_train, train_config
 
 MAX_DECRYPTIONS = DECRYPTIONS
-LEDGER = "lepton-he-decryptions"  # ConfigRecord: round, digest, refused, count
-KEPT_MODEL = "lepton-he-decrypted-model"  # ArrayRecord: the plaintext of that round
+LEDGER = "lepton-he-decryptions"  # ConfigRecord: round, digest, count, accepted (a digest)
+KEPT_MODEL = "lepton-he-decrypted-model"  # ArrayRecord: the last model it accepted
 REFUSAL = (
     f"{protocol.MODEL_REFUSED}: its decrypted values are not finite or pass the bound of "
     f"its encrypted sum"
@@ -105,17 +106,17 @@ def decrypt_once(
     round_number = model_round(msg)
     fingerprint = digest(record)
     ledger = context.state.config_records.get(LEDGER)
+    if ledger and fingerprint == str(ledger["accepted"]):  # no new decryption: nothing new
+        return _kept(context)
     count = int(ledger["count"]) if ledger else 0
+    accepted = str(ledger["accepted"]) if ledger else ""
     if ledger and round_number == int(ledger["round"]):
-        if str(ledger["digest"]) != fingerprint:
-            raise ModError(
-                f"already decrypted a global model for round {round_number}; another one "
-                f"for the same round is refused without decrypting"
-            )
-        if bool(ledger["refused"]):
+        if str(ledger["digest"]) == fingerprint:  # accepted ones were served above
             raise RefusedModelError()
-        kept = context.state.array_records[KEPT_MODEL]
-        return ArrayRecord(dict(kept.items()))  # the handler may change its own record
+        raise ModError(
+            f"already decrypted a global model for round {round_number}; another one "
+            f"for the same round is refused without decrypting"
+        )
     if ledger and round_number < int(ledger["round"]):
         raise ModError(
             f"a global model for round {round_number}, after one for round "
@@ -127,13 +128,16 @@ def decrypt_once(
             f"flooding of published decryptions is sized for; nothing more is decrypted"
         )
     entry = {"round": round_number, "digest": fingerprint, "count": count + 1}
-    if KEPT_MODEL in context.state.array_records:
-        del context.state[KEPT_MODEL]
     try:
         plain = decrypt()
     except RefusedModelError:
-        context.state[LEDGER] = ConfigRecord({**entry, "refused": True})
+        context.state[LEDGER] = ConfigRecord({**entry, "accepted": accepted})
         raise
-    context.state[LEDGER] = ConfigRecord({**entry, "refused": False})
+    context.state[LEDGER] = ConfigRecord({**entry, "accepted": fingerprint})
     context.state[KEPT_MODEL] = plain
-    return ArrayRecord(dict(plain.items()))
+    return _kept(context)
+
+
+def _kept(context: Context) -> ArrayRecord:
+    """The last model this client accepted (a copy: the handler may change its record)."""
+    return ArrayRecord(dict(context.state.array_records[KEPT_MODEL].items()))

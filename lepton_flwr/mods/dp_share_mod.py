@@ -34,6 +34,34 @@ from lepton_flwr.mods.common import (
 )
 
 
+def check_share_floor(msg: Message, context: Context) -> tuple[float, float, float, float]:
+    """The request's (C, σ, 1/d, B), checked against the node's privacy floor.
+
+    Raises
+    ------
+    ModError
+        If a value is missing or not a number, or the request is below the floor.
+    """
+    config = train_config(msg)
+    try:
+        values = tuple(
+            float(config[key])
+            for key in (
+                protocol.CLIPPING_NORM,
+                protocol.NOISE_SHARE_STD,
+                protocol.UPDATE_SCALE,
+                protocol.SHARE_BOUND,
+            )
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        raise ModError(f"the train config lacks a valid {err}") from err
+    try:
+        check_share_request(context.node_config, values[0], values[1])
+    except BelowPrivacyFloorError as err:
+        raise ModError(str(err)) from err
+    return values
+
+
 @replies_with_errors("dp_share_mod")
 def dp_share_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Replace the trained weights by ``(clip(θ' − θ, C) + N(0, σ²)) / d``.
@@ -57,17 +85,7 @@ def dp_share_mod(msg: Message, context: Context, call_next: ClientAppCallable) -
         except BelowPrivacyFloorError as err:
             raise ModError(str(err)) from err
         return call_next(msg, context)
-    try:
-        clip_norm = float(config[protocol.CLIPPING_NORM])
-        share_std = float(config[protocol.NOISE_SHARE_STD])
-        scale = float(config[protocol.UPDATE_SCALE])
-        bound = float(config[protocol.SHARE_BOUND])
-    except (KeyError, TypeError, ValueError) as err:
-        raise ModError(f"the train config lacks a valid {err}") from err
-    try:
-        check_share_request(context.node_config, clip_norm, share_std)
-    except BelowPrivacyFloorError as err:
-        raise ModError(str(err)) from err
+    clip_norm, share_std, scale, bound = check_share_floor(msg, context)
     reply, received, update = train_and_diff(msg, context, call_next)
     if update is None:
         return reply

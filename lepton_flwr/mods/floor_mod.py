@@ -6,7 +6,9 @@ noise share. ``dp_share_mod``, ``he_mod`` and ``he_dp_mod`` enforce that themsel
 mod enforces it for an app that runs none of them, or runs them only on some handlers.
 It refuses, before the handler runs, every training request without a noise share, and
 refuses to send a training reply that is not a noise share (no ``dp_share_mod`` ran
-inside it). A node without such a setting is not affected. Attach it first (outermost):
+inside it). It also refuses federated evaluation on a node with any privacy floor unless
+the node sets ``allow-evaluation=true`` (and on any node that sets it false). A node
+without such settings is not affected. Attach it first (outermost):
 ``ClientApp(mods=[privacy_floor_mod, he_dp_mod])``; our own ClientApp always does.
 """
 
@@ -20,6 +22,7 @@ from lepton_flwr.dp.floor import (
     SHARE_FLOOR,
     BelowPrivacyFloorError,
     floor_keys,
+    require_evaluation,
     require_noise_share,
 )
 from lepton_flwr.mods.common import ModError, is_train, replies_with_errors, train_config
@@ -29,6 +32,10 @@ from lepton_flwr.mods.common import ModError, is_train, replies_with_errors, tra
 def privacy_floor_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Refuse training that does not meet the node's HE + DP floor (see the module)."""
     if not is_train(msg):
+        try:
+            require_evaluation(context.node_config)
+        except BelowPrivacyFloorError as err:
+            raise ModError(str(err)) from err
         return call_next(msg, context)
     try:
         require_noise_share(context.node_config, train_config(msg))

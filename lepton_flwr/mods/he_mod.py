@@ -21,7 +21,7 @@ SuperNode's (or simulation's) working folder, not from your app's folder.
 from __future__ import annotations
 
 import json
-from logging import WARNING
+from logging import ERROR, INFO, WARNING
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +30,7 @@ from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common.logger import log
 
 from lepton_flwr import protocol
-from lepton_flwr.dp.floor import BelowPrivacyFloorError, require_noise_share
+from lepton_flwr.dp.floor import BelowPrivacyFloorError, require_evaluation, require_noise_share
 from lepton_flwr.he.codec import CiphertextError, CkksEncoder, TensorSpec, flatten, manifest_of
 from lepton_flwr.he.keyholder import ModelOutOfBoundError, decrypt_model, encoder_for
 from lepton_flwr.he.records import EncryptedModel, is_encrypted
@@ -42,7 +42,7 @@ from lepton_flwr.mods.common import (
     train_config,
 )
 from lepton_flwr.mods.decryptions import RefusedModelError, decrypt_once
-from lepton_flwr.mods.dp_share_mod import dp_share_mod
+from lepton_flwr.mods.dp_share_mod import check_share_floor, dp_share_mod
 
 SECRET_CONTEXT_NODE_KEY = protocol.SECRET_CONTEXT  # kept for older imports
 DEFAULT_WEIGHT_SCALE = 100.0
@@ -115,13 +115,14 @@ def encrypt_update(
         exceed ``bound``.
     """
     vector, manifest = flatten({k: v.numpy() for k, v in record.items()})
-    if not np.isfinite(vector).all():
+    if not np.isfinite(vector).all():  # which tensors is for the node's log only
         bad = [
             s.name
             for s, v in zip(manifest, record.values(), strict=True)
             if not np.isfinite(v.numpy()).all()
         ]
-        raise ValueError(f"the local update has NaN or Inf values in {bad}; nothing was encrypted")
+        log(ERROR, "he_mod: the local update has NaN or Inf values in %s", bad)
+        raise ValueError("the local update has NaN or Inf values; nothing was encrypted")
     scaled = weight * vector
     max_abs = float(np.abs(scaled).max()) if len(scaled) else 0.0
     if bound is not None:
@@ -184,6 +185,57 @@ def _reply_weight(msg: Message, metrics: MetricRecord, weight_scale: float) -> f
     return float(metrics[weighted_by]) / weight_scale
 
 
+# What a training reply under HE may carry in the clear: the weight and values that do not
+# depend on the model the client decrypted (a DP share's public values, DP-SGD's ε and z).
+PUBLIC_TRAIN_METRICS = (
+    protocol.NUM_EXAMPLES,
+    protocol.HE_WEIGHT,
+    protocol.HE_BOUND,
+    protocol.DP_SHARE_STD,
+    protocol.CLIENT_EPSILON,
+    protocol.DPSGD_NOISE_MULTIPLIER,
+)
+
+
+def public_metrics(metrics: MetricRecord, weighted_by: str) -> MetricRecord:
+    """The reply's metrics that may leave an HE client: the weight and public values only.
+
+    Anything else the handler reported (a training loss, say) is computed from the model
+    it decrypted, which a malicious server may have crafted from other clients' uploads:
+    it stays on the client (logged there once).
+    """
+    allowed = {*PUBLIC_TRAIN_METRICS, weighted_by}
+    withheld = sorted(k for k in metrics if k not in allowed)
+    if withheld:
+        log(INFO, "he_mod: training metrics %s stay on this client (not sent)", withheld)
+    return MetricRecord({k: v for k, v in metrics.items() if k in allowed})
+
+
+def _handled(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Run the handler on a decrypted model; what goes back carries no text read from it.
+
+    An exception or an error reply of the handler may quote values of the model (which
+    the server may have crafted): the server gets a fixed reason; the node's log keeps
+    the handler's own. Refusals by the node's privacy floor (``protocol.FLOOR_REFUSAL``)
+    depend on the node's settings, not the model, and pass unchanged.
+    """
+    try:
+        reply = call_next(msg, context)
+    except Exception as err:  # noqa: BLE001 - nothing read from the model may leave
+        log(ERROR, "he_mod: the handler failed on the decrypted model: %r", err)
+        raise ModError(HANDLER_FAILED) from None
+    if reply.has_error() and protocol.FLOOR_REFUSAL not in str(reply.error.reason):
+        log(ERROR, "he_mod: the handler's error on the decrypted model: %s", reply.error.reason)
+        raise ModError(HANDLER_FAILED)
+    return reply
+
+
+HANDLER_FAILED = (
+    "the handler failed on the decrypted global model (the reason is in the node's log, "
+    "not sent: it may quote values of the model)"
+)
+
+
 def apply_he(
     msg: Message,
     context: Context,
@@ -204,6 +256,14 @@ def apply_he(
         encoder, own_fingerprint = encoder_for(secret_context_path, workers, seeded)
     except (FileNotFoundError, ValueError) as err:
         raise ModError(str(err)) from err
+    try:  # the node's floor, before anything is decrypted
+        if is_train(msg):
+            require_noise_share(context.node_config, train_config(msg))
+        else:
+            require_evaluation(context.node_config)
+    except BelowPrivacyFloorError as err:
+        raise ModError(str(err)) from err
+    decrypted = False
     arrays = msg.content.array_records
     if len(arrays) == 1:
         key, record = next(iter(arrays.items()))
@@ -219,12 +279,8 @@ def apply_he(
 
             plain = decrypt_once(msg, context, record, decrypt)
             msg.content = RecordDict({**msg.content, key: plain})  # never edit a shared record
-    if is_train(msg):
-        try:
-            require_noise_share(context.node_config, train_config(msg))  # the node's floor
-        except BelowPrivacyFloorError as err:
-            raise ModError(str(err)) from err
-    reply = call_next(msg, context)
+            decrypted = True
+    reply = _handled(msg, context, call_next) if decrypted else call_next(msg, context)
     if not is_train(msg) or reply.has_error():
         return reply
     key, record = the_record(reply.content, ArrayRecord)
@@ -242,7 +298,9 @@ def apply_he(
         encrypted = encrypt_update(record, weight, encoder, own_fingerprint, bound)
     except ValueError as err:
         raise ModError(str(err)) from err
-    reply.content = RecordDict({**reply.content, key: encrypted})
+    metric_key, _ = the_record(reply.content, MetricRecord)
+    public = public_metrics(metrics, str(train_config(msg).get(protocol.WEIGHTED_BY, "")))
+    reply.content = RecordDict({**reply.content, key: encrypted, metric_key: public})
     return reply
 
 
@@ -330,11 +388,13 @@ def make_he_dp_mod(
         refused before training. The global model is decrypted for every handler.
         Attach it to the whole app: ``ClientApp(mods=[he_dp_mod])``.
         """
-        if is_train(msg) and protocol.NOISE_SHARE_STD not in train_config(msg):
-            raise ModError(
-                "the training request asks for no DP noise share (not HEDPFedAvg's): "
-                "he_dp_mod never encrypts an update without one; nothing was trained or sent"
-            )
+        if is_train(msg):
+            if protocol.NOISE_SHARE_STD not in train_config(msg):
+                raise ModError(
+                    "the training request asks for no DP noise share (not HEDPFedAvg's): "
+                    "he_dp_mod never encrypts an update without one; nothing was trained or sent"
+                )
+            check_share_floor(msg, context)  # before anything is decrypted
         return he(msg, context, lambda m, c: dp_share_mod(m, c, call_next))
 
     return he_dp_mod
