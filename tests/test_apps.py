@@ -6,6 +6,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from lepton_flwr.apps.client import make_client_app
 from lepton_flwr.apps.common import model_for
+from lepton_flwr.config import load_config
 
 
 @pytest.fixture(autouse=True)
@@ -53,5 +54,18 @@ def test_missing_node_config_becomes_an_error_reply_that_says_what_to_set(digits
     sent = ArrayRecord(model_for(digits_cfg).state_dict())
     content = RecordDict({"arrays": sent, "config": ConfigRecord({"server-round": 1})})
     app = make_client_app(digits_cfg)
-    with pytest.raises(KeyError, match="--node-config 'partition-id=<i> num-partitions=<n>'"):
-        app(_message(content, "train"), _context({}))
+    reply = app(_message(content, "train"), _context({}))
+    assert "--node-config 'partition-id=<i> num-partitions=<n>'" in reply.error.reason
+
+
+def test_a_node_error_reaches_the_server_without_the_nodes_paths(digits_cfg, tmp_path):
+    """Before: a missing dataset file sent the node's data folder back to the server."""
+    cfg = load_config("strategy=fedavg privacy=none he=none")  # Fashion-MNIST, from data-root
+    sent = ArrayRecord(model_for(digits_cfg).state_dict())
+    content = RecordDict({"arrays": sent, "config": ConfigRecord({"server-round": 1})})
+    hidden = tmp_path / "patients-2024"
+    hidden.mkdir()
+    node = {"partition-id": 0, "num-partitions": 3, "data-root": str(hidden)}
+    reply = make_client_app(cfg)(_message(content, "train"), _context(node))
+    assert reply.has_error() and "patients-2024" not in reply.error.reason
+    assert "its log has the reason" in reply.error.reason

@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 from conftest import client_message
 from flwr.app import Array, ArrayRecord, Context, RecordDict
-from flwr.clientapp.client_app import ClientAppException
 from flwr.simulation.ray_transport.ray_actor import VirtualClientEngineActor
 from omegaconf import OmegaConf
 
@@ -218,7 +217,7 @@ def test_an_interpolation_in_the_packaged_tree_is_refused_before_resolving(tmp_p
 
 
 def test_a_node_reply_carries_the_reason_not_the_value(monkeypatch):
-    """Through the ClientApp as Flower's engine runs it: the reply's reason is str(error)."""
+    """Through the ClientApp as Flower's engine runs it: the reply's reason is the one sent."""
     monkeypatch.setenv("LEPTON_NODE_SECRET", SECRET)
     overrides = f"+experiment=digits_smoke \"dataset.natural_id='${{{ENV}}}'\""
     context = _context(overrides, {"partition-id": 0, "num-partitions": 3})
@@ -228,9 +227,9 @@ def test_a_node_reply_carries_the_reason_not_the_value(monkeypatch):
     class Engine(VirtualClientEngineActor):
         """Flower's simulation actor, without Ray."""
 
-    with pytest.raises(ClientAppException, match="natural_id holds an interpolation") as err:
-        Engine().run(make_client_app, message, "0", context)
-    assert not any(text in str(err.value) for text in NEVER_ECHOED)
+    _, reply, _ = Engine().run(make_client_app, message, "0", context)
+    assert reply.has_error() and "natural_id holds an interpolation" in reply.error.reason
+    assert not any(text in reply.error.reason for text in NEVER_ECHOED)
 
 
 # ---- what a run legitimately sends still composes -----------------------------------

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import wraps
 from logging import ERROR
 
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.client.mod.utils import make_ffn
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 
 from lepton_flwr import protocol
 from lepton_flwr.apps.build import build_client_mods
 from lepton_flwr.apps.common import config_from_context, model_for
+from lepton_flwr.config import ConfigError
 from lepton_flwr.data import ClientData, load_client_data, load_dataset
 from lepton_flwr.dp.client_state import LostHistoryError, load_history, save_history
 from lepton_flwr.dp.dpsgd import (
@@ -38,11 +41,12 @@ def _node_partition(context: Context) -> tuple[int, int]:
     node = context.node_config
     try:
         return int(node[PARTITION_ID_KEY]), int(node[NUM_PARTITIONS_KEY])
-    except KeyError as err:
-        raise KeyError(
-            f"node config lacks {err}: start the SuperNode with "
-            f"--node-config 'partition-id=<i> num-partitions=<n>'"
-        ) from err
+    except (KeyError, TypeError, ValueError) as err:
+        reason = (
+            f"the node config needs whole numbers {PARTITION_ID_KEY} and {NUM_PARTITIONS_KEY}: "
+            f"start the SuperNode with --node-config 'partition-id=<i> num-partitions=<n>'"
+        )
+        raise ConfigError(reason, reason) from err
 
 
 def node_device(context: Context, cfg: dict):
@@ -185,6 +189,33 @@ def handle_evaluate(
     return Message(RecordDict({"metrics": MetricRecord(record)}), reply_to=msg)
 
 
+def replies_without_node_details(mod: Mod) -> Mod:
+    """Turn whatever our ClientApp raises into an error reply that names no node detail.
+
+    Flower sends an exception's text back to the server, and ours can name a node's files
+    (a dataset folder that lacks a file), its data (a partition's size) or a value of a
+    decrypted model. A :class:`ConfigError` sends its ``reason`` (the key and the rule);
+    anything else its type only, and the node's log keeps the whole message.
+    """
+
+    @wraps(mod)
+    def wrapped(msg: Message, context: Context, call_next) -> Message:
+        try:
+            return mod(msg, context, call_next)
+        except ConfigError as err:
+            reason = f"ConfigError: {err.reason}"
+        except Exception as err:  # noqa: BLE001 - Flower would send its text to the server
+            log(ERROR, "the ClientApp failed", exc_info=err)
+            reason = (
+                f"{type(err).__name__} on this node; its log has the reason (not sent: it may "
+                f"name the node's files or data)"
+            )
+        error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason)
+        return Message(error, reply_to=msg)
+
+    return wrapped
+
+
 def make_client_app(
     cfg: dict | None = None, client_data: DataSource = load_client_data
 ) -> ClientApp:
@@ -213,7 +244,7 @@ def make_client_app(
         mods = app_mods + (train_mods if is_train(msg) else [])
         return make_ffn(call_next, mods)(msg, context)
 
-    client_app = ClientApp(mods=[configured_mods])
+    client_app = ClientApp(mods=[replies_without_node_details(configured_mods)])
 
     @client_app.train()
     def train_handler(msg: Message, context: Context) -> Message:
