@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -13,6 +14,7 @@ from typing import Any
 import torch
 
 from lepton_flwr.config import to_yaml
+from lepton_flwr.files import open_for_append, read_file, write_atomically
 
 CONFIG_FILE = "config.yaml"
 METRICS_CSV = "metrics.csv"
@@ -21,13 +23,21 @@ PLOT_FILE = "metrics.png"
 MODEL_FILE = "model.pt"
 SUMMARY_FILE = "summary.json"
 LOG_FILE = "run.log"
+CLIENT_EPSILON = "client_epsilon"  # the metrics column of the clients' DP-SGD ε
+
+
+MAX_METRICS_BYTES = 1 << 28  # 256 MiB of rows read back on resume
+FILE_MODE = 0o644
 
 
 class RunRecorder:
     """Keep a run's outputs up to date on disk, round by round.
 
-    Each round is appended to ``metrics.jsonl`` and ``metrics.csv`` as soon as it ends,
-    so a run that stops early (budget exhausted, crash, Ctrl-C) keeps what it did.
+    Each round is written to ``metrics.jsonl`` and ``metrics.csv`` as soon as it ends,
+    so a run that stops early (budget exhausted, crash, Ctrl-C) keeps what it did. No
+    file of the run folder is written, or read back, through a symbolic link planted
+    there: each is written to a new file renamed over the old one, the log is opened
+    with ``O_NOFOLLOW`` (:mod:`lepton_flwr.files`).
 
     Parameters
     ----------
@@ -38,18 +48,26 @@ class RunRecorder:
     resume_after : int | None
         Continue a run stopped after this round: its rows up to that round are kept
         (later ones, written after the checkpoint, are dropped), the rest appended.
+
+    Raises
+    ------
+    ValueError
+        If ``resume_after`` is given and ``metrics.jsonl`` is not rows this recorder
+        wrote (naming the file and line).
+    OSError
+        If a file of the run folder is a link (``UnsafeFileError``) or cannot be written.
     """
 
     def __init__(self, out_dir: str | Path, cfg: dict[str, Any], resume_after: int | None = None):
         self.out_dir = Path(out_dir).resolve()
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / CONFIG_FILE).write_text(to_yaml(cfg))
+        write_atomically(self.out_dir / CONFIG_FILE, to_yaml(cfg).encode(), FILE_MODE)
         self.rows: list[dict[str, Any]] = []
-        if resume_after is not None and (self.out_dir / METRICS_JSONL).is_file():
-            lines = (self.out_dir / METRICS_JSONL).read_text().splitlines()
-            self.rows = [row for row in map(json.loads, lines) if row["round"] <= resume_after]
-        (self.out_dir / METRICS_JSONL).write_text("".join(json.dumps(r) + "\n" for r in self.rows))
-        self._log_handler = logging.FileHandler(self.out_dir / LOG_FILE)
+        if resume_after is not None and (self.out_dir / METRICS_JSONL).exists():
+            rows = _read_rows(self.out_dir / METRICS_JSONL)
+            self.rows = [row for row in rows if row["round"] <= resume_after]
+        self._write_rows()
+        self._log_handler = logging.StreamHandler(open_for_append(self.out_dir / LOG_FILE))
         self._log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         logging.getLogger("flwr").addHandler(self._log_handler)
 
@@ -57,25 +75,30 @@ class RunRecorder:
         """Stop copying Flower's log into the run folder."""
         logging.getLogger("flwr").removeHandler(self._log_handler)
         self._log_handler.close()
+        self._log_handler.stream.close()
 
     def record(self, row: dict[str, Any]) -> None:
-        """Append one round's metrics and rewrite the CSV (columns may grow)."""
+        """Add one round's metrics to the JSON lines and the CSV (columns may grow)."""
         self.rows.append(row)
-        with open(self.out_dir / METRICS_JSONL, "a") as handle:
-            handle.write(json.dumps(row) + "\n")
+        self._write_rows()
+
+    def _write_rows(self) -> None:
+        lines = "".join(json.dumps(r) + "\n" for r in self.rows)
+        write_atomically(self.out_dir / METRICS_JSONL, lines.encode(), FILE_MODE)
         columns: list[str] = []
         for r in self.rows:
             columns += [k for k in r if k not in columns]
-        with open(self.out_dir / METRICS_CSV, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(self.rows)
+        table = io.StringIO(newline="")
+        writer = csv.DictWriter(table, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(self.rows)
+        write_atomically(self.out_dir / METRICS_CSV, table.getvalue().encode(), FILE_MODE)
 
     def save_model(self, state_dict: dict[str, torch.Tensor]) -> Path:
         """Save the final global model as a torch state dict."""
-        path = self.out_dir / MODEL_FILE
-        torch.save(state_dict, path)
-        return path
+        buffer = io.BytesIO()
+        torch.save(state_dict, buffer)
+        return write_atomically(self.out_dir / MODEL_FILE, buffer.getvalue(), FILE_MODE)
 
     def plot(self) -> Path | None:
         """Plot loss and accuracy (or R²) per round, central and federated, to a PNG."""
@@ -104,15 +127,18 @@ class RunRecorder:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
         fig.tight_layout()
-        path = self.out_dir / PLOT_FILE
-        fig.savefig(path, dpi=120)
+        image = io.BytesIO()
+        fig.savefig(image, format="png", dpi=120)
         plt.close(fig)
-        return path
+        return write_atomically(self.out_dir / PLOT_FILE, image.getvalue(), FILE_MODE)
 
     def write_summary(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """Write ``summary.json``: last round's metrics, median round time, total bytes.
 
         Its presence marks a run that finished. ``extra`` entries are added as they are.
+        Under DP-SGD, ``client_epsilon`` is the largest ε any client reported in the run
+        (each client's is cumulative, at the run's δ; a client absent from the last
+        round may hold the largest).
         """
         summary: dict[str, Any] = {"rounds": len(self.rows), **(extra or {})}
         if self.rows:
@@ -129,7 +155,11 @@ class RunRecorder:
             )
             summary["bytes_down_total"] = sum(r["bytes_down"] for r in self.rows)
             summary["bytes_up_total"] = sum(r["bytes_up"] for r in self.rows)
-        (self.out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+            clients = [r[CLIENT_EPSILON] for r in self.rows if _number(r.get(CLIENT_EPSILON))]
+            if clients:
+                summary[CLIENT_EPSILON] = max(clients)
+        text = json.dumps(summary, indent=2) + "\n"
+        write_atomically(self.out_dir / SUMMARY_FILE, text.encode(), FILE_MODE)
         return summary
 
     def _has(self, key: str) -> bool:
@@ -138,3 +168,29 @@ class RunRecorder:
 
 def _finite(value: Any) -> bool:
     return isinstance(value, int | float) and math.isfinite(value)
+
+
+def _number(value: Any) -> bool:
+    """A number (+inf included: an unreadable client ε counts as +inf), not NaN."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and value == value
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of ``metrics.jsonl``, each an object with a whole ``round``.
+
+    Raises
+    ------
+    ValueError
+        Naming the file and line of the first that is not.
+    """
+    text = read_file(path, MAX_METRICS_BYTES).decode("utf-8", errors="replace")
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        try:
+            row = json.loads(line)
+        except (ValueError, RecursionError):
+            row = None
+        if not isinstance(row, dict) or type(row.get("round")) is not int:
+            raise ValueError(f"{path}, line {number}: not a row of this run's metrics")
+        rows.append(row)
+    return rows

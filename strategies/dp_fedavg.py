@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from logging import INFO, WARNING
 
@@ -168,9 +169,21 @@ class DPFedAvg(FlowerLoop, FedAvg):
         return {"rounds": self.rounds.state(), "clip_norm": self.clip_norm}
 
     def load_state(self, state: dict) -> None:
-        """Continue from :meth:`state` (resume)."""
-        self.rounds.load_state(state["rounds"])
-        self.clip_norm = float(state["clip_norm"])
+        """Continue from :meth:`state` (resume).
+
+        Raises
+        ------
+        ValueError
+            If it was made with other privacy settings (naming each, with both values),
+            or a value is malformed (naming it).
+        """
+        self.rounds.load_state(state.get("rounds"))
+        clip_norm = state.get("clip_norm")
+        if isinstance(clip_norm, bool) or not isinstance(clip_norm, int | float):
+            raise ValueError(f"clip_norm {str(clip_norm)[:40]} is not a number")
+        if not (math.isfinite(clip_norm) and clip_norm > 0):
+            raise ValueError(f"clip_norm {clip_norm} is not finite and > 0")
+        self.clip_norm = float(clip_norm)
 
     def epsilon(self) -> float:
         """ε spent so far."""

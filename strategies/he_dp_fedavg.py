@@ -21,7 +21,7 @@ from lepton_flwr.strategies.round_loop import FlowerLoop
 
 from lepton_flwr import protocol
 from lepton_flwr.dp.accounting import ClientLevelAccountant
-from lepton_flwr.dp.rounds import DPRounds, wait_for_nodes
+from lepton_flwr.dp.rounds import DPRounds, check_same_settings, wait_for_nodes
 from lepton_flwr.he.codec import CiphertextError
 from lepton_flwr.he.records import EncryptedModel
 
@@ -177,13 +177,31 @@ class HEDPFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
         """The accountant of the rounds so far (made in the first round)."""
         return self.rounds.accountant
 
+    def _settings(self) -> dict:
+        """The settings besides the DP rounds' that the noise present (and ε) depends on."""
+        return {
+            "clip_norm": self.clip_norm,
+            "dropout_rate": self.dropout_rate,
+            "tolerated_colluders": self.tolerated_colluders,
+            "min_train_nodes": self.min_train_nodes,
+        }
+
     def state(self) -> dict:
-        """The DP rounds' state and the last good model, for checkpoints (encrypted)."""
-        return {"rounds": self.rounds.state(), **self.last_good.state()}
+        """The DP rounds' state, the privacy settings and the last good model (encrypted)."""
+        settings = self._settings()
+        return {"rounds": self.rounds.state(), "settings": settings, **self.last_good.state()}
 
     def load_state(self, state: dict) -> None:
-        """Continue from :meth:`state` (resume)."""
-        self.rounds.load_state(state["rounds"])
+        """Continue from :meth:`state` (resume).
+
+        Raises
+        ------
+        ValueError
+            If it was made with other privacy settings (naming each, with both values),
+            or a value is malformed (naming it).
+        """
+        check_same_settings(state.get("settings"), self._settings())
+        self.rounds.load_state(state.get("rounds"))
         self.last_good.load_state(state)
 
     def epsilon(self) -> float:

@@ -27,7 +27,9 @@ from lepton_flwr.strategies.checkpoint import (
     CHECKPOINT_FILE,
     METRICS,
     Checkpoint,
+    CheckpointError,
     load_checkpoint,
+    new_run_id,
     save_checkpoint,
 )
 from lepton_flwr.strategies.last_good import TrainingHeldBackError
@@ -245,6 +247,7 @@ class FlowerLoop:
         evaluate_config: ConfigRecord | None = None,
         evaluate_fn: EvaluateFn | None = None,
         checkpoint_dir: str | Path | None = None,
+        checkpoint_key: str | Path | None = None,
     ) -> Result:
         """Run Flower's round loop (``Strategy.start``) with guards and checkpoints.
 
@@ -272,14 +275,24 @@ class FlowerLoop:
         strategy built with the same settings, and the rounds, ε and metrics continue as
         an uninterrupted run's (``initial_arrays`` is then ignored). A round whose model
         was checkpointed is never trained again: if its evaluation did not finish, it is
-        evaluated again (the same model, so nothing new is released).
+        evaluated again (the same model, so nothing new is released). Checkpoints are
+        authenticated with ``checkpoint_key`` (a key file; default
+        :func:`~lepton_flwr.strategies.checkpoint.default_key_file`, made on first use);
+        one that was changed, made with other privacy settings, older than the folder's
+        last, or malformed raises ``CheckpointError`` naming the file and the reason.
         """
         name = type(self).__name__
         self.node_wait_timeout = timeout
-        saved = load_checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
-        done = 0
+        saved = None
+        if checkpoint_dir is not None:
+            saved = load_checkpoint(checkpoint_dir, checkpoint_key)
+        done, run_id = 0, new_run_id() if saved is None else saved.run_id
         if saved is not None:
-            self.load_state(saved.state)
+            try:
+                self.load_state(saved.state)
+            except (ValueError, KeyError, TypeError) as err:
+                what = f"the strategy's state has no {err}" if isinstance(err, KeyError) else err
+                raise CheckpointError(f"{Path(checkpoint_dir) / CHECKPOINT_FILE}: {what}") from err
             initial_arrays, done = saved.arrays, saved.server_round
             log(
                 INFO,
@@ -307,8 +320,9 @@ class FlowerLoop:
                         self.state(),
                         observed.result,
                         evaluated=evaluated,
+                        run_id=run_id,
                     )
-                    save_checkpoint(checkpoint_dir, checkpoint)
+                    save_checkpoint(checkpoint_dir, checkpoint, checkpoint_key)
 
             if evaluate_fn is not None:
                 evaluate_fn = _recorded(plaintext_only(evaluate_fn, name), observed.result)

@@ -1,7 +1,10 @@
 """Checkpoints and resume: a run stopped after round k continues as if never stopped (issue 13)."""
 
+import hashlib
+import io
 import json
 import stat
+import tracemalloc
 import zipfile
 
 import numpy as np
@@ -12,7 +15,11 @@ from flwr.clientapp import ClientApp
 from lepton_flwr.strategies import DPFedAvg, HEDPFedAvg
 from lepton_flwr.strategies.checkpoint import (
     CHECKPOINT_FILE,
+    KEY_ENV,
+    MAC_MEMBER,
+    STATE_MEMBER,
     CheckpointError,
+    _mac,
     load_checkpoint,
 )
 from lepton_flwr.strategies.last_good import Verdict
@@ -25,6 +32,14 @@ from lepton_flwr.he import CKKSParams, write_keys
 from lepton_flwr.mods import make_he_dp_mod
 
 NODES, SIZE, ROUNDS = 6, 20, 5
+
+
+@pytest.fixture(autouse=True)
+def checkpoint_key(tmp_path_factory, monkeypatch):
+    """Each test's own checkpoint key (made on first use), outside its run folders."""
+    path = tmp_path_factory.mktemp("server") / "checkpoint.key"
+    monkeypatch.setenv(KEY_ENV, str(path))
+    return path
 
 
 class ServerCrashError(RuntimeError):
@@ -184,21 +199,214 @@ def test_an_he_dp_run_resumes_with_the_same_epsilon_and_a_ciphertext_only_checkp
     assert reported == [whole.train_metrics_clientapp[r]["clients-reported"] for r in range(1, 6)]
 
 
-@pytest.mark.parametrize(
-    ("content", "reason"),
-    [
-        (b"not a zip", "not a readable checkpoint"),
-        (None, "not a version-1 checkpoint"),
-    ],
-)
-def test_a_damaged_checkpoint_is_refused_with_the_reason(tmp_path, content, reason):
-    path = tmp_path / CHECKPOINT_FILE
-    if content is None:
-        with zipfile.ZipFile(path, "w") as archive:
-            archive.writestr("state.json", json.dumps({"version": 99}))
-    else:
-        path.write_bytes(content)
-    with pytest.raises(CheckpointError, match=reason):
+# ---- checkpoints are not trusted as found (issue 18, item 5) -----------------------------
+
+
+def rewrite_checkpoint(path, change=None, key=None, members=None, compress=False):
+    """Rewrite a checkpoint: ``change(state)`` edits state.json in place, ``members``
+    replaces members; signed with ``key`` (what whoever holds the key could write), or
+    keeping the old MAC (what whoever holds only the folder can write)."""
+    with zipfile.ZipFile(path) as archive:
+        contents = {name: archive.read(name) for name in archive.namelist()}
+    contents.update(members or {})
+    if change is not None:
+        state = json.loads(contents[STATE_MEMBER])
+        change(state)
+        contents[STATE_MEMBER] = json.dumps(state).encode()
+    if key is not None:
+        contents[MAC_MEMBER] = _mac(key, contents[STATE_MEMBER]).encode()
+    method = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
+    with zipfile.ZipFile(path, "w", method) as archive:
+        for name, data in contents.items():
+            archive.writestr(name, data)
+
+
+def _two_rounds(folder):
+    _dp().start(CrashingGrid(_app(), NODES), _start(), 2, checkpoint_dir=folder)
+    return folder / CHECKPOINT_FILE
+
+
+def _rounds_state(state):
+    return state["strategy_state"]["rounds"]
+
+
+def _set(path, value):
+    """A change setting ``state[path[0]][path[1]]... = value``."""
+
+    def change(state):
+        for step in path[:-1]:
+            state = state[step]
+        state[path[-1]] = value
+
+    return change
+
+
+def test_a_checkpoint_changed_by_whoever_holds_the_folder_is_refused(tmp_path):
+    """An emptied accountant history lowered the reported ε; now the MAC does not match."""
+    path = _two_rounds(tmp_path / "run")
+    rewrite_checkpoint(path, _set(["strategy_state", "rounds", "history"], []))
+    with pytest.raises(CheckpointError, match="MAC does not match"):
+        _dp().start(CrashingGrid(_app(), NODES), _start(), 4, checkpoint_dir=tmp_path / "run")
+
+
+def test_a_checkpoint_made_with_another_noise_multiplier_is_refused_naming_both(tmp_path):
+    _two_rounds(tmp_path / "run")
+    other = DPFedAvg(
+        noise_multiplier=1.0,
+        adaptive=True,
+        delta=1e-3,
+        sample_rate=0.5,
+        seed=7,
+        min_available_nodes=NODES,
+    )
+    with pytest.raises(CheckpointError, match="noise_multiplier=0.8 in the checkpoint, 1.0 here"):
+        other.start(CrashingGrid(_app(), NODES), _start(), 4, checkpoint_dir=tmp_path / "run")
+
+
+NAN = float("nan")
+MALFORMED = {  # state.json changed, signed with the key: the loader still names the field
+    "round a string": (_set(["server_round"], "2"), "'server_round' is not an integer"),
+    "no result": (lambda s: s.pop("result"), "no field 'result'"),
+    "metrics of text": (
+        _set(["result", "train_metrics_clientapp"], {"1": {"epsilon": "high"}}),
+        r"train_metrics_clientapp\[1\] is not a MetricRecord",
+    ),
+    "array spec without dtype": (lambda s: s["arrays"][0].pop("dtype"), "no field 'dtype'"),
+    "array of another shape": (
+        _set(["arrays", 0, "shape"], [2**28]),
+        r"header declares float32\[20\], the spec float32\[268435456\]",
+    ),
+    "NaN noise in the history": (
+        _set(["strategy_state", "rounds", "history"], [[NAN, 0.5, 2]]),
+        "history entry 0: noise multiplier nan",
+    ),
+    "a history of text": (
+        _set(["strategy_state", "rounds", "history"], "none"),
+        "history is not a list",
+    ),
+    "a sampling generator of another kind": (
+        _set(["strategy_state", "rounds", "rng"], {"bit_generator": "MT19937"}),
+        "rng: not a state of this sampling generator",
+    ),
+    "rounds state a number": (_set(["strategy_state", "rounds"], 5), "not an object"),
+    "negative clip norm": (_set(["strategy_state", "clip_norm"], -1.0), "clip_norm -1.0"),
+    "no strategy state": (_set(["strategy_state"], {}), "the DP rounds' state is not an object"),
+    "a run id of another form": (_set(["run_id"], "../x"), "run id or round is malformed"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_a_malformed_checkpoint_raises_checkpoint_error_naming_the_field(
+    tmp_path, checkpoint_key, case
+):
+    """Even signed with the key (a bug, or whoever holds the key), no TypeError/KeyError."""
+    change, reason = MALFORMED[case]
+    path = _two_rounds(tmp_path / "run")
+    rewrite_checkpoint(path, change, key=checkpoint_key.read_bytes())
+    with pytest.raises(CheckpointError, match=reason) as refused:
+        _dp().start(CrashingGrid(_app(), NODES), _start(), 4, checkpoint_dir=tmp_path / "run")
+    assert str(path) in str(refused.value)
+
+
+def test_a_small_checkpoint_never_expands_to_a_large_array(tmp_path, checkpoint_key):
+    """A 1 MB checkpoint expanded to a 1 GiB array: a compressed member, or an ``.npy``
+    header declaring more than its data holds (numpy allocates what the header says)."""
+    path = _two_rounds(tmp_path / "run")
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+    rewrite_checkpoint(path, members={names[0]: bytes(1 << 20)}, compress=True)
+    with pytest.raises(CheckpointError, match="is compressed"):
+        load_checkpoint(tmp_path / "run")
+    _two_rounds(tmp_path / "other")
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "<f4", "fortran_order": False, "shape": (2**28,)}
+    )
+    bomb = header.getvalue() + bytes(1 << 20)
+
+    def declare(state):
+        state["arrays"][0].update(shape=[2**28], sha256=hashlib.sha256(bomb).hexdigest())
+
+    rewrite_checkpoint(
+        tmp_path / "other" / CHECKPOINT_FILE,
+        declare,
+        key=checkpoint_key.read_bytes(),
+        members={"array-00000": bomb},
+    )
+    tracemalloc.start()
+    with pytest.raises(CheckpointError, match="array-00000: .* takes 1073741824 bytes"):
+        load_checkpoint(tmp_path / "other")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 64 << 20
+
+
+def test_an_older_or_another_runs_checkpoint_put_back_is_refused(tmp_path):
+    """A rollback would run rounds again that the accountant no longer holds."""
+    old = _two_rounds(tmp_path / "run").read_bytes()
+    _dp().start(CrashingGrid(_app(), NODES), _start(), 4, checkpoint_dir=tmp_path / "run")
+    (tmp_path / "run" / CHECKPOINT_FILE).write_bytes(old)
+    with pytest.raises(CheckpointError, match="round 2, but this folder's last .* round 4"):
+        load_checkpoint(tmp_path / "run")
+    other = _two_rounds(tmp_path / "other").read_bytes()
+    (tmp_path / "run" / CHECKPOINT_FILE).write_bytes(other)
+    with pytest.raises(CheckpointError, match="belongs to run"):
+        load_checkpoint(tmp_path / "run")
+
+
+def test_the_checkpoint_key_must_be_private_outside_the_folder_and_present(
+    tmp_path, checkpoint_key, monkeypatch
+):
+    path = _two_rounds(tmp_path / "run")
+    assert stat.S_IMODE(checkpoint_key.stat().st_mode) == 0o600
+    checkpoint_key.chmod(0o644)
+    with pytest.raises(CheckpointError, match="mode 644: others may read or change it"):
+        load_checkpoint(tmp_path / "run")
+    checkpoint_key.chmod(0o600)
+    link = tmp_path / "link.key"
+    link.symlink_to(checkpoint_key)
+    with pytest.raises(CheckpointError, match="symbolic link"):
+        load_checkpoint(tmp_path / "run", key_file=link)
+    with pytest.raises(CheckpointError, match="lies in the checkpoint folder"):
+        load_checkpoint(tmp_path / "run", key_file=tmp_path / "run" / "checkpoint.key")
+    with pytest.raises(CheckpointError, match="no checkpoint key at"):
+        load_checkpoint(tmp_path / "run", key_file=tmp_path / "elsewhere.key")
+    other_key = tmp_path / "other.key"
+    other_key.write_bytes(bytes(32))
+    other_key.chmod(0o600)
+    with pytest.raises(CheckpointError, match="written with another checkpoint key"):
+        load_checkpoint(tmp_path / "run", key_file=other_key)
+    # A checkpoint file that is a link (to a real checkpoint) is not read through.
+    path.rename(tmp_path / "real.zip")
+    path.symlink_to(tmp_path / "real.zip")
+    with pytest.raises(CheckpointError, match="symbolic link"):
+        load_checkpoint(tmp_path / "run")
+    monkeypatch.delenv(KEY_ENV)
+
+
+def test_an_he_dp_checkpoint_of_other_colluders_is_refused(keys):
+    """Under HE + DP, c and the planned dropout set the noise present, so ε."""
+    made = _he_dp(keys).state()
+    other = HEDPFedAvg(
+        keys[1],
+        noise_multiplier=0.8,
+        clip_norm=1.0,
+        delta=1e-3,
+        sample_rate=0.5,
+        seed=3,
+        min_available_nodes=NODES,
+        workers=1,
+        tolerated_colluders=2,
+    )
+    with pytest.raises(ValueError, match="tolerated_colluders=1 in the checkpoint, 2 here"):
+        other.load_state(made)
+
+
+@pytest.mark.parametrize("content", [b"not a zip", b"PK\x05\x06" + bytes(18)])
+def test_a_damaged_checkpoint_is_refused_with_the_reason(tmp_path, content):
+    _two_rounds(tmp_path)
+    (tmp_path / CHECKPOINT_FILE).write_bytes(content)
+    with pytest.raises(CheckpointError, match="not a readable checkpoint|no state.json"):
         load_checkpoint(tmp_path)
 
 

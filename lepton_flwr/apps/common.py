@@ -5,13 +5,16 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
+import yaml
 from flwr.app import Context
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
 from lepton_flwr import protocol
-from lepton_flwr.config import ConfigError, load_run_config
+from lepton_flwr.config import ConfigError, _interpolation_in, load_run_config
 from lepton_flwr.data import CentralData, load_dataset
+from lepton_flwr.files import read_file
 from lepton_flwr.models import build_model
 
 OVERRIDES_KEY = "hydra-overrides"
@@ -67,6 +70,7 @@ def config_from_context(context: Context, on_server: bool = False) -> dict:
         raise ConfigError(reason, reason) from err
 
 
+MAX_SAVED_CONFIG_BYTES = 1 << 20
 # Settings a resumed run may change: where it writes, how long it waits, how far it goes.
 RESUME_MAY_CHANGE = ("resume", "output_dir", "checkpoint", "round_timeout", "num_rounds")
 
@@ -87,15 +91,13 @@ def resumed_config(cfg: dict, take_saved: bool = False) -> dict:
     Raises
     ------
     ConfigError
-        If the folder holds no run, or the configs differ, naming the keys.
+        If the folder holds no run, its ``config.yaml`` is a link, unreadable or holds an
+        interpolation (it is never resolved), or the configs differ, naming the keys.
     """
     if not cfg.get("resume"):
         return cfg
     folder = Path(cfg["resume"]).expanduser().resolve()
-    saved_file = folder / "config.yaml"
-    if not saved_file.is_file():
-        raise ConfigError(f"resume={cfg['resume']}: no run there ({saved_file} is missing)")
-    saved = OmegaConf.to_container(OmegaConf.load(saved_file), resolve=True)
+    saved = _saved_config(folder / "config.yaml", cfg["resume"])
     if take_saved:
         cfg = {**saved, "resume": str(folder), "num_rounds": saved["num_rounds"]}
     differing = sorted(
@@ -109,6 +111,26 @@ def resumed_config(cfg: dict, take_saved: bool = False) -> dict:
             f"with the overrides it was started with (its config.yaml) plus resume=..."
         )
     return {**cfg, "resume": str(folder), "output_dir": str(folder)}
+
+
+def _saved_config(path: Path, resume: str) -> dict:
+    """A run folder's ``config.yaml``: plain values, read without following a link."""
+    try:
+        text = read_file(path, MAX_SAVED_CONFIG_BYTES).decode("utf-8")
+        saved = OmegaConf.to_container(OmegaConf.create(text), resolve=False)
+    except FileNotFoundError:
+        raise ConfigError(f"resume={resume}: no run there ({path} is missing)") from None
+    except (OSError, ValueError, yaml.YAMLError, OmegaConfBaseException) as err:
+        raise ConfigError(f"resume={resume}: {path} cannot be read ({err})") from err
+    if not isinstance(saved, dict):
+        raise ConfigError(f"resume={resume}: {path} is not a run's config")
+    where = _interpolation_in(saved, "")
+    if where is not None:
+        raise ConfigError(
+            f"resume={resume}: {path} holds an interpolation at {where}; a run's saved "
+            f"config holds plain values, and it is never resolved"
+        )
+    return saved
 
 
 def model_for(cfg: dict, data: CentralData | None = None) -> nn.Module:

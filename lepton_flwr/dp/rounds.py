@@ -25,9 +25,84 @@ from lepton_flwr.dp.accounting import (
 from lepton_flwr.dp.noise import secure_gaussian
 from lepton_flwr.dp.sampling import fixed_size_sample, poisson_sample
 
+MAX_NOISE_MULTIPLIER = 1e6  # the range of a noise multiplier an accountant history may hold
+MIN_NOISE_MULTIPLIER = 1e-6  # (below it, Opacus' RDP divides by z² = 0)
+MAX_COUNT = 10**9  # steps or rounds of one history entry, and a population
+
 
 class NodesUnavailableError(RuntimeError):
     """Fewer nodes than a strategy needs connected within the time allowed."""
+
+
+def _whole(value: object, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _number(value: object) -> float | None:
+    """``value`` as a float if it is a real number (not a bool), else None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+def checked_history(entries: object, width: int = 3) -> list[tuple]:
+    """An accountant history read from a file, each entry checked: ``(z, q, count[, N])``.
+
+    z finite in [1e-6, 1e6], q in (0, 1], count (steps or rounds) and N (the population,
+    ``width`` 4: fixed-size sampling) whole numbers in [1, 1e9]: what Opacus' and
+    dp-accounting's accountants compute with in bounded time. A NaN noise multiplier, for
+    one, makes Opacus' accountant loop for ever.
+
+    Raises
+    ------
+    ValueError
+        Naming the entry and what is wrong with it.
+    """
+    if not isinstance(entries, list):
+        raise ValueError("the accountant history is not a list")
+    history = []
+    for index, entry in enumerate(entries):
+        where = f"accountant history entry {index}"
+        if not isinstance(entry, list | tuple) or len(entry) != width:
+            raise ValueError(f"{where} is not a list of {width} numbers")
+        z, q = _number(entry[0]), _number(entry[1])
+        if z is None or not MIN_NOISE_MULTIPLIER <= z <= MAX_NOISE_MULTIPLIER:
+            raise ValueError(
+                f"{where}: noise multiplier {str(entry[0])[:40]} is not a number in "
+                f"[{MIN_NOISE_MULTIPLIER:g}, {MAX_NOISE_MULTIPLIER:g}]"
+            )
+        if q is None or not 0 < q <= 1:
+            raise ValueError(f"{where}: sampling rate {str(entry[1])[:40]} is not in (0, 1]")
+        counts = entry[2:]
+        if not all(_whole(n, 1, MAX_COUNT) for n in counts):
+            shown = str(list(counts))[:60]
+            raise ValueError(f"{where}: {shown} are not counts in [1, {MAX_COUNT}]")
+        history.append((z, q, *counts))
+    return history
+
+
+def check_same_settings(saved: object, own: dict) -> None:
+    """Refuse state made with other privacy settings, naming each one and both values.
+
+    Raises
+    ------
+    ValueError
+        If ``saved`` is not a dict of the same settings with the same values.
+    """
+    if not isinstance(saved, dict):
+        raise ValueError("the checkpoint holds no privacy settings")
+    missing = object()
+    differing = [
+        f"{key}={saved.get(key, missing)!r} in the checkpoint, {own.get(key, missing)!r} here"
+        for key in sorted(set(saved) | set(own), key=str)
+        if saved.get(key, missing) != own.get(key, missing)
+    ]
+    if differing:
+        shown = "; ".join(differing).replace(f"{missing!r}", "unset")
+        raise ValueError(
+            f"the checkpoint was made with other privacy settings ({shown[:2000]}): resume "
+            f"with the same privacy settings"
+        )
 
 
 def wait_for_nodes(
@@ -98,6 +173,7 @@ class DPRounds:
         if noise_multiplier is not None and noise_multiplier <= 0:
             raise ValueError(f"The noise multiplier must be > 0, got {noise_multiplier}.")
         check_delta(delta)
+        self.configured_noise_multiplier = noise_multiplier  # None: calibrated in round 1
         self.noise_multiplier, self.delta, self.sample_rate = noise_multiplier, delta, sample_rate
         self.sampling, self.accountant_name = sampling, accountant
         self.max_epsilon, self.target_epsilon, self.num_rounds = (
@@ -207,12 +283,16 @@ class DPRounds:
         return {protocol.EPSILON: self.epsilon(), protocol.DELTA: self.delta}
 
     def _settings(self) -> dict:
+        """Every setting the ε of the rounds depends on, as the strategy was built."""
         return {
             "sampling": self.sampling,
             "accountant": self.accountant_name,
             "sample_rate": self.sample_rate,
             "delta": self.delta,
             "seeded": self.seeded,
+            "noise_multiplier": self.configured_noise_multiplier,
+            "target_epsilon": self.target_epsilon,
+            "max_epsilon": self.max_epsilon,
         }
 
     def state(self) -> dict:
@@ -231,27 +311,47 @@ class DPRounds:
         }
 
     def load_state(self, state: dict) -> None:
-        """Continue from :meth:`state` (resume).
+        """Continue from :meth:`state` (resume), every value checked first.
 
         Raises
         ------
         ValueError
-            If the state was made with other sampling, accountant, q or δ: ε would not
-            continue.
+            If the state was made with other privacy settings (sampling, accountant, q,
+            δ, the noise multiplier or the target ε it was calibrated for, the budget):
+            ε would not continue; or if a value is malformed, naming it.
         """
-        if state["settings"] != self._settings():
+        if not isinstance(state, dict):
+            raise ValueError("the DP rounds' state is not an object")
+        check_same_settings(state.get("settings"), self._settings())
+        z, population = _number(state.get("noise_multiplier")), state.get("population")
+        configured = self.configured_noise_multiplier
+        if z is None and state.get("noise_multiplier") is None and configured is None:
+            pass  # saved before round 1 calibrated it
+        elif z is None or not MIN_NOISE_MULTIPLIER <= z <= MAX_NOISE_MULTIPLIER:
             raise ValueError(
-                f"the checkpoint was made with {state['settings']}, this strategy has "
-                f"{self._settings()}: resume with the same privacy settings"
+                f"noise_multiplier {str(state.get('noise_multiplier'))[:40]} is not a number "
+                f"in [{MIN_NOISE_MULTIPLIER:g}, {MAX_NOISE_MULTIPLIER:g}]"
             )
-        self.noise_multiplier = state["noise_multiplier"]
-        self.population = int(state["population"])
-        self.rng.bit_generator.state = state["rng"]
-        if state["history"] is not None:
+        elif configured is not None and z != configured:
+            raise ValueError(f"noise_multiplier {z} in the checkpoint, {configured} here")
+        if not _whole(population, 0, MAX_COUNT):
+            raise ValueError(f"population {str(population)[:40]} is not a count")
+        history = state.get("history")
+        if history is not None:
+            history = checked_history(history, 4 if self.sampling == "fixed" else 3)
+            if population < 1:
+                raise ValueError("an accountant history without a population")
+        try:
+            self.rng.bit_generator.state = state.get("rng")
+        except (TypeError, ValueError, KeyError, OverflowError) as err:
+            raise ValueError(f"rng: not a state of this sampling generator ({err})") from err
+        self.noise_multiplier, self.population = z, population
+        self.accountant = None
+        if history is not None:
             self.accountant = ClientLevelAccountant(
                 self.accountant_name, self.sampling, self.population
             )
-            self.accountant.history = [tuple(h) for h in state["history"]]
+            self.accountant.history = history
 
     def record(self, noise_multiplier: float) -> float:
         """Compose one release whose noise had multiplier ``noise_multiplier``; return ε."""

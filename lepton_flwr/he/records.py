@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import zipfile
@@ -10,6 +11,7 @@ from pathlib import Path
 
 from flwr.app import Array, ArrayRecord
 
+from lepton_flwr.files import write_atomically
 from lepton_flwr.he.codec import CiphertextError, TensorSpec
 
 CKKS_STYPE = "lepton.ckks"  # one serialized CKKS ciphertext (seeded or full)
@@ -233,13 +235,16 @@ def parse_header(data: bytes) -> dict:
 
 
 def save_encrypted(model: EncryptedModel, path: str | Path) -> Path:
-    """Write an encrypted model to a zip file: ``header.json`` and one file per chunk."""
-    path = Path(path)
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as archive:
+    """Write an encrypted model to a zip file: ``header.json`` and one file per chunk.
+
+    Written atomically: a link planted at ``path`` is replaced, never written through.
+    """
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
         archive.writestr("header.json", json.dumps(model.header(), indent=1))
         for i, chunk in enumerate(model.chunks):
             archive.writestr(f"{chunk_key(i)}.seal", chunk)
-    return path
+    return write_atomically(path, buffer.getvalue(), 0o644)
 
 
 def load_encrypted(path: str | Path) -> EncryptedModel:
