@@ -13,7 +13,12 @@ from opacus.accountants import RDPAccountant
 from lepton_flwr.apps.client import make_client_app
 from lepton_flwr.apps.common import model_for
 from lepton_flwr.config import ConfigError, load_config
-from lepton_flwr.dp.dpsgd import MODES, train_dpsgd
+from lepton_flwr.dp.dpsgd import (
+    MODES,
+    dpsgd_noise_multiplier,
+    epsilon_after_round,
+    train_dpsgd,
+)
 from lepton_flwr.models import build_model
 
 
@@ -134,3 +139,59 @@ def test_dpsgd_noise_and_sampling_do_not_follow_the_public_seed(caplog):
     again = [_weights_after_dpsgd(reproducible=True) for _ in range(2)]
     assert torch.equal(again[0], again[1])
     assert "NOT differentially private" in caplog.text
+
+
+def _dpsgd_batch_one(n: int, **options):
+    """DP-SGD of a linear model on ``n`` random examples with Poisson batches of expected
+    size 1 (about one in e empty); returns the model, its weights before, and what
+    ``train_dpsgd`` returned."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, 4)).astype(np.float32)
+    y = rng.integers(0, 2, n)
+    model = torch.nn.Linear(4, 2)
+    before = [p.detach().clone() for p in model.parameters()]
+    settings = dict(num_outputs=2, epochs=1, batch_size=1, lr=0.1, momentum=0.0)
+    settings.update(weight_decay=0.0, noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-3)
+    return model, before, *train_dpsgd(model, x, y, **{**settings, **options})
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("n", [49, 93])
+def test_dpsgd_accounts_every_poisson_step_as_predicted(n, mode):
+    """Batch 1: every one of the ceil(N / B) steps per epoch is taken and recorded, empty
+    batches included, and the ε reported is the one the node's floor check predicted.
+
+    93: Opacus' sampler alone takes int(1 / (1 / 93)) = 92 steps. 49: Opacus' mean alone
+    divides by int(49 * (1 / 49)) = 0 examples, and the weights become infinite.
+    """
+    history = []
+    for steps in (n, 2 * n):  # two rounds: the second continues the first's history
+        predicted = epsilon_after_round(history, 1.0, n, 1, 1, 1e-3)
+        model, _, _, eps, history = _dpsgd_batch_one(n, mode=mode, history=history)
+        assert history == [[1.0, 1 / n, steps]]
+        assert eps == pytest.approx(predicted, rel=0, abs=1e-9)
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_dpsgd_step_on_an_empty_batch_adds_noise(mode):
+    """Seed 30 draws three empty Poisson batches of three examples: the weights still move
+    (the noise of three steps), and the three steps are accounted."""
+    model, before, loss, _, history = _dpsgd_batch_one(3, mode=mode, seed=30, reproducible=True)
+    assert loss == 0.0  # the mean loss over no examples: every batch was empty
+    assert history == [[1.0, 1 / 3, 3]]
+    for old, new in zip(before, model.parameters(), strict=True):
+        assert not torch.equal(old, new.detach())
+
+
+def test_dpsgd_noise_is_calibrated_on_the_steps_it_is_accounted_on():
+    """N = 10, batch 6: Opacus samples at rate 1/2 (two batches), not 6/10; the noise for a
+    target ε of 2 over 3 epochs spends 2 (within get_noise_multiplier's 0.01) on that."""
+    privacy = {"noise_multiplier": None, "target_epsilon": 2.0, "delta": 1e-3}
+    z = dpsgd_noise_multiplier({**privacy, "accountant": "rdp"}, 10, 6, 3)
+    assert 1.99 <= epsilon_after_round([], z, 10, 6, 3, 1e-3) <= 2.0
+
+
+def test_dpsgd_without_training_examples_says_so():
+    with pytest.raises(ValueError, match="at least one training example, this node has 0"):
+        epsilon_after_round([], 1.0, 0, 8, 1, 1e-5)

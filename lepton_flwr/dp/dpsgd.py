@@ -8,7 +8,6 @@ reports covers every step it took in the run.
 
 from __future__ import annotations
 
-import math
 import secrets
 import warnings
 from logging import WARNING
@@ -23,6 +22,28 @@ from lepton_flwr.dp.quiet_opacus import import_opacus
 from lepton_flwr.models.training import learning_part, loss_fn, prepare_sgd, run_epochs
 
 MODES = ("ghost", "hooks", "functorch", "ew")
+
+
+def poisson_schedule(num_examples: int, batch_size: int) -> tuple[float, int]:
+    """DP-SGD's sample rate and steps per epoch: ``1 / ceil(N / B)`` and ``ceil(N / B)``.
+
+    Opacus' ``DPDataLoader.from_data_loader`` samples each example with probability one
+    over the number of batches of the plain loader, ``ceil(N / B)``. :func:`train_dpsgd`
+    takes exactly ``ceil(N / B)`` steps per epoch and has Opacus' accountant record each
+    at this rate; the calibration (:func:`dpsgd_noise_multiplier`) and the prediction
+    (:func:`epsilon_after_round`) use the same two numbers.
+
+    Raises
+    ------
+    ValueError
+        If there is no example to train on.
+    """
+    if num_examples < 1:
+        raise ValueError(
+            f"DP-SGD needs at least one training example, this node has {num_examples}"
+        )
+    steps = -(-num_examples // batch_size)
+    return 1 / steps, steps
 
 
 def dpsgd_settings(privacy: dict) -> dict:
@@ -48,15 +69,14 @@ def dpsgd_noise_multiplier(
     import_opacus()
     from opacus.accountants.utils import get_noise_multiplier
 
-    sample_rate = min(1.0, batch_size / num_examples)
-    steps = total_epochs * math.ceil(1 / sample_rate)
+    sample_rate, steps_per_epoch = poisson_schedule(num_examples, batch_size)
     try:
         return float(
             get_noise_multiplier(
                 target_epsilon=privacy["target_epsilon"],
                 target_delta=privacy["delta"],
                 sample_rate=sample_rate,
-                steps=steps,
+                steps=total_epochs * steps_per_epoch,
                 accountant=privacy["accountant"],
             )
         )
@@ -96,6 +116,12 @@ def train_dpsgd(
     neighbouring datasets and tell which one happened. ``reproducible=True`` draws both
     from the global torch generator seeded with ``seed`` instead: for tests and debugging
     only, the result is not private (a warning is logged).
+
+    Every epoch takes the ``ceil(N / batch_size)`` steps of :func:`poisson_schedule`, and
+    the accountant records each. A step whose Poisson batch is empty adds the noise to a
+    zero gradient (:func:`_noise_step`), as the sampled Gaussian mechanism's analysis
+    assumes: skipping it would leave the weights unchanged, telling without noise that
+    the batch was empty.
 
     Returns
     -------
@@ -141,10 +167,26 @@ def train_dpsgd(
         private_model, optimizer, loader = made
     if not reproducible:  # Opacus samples batches with the global generator otherwise
         loader.batch_sampler.generator = secure_torch_generator("cpu")
+    # Opacus derives its number of batches from int(1 / rate) (92 for 93 batches), then
+    # accounts at one over that and averages over int(N * that rate) (0 for N = 49 at
+    # batch 1: infinite weights). Sampling, accounting and averaging follow the schedule.
+    sample_rate, steps_per_epoch = poisson_schedule(len(y), batch_size)
+    loader.batch_sampler.sample_rate = sample_rate
+    loader.batch_sampler.steps = steps_per_epoch
+    optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
+    optimizer.expected_batch_size = len(y) * sample_rate
     with warnings.catch_warnings():
         # Opacus repeats the same UserWarnings every step (backward hooks, RDP orders).
         warnings.simplefilter("ignore", UserWarning)
-        epoch_loss = run_epochs(private_model, loader, optimizer, criterion, epochs, device)
+        epoch_loss = run_epochs(
+            private_model,
+            loader,
+            optimizer,
+            criterion,
+            epochs,
+            device,
+            empty_step=lambda: _noise_step(optimizer, ghost=mode == "ghost"),
+        )
         epsilon = float(engine.accountant.get_epsilon(delta))
     return epoch_loss, epsilon, [list(h) for h in engine.accountant.history]
 
@@ -160,19 +202,35 @@ def epsilon_after_round(
 ) -> float:
     """The client's cumulative ε once this round's DP-SGD steps are added to ``history``.
 
-    Opacus' Poisson loader takes ``ceil(N / batch_size)`` steps per epoch at sample rate
-    one over that: the same accounting :func:`train_dpsgd` does, known before training.
+    The steps and sample rate of :func:`poisson_schedule`: exactly what :func:`train_dpsgd`
+    takes and its accountant records, known before training.
     """
     import_opacus()
     from opacus.accountants import create_accountant
 
-    steps_per_epoch = math.ceil(num_examples / batch_size)
+    sample_rate, steps_per_epoch = poisson_schedule(num_examples, batch_size)
     predicted = create_accountant(accountant)
     predicted.history = [tuple(h) for h in history]
-    predicted.history.append((noise_multiplier, 1 / steps_per_epoch, epochs * steps_per_epoch))
+    predicted.history.append((noise_multiplier, sample_rate, epochs * steps_per_epoch))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         return float(predicted.get_epsilon(delta))
+
+
+def _noise_step(optimizer, *, ghost: bool) -> None:
+    """One DP-SGD step for an empty batch: Opacus' optimizer adds its noise to a zero gradient.
+
+    Not every grad-sample mode runs a model on zero examples (``ew`` refuses a batch of
+    size 0, ``functorch`` fails on convolutions), so no forward pass: the step gets zero
+    per-example gradients (ghost clipping: a zero clipped sum), and Opacus' own step clips,
+    adds the noise, scales and calls the accountant's hook, as for any batch.
+    """
+    for p in optimizer.params:
+        if ghost:
+            p.grad = torch.zeros_like(p)
+        else:
+            p.grad_sample = p.new_zeros((0, *p.shape))
+    optimizer.step()
 
 
 def secure_torch_generator(device: torch.device | str) -> torch.Generator:

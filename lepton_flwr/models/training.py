@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -134,19 +135,24 @@ def run_epochs(
     criterion: nn.Module,
     epochs: int,
     device: torch.device | str,
+    empty_step: Callable[[], None] | None = None,
 ) -> float:
     """The SGD loop (plain or Opacus' private one); return the last epoch's mean loss.
 
-    Empty batches (possible with Poisson sampling) are skipped.
+    An empty batch (possible with Poisson sampling) is skipped; with ``empty_step``, that
+    function is called for it instead (after ``optimizer.zero_grad()``), as DP-SGD must
+    still take its step.
     """
     epoch_loss = float("nan")
     for _ in range(epochs):
         total, count = 0.0, 0
         for xb, yb in loader:
+            optimizer.zero_grad()
             if len(yb) == 0:
+                if empty_step is not None:
+                    empty_step()
                 continue
             xb, yb = xb.to(device), yb.to(device)
-            optimizer.zero_grad()
             loss = criterion(model(xb), yb)
             loss.backward()
             optimizer.step()
