@@ -16,6 +16,8 @@ SHARE_BOUND = "dp-share-bound"  # HE + DP: public bound B = (C + 10 σ) / d; sha
 WEIGHTED_BY = "he-weighted-by"  # HE: the reply metric clients weight their update by
 WEIGHT_SCALE = "he-weight-scale"  # HE: clients encrypt (count / scale) * update
 VALUE_BOUND = "he-value-bound"  # HE: public bound b; clients clamp their values to ±b
+RUN_ID = "lepton-run-id"  # our strategies: the run's id (32 hex digits), kept across resumes
+RESUMED_AFTER = "lepton-resumed-after"  # our strategies: the round a resumed run continues from
 
 # ---- reply metrics (client -> server) ---------------------------------------------------
 NUM_EXAMPLES = "num-examples"  # Flower's default ``weighted_by_key``

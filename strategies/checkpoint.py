@@ -151,9 +151,15 @@ def _key(key_file: str | Path | None, folder: Path, create: bool) -> tuple[bytes
             f"holds the folder would hold the key, and could forge checkpoints; keep it "
             f"elsewhere (checkpoint_key=, or ${KEY_ENV})"
         )
-    if create and not path.exists():
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        create_exclusively(path, secrets.token_bytes(KEY_BYTES), 0o600)
+    if create and not os.path.lexists(path):
+        try:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            create_exclusively(path, secrets.token_bytes(KEY_BYTES), 0o600)
+        except OSError as err:
+            raise CheckpointError(
+                f"the checkpoint key {path} cannot be made ({err}); give a folder the server "
+                f"may write (checkpoint_key=, or ${KEY_ENV})"
+            ) from err
     try:
         key = read_private(path, 4096)
     except FileNotFoundError:

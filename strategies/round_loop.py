@@ -34,6 +34,7 @@ from lepton_flwr.strategies.checkpoint import (
 )
 from lepton_flwr.strategies.last_good import TrainingHeldBackError
 
+from lepton_flwr import protocol
 from lepton_flwr.dp.accounting import PrivacyBudgetExhausted
 from lepton_flwr.dp.rounds import NodesUnavailableError
 from lepton_flwr.he.records import is_encrypted
@@ -280,6 +281,12 @@ class FlowerLoop:
         :func:`~lepton_flwr.strategies.checkpoint.default_key_file`, made on first use);
         one that was changed, made with other privacy settings, older than the folder's
         last, or malformed raises ``CheckpointError`` naming the file and the reason.
+
+        Every training message's config carries the run's id (``lepton-run-id``: made at
+        the first start, kept by the checkpoints, so the same after a resume, which
+        Flower numbers as a new run) and the round the run resumed after
+        (``lepton-resumed-after``, 0 when not resumed): clients key what they keep per
+        run by them (:mod:`lepton_flwr.dp.client_state`).
         """
         name = type(self).__name__
         self.node_wait_timeout = timeout
@@ -304,6 +311,11 @@ class FlowerLoop:
             )
             if done >= num_rounds and saved.evaluated:
                 return saved.result
+        # Clients key what they keep per run (DP-SGD histories) by an id that survives a
+        # resume; a node without such state refuses to train in a resumed run.
+        train_config = ConfigRecord(
+            {**(train_config or {}), protocol.RUN_ID: run_id, protocol.RESUMED_AFTER: done}
+        )
         nodes_missing = False
         with RoundObserver(self) as observed:
             if saved is not None:

@@ -3,6 +3,7 @@
 import hashlib
 import io
 import json
+import re
 import stat
 import tracemalloc
 import zipfile
@@ -602,3 +603,24 @@ def test_the_runner_resumes_a_run_killed_while_evaluating_a_round(tmp_path, monk
     for row, uninterrupted in zip(done, expected, strict=True):
         assert row["epsilon"] == pytest.approx(uninterrupted["epsilon"], abs=1e-9, rel=0)
         assert row["central_accuracy"] == pytest.approx(uninterrupted["central_accuracy"])
+
+
+def test_training_messages_name_the_run_by_an_id_that_survives_a_resume(tmp_path):
+    """Flower numbers a resumed run as a new run; clients key their DP-SGD history by this."""
+    app, seen = _app(), []
+
+    def client(msg, context):
+        if msg.metadata.message_type == "train":
+            config = msg.content["config"]
+            seen.append((config["lepton-run-id"], config["lepton-resumed-after"]))
+        return app(msg, context)
+
+    with pytest.raises(ServerCrashError):
+        _dp().start(CrashingGrid(client, NODES, crash_at=2), _start(), 3, checkpoint_dir=tmp_path)
+    _dp().start(CrashingGrid(client, NODES), _start(), 3, checkpoint_dir=tmp_path)
+    (run,) = {run for run, _ in seen}
+    assert re.fullmatch("[0-9a-f]{32}", run)
+    assert [after for _, after in seen][:1] == [0] and {after for _, after in seen} == {0, 1}
+    seen.clear()
+    _dp().start(CrashingGrid(client, NODES), _start(), 1)  # another run: another id
+    assert seen[0][0] != run

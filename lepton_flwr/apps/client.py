@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import wraps
 from logging import ERROR
+from pathlib import Path
 
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.client.mod.utils import make_ffn
@@ -18,14 +19,19 @@ from lepton_flwr.apps.build import build_client_mods
 from lepton_flwr.apps.common import config_from_context, model_for
 from lepton_flwr.config import ConfigError
 from lepton_flwr.data import ClientData, load_client_data, load_dataset
-from lepton_flwr.dp.client_state import LostHistoryError, load_history, save_history
+from lepton_flwr.dp.client_state import DPSGDHistory, LostHistoryError
 from lepton_flwr.dp.dpsgd import (
     dpsgd_noise_multiplier,
     dpsgd_settings,
     epsilon_after_round,
     train_dpsgd,
 )
-from lepton_flwr.dp.floor import BelowPrivacyFloorError, check_dpsgd_request, require_dpsgd
+from lepton_flwr.dp.floor import (
+    BelowPrivacyFloorError,
+    check_dpsgd_request,
+    node_setting,
+    require_dpsgd,
+)
 from lepton_flwr.models import evaluate, resolve_device, train
 from lepton_flwr.mods.common import is_train
 
@@ -85,9 +91,17 @@ def _round_seed(cfg: dict, partition_id: int, server_round: int) -> int:
 
 
 def handle_train(
-    msg: Message, context: Context, cfg: dict, client_data: DataSource = load_client_data
+    msg: Message,
+    context: Context,
+    cfg: dict,
+    client_data: DataSource = load_client_data,
+    state_dir: Path | None = None,
 ) -> Message:
-    """Train the received global model on the local split; reply with the new weights."""
+    """Train the received global model on the local split; reply with the new weights.
+
+    ``state_dir``: where DP-SGD histories go when the node config has no ``state-dir``
+    (the simulation runner's nodes; see :func:`make_client_app`).
+    """
     partition_id, data, spec, model = _received_model(msg, context, cfg, client_data)
     server_round = int(msg.content["config"].get(protocol.SERVER_ROUND, 0))
     t = cfg["train"]
@@ -106,7 +120,10 @@ def handle_train(
     metrics: dict = {}
     try:
         if cfg["privacy"]["name"] == "dpsgd":
-            loss, metrics = _train_dpsgd(model, data, context, cfg, options)
+            train_config = msg.content["config"]
+            loss, metrics = _train_dpsgd(
+                model, data, context, cfg, options, train_config, state_dir
+            )
         else:
             require_dpsgd(context.node_config, cfg["privacy"])  # refuses under a DP-SGD floor
             loss = train(model, data.x_train, data.y_train, **options)
@@ -130,20 +147,26 @@ def handle_train(
     return Message(content, reply_to=msg)
 
 
-def _train_dpsgd(model, data, context: Context, cfg: dict, options: dict) -> tuple[float, dict]:
+def _train_dpsgd(
+    model, data, context: Context, cfg: dict, options: dict, train_config, state_dir=None
+) -> tuple[float, dict]:
     """DP-SGD for this round, continuing the node's accountant (``dp.client_state``).
 
-    The node's privacy floor is checked against the ε this round would reach, before
-    any training.
+    The run is the one the server names (its id survives a resume). The node's privacy
+    floor is checked, before any training, against the ε the node would reach over
+    every run it keeps a history of; the reply's ``client-epsilon`` is this run's.
     """
     privacy = cfg["privacy"]
     node_delta = require_dpsgd(context.node_config, privacy)  # default deny, the node's δ
-    history = load_history(context)
+    histories = DPSGDHistory(context, train_config, state_dir)
+    history = histories.this_run()
+    budget = node_setting(context.node_config, protocol.DPSGD_MAX_EPSILON)
+    others = histories.other_runs() if budget is not None else []
     z = dpsgd_noise_multiplier(
         privacy, len(data.y_train), options["batch_size"], cfg["num_rounds"] * options["epochs"]
     )
     predicted = epsilon_after_round(
-        history,
+        others + history,
         z,
         len(data.y_train),
         options["batch_size"],
@@ -161,7 +184,7 @@ def _train_dpsgd(model, data, context: Context, cfg: dict, options: dict) -> tup
         **dpsgd_settings(privacy),
         **options,
     )
-    save_history(context, history)
+    histories.save(history)
     return loss, {protocol.CLIENT_EPSILON: epsilon, protocol.DPSGD_NOISE_MULTIPLIER: z}
 
 
@@ -245,10 +268,16 @@ def make_client_app(
         return make_ffn(call_next, mods)(msg, context)
 
     client_app = ClientApp(mods=[replies_without_node_details(configured_mods)])
+    # The runner's own config (a simulation, every node on its machine): DP-SGD histories
+    # go to its run folder, so that a resumed simulation continues them. A config sent
+    # with a run never chooses a node's paths.
+    state_dir = None
+    if cfg is not None and cfg.get("output_dir"):
+        state_dir = Path(cfg["output_dir"]) / "client-state"
 
     @client_app.train()
     def train_handler(msg: Message, context: Context) -> Message:
-        return handle_train(msg, context, config(context), client_data)
+        return handle_train(msg, context, config(context), client_data, state_dir)
 
     @client_app.evaluate()
     def evaluate_handler(msg: Message, context: Context) -> Message:
