@@ -387,6 +387,8 @@ def _members(archive: zipfile.ZipFile, file_size: int) -> dict[str, int]:
             raise CheckpointError(f"member {name} comes twice")
         if info.compress_type != zipfile.ZIP_STORED or info.file_size != info.compress_size:
             raise CheckpointError(f"member {name} is compressed; checkpoints store members")
+        if info.flag_bits & 0x1:
+            raise CheckpointError(f"member {name} is encrypted; checkpoints store members")
         sizes[name] = info.file_size
     if sum(sizes.values()) > file_size:
         raise CheckpointError("its members claim more bytes than the file holds")
@@ -465,7 +467,14 @@ def load_checkpoint(folder: str | Path, key_file: str | Path | None = None) -> C
                     checkpoint.state[name] = _read_record(archive, sizes, prefix, specs)
     except CheckpointError as err:
         raise CheckpointError(f"{path}: {err}") from err
-    except (OSError, EOFError, zipfile.BadZipFile, ValueError, TypeError) as err:
+    except (
+        OSError,
+        EOFError,
+        zipfile.BadZipFile,
+        NotImplementedError,  # zipfile: a version or method it does not read
+        ValueError,
+        TypeError,
+    ) as err:
         raise CheckpointError(f"{path} is not a readable checkpoint ({err})") from err
     checkpoint.result.arrays = checkpoint.arrays
     _check_ledger(path, key_path, folder, checkpoint)

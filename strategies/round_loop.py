@@ -219,6 +219,31 @@ class FlowerLoop:
     def load_state(self, state: dict) -> None:
         """Take back what :meth:`state` returned (resuming from a checkpoint)."""
 
+    def resume_from(
+        self, checkpoint_dir: str | Path, checkpoint_key: str | Path | None = None
+    ) -> Checkpoint | None:
+        """Load the folder's checkpoint and take back the strategy's state from it.
+
+        Returns
+        -------
+        Checkpoint | None
+            The checkpoint, or None if the folder holds none.
+
+        Raises
+        ------
+        CheckpointError
+            If it cannot be read or authenticated, or the strategy refuses its state
+            (other privacy settings, a malformed value), naming the file and the reason.
+        """
+        saved = load_checkpoint(checkpoint_dir, checkpoint_key)
+        if saved is not None:
+            try:
+                self.load_state(saved.state)
+            except (ValueError, KeyError, TypeError) as err:
+                what = f"the strategy's state has no {err}" if isinstance(err, KeyError) else err
+                raise CheckpointError(f"{Path(checkpoint_dir) / CHECKPOINT_FILE}: {what}") from err
+        return saved
+
     def _evaluate_again(
         self,
         server_round: int,
@@ -292,14 +317,9 @@ class FlowerLoop:
         self.node_wait_timeout = timeout
         saved = None
         if checkpoint_dir is not None:
-            saved = load_checkpoint(checkpoint_dir, checkpoint_key)
+            saved = self.resume_from(checkpoint_dir, checkpoint_key)
         done, run_id = 0, new_run_id() if saved is None else saved.run_id
         if saved is not None:
-            try:
-                self.load_state(saved.state)
-            except (ValueError, KeyError, TypeError) as err:
-                what = f"the strategy's state has no {err}" if isinstance(err, KeyError) else err
-                raise CheckpointError(f"{Path(checkpoint_dir) / CHECKPOINT_FILE}: {what}") from err
             initial_arrays, done = saved.arrays, saved.server_round
             log(
                 INFO,
