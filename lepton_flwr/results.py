@@ -62,6 +62,7 @@ class RunRecorder:
         self.out_dir = Path(out_dir).resolve()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         write_atomically(self.out_dir / CONFIG_FILE, to_yaml(cfg).encode(), FILE_MODE)
+        self._run_delta = (cfg.get("privacy") or {}).get("delta")  # the clients' ε's δ
         self.rows: list[dict[str, Any]] = []
         if resume_after is not None and (self.out_dir / METRICS_JSONL).exists():
             rows = _read_rows(self.out_dir / METRICS_JSONL)
@@ -136,9 +137,10 @@ class RunRecorder:
         """Write ``summary.json``: last round's metrics, median round time, total bytes.
 
         Its presence marks a run that finished. ``extra`` entries are added as they are.
-        Under DP-SGD, ``client_epsilon`` is the largest ε any client reported in the run
-        (each client's is cumulative, at the run's δ; a client absent from the last
-        round may hold the largest).
+        The last round's ``epsilon`` and ``delta`` (client-level DP); under DP-SGD,
+        ``client_epsilon`` is the largest ε any client reported in the run (each client's
+        is cumulative; a client absent from the last round may hold the largest), at
+        ``client_delta``, the run's δ.
         """
         summary: dict[str, Any] = {"rounds": len(self.rows), **(extra or {})}
         if self.rows:
@@ -147,7 +149,7 @@ class RunRecorder:
                 {
                     k: v
                     for k, v in last.items()
-                    if k.startswith(("central_", "federated_", "epsilon"))
+                    if k.startswith(("central_", "federated_", "epsilon")) or k == "delta"
                 }
             )
             summary["median_round_seconds"] = statistics.median(
@@ -158,6 +160,7 @@ class RunRecorder:
             clients = [r[CLIENT_EPSILON] for r in self.rows if _number(r.get(CLIENT_EPSILON))]
             if clients:
                 summary[CLIENT_EPSILON] = max(clients)
+                summary["client_delta"] = self._run_delta
         text = json.dumps(summary, indent=2) + "\n"
         write_atomically(self.out_dir / SUMMARY_FILE, text.encode(), FILE_MODE)
         return summary

@@ -102,3 +102,22 @@ def test_a_saved_config_is_read_as_plain_values_without_links(tmp_path, content,
         (run / "config.yaml").write_text(content)
     with pytest.raises(ConfigError, match=reason):
         resumed_config({"resume": str(run), "num_rounds": 2}, take_saved=True)
+
+
+def test_a_dpsgd_runs_summary_states_the_clients_largest_epsilon(tmp_path):
+    """Before, a DP-SGD run's summary.json held no ε at all."""
+    from lepton_flwr.apps.client import make_client_app
+    from lepton_flwr.apps.inprocess import InProcessGrid
+    from lepton_flwr.apps.server import run_server
+    from lepton_flwr.config import load_config
+
+    cfg = load_config(
+        "+experiment=digits_smoke privacy=dpsgd privacy.delta=1e-3 num_rounds=2 "
+        f"train.batch_size=64 output_dir={tmp_path / 'run'}"
+    )
+    run_server(InProcessGrid(make_client_app(cfg), 3), cfg)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["client_epsilon"] == max(row["client_epsilon"] for row in rows) > 0
+    assert summary["client_delta"] == 1e-3
+    assert summary["epsilon_unit"].startswith("example")
