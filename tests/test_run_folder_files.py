@@ -89,6 +89,7 @@ def test_a_dpsgd_summary_holds_the_largest_client_epsilon(tmp_path):
         ("link", "symbolic link"),
         ("num_rounds: ${oc.env:HOME}\n", "holds an interpolation at num_rounds"),
         ("- a list\n", "is not a run's config"),
+        ("seed: 1\n", "is not a run's config"),
         ("a: [unclosed\n", "cannot be read"),
     ],
 )

@@ -122,7 +122,7 @@ def _saved_config(path: Path, resume: str) -> dict:
         raise ConfigError(f"resume={resume}: no run there ({path} is missing)") from None
     except (OSError, ValueError, yaml.YAMLError, OmegaConfBaseException) as err:
         raise ConfigError(f"resume={resume}: {path} cannot be read ({err})") from err
-    if not isinstance(saved, dict):
+    if not isinstance(saved, dict) or "num_rounds" not in saved:
         raise ConfigError(f"resume={resume}: {path} is not a run's config")
     where = _interpolation_in(saved, "")
     if where is not None:
