@@ -47,6 +47,7 @@ MAX_CLIP_NORM = "dp-max-clip-norm"  # HE + DP: largest C accepted
 DPSGD_MAX_EPSILON = "dpsgd-max-epsilon"  # DP-SGD: largest cumulative ε the node will spend
 DPSGD_MIN_NOISE = "dpsgd-min-noise-multiplier"  # DP-SGD: least noise multiplier accepted
 DPSGD_DELTA = "dpsgd-delta"  # DP-SGD: the δ at which the node computes its own ε
+HE_MAX_DECRYPTIONS = "he-max-decryptions"  # HE: the most models the node decrypts
 ALLOW_EVALUATION = "allow-evaluation"  # false: no federated evaluation (default under a floor)
 
 # ---- node state (context.state, never sent) ---------------------------------------------

@@ -246,3 +246,53 @@ def test_an_he_training_reply_carries_only_public_metrics(keys):
     reply = app(_message(model, 2, "train"), _context())
     assert not reply.has_error(), reply.error.reason
     assert dict(reply.content["metrics"]) == {"num-examples": 10}
+
+
+def test_with_state_dir_the_budget_holds_across_runs(keys, tmp_path):
+    """Before: the cap lived in context.state, so every new run started it again."""
+    secret, public, path = keys
+    node = {protocol.STATE_DIR: str(tmp_path), protocol.HE_MAX_DECRYPTIONS: 2}
+    app = _app(path, [])
+    for run_id, server_round in ((1, 1), (1, 2), (2, 1)):
+        context = Context(
+            run_id=run_id, node_id=1, node_config=node, state=RecordDict(), run_config={}
+        )
+        values = np.linspace(-1, 1, SIZE) * server_round * run_id
+        reply = app(_message(_model(secret, public, values), server_round), context)
+    assert reply.has_error() and "he-max-decryptions=2" in reply.error.reason
+    assert [p.name for p in tmp_path.iterdir()] == [f"he-decryptions-{fingerprint(public)}.json"]
+
+
+@pytest.mark.parametrize("planted", ["link", "garbage", "negative"])
+def test_an_unreadable_decryption_count_stops_decryption(keys, tmp_path, planted):
+    secret, public, path = keys
+    count_file = tmp_path / f"he-decryptions-{fingerprint(public)}.json"
+    if planted == "link":
+        (tmp_path / "elsewhere").write_text('{"count": 0}')
+        count_file.symlink_to(tmp_path / "elsewhere")
+    else:
+        count_file.write_text("{" if planted == "garbage" else '{"count": -5}')
+    context = Context(
+        run_id=1,
+        node_id=1,
+        node_config={protocol.STATE_DIR: str(tmp_path)},
+        state=RecordDict(),
+        run_config={},
+    )
+    reply = _app(path, [])(_message(_model(secret, public, np.zeros(SIZE)), 1), context)
+    assert reply.has_error() and "decryption count" in reply.error.reason
+    assert _decryptions(context) == 0
+
+
+@pytest.mark.parametrize("raw", [0, 1025, 2.5, "lots", ""])
+def test_a_decryption_budget_outside_its_range_is_refused(keys, raw):
+    secret, public, path = keys
+    context = Context(
+        run_id=1,
+        node_id=1,
+        node_config={protocol.HE_MAX_DECRYPTIONS: raw},
+        state=RecordDict(),
+        run_config={},
+    )
+    reply = _app(path, [])(_message(_model(secret, public, np.zeros(SIZE)), 1), context)
+    assert reply.has_error() and "is not a whole number in [1, 1024]" in reply.error.reason

@@ -60,7 +60,7 @@ def node_setting(node_config: Mapping, key: str) -> float | None:
     """
     if node_config.get(key) is None:
         return None
-    value = _number(node_config[key])
+    value = plain_number(node_config[key])
     if not math.isfinite(value):
         raise BelowPrivacyFloorError(
             f"node config {key}={node_config[key]!r} is not a finite number; nothing was sent"
@@ -77,7 +77,7 @@ def node_setting(node_config: Mapping, key: str) -> float | None:
 NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
-def _number(raw: object) -> float:
+def plain_number(raw: object) -> float:
     """A node-config number: an int or float, or a plain ASCII decimal string; else NaN.
 
     An empty string, a bool, ``1_0``, hex or non-ASCII digits are not numbers here: a

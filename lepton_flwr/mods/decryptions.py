@@ -16,8 +16,10 @@ decrypts through :func:`decrypt_once`:
   round, without decrypting (evaluated in round r, trained on in round r + 1; sent again
   as the fallback after a refused model): no new decryption, nothing new to learn;
 - a model it refused (past its bound) stays refused, with the same fixed reason;
-- over a run it decrypts at most ``MAX_DECRYPTIONS`` models (the number of decryptions
-  the flooding of :mod:`lepton_flwr.he.publish` is sized for).
+- it decrypts at most ``he-max-decryptions`` models (node config; default and most
+  ``MAX_DECRYPTIONS``, the number of decryptions the flooding of
+  :mod:`lepton_flwr.he.publish` is sized for): per run, or, with ``state-dir`` in the
+  node config, per key across every run (counted in a file there before decrypting).
 
 What a malicious server still learns from a client per round: whether it refused the
 model (one bit), and, if the client also evaluates, the loss and accuracy of the one
@@ -29,11 +31,15 @@ the total.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 
 from lepton_flwr import protocol
+from lepton_flwr.dp.floor import plain_number
+from lepton_flwr.files import read_file, write_atomically
 from lepton_flwr.he.publish import DECRYPTIONS
 from lepton_flwr.mods.common import ModError, is_train, train_config
 
@@ -75,14 +81,69 @@ def digest(record: ArrayRecord) -> str:
     hashed = hashlib.sha256()
     for key in sorted(record.keys()):
         data = record[key].data
+        hashed.update(len(key.encode()).to_bytes(8, "little"))
         hashed.update(key.encode())
         hashed.update(len(data).to_bytes(8, "little"))
         hashed.update(data)
     return hashed.hexdigest()
 
 
+def decryption_budget(node_config: Mapping) -> int:
+    """The most models this node decrypts: ``he-max-decryptions``, else ``MAX_DECRYPTIONS``.
+
+    Raises
+    ------
+    ModError
+        If the setting is not a whole number in [1, ``MAX_DECRYPTIONS``].
+    """
+    raw = node_config.get(protocol.HE_MAX_DECRYPTIONS)
+    value = plain_number(raw) if raw is not None else float(MAX_DECRYPTIONS)
+    if not (value.is_integer() and 1 <= value <= MAX_DECRYPTIONS):
+        raise ModError(
+            f"node config {protocol.HE_MAX_DECRYPTIONS}={raw!r} is not a whole number in "
+            f"[1, {MAX_DECRYPTIONS}]; nothing was decrypted"
+        )
+    return int(value)
+
+
+def lifetime_file(context: Context, key_fingerprint: str) -> Path | None:
+    """Where the node counts its decryptions under a key across runs (``state-dir``)."""
+    folder = context.node_config.get(protocol.STATE_DIR)
+    if not folder or not all(c in "0123456789abcdef" for c in key_fingerprint):
+        return None
+    return Path(str(folder)) / f"he-decryptions-{key_fingerprint}.json"
+
+
+def lifetime_count(path: Path | None) -> int:
+    """Decryptions counted in ``path`` (0 without a file).
+
+    Raises
+    ------
+    ModError
+        If the file is a link, too large or malformed: the count must not restart.
+    """
+    if path is None:
+        return 0
+    try:
+        count = json.loads(read_file(path, 4096))["count"]
+    except FileNotFoundError:
+        return 0
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ModError(
+            f"cannot read the decryption count {path.name} in state-dir "
+            f"({type(err).__name__}); nothing is decrypted rather than restart the count"
+        ) from err
+    if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+        raise ModError(f"the decryption count in {path.name} is not a whole number >= 0")
+    return count
+
+
 def decrypt_once(
-    msg: Message, context: Context, record: ArrayRecord, decrypt: Callable[[], ArrayRecord]
+    msg: Message,
+    context: Context,
+    record: ArrayRecord,
+    decrypt: Callable[[], ArrayRecord],
+    key_fingerprint: str = "",
 ) -> ArrayRecord:
     """The plaintext of an encrypted model, decrypted at most once per round (see module).
 
@@ -97,6 +158,9 @@ def decrypt_once(
     decrypt : Callable[[], ArrayRecord]
         Decrypts ``record`` (flooded, bound-checked); raises :class:`RefusedModelError`
         for a model past its bound.
+    key_fingerprint : str
+        The key's fingerprint: with ``state-dir``, decryptions under it are counted
+        there across runs.
 
     Raises
     ------
@@ -122,12 +186,23 @@ def decrypt_once(
             f"a global model for round {round_number}, after one for round "
             f"{int(ledger['round'])}: earlier rounds are refused without decrypting"
         )
-    if count >= MAX_DECRYPTIONS:
+    budget = decryption_budget(context.node_config)
+    path = lifetime_file(context, key_fingerprint)
+    used = max(count, lifetime_count(path))
+    if used >= budget:
         raise ModError(
-            f"this client has decrypted {count} global models in this run, the most the "
-            f"flooding of published decryptions is sized for; nothing more is decrypted"
+            f"this client has decrypted {used} global models under this key, the most it "
+            f"decrypts ({protocol.HE_MAX_DECRYPTIONS}={budget}); nothing more is decrypted"
         )
-    entry = {"round": round_number, "digest": fingerprint, "count": count + 1}
+    if path is not None:  # counted before decrypting: a crash cannot lose a decryption
+        try:
+            write_atomically(path, json.dumps({"count": used + 1}).encode())
+        except OSError as err:
+            raise ModError(
+                f"cannot write the decryption count {path.name} in state-dir "
+                f"({type(err).__name__}); nothing was decrypted"
+            ) from err
+    entry = {"round": round_number, "digest": fingerprint, "count": used + 1}
     try:
         plain = decrypt()
     except RefusedModelError:

@@ -277,7 +277,7 @@ def apply_he(
                 except CiphertextError as err:
                     raise ModError(f"cannot decrypt the global model: {err}") from err
 
-            plain = decrypt_once(msg, context, record, decrypt)
+            plain = decrypt_once(msg, context, record, decrypt, own_fingerprint)
             msg.content = RecordDict({**msg.content, key: plain})  # never edit a shared record
             decrypted = True
     reply = _handled(msg, context, call_next) if decrypted else call_next(msg, context)
