@@ -43,7 +43,6 @@ import hashlib
 import hmac
 import io
 import json
-import math
 import os
 import re
 import secrets
@@ -51,10 +50,10 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 from flwr.app import Array, ArrayRecord, MetricRecord
 from flwr.serverapp.strategy import Result
 
+from lepton_flwr.arrays import check_payload
 from lepton_flwr.files import (
     create_exclusively,
     open_regular,
@@ -73,7 +72,6 @@ METRICS = ("train_metrics_clientapp", "evaluate_metrics_clientapp", "evaluate_me
 KEY_ENV = "LEPTON_FLWR_CHECKPOINT_KEY"
 KEY_BYTES = 32
 LEDGER_FOLDER = "checkpoint-ledger"
-NUMPY_STYPE = "numpy.ndarray"
 _MAC_CONTEXT = b"lepton-flwr checkpoint v2\x00"
 _RUN_ID = re.compile(r"[0-9a-f]{32}")
 _MEMBER = re.compile(r"array-\d{5}|state-\d{3}-\d{5}")
@@ -300,42 +298,6 @@ def _kind_name(kind: type | tuple) -> str:
     )
 
 
-def _payload_size(spec_dtype: str, shape: tuple[int, ...], stype: str, data: bytes) -> None:
-    """Check that ``data`` holds exactly what dtype, shape and stype say, nothing more.
-
-    A numpy array's ``.npy`` header declares its own shape and dtype, and numpy allocates
-    what the header declares before reading the data: it must declare the spec's, and the
-    data must be exactly that long.
-
-    Raises
-    ------
-    ValueError
-        Saying what does not match.
-    """
-    dtype = np.dtype(spec_dtype)  # TypeError for an unknown dtype
-    if dtype.hasobject or dtype.itemsize == 0:
-        raise ValueError(f"dtype {spec_dtype} is not a plain numeric type")
-    payload = math.prod(shape) * dtype.itemsize
-    header = 0
-    if stype == NUMPY_STYPE:
-        buffer = io.BytesIO(data)
-        version = np.lib.format.read_magic(buffer)
-        if version == (1, 0):
-            declared, _, declared_dtype = np.lib.format.read_array_header_1_0(buffer)
-        elif version == (2, 0):
-            declared, _, declared_dtype = np.lib.format.read_array_header_2_0(buffer)
-        else:
-            raise ValueError(f"unsupported .npy version {version}")
-        if tuple(declared) != shape or declared_dtype != dtype:
-            raise ValueError(
-                f"its .npy header declares {declared_dtype}{list(declared)}, the spec "
-                f"{spec_dtype}{list(shape)}"
-            )
-        header = buffer.tell()
-    if header + payload != len(data):
-        raise ValueError(f"{spec_dtype}{list(shape)} takes {payload} bytes, it holds {len(data)}")
-
-
 def _read_record(
     archive: zipfile.ZipFile, sizes: dict[str, int], prefix: str, specs: object
 ) -> ArrayRecord:
@@ -362,7 +324,7 @@ def _read_record(
         if not hmac.compare_digest(hashlib.sha256(data).hexdigest(), digest):
             raise CheckpointError(f"{member} is not the array state.json names (SHA-256)")
         try:
-            _payload_size(dtype, tuple(shape), stype, data)
+            check_payload(dtype, tuple(shape), stype, data)
         except (TypeError, ValueError) as err:
             raise CheckpointError(f"{member}: {err}") from err
         arrays[name] = Array(dtype=dtype, shape=tuple(shape), stype=stype, data=data)

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 
+from lepton_flwr.arrays import check_payload
+
 MAX_EXAMPLES = 10_000_000  # default largest example count a reply may claim
 
 
@@ -94,8 +96,10 @@ def plaintext_tensors(record: ArrayRecord, reference: Sequence[tuple[str, tuple]
         raise ReplyError("its tensors differ from the global model's")
     tensors = []
     for name, shape in reference:
-        try:
-            values = np.asarray(record[name].numpy(), dtype=np.float64)
+        array = record[name]
+        try:  # the bytes must hold exactly the expected shape before numpy reads them
+            check_payload(array.dtype, tuple(shape), array.stype, array.data)
+            values = np.asarray(array.numpy(), dtype=np.float64)
         except Exception as err:  # noqa: BLE001 - an unreadable or unknown Array type
             raise ReplyError(f"tensor '{name}' cannot be read as numbers ({err})") from err
         if values.shape != tuple(shape):
