@@ -111,13 +111,14 @@ def add_keyholder_evaluation(cfg: dict, out: Path) -> None:
     """
     from lepton_flwr.apps.keyholder import evaluate_encrypted_model
     from lepton_flwr.apps.server import ENCRYPTED_MODEL_FILE
-    from lepton_flwr.results import SUMMARY_FILE
+    from lepton_flwr.files import read_file, write_atomically
+    from lepton_flwr.results import FILE_MODE, SUMMARY_FILE
 
     secret = cfg["he"]["secret_context_path"]
     metrics = evaluate_encrypted_model(cfg, out / ENCRYPTED_MODEL_FILE, secret)
-    summary = json.loads((out / SUMMARY_FILE).read_text())
+    summary = json.loads(read_file(out / SUMMARY_FILE, 1 << 20))  # never through a link
     summary.update({f"keyholder_{k}": v for k, v in metrics.items()})
-    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    write_atomically(out / SUMMARY_FILE, (json.dumps(summary, indent=2) + "\n").encode(), FILE_MODE)
     shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
     print(f"Key holder's test of the final model on the global test set: {shown}", file=sys.stderr)
 
