@@ -24,15 +24,11 @@ class UnsafeFileError(OSError):
     """
 
 
-def write_atomically(path: str | Path, data: bytes, mode: int = 0o600) -> Path:
-    """Write a new file with ``mode``, then rename it over ``path``.
+def _temporary_beside(path: Path, data: bytes, mode: int) -> str:
+    """A new file in ``path``'s folder holding ``data`` (synced), then given ``mode``.
 
-    The file is created with mode 600 (``mkstemp``) in the target folder and only then
-    given ``mode``, so a secret is never readable by others, whatever ``path`` was before
-    (a world-readable file keeps nothing; a symlink planted there is replaced, not
-    followed), and a crash leaves the old file or the new one, never half of one.
+    It is created with mode 600 (``mkstemp``), so a secret is never readable by others.
     """
-    path = Path(path)
     fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -40,6 +36,22 @@ def write_atomically(path: str | Path, data: bytes, mode: int = 0o600) -> Path:
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(temporary, mode)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return temporary
+
+
+def write_atomically(path: str | Path, data: bytes, mode: int = 0o600) -> Path:
+    """Write a new file with ``mode``, then rename it over ``path``.
+
+    Whatever ``path`` was before, it is replaced, not written through (a world-readable
+    file keeps nothing; a symlink planted there is replaced, not followed), and a crash
+    leaves the old file or the new one, never half of one.
+    """
+    path = Path(path)
+    temporary = _temporary_beside(path, data, mode)
+    try:
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
@@ -55,13 +67,8 @@ def create_exclusively(path: str | Path, data: bytes, mode: int = 0o600) -> bool
     creating the same file at once end up with one complete file, the first one's.
     """
     path = Path(path)
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    temporary = _temporary_beside(path, data, mode)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temporary, mode)
         try:
             os.link(temporary, path)
         except FileExistsError:
