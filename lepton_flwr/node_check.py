@@ -132,7 +132,7 @@ def _floor(node_config: dict, key: str) -> str | None:
     try:
         node_setting(node_config, key)
     except BelowPrivacyFloorError as err:
-        return str(err).split(";")[0]
+        return str(err).removeprefix(protocol.FLOOR_REFUSAL).split(";")[0]
     return None
 
 

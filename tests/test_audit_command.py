@@ -9,7 +9,13 @@ import pytest
     ("overrides", "surface", "inverted"),
     [
         (["strategy=fedavg"], "plaintext tensors", True),
-        (["strategy=he_dp_fedavg", "privacy.noise_multiplier=1.0"], "ciphertexts of", False),
+        # q = 1: the 6 clients of a federation at the preset's q = 0.1 all stay unsampled
+        # in both rounds with probability 0.28, and a federation that trains nothing fails
+        (
+            ["strategy=he_dp_fedavg", "privacy.noise_multiplier=1.0", "privacy.sample_rate=1.0"],
+            "ciphertexts of",
+            False,
+        ),
     ],
 )
 def test_the_audit_command_reports_surface_bound_membership_and_inversion(
