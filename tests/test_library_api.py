@@ -119,9 +119,10 @@ def test_he_dp_server_refuses_an_encrypted_reply_that_is_not_a_dp_share(keys, ca
     """Even if a client's he_mod does not see the noise request, the server refuses."""
     caplog.set_level(logging.WARNING, logger="flwr")
 
-    def hide_noise_request(msg, context, call_next):
+    def hide_noise_request(msg, context, call_next):  # and make it look like HEFedAvg's
         config = ConfigRecord(
             {k: v for k, v in msg.content["config"].items() if k != protocol.NOISE_SHARE_STD}
+            | {protocol.VALUE_BOUND: 100.0}
         )
         msg.content = RecordDict({**msg.content, "config": config})
         return call_next(msg, context)
@@ -199,7 +200,9 @@ def test_dp_fedavg_refuses_encrypted_replies_with_a_hint(keys, caplog):
     grid = InProcessGrid(_app([make_he_mod(keys[0], workers=1)]), NODES)
     result = _dp().start(grid, _start(), num_rounds=1)
     assert result.train_metrics_clientapp[1]["clients-accepted"] == 0
-    assert caplog.text.count("the reply is encrypted") == NODES and "HEDPFedAvg" in caplog.text
+    # The clients' he_mod refuses first: no public bound, so the update is never encrypted
+    # with its real largest value in the header (issue 18).
+    assert "does not come from HEFedAvg" in caplog.text and "HEDPFedAvg" in caplog.text
 
 
 # ---- Flower's own round loop --------------------------------------------------------------
@@ -279,7 +282,8 @@ def _one_train_reply(mod, node_config=None, run_config=None):
         state=RecordDict(),
         run_config=run_config or {},
     )
-    msg = Message(RecordDict({"arrays": _start(), "config": ConfigRecord()}), 1, "train")
+    config = ConfigRecord({protocol.VALUE_BOUND: 100.0})  # what HEFedAvg sends
+    msg = Message(RecordDict({"arrays": _start(), "config": config}), 1, "train")
     msg.metadata.__dict__["_message_id"] = "m1"
     return app(msg, context)
 
@@ -392,8 +396,9 @@ def _with_clipping_norm(configure_train):
 
 
 def test_he_fedavg_weights_by_the_users_weighted_by_key(keys):
-    """weighted_by_key reaches the clients' he_mod, which encrypts with that weight."""
-    app = ClientApp(mods=[make_he_mod(keys[0], workers=1)])
+    """weighted_by_key reaches the clients' he_mod, which encrypts with that weight (the
+    client names the same key: the weight leaves in the clear)."""
+    app = ClientApp(mods=[make_he_mod(keys[0], workers=1, weighted_by="my-weight")])
 
     @app.train()
     def train(msg, context):

@@ -296,3 +296,34 @@ def test_a_decryption_budget_outside_its_range_is_refused(keys, raw):
     )
     reply = _app(path, [])(_message(_model(secret, public, np.zeros(SIZE)), 1), context)
     assert reply.has_error() and "is not a whole number in [1, 1024]" in reply.error.reason
+
+
+@pytest.mark.parametrize(
+    ("config", "reason"),
+    [
+        ({protocol.WEIGHTED_BY: "train-loss"}, "this client weights by 'num-examples'"),
+        ({protocol.WEIGHT_SCALE: -1.0}, "weight scale is not a finite number > 0"),
+        ({protocol.VALUE_BOUND: None}, "no public value bound"),
+    ],
+)
+def test_an_he_training_reply_never_carries_a_value_of_the_model(keys, config, reason):
+    """Before: without he-value-bound the header held max |trained model| (the review read
+    12 of 12 values of an upload through it); weighted-by=train-loss sent the loss as the
+    clear weight; weight-scale=-1 made the error quote a value of the model."""
+    secret, public, path = keys
+    app = ClientApp(mods=[make_he_mod(path, workers=1)])
+
+    @app.train()
+    def train(msg, context):
+        arrays = msg.content["arrays"]
+        loss = float(np.abs(arrays["w"].numpy()).max())
+        metrics = MetricRecord({"num-examples": 10, "train-loss": loss})
+        return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+    values = np.linspace(-1, 1, SIZE) * 4.02
+    sent = {protocol.SERVER_ROUND: 2, protocol.VALUE_BOUND: 100.0, **config}
+    sent = {k: v for k, v in sent.items() if v is not None}
+    message = client_message(_model(secret, public, values), sent, 2, "train")
+    reply = app(message, _context())
+    assert reply.has_error() and reason in reply.error.reason
+    assert "4.02" not in reply.error.reason

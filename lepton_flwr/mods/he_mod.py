@@ -21,6 +21,7 @@ SuperNode's (or simulation's) working folder, not from your app's folder.
 from __future__ import annotations
 
 import json
+import math
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
 
@@ -126,8 +127,8 @@ def encrypt_update(
     scaled = weight * vector
     max_abs = float(np.abs(scaled).max()) if len(scaled) else 0.0
     if bound is not None:
-        if max_abs > bound:
-            raise ValueError(f"values reach {max_abs:.4g}, over the public bound {bound:.4g}")
+        if max_abs > bound:  # no value in the text: it may leave the client
+            raise ValueError("values pass the public bound; nothing was encrypted")
         max_abs = bound
     chunks = encoder.encrypt(scaled)
     return EncryptedModel(manifest, chunks, weight, own_fingerprint, max_abs).to_record()
@@ -166,8 +167,14 @@ def known_manifest(context: Context) -> list[TensorSpec] | None:
     return [TensorSpec(n, tuple(shape), d) for n, shape, d in json.loads(str(kept["manifest"]))]
 
 
-def _reply_weight(msg: Message, metrics: MetricRecord, weight_scale: float) -> float:
-    """The weight a training reply is encrypted with: 1 for a DP share, else its data."""
+def _reply_weight(
+    msg: Message, metrics: MetricRecord, weight_scale: float, weighted_by: str
+) -> float:
+    """The weight a training reply is encrypted with: 1 for a DP share, else its data.
+
+    The weight is a whole example count under the key the client chose: the server may
+    not name another metric (a training loss, say), since the weight leaves in the clear.
+    """
     if protocol.HE_WEIGHT in metrics:
         return float(metrics[protocol.HE_WEIGHT])
     if protocol.NOISE_SHARE_STD in train_config(msg):
@@ -176,13 +183,34 @@ def _reply_weight(msg: Message, metrics: MetricRecord, weight_scale: float) -> f
             "use ClientApp(mods=[he_dp_mod]) so that the update is clipped and noised "
             "before it is encrypted. Nothing was sent."
         )
-    weighted_by = str(train_config(msg).get(protocol.WEIGHTED_BY, protocol.NUM_EXAMPLES))
+    asked = str(train_config(msg).get(protocol.WEIGHTED_BY, weighted_by))
+    if asked != weighted_by:  # the weight travels in the clear: the client chooses it
+        raise ModError(
+            f"the server asks for updates weighted by '{asked}'; this client weights by "
+            f"'{weighted_by}' (make_he_mod(weighted_by=...)); nothing was sent"
+        )
     if weighted_by not in metrics:
         raise ModError(
             f"the training reply's metrics lack '{weighted_by}', the weight of the update"
         )
-    weight_scale = float(train_config(msg).get(protocol.WEIGHT_SCALE, weight_scale))
-    return float(metrics[weighted_by]) / weight_scale
+    count = metrics[weighted_by]
+    if (
+        isinstance(count, bool)
+        or not isinstance(count, int | float)
+        or not (math.isfinite(count) and count >= 0 and float(count).is_integer())
+    ):
+        raise ModError(f"'{weighted_by}' is not a whole number >= 0; nothing was sent")
+    weight_scale = _positive(train_config(msg).get(protocol.WEIGHT_SCALE, weight_scale))
+    if weight_scale is None:
+        raise ModError("the server's weight scale is not a finite number > 0; nothing was sent")
+    return float(count) / weight_scale
+
+
+def _positive(value: object) -> float | None:
+    """``value`` as a finite float > 0, else None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) and value > 0 else None
 
 
 # What a training reply under HE may carry in the clear: the weight and values that do not
@@ -244,6 +272,7 @@ def apply_he(
     weight_scale: float = DEFAULT_WEIGHT_SCALE,
     workers: int | None = None,
     seeded: bool = True,
+    weighted_by: str = protocol.NUM_EXAMPLES,
 ) -> Message:
     """The HE round trip around a handler (see :func:`make_he_mod`).
 
@@ -288,12 +317,20 @@ def apply_he(
         raise ModError("the reply is already encrypted: attach he_mod once")
     remember_manifest(context, record)
     _, metrics = the_record(reply.content, MetricRecord)
-    weight = _reply_weight(msg, metrics, weight_scale)
-    bound = float(metrics[protocol.HE_BOUND]) if protocol.HE_BOUND in metrics else None
-    value_bound = train_config(msg).get(protocol.VALUE_BOUND)
-    if bound is None and value_bound is not None:  # HEFedAvg: clamp to its public bound
-        record = clamped(record, float(value_bound))
-        bound = weight * float(value_bound)
+    weight = _reply_weight(msg, metrics, weight_scale, weighted_by)
+    if protocol.HE_BOUND in metrics:  # a DP share: clamped to the public bound B already
+        bound = float(metrics[protocol.HE_BOUND])
+    else:  # HEFedAvg: clamp to its public bound; the header never holds a computed value
+        value_bound = _positive(train_config(msg).get(protocol.VALUE_BOUND))
+        if value_bound is None:
+            raise ModError(
+                f"the training request has no public value bound ({protocol.VALUE_BOUND}, "
+                f"a finite number > 0), so it does not come from HEFedAvg, which he_mod "
+                f"pairs with (HEDPFedAvg pairs with he_dp_mod; DPFedAvg needs no HE mod); "
+                f"nothing was sent"
+            )
+        record = clamped(record, value_bound)
+        bound = weight * value_bound
     try:
         encrypted = encrypt_update(record, weight, encoder, own_fingerprint, bound)
     except ValueError as err:
@@ -315,6 +352,7 @@ def make_he_mod(
     weight_scale: float = DEFAULT_WEIGHT_SCALE,
     workers: int | None = None,
     seeded: bool = True,
+    weighted_by: str = protocol.NUM_EXAMPLES,
 ) -> Mod:
     """Build the HE client mod, for ``HEFedAvg``.
 
@@ -333,6 +371,10 @@ def make_he_mod(
         Processes that encrypt in parallel (None: all cores this process may use).
     seeded : bool
         Upload seeded ciphertexts: half the bytes, about twice the server's load time.
+    weighted_by : str
+        The reply metric (a whole example count) the update is weighted by; it leaves in
+        the clear. The server's ``weighted_by_key`` must be the same, or the client
+        refuses: a server may not name another metric (a training loss) as the weight.
 
     Returns
     -------
@@ -356,7 +398,7 @@ def make_he_mod(
         path = find_secret_context(context, secret_context_path)
         if named_by_run_config(context):
             _check_run_config_key(path, workers, seeded)
-        return apply_he(msg, context, call_next, path, weight_scale, workers, seeded)
+        return apply_he(msg, context, call_next, path, weight_scale, workers, seeded, weighted_by)
 
     return he_mod
 
