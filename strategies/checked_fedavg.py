@@ -50,13 +50,13 @@ class CheckedFedAvg(FlowerLoop, FedAvg):
         if not (isinstance(max_examples, int) and max_examples >= 1):
             raise ValueError(f"max_examples must be an int >= 1, got {max_examples}.")
         self.max_examples = max_examples
-        self._reference: list[tuple[str, tuple]] = []
+        self._reference: list[tuple[str, tuple, str]] = []
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """FedAvg's; the global model's tensor names and shapes are kept for the checks."""
-        self._reference = [(name, tuple(array.shape)) for name, array in arrays.items()]
+        """FedAvg's; the global model's tensor names, shapes and dtypes are kept for the checks."""
+        self._reference = [(k, tuple(a.shape), str(a.dtype)) for k, a in arrays.items()]
         return super().configure_train(server_round, arrays, config, grid)
 
     def _check_train(self, msg: Message) -> None:

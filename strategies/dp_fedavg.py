@@ -157,6 +157,7 @@ class DPFedAvg(FlowerLoop, FedAvg):
         self.count_stddev = count_stddev
         self._global: list[np.ndarray] = []
         self._keys: list[str] = []
+        self._dtypes: list[str] = []
         self._sampled = 0
 
     @property
@@ -207,6 +208,7 @@ class DPFedAvg(FlowerLoop, FedAvg):
         )
         self._global = [a.numpy().astype(np.float64) for a in arrays.values()]
         self._keys = list(arrays.keys())
+        self._dtypes = [str(a.dtype) for a in arrays.values()]
         train_config = ConfigRecord(dict(config))
         train_config[protocol.SERVER_ROUND] = server_round
         if self.clipping_side == "client":
@@ -226,7 +228,8 @@ class DPFedAvg(FlowerLoop, FedAvg):
                 "the reply is encrypted: DPFedAvg adds plaintext updates (for HE + DP, use "
                 "HEDPFedAvg with he_dp_mod on the clients)"
             )
-        reference = list(zip(self._keys, (g.shape for g in self._global), strict=True))
+        shapes = (g.shape for g in self._global)
+        reference = list(zip(self._keys, shapes, self._dtypes, strict=True))
         tensors = plaintext_tensors(record, reference)
         update = [values - current for values, current in zip(tensors, self._global, strict=True)]
         norm = l2_norm(update)

@@ -76,27 +76,30 @@ def reply_metrics(
     return metrics
 
 
-def plaintext_tensors(record: ArrayRecord, reference: Sequence[tuple[str, tuple]]) -> list:
+def plaintext_tensors(record: ArrayRecord, reference: Sequence[tuple[str, tuple, str]]) -> list:
     """The reply's tensors as float64 arrays, if they match the global model's.
 
     Parameters
     ----------
     record : ArrayRecord
         The reply's (plaintext) tensors.
-    reference : Sequence[tuple[str, tuple]]
-        The global model's tensor names and shapes, in order.
+    reference : Sequence[tuple[str, tuple, str]]
+        The global model's tensor names, shapes and dtypes, in order.
 
     Raises
     ------
     ReplyError
-        If the names, order or shapes differ, a tensor cannot be read, or a value is
-        NaN or Inf.
+        If the names, order, shapes or dtypes differ (a complex, text or float16 tensor
+        in a float32 model would break the average or lose its precision), a tensor
+        cannot be read, or a value is NaN or Inf.
     """
-    if list(record.keys()) != [name for name, _ in reference]:
+    if list(record.keys()) != [name for name, _, _ in reference]:
         raise ReplyError("its tensors differ from the global model's")
     tensors = []
-    for name, shape in reference:
+    for name, shape, dtype in reference:
         array = record[name]
+        if str(array.dtype) != str(dtype):
+            raise ReplyError(f"tensor '{name}' has dtype {array.dtype!r:.40}, expected {dtype}")
         try:  # the bytes must hold exactly the expected shape before numpy reads them
             check_payload(array.dtype, tuple(shape), array.stype, array.data)
             values = np.asarray(array.numpy(), dtype=np.float64)

@@ -265,6 +265,17 @@ def _header_declares_a_huge_array(content):
     return RecordDict({**content, "arrays": ArrayRecord({"w": huge})})
 
 
+def _as_dtype(dtype):
+    """A reply whose tensor has another dtype than the model's (float32)."""
+
+    def corrupt(content):
+        values = content["arrays"]["w"].numpy().astype(dtype)
+        return RecordDict({**content, "arrays": ArrayRecord({"w": Array(values)})})
+
+    corrupt.__name__ = f"_as_{np.dtype(dtype).name}"
+    return corrupt
+
+
 def _loss_as_list(content):
     metrics = MetricRecord({**content["metrics"], "train-loss": [1.0, 2.0]})
     return RecordDict({**content, "metrics": metrics})
@@ -300,8 +311,11 @@ def _plain_app(mods):
         (_count(10**12), "is not in [1,"),
         (_count([1, 2]), "whole number"),
         (_nan_weights, "holds NaN or Inf"),
-        (_unknown_array_type, "cannot be read as numbers"),
+        (_unknown_array_type, "has dtype 'weird', expected float32"),
         (_header_declares_a_huge_array, "its .npy header declares float32[8589934592]"),
+        (_as_dtype(np.complex128), "has dtype 'complex128', expected float32"),
+        (_as_dtype("U3"), "expected float32"),
+        (_as_dtype(np.float16), "has dtype 'float16', expected float32"),
         (_loss_as_list, None),  # a valid update: kept; its loss is left out of the metrics
     ],
 )
