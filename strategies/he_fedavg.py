@@ -227,7 +227,12 @@ class HEFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
         return [m for m in messages if m.metadata.dst_node_id in kept]
 
     def _weight_cap(self, replies: list[Message]) -> float | None:
-        """The largest example count a reply of this round may claim (None: no cap)."""
+        """The largest example count a reply of this round may claim (None: no cap).
+
+        The median is taken over the replies that pass every check but the cap (their
+        header, key, layout and weight): a reply that is rejected anyway (plaintext, another
+        key) cannot lift it.
+        """
         if self.max_weight_ratio is None:
             return None
         counts = []
@@ -235,10 +240,12 @@ class HEFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
             if msg.has_error():
                 continue
             try:
-                metrics = the_metrics(msg)
-                counts.append(example_count(metrics, self.weighted_by_key, self.max_examples))
-            except (CiphertextError, ReplyError):
-                continue  # rejected with its reason when it is checked
+                self._check_weight(msg, self.encrypted_sum.check(msg))
+                counts.append(
+                    example_count(the_metrics(msg), self.weighted_by_key, self.max_examples)
+                )
+            except Exception:  # noqa: BLE001 - rejected with its reason when it is added
+                continue
         if not counts:
             return None
         return self.max_weight_ratio * sorted(counts)[(len(counts) - 1) // 2]
@@ -279,6 +286,12 @@ class HEFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
         accepted, total = self.encrypted_sum.add(
             server_round, replies, check_reply=lambda m, u: self._check_weight(m, u, cap)
         )
+        if cap is not None and accepted and (tighter := self._weight_cap(accepted)) < cap:
+            # Some replies passed the header checks and failed to load (garbage under the
+            # server's fingerprint): the cap over the uploads that really count is lower.
+            accepted, total = self.encrypted_sum.add(
+                server_round, accepted, check_reply=lambda m, u: self._check_weight(m, u, tighter)
+            )
         if len(accepted) < max(1, self.min_train_nodes):
             log(
                 WARNING,

@@ -300,6 +300,46 @@ def test_one_reply_cannot_take_most_of_the_weight(keys, caplog, count, rejected)
         assert share <= 10 / (10 + 4 // 2)
 
 
+@pytest.mark.parametrize("sybil_reply", ["plaintext", "garbage under the fingerprint"])
+def test_replies_that_are_rejected_anyway_cannot_lift_the_weight_cap(keys, caplog, sybil_reply):
+    """Second review: three nodes without the key replied 100,000 examples (rejected), the
+    median over every count became 100,000, and a key holder claiming as much owned
+    99.97 % of the model. The median now counts only replies that are added."""
+    caplog.set_level(logging.WARNING, logger="flwr")
+    sybils, owner = (104, 105, 106), 103
+
+    def claims(msg, context, call_next):
+        reply = call_next(msg, context)
+        if context.node_id == owner:  # an honest ciphertext of +1 claiming 100,000
+            ones = {k: Array(np.ones_like(v.numpy())) for k, v in reply.content["arrays"].items()}
+            reply.content = RecordDict(
+                {"arrays": ArrayRecord(ones), "metrics": MetricRecord({"num-examples": 100_000})}
+            )
+        return reply
+
+    def sybil(msg, context, call_next):
+        reply = call_next(msg, context)
+        if context.node_id in sybils:
+            metrics = MetricRecord({"num-examples": 100_000})
+            arrays = reply.content["arrays"]
+            if sybil_reply == "plaintext":
+                arrays = ArrayRecord({"w": Array(np.zeros(SIZE, dtype=np.float32))})
+            else:  # a header the server's checks accept, chunks that do not load
+                model = EncryptedModel.from_record(arrays)
+                model.chunks = [b"\x00" * len(c) for c in model.chunks]
+                model.weight = 100_000 / 100.0
+                arrays = model.to_record()
+            reply.content = RecordDict({"arrays": arrays, "metrics": metrics})
+        return reply
+
+    grid = InProcessGrid(_app([sybil, make_he_mod(keys[0], workers=1), claims]), 7)
+    strategy = _he_fedavg(keys, nodes=7, weight_scale=100.0, value_bound=1.0)
+    result = strategy.start(grid, _start(), num_rounds=1)
+    model = decrypt_arrays(result.arrays, keys[0])["w"].numpy()
+    assert np.allclose(model, SHIFT, atol=1e-3)  # the three honest nodes' mean only
+    assert "more than max_weight_ratio = 10 times the round's median" in caplog.text
+
+
 def test_a_weight_cap_below_one_is_refused(keys):
     with pytest.raises(ValueError, match="max_weight_ratio must be a finite number >= 1"):
         HEFedAvg(keys[1], max_weight_ratio=0.5)
