@@ -178,9 +178,14 @@ def _ledger_file(key_path: Path, folder: Path) -> Path:
     return key_path.parent / LEDGER_FOLDER / f"{name}.json"
 
 
-def _ledger_entry(key_path: Path, folder: Path) -> dict | None:
-    """The folder's run id and last round, as the last checkpoint written there left them."""
-    path = _ledger_file(key_path, folder)
+def _run_ledger_file(key_path: Path, run_id: str) -> Path:
+    """Where the run's last round is kept, whatever folder its checkpoints are in."""
+    return key_path.parent / LEDGER_FOLDER / f"run-{run_id}.json"
+
+
+def _ledger_entry(key_path: Path, folder: Path, path: Path | None = None) -> dict | None:
+    """The last run id and round written for the folder (or for a run, from ``path``)."""
+    path = path or _ledger_file(key_path, folder)
     try:
         entry = json.loads(read_file(path, 4096))
     except FileNotFoundError:
@@ -205,6 +210,8 @@ def _write_ledger(key_path: Path, folder: Path, checkpoint: Checkpoint) -> None:
         "server_round": checkpoint.server_round,
     }
     write_atomically(path, json.dumps(entry).encode(), 0o600)
+    run_path = _run_ledger_file(key_path, checkpoint.run_id)
+    write_atomically(run_path, json.dumps(entry).encode(), 0o600)
 
 
 def _mac(key: bytes, state: bytes) -> str:
@@ -448,16 +455,17 @@ def _check_ledger(path: Path, key_path: Path, folder: Path, checkpoint: Checkpoi
     if not _RUN_ID.fullmatch(checkpoint.run_id) or checkpoint.server_round < 0:
         raise CheckpointError(f"{path}: its run id or round is malformed")
     entry = _ledger_entry(key_path, folder)
-    if entry is None:
-        return
-    if entry["run_id"] != checkpoint.run_id:
+    if entry is not None and entry["run_id"] != checkpoint.run_id:
         raise CheckpointError(
             f"{path} belongs to run {checkpoint.run_id}, but the last checkpoint written in "
             f"{folder} was run {entry['run_id'][:32]}'s (ledger {_ledger_file(key_path, folder)})"
         )
-    if checkpoint.server_round < entry["server_round"]:
-        raise CheckpointError(
-            f"{path} is the checkpoint of round {checkpoint.server_round}, but this folder's "
-            f"last checkpoint was written after round {entry['server_round']}: an older "
-            f"checkpoint put back would run rounds again that the accountant does not hold"
-        )
+    run_entry = _ledger_entry(key_path, folder, _run_ledger_file(key_path, checkpoint.run_id))
+    for last, where in ((entry, "this folder's"), (run_entry, "this run's")):
+        if last is not None and checkpoint.server_round < last["server_round"]:
+            raise CheckpointError(
+                f"{path} is the checkpoint of round {checkpoint.server_round}, but {where} "
+                f"last checkpoint was written after round {last['server_round']}: an older "
+                f"checkpoint put back (in any folder) would run rounds again that the "
+                f"accountant does not hold"
+            )

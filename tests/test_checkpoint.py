@@ -355,6 +355,17 @@ def test_an_older_or_another_runs_checkpoint_put_back_is_refused(tmp_path):
         load_checkpoint(tmp_path / "run")
 
 
+def test_an_older_checkpoint_in_a_folder_the_ledger_never_saw_is_refused(tmp_path):
+    """Second review: an authentic old checkpoint copied to (or linked as) another folder
+    passed the ledger, which was keyed by the folder's path; it is now also keyed by run."""
+    old = _two_rounds(tmp_path / "run").read_bytes()
+    _dp().start(CrashingGrid(_app(), NODES), _start(), 4, checkpoint_dir=tmp_path / "run")
+    (tmp_path / "moved").mkdir()
+    (tmp_path / "moved" / CHECKPOINT_FILE).write_bytes(old)
+    with pytest.raises(CheckpointError, match="round 2, but this run's last .* round 4"):
+        load_checkpoint(tmp_path / "moved")
+
+
 def test_the_checkpoint_key_must_be_private_outside_the_folder_and_present(
     tmp_path, checkpoint_key, monkeypatch
 ):
