@@ -359,7 +359,7 @@ def test_drop_in_use_with_flowers_own_start_loop(keys):
 
     from lepton_flwr.mods import make_he_mod
 
-    app = ClientApp(mods=[make_he_mod(keys[0], workers=1)])
+    app = ClientApp(mods=[make_he_mod(keys[0], workers=1, allow_evaluation=True)])
 
     @app.train()
     def train(msg, context):

@@ -217,7 +217,7 @@ def test_encrypted_models_skip_the_servers_evaluate_fn_with_one_log_line(keys, c
         calls.append(server_round)
         return MetricRecord({"mean": float(np.mean(arrays.to_numpy_ndarrays()[0]))})
 
-    grid = InProcessGrid(_app([make_he_mod(keys[0], workers=1)]), NODES)
+    grid = InProcessGrid(_app([make_he_mod(keys[0], workers=1, allow_evaluation=True)]), NODES)
     strategy = HEFedAvg(keys[1], min_available_nodes=NODES, workers=1, weight_scale=1.0)
     result = strategy.start(grid, _start(), num_rounds=2, evaluate_fn=evaluate_fn)
     assert calls == [0]  # the initial plaintext model only

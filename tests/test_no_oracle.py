@@ -38,7 +38,7 @@ def keys(tmp_path_factory):
 
 def _app(path, evaluated):
     """A client with he_mod whose evaluation reports a value computed from the model."""
-    app = ClientApp(mods=[make_he_mod(path, workers=1)])
+    app = ClientApp(mods=[make_he_mod(path, workers=1, allow_evaluation=True)])
 
     @app.train()
     def train(msg, context):
@@ -218,7 +218,7 @@ def test_the_last_accepted_model_is_served_again_without_decrypting(keys):
 def test_what_a_handler_says_about_a_decrypted_model_stays_on_the_client(keys):
     """Before: a handler's exception text (a value of the model) reached the server."""
     secret, public, path = keys
-    app = ClientApp(mods=[make_he_mod(path, workers=1)])
+    app = ClientApp(mods=[make_he_mod(path, workers=1, allow_evaluation=True)])
 
     @app.evaluate()
     def evaluate(msg, context):
@@ -327,3 +327,36 @@ def test_an_he_training_reply_never_carries_a_value_of_the_model(keys, config, r
     reply = app(message, _context())
     assert reply.has_error() and reason in reply.error.reason
     assert "4.02" not in reply.error.reason
+
+
+@pytest.mark.parametrize(
+    ("allow_in_mod", "node_config", "answers"),
+    [
+        (False, {}, False),  # the default: no evaluation of an encrypted model
+        (False, {protocol.ALLOW_EVALUATION: "true"}, True),  # the node opts in
+        (True, {}, True),  # the app opts in (our simulation runner)
+        (True, {protocol.ALLOW_EVALUATION: "false"}, False),  # the node's word wins
+        (True, {protocol.MAX_CLIP_NORM: 1.0}, False),  # a node with a floor never, unasked
+    ],
+)
+def test_evaluating_an_encrypted_model_is_opt_in(keys, allow_in_mod, node_config, answers):
+    """Second review: evaluation metrics of a model the server built read the clients' key
+    (and uploads) far faster than the refusal bit. Nothing is decrypted when refused."""
+    secret, public, path = keys
+    evaluated = []
+    app = ClientApp(mods=[make_he_mod(path, workers=1, allow_evaluation=allow_in_mod)])
+
+    @app.evaluate()
+    def evaluate(msg, context):
+        evaluated.append(True)
+        return Message(RecordDict({"metrics": MetricRecord({"num-examples": 1})}), reply_to=msg)
+
+    context = Context(
+        run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={}
+    )
+    reply = app(_message(_model(secret, public, np.zeros(SIZE)), 1), context)
+    assert reply.has_error() != answers and bool(evaluated) == answers
+    assert _decryptions(context) == int(answers)
+    plain = ArrayRecord({"w": Array(np.zeros(SIZE, dtype=np.float32))})
+    if not node_config:  # a plaintext model needs no decryption: evaluated by default
+        assert not app(_message(plain, 1), _context()).has_error()

@@ -139,7 +139,7 @@ def _layout_app(secret, tmp_path, seen):
 
     path = tmp_path / "secret.ctx"
     path.write_bytes(secret_context_bytes(secret))
-    app = ClientApp(mods=[make_he_mod(path, workers=1)])
+    app = ClientApp(mods=[make_he_mod(path, workers=1, allow_evaluation=True)])
 
     @app.train()
     def train(msg, context):

@@ -123,19 +123,32 @@ def build_strategy(cfg: dict) -> Strategy:
         raise ConfigError(f"strategy={name}: {message}") from err
 
 
-def build_client_mods(cfg: dict) -> tuple[list[Mod], list[Mod]]:
+def build_client_mods(cfg: dict, evaluate_encrypted: bool = False) -> tuple[list[Mod], list[Mod]]:
     """The public mods a client of this config runs: (app-level mods, train-only mods).
 
     The node's privacy floor comes first, whatever the server's config says; HE runs
     around every handler (evaluation needs the decrypted model); clipping for
     ``DPFedAvg(clipping_side="client")`` runs around training only.
+    ``evaluate_encrypted`` lets clients evaluate encrypted models without a node config
+    that allows it (a simulation, where every party is one machine).
     """
     he = cfg["he"]
     if he["name"] == "none":
         return [privacy_floor_mod], [dp_clip_mod]
     path = he["secret_context_path"]
     if cfg["strategy"]["name"] == "he_dp_fedavg":
-        he_dp_mod = make_he_dp_mod(path, workers=he["workers"], seeded=he["seeded"])
+        he_dp_mod = make_he_dp_mod(
+            path,
+            workers=he["workers"],
+            seeded=he["seeded"],
+            allow_evaluation=evaluate_encrypted,
+        )
         return [privacy_floor_mod, he_dp_mod], []
-    he_mod = make_he_mod(path, he["weight_scale"], he["workers"], he["seeded"])
+    he_mod = make_he_mod(
+        path,
+        he["weight_scale"],
+        he["workers"],
+        he["seeded"],
+        allow_evaluation=evaluate_encrypted,
+    )
     return [privacy_floor_mod, he_mod], []

@@ -266,7 +266,11 @@ def make_client_app(
         Under ``flwr run`` the config arrives with the run, so the mods are chosen per
         message; they are the public ones a user would attach by hand.
         """
-        app_mods, train_mods = build_client_mods(config(context))
+        # A config handed over in-process is a simulation (every party is this machine):
+        # its clients evaluate encrypted models; under flwr run each node decides.
+        app_mods, train_mods = build_client_mods(
+            config(context), evaluate_encrypted=cfg is not None
+        )
         mods = app_mods + (train_mods if is_train(msg) else [])
         return make_ffn(call_next, mods)(msg, context)
 

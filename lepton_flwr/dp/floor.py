@@ -116,12 +116,14 @@ def require_noise_share(node_config: Mapping, train_config: Mapping) -> None:
         )
 
 
-def evaluation_allowed(node_config: Mapping) -> bool:
+def evaluation_allowed(node_config: Mapping, default: bool = True) -> bool:
     """Whether this node answers federated evaluation.
 
     ``allow-evaluation`` in the node config (true or false) decides; without it, a node
-    that sets a privacy floor does not evaluate: evaluation metrics are exact functions of
-    the node's data, outside every ε, and under HE of a model the server may have crafted.
+    that sets a privacy floor does not evaluate (evaluation metrics are exact functions of
+    the node's data, outside every ε), and any other node answers ``default`` (``he_mod``
+    passes False for an encrypted model: metrics of a model the server may have built
+    read the clients' key and uploads).
 
     Raises
     ------
@@ -130,7 +132,8 @@ def evaluation_allowed(node_config: Mapping) -> bool:
     """
     raw = node_config.get(protocol.ALLOW_EVALUATION)
     if raw is None:
-        return not (floor_keys(node_config, SHARE_FLOOR) or floor_keys(node_config, DPSGD_FLOOR))
+        floor = floor_keys(node_config, SHARE_FLOOR) or floor_keys(node_config, DPSGD_FLOOR)
+        return default and not floor
     if isinstance(raw, bool):
         return raw
     if str(raw).strip().lower() in ("true", "false"):
@@ -140,7 +143,7 @@ def evaluation_allowed(node_config: Mapping) -> bool:
     )
 
 
-def require_evaluation(node_config: Mapping) -> None:
+def require_evaluation(node_config: Mapping, default: bool = True) -> None:
     """Refuse federated evaluation on a node that does not allow it (see above).
 
     Raises
@@ -148,11 +151,12 @@ def require_evaluation(node_config: Mapping) -> None:
     BelowPrivacyFloorError
         Naming the setting.
     """
-    if not evaluation_allowed(node_config):
+    if not evaluation_allowed(node_config, default):
         raise BelowPrivacyFloorError(
-            f"this node does not answer federated evaluation (its metrics are exact functions "
-            f"of its data, outside ε; a node with a privacy floor opts in with "
-            f"{protocol.ALLOW_EVALUATION}=true); nothing was evaluated"
+            f"this node does not answer federated evaluation of this model (its metrics are "
+            f"exact functions of its data, outside ε, and of an encrypted model the server "
+            f"may have built; a node opts in with {protocol.ALLOW_EVALUATION}=true in its node "
+            f"config); nothing was evaluated"
         )
 
 

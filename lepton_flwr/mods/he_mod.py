@@ -273,6 +273,7 @@ def apply_he(
     workers: int | None = None,
     seeded: bool = True,
     weighted_by: str = protocol.NUM_EXAMPLES,
+    allow_evaluation: bool = False,
 ) -> Message:
     """The HE round trip around a handler (see :func:`make_he_mod`).
 
@@ -285,15 +286,16 @@ def apply_he(
         encoder, own_fingerprint = encoder_for(secret_context_path, workers, seeded)
     except (FileNotFoundError, ValueError) as err:
         raise ModError(str(err)) from err
+    arrays = msg.content.array_records
+    encrypted = len(arrays) == 1 and is_encrypted(next(iter(arrays.values())))
     try:  # the node's floor, before anything is decrypted
         if is_train(msg):
             require_noise_share(context.node_config, train_config(msg))
-        else:
-            require_evaluation(context.node_config)
+        else:  # evaluating an encrypted model: only where the node (or the app) opts in
+            require_evaluation(context.node_config, default=allow_evaluation or not encrypted)
     except BelowPrivacyFloorError as err:
         raise ModError(str(err)) from err
     decrypted = False
-    arrays = msg.content.array_records
     if len(arrays) == 1:
         key, record = next(iter(arrays.items()))
         if is_encrypted(record):
@@ -353,6 +355,7 @@ def make_he_mod(
     workers: int | None = None,
     seeded: bool = True,
     weighted_by: str = protocol.NUM_EXAMPLES,
+    allow_evaluation: bool = False,
 ) -> Mod:
     """Build the HE client mod, for ``HEFedAvg``.
 
@@ -375,6 +378,13 @@ def make_he_mod(
         The reply metric (a whole example count) the update is weighted by; it leaves in
         the clear. The server's ``weighted_by_key`` must be the same, or the client
         refuses: a server may not name another metric (a training loss) as the weight.
+    allow_evaluation : bool
+        Answer federated evaluation of encrypted models. Off by default: evaluation
+        metrics of a model a malicious server built from ciphertexts read the clients'
+        key and uploads (README, "A client is not a decryption service"). Turn it on
+        where the server is trusted to follow the protocol (a simulation on one machine);
+        a node's ``allow-evaluation`` node config takes precedence, and a node with a
+        privacy floor never evaluates without it.
 
     Returns
     -------
@@ -398,7 +408,17 @@ def make_he_mod(
         path = find_secret_context(context, secret_context_path)
         if named_by_run_config(context):
             _check_run_config_key(path, workers, seeded)
-        return apply_he(msg, context, call_next, path, weight_scale, workers, seeded, weighted_by)
+        return apply_he(
+            msg,
+            context,
+            call_next,
+            path,
+            weight_scale,
+            workers,
+            seeded,
+            weighted_by,
+            allow_evaluation,
+        )
 
     return he_mod
 
@@ -407,6 +427,7 @@ def make_he_dp_mod(
     secret_context_path: str | Path | None = None,
     workers: int | None = None,
     seeded: bool = True,
+    allow_evaluation: bool = False,
 ) -> Mod:
     """Build the HE + DP client mod, for ``HEDPFedAvg``: ``dp_share_mod`` inside ``he_mod``.
 
@@ -419,7 +440,9 @@ def make_he_dp_mod(
     --------
     >>> app = ClientApp(mods=[make_he_dp_mod("/keys/secret.ctx")])  # doctest: +SKIP
     """
-    he = make_he_mod(secret_context_path, workers=workers, seeded=seeded)
+    he = make_he_mod(
+        secret_context_path, workers=workers, seeded=seeded, allow_evaluation=allow_evaluation
+    )
 
     @replies_with_errors("he_dp_mod")
     def he_dp_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
