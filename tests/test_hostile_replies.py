@@ -439,10 +439,12 @@ def _strategy(name, keys, evaluate):
     if name == "fedavg":
         return CheckedFedAvg(**common), []
     if name == "he_fedavg":
-        return _he_fedavg(keys, **common), [make_he_mod(keys[0], workers=1)]
+        return _he_fedavg(keys, **common), [
+            make_he_mod(keys[0], workers=1, allow_evaluation=evaluate)
+        ]
     if name == "he_dp_fedavg":
         strategy = HEDPFedAvg(keys[1], clip_norm=1.0, workers=1, **dp, **common)
-        return strategy, [make_he_dp_mod(keys[0], workers=1)]
+        return strategy, [make_he_dp_mod(keys[0], workers=1, allow_evaluation=evaluate)]
     return DPFedAvg(seed=0, release_client_metrics=True, **dp, **common), []
 
 
@@ -537,7 +539,7 @@ def test_a_failing_metrics_aggregation_leaves_the_round_without_metrics(keys, ca
         raise ZeroDivisionError("the weights sum to zero")
 
     strategy = _he_fedavg(keys, fraction_evaluate=1.0, evaluate_metrics_aggr_fn=broken)
-    app = _metrics_app([make_he_mod(keys[0], workers=1)])
+    app = _metrics_app([make_he_mod(keys[0], workers=1, allow_evaluation=True)])
     result = strategy.start(InProcessGrid(app, NODES), _start(), num_rounds=2)
     assert "the clients' metrics were not aggregated: ZeroDivisionError" in caplog.text
     assert dict(result.evaluate_metrics_clientapp[2]) == {}
