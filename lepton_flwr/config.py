@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lepton_flwr import protocol
+from lepton_flwr.numbers import is_int
 
 CONFIG_NAME = "config"
 DEVICES = ("cpu", "cuda", "auto")
@@ -110,14 +111,10 @@ class Kind:
         return Kind(f"{self.what} or {other.what}", lambda v: self.accepts(v) or other.accepts(v))
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-INT = Kind("an integer", _is_int)
+INT = Kind("an integer", is_int)
 NUMBER = Kind(
     "a finite number",
-    lambda v: _is_int(v) or (isinstance(v, float) and math.isfinite(v)),
+    lambda v: is_int(v) or (isinstance(v, float) and math.isfinite(v)),
 )
 BOOL = Kind("true or false", lambda v: isinstance(v, bool))
 NULL = Kind("null", lambda v: v is None)
@@ -125,7 +122,7 @@ NAME = Kind(
     "a name (letters, digits, '_', '-', '.')",
     lambda v: isinstance(v, str) and re.fullmatch(r"[A-Za-z0-9_.-]+", v) is not None,
 )
-INTS = Kind("a list of integers", lambda v: isinstance(v, list) and all(map(_is_int, v)))
+INTS = Kind("a list of integers", lambda v: isinstance(v, list) and all(map(is_int, v)))
 PATH = Kind("a path", lambda v: isinstance(v, str))
 
 # What a run may set on every node and on the server: settings of the packaged groups.

@@ -61,6 +61,7 @@ from lepton_flwr.files import (
     read_private,
     write_atomically,
 )
+from lepton_flwr.numbers import is_int
 
 CHECKPOINT_FILE = "checkpoint.zip"
 STATE_MEMBER = "state.json"
@@ -195,7 +196,7 @@ def _ledger_entry(key_path: Path, folder: Path, path: Path | None = None) -> dic
     if not (
         isinstance(entry, dict)
         and isinstance(entry.get("run_id"), str)
-        and _whole(entry.get("server_round"))
+        and is_int(entry.get("server_round"))
     ):
         raise CheckpointError(f"the checkpoint ledger {path} is not one this version wrote")
     return entry
@@ -283,10 +284,6 @@ def save_checkpoint(
 # ---- reading --------------------------------------------------------------------------
 
 
-def _whole(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _get(mapping: dict, name: str, kind: type | tuple, where: str = "state.json"):
     """``mapping[name]``, which must be of ``kind``."""
     if not isinstance(mapping, dict) or name not in mapping:
@@ -319,7 +316,7 @@ def _read_record(
         dtype, stype = _get(spec, "dtype", str, where), _get(spec, "stype", str, where)
         shape = _get(spec, "shape", list, where)
         digest = _get(spec, "sha256", str, where)
-        if not all(_whole(d) and 0 <= d <= MAX_ARRAY_BYTES for d in shape) or len(shape) > 32:
+        if not all(is_int(d) and 0 <= d <= MAX_ARRAY_BYTES for d in shape) or len(shape) > 32:
             raise CheckpointError(f"{where}: shape {str(shape)[:80]} is not a list of sizes")
         if name in arrays:
             raise CheckpointError(f"{where}: the name '{name[:80]}' comes twice")

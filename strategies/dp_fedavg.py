@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from logging import INFO, WARNING
 
@@ -31,6 +30,7 @@ from lepton_flwr.dp.clipping import adapt_clip_norm, clip, l2_norm, update_noise
 from lepton_flwr.dp.rounds import DPRounds, wait_for_nodes
 from lepton_flwr.he.codec import CiphertextError
 from lepton_flwr.he.records import is_encrypted
+from lepton_flwr.numbers import positive, real
 
 
 class DPFedAvg(FlowerLoop, FedAvg):
@@ -180,9 +180,9 @@ class DPFedAvg(FlowerLoop, FedAvg):
         """
         self.rounds.load_state(state.get("rounds"))
         clip_norm = state.get("clip_norm")
-        if isinstance(clip_norm, bool) or not isinstance(clip_norm, int | float):
+        if real(clip_norm) is None:
             raise ValueError(f"clip_norm {str(clip_norm)[:40]} is not a number")
-        if not (math.isfinite(clip_norm) and clip_norm > 0):
+        if positive(clip_norm) is None:
             raise ValueError(f"clip_norm {clip_norm} is not finite and > 0")
         self.clip_norm = float(clip_norm)
 

@@ -47,6 +47,7 @@ from flwr.common.logger import log
 
 from lepton_flwr import protocol
 from lepton_flwr.he.records import is_encrypted
+from lepton_flwr.numbers import is_int
 
 MAX_DISPUTED_ROUNDS = 3  # disputed rounds in a row after which training stops
 
@@ -70,9 +71,7 @@ def refused_the_model(msg: Message) -> bool:
 
 def _node_ids(values: Iterable, field: str) -> frozenset[int]:
     """Node ids read back from a checkpoint's state (a list of whole numbers)."""
-    if not isinstance(values, list) or not all(
-        isinstance(v, int) and not isinstance(v, bool) for v in values
-    ):
+    if not isinstance(values, list) or not all(is_int(v) for v in values):
         raise ValueError(f"'{field}' must be a list of node ids, got {str(values)[:60]}")
     return frozenset(values)
 

@@ -21,6 +21,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from lepton_flwr.strategies.reply_checks import MAX_EXAMPLES, ReplyError, reply_metrics
 
 from lepton_flwr import protocol
+from lepton_flwr.numbers import real
 
 # Reply metrics that belong to our protocol, not to the clients' training: a strategy
 # uses them (or checks them) per reply, and never averages them into a round's metrics.
@@ -41,13 +42,11 @@ def privacy_loss(value: object) -> float:
     Counting an ε that cannot be read as +inf keeps a round's largest ε an upper bound
     on every client's: a NaN can neither hide the others' values nor lower the result.
     """
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return math.inf
     try:
-        value = float(value)
+        number = real(value)
     except OverflowError:  # an integer past float's range
         return math.inf
-    return value if value >= 0 else math.inf  # NaN >= 0 is False
+    return number if number is not None and number >= 0 else math.inf  # NaN >= 0 is False
 
 
 def _metric_values(content: RecordDict) -> dict:
@@ -126,7 +125,8 @@ def _described(key: str, forms: list[dict], nodes: list[int]) -> str:
         if isinstance(found, tuple):
             found = f"a list of {found[1]}"
         groups.setdefault("not a number" if found is None else found, []).append(node)
-    held = "; ".join(f"{form}: nodes {_listed(sorted(group))}" for form, group in groups.items())
+    ordered = sorted(groups.items(), key=lambda item: min(item[1]))  # not the replies' order
+    held = "; ".join(f"{form}: nodes {_listed(sorted(group))}" for form, group in ordered)
     return f"{key[:40]!r} ({held})"
 
 

@@ -6,13 +6,13 @@ reply alone (one log line naming the node) and the round goes on with the others
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 
 from lepton_flwr.arrays import check_payload
+from lepton_flwr.numbers import is_count
 
 MAX_EXAMPLES = 10_000_000  # default largest example count a reply may claim
 
@@ -47,10 +47,7 @@ def example_count(metrics: MetricRecord, key: str, max_examples: int, minimum: i
     count = metrics.get(key)
     if count is None:
         raise ReplyError(f"no '{key}' in the reply's metrics")
-    whole = isinstance(count, int) or (
-        isinstance(count, float) and math.isfinite(count) and count.is_integer()
-    )
-    if isinstance(count, bool) or not whole:
+    if not is_count(count):
         raise ReplyError(f"'{key}' must be a whole number, got {str(count)[:40]}")
     if not minimum <= count <= max_examples:
         raise ReplyError(f"'{key}' = {str(count)[:40]} is not in [{minimum}, {max_examples}]")

@@ -20,10 +20,10 @@ default ``DEFAULT_NODE_DELTA``), never at the launcher's.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
 
 from lepton_flwr import protocol
+from lepton_flwr.numbers import plain_number
 
 SHARE_FLOOR = (protocol.MAX_CLIP_NORM, protocol.MIN_SHARE_NOISE)
 DPSGD_FLOOR = (protocol.DPSGD_MAX_EPSILON, protocol.DPSGD_MIN_NOISE)
@@ -72,24 +72,6 @@ def node_setting(node_config: Mapping, key: str) -> float | None:
             f"node config {key}={value:g} is not in {interval}; nothing was sent"
         )
     return value
-
-
-NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
-
-
-def plain_number(raw: object) -> float:
-    """A node-config number: an int or float, or a plain ASCII decimal string; else NaN.
-
-    An empty string, a bool, ``1_0``, hex or non-ASCII digits are not numbers here: a
-    floor set by mistake must not be silently off, nor mean something else.
-    """
-    if isinstance(raw, bool):
-        return math.nan
-    if isinstance(raw, int | float):
-        return float(raw)
-    if isinstance(raw, str) and NUMBER.fullmatch(raw.strip()) and raw.strip().isascii():
-        return float(raw)
-    return math.nan
 
 
 def floor_keys(node_config: Mapping, keys: tuple[str, ...]) -> list[str]:

@@ -24,6 +24,7 @@ from lepton_flwr.dp.accounting import (
 )
 from lepton_flwr.dp.noise import secure_gaussian
 from lepton_flwr.dp.sampling import fixed_size_sample, poisson_sample
+from lepton_flwr.numbers import is_int, real
 
 MAX_NOISE_MULTIPLIER = 1e6  # the range of a noise multiplier an accountant history may hold
 MIN_NOISE_MULTIPLIER = 1e-6  # (below it, Opacus' RDP divides by z² = 0)
@@ -35,14 +36,7 @@ class NodesUnavailableError(RuntimeError):
 
 
 def _whole(value: object, low: int, high: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
-
-
-def _number(value: object) -> float | None:
-    """``value`` as a float if it is a real number (not a bool), else None."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value)
+    return is_int(value) and low <= value <= high
 
 
 def checked_history(entries: object, width: int = 3) -> list[tuple]:
@@ -65,7 +59,7 @@ def checked_history(entries: object, width: int = 3) -> list[tuple]:
         where = f"accountant history entry {index}"
         if not isinstance(entry, list | tuple) or len(entry) != width:
             raise ValueError(f"{where} is not a list of {width} numbers")
-        z, q = _number(entry[0]), _number(entry[1])
+        z, q = real(entry[0]), real(entry[1])
         if z is None or not MIN_NOISE_MULTIPLIER <= z <= MAX_NOISE_MULTIPLIER:
             raise ValueError(
                 f"{where}: noise multiplier {str(entry[0])[:40]} is not a number in "
@@ -323,7 +317,7 @@ class DPRounds:
         if not isinstance(state, dict):
             raise ValueError("the DP rounds' state is not an object")
         check_same_settings(state.get("settings"), self._settings())
-        z, population = _number(state.get("noise_multiplier")), state.get("population")
+        z, population = real(state.get("noise_multiplier")), state.get("population")
         configured = self.configured_noise_multiplier
         if z is None and state.get("noise_multiplier") is None and configured is None:
             pass  # saved before round 1 calibrated it

@@ -13,6 +13,7 @@ from flwr.app import Array, ArrayRecord
 
 from lepton_flwr.files import write_atomically
 from lepton_flwr.he.codec import CiphertextError, TensorSpec
+from lepton_flwr.numbers import is_int, real
 
 CKKS_STYPE = "lepton.ckks"  # one serialized CKKS ciphertext (seeded or full)
 META_STYPE = "lepton.ckks-meta"  # the JSON header of an encrypted model
@@ -110,7 +111,7 @@ class EncryptedModel:
         if missing:
             raise _malformed(f"no {', '.join(missing)}")
         version = header["version"]
-        if not (_is_int(version) and version == FORMAT_VERSION):
+        if not (is_int(version) and version == FORMAT_VERSION):
             raise CiphertextError(f"unsupported format version {str(version)[:30]}")
         fingerprint = header["fingerprint"]
         if not isinstance(fingerprint, str):
@@ -121,7 +122,7 @@ class EncryptedModel:
         if not (math.isfinite(max_abs) and max_abs >= 0):
             raise CiphertextError(f"max_abs must be finite and >= 0, got {max_abs}")
         num_chunks = header["num_chunks"]
-        if not _is_int(num_chunks):
+        if not is_int(num_chunks):
             raise _malformed(_wrong_type("num_chunks", "an integer", num_chunks))
         if num_chunks != len(chunks):
             raise CiphertextError(
@@ -162,11 +163,6 @@ class EncryptedModel:
         return cls.from_header(header, [record[k].data for k in expected])
 
 
-def _is_int(value: object) -> bool:
-    """An integer, not a bool."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _malformed(reason: str) -> CiphertextError:
     return CiphertextError(f"malformed ciphertext header ({reason})")
 
@@ -178,12 +174,13 @@ def _wrong_type(field: str, expected: str, value: object) -> str:
 def _number(header: dict, field: str) -> float:
     """A header field that must be a number (int or float, not a bool), as a float."""
     value = header[field]
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise _malformed(_wrong_type(field, "a number", value))
     try:
-        return float(value)
+        number = real(value)
     except OverflowError:  # an integer past float's range
         raise _malformed(f"'{field}' is out of range") from None
+    if number is None:
+        raise _malformed(_wrong_type(field, "a number", value))
+    return number
 
 
 def _manifest(entries: object) -> list[TensorSpec]:
@@ -201,7 +198,7 @@ def _manifest(entries: object) -> list[TensorSpec]:
         name, shape, dtype = entry
         if not (isinstance(name, str) and isinstance(shape, list) and isinstance(dtype, str)):
             raise _malformed(f"manifest entry {index} is not [name, shape, dtype]")
-        if len(shape) > MAX_DIMS or not all(_is_int(d) and 0 <= d < 2**31 for d in shape):
+        if len(shape) > MAX_DIMS or not all(is_int(d) and 0 <= d < 2**31 for d in shape):
             raise _malformed(f"manifest entry {index}: shape out of range")
         if dtype not in NUMERIC_DTYPES:
             raise _malformed(f"manifest entry {index}: dtype {dtype[:30]!r} is not numeric")

@@ -38,10 +38,10 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 
 from lepton_flwr import protocol
-from lepton_flwr.dp.floor import plain_number
 from lepton_flwr.files import read_file, write_atomically
 from lepton_flwr.he.publish import DECRYPTIONS
 from lepton_flwr.mods.common import ModError, is_train, train_config
+from lepton_flwr.numbers import is_int, plain_number
 
 MAX_DECRYPTIONS = DECRYPTIONS
 LEDGER = "lepton-he-decryptions"  # ConfigRecord: round, digest, count, accepted (a digest)
@@ -68,7 +68,7 @@ def model_round(msg: Message) -> int:
         If the message has no whole ``server-round`` >= 1.
     """
     value = train_config(msg).get(protocol.SERVER_ROUND)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    if not is_int(value) or value < 1:
         raise ModError(
             f"an encrypted model needs a whole '{protocol.SERVER_ROUND}' >= 1 in the message's "
             f"config (Flower's strategies send it); nothing was decrypted"
@@ -133,7 +133,7 @@ def lifetime_count(path: Path | None) -> int:
             f"cannot read the decryption count {path.name} in state-dir "
             f"({type(err).__name__}); nothing is decrypted rather than restart the count"
         ) from err
-    if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+    if not is_int(count) or count < 0:
         raise ModError(f"the decryption count in {path.name} is not a whole number >= 0")
     return count
 

@@ -21,7 +21,6 @@ SuperNode's (or simulation's) working folder, not from your app's folder.
 from __future__ import annotations
 
 import json
-import math
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
 
@@ -44,6 +43,7 @@ from lepton_flwr.mods.common import (
 )
 from lepton_flwr.mods.decryptions import RefusedModelError, decrypt_once
 from lepton_flwr.mods.dp_share_mod import check_share_floor, dp_share_mod
+from lepton_flwr.numbers import is_count, positive
 
 SECRET_CONTEXT_NODE_KEY = protocol.SECRET_CONTEXT  # kept for older imports
 DEFAULT_WEIGHT_SCALE = 100.0
@@ -194,23 +194,12 @@ def _reply_weight(
             f"the training reply's metrics lack '{weighted_by}', the weight of the update"
         )
     count = metrics[weighted_by]
-    if (
-        isinstance(count, bool)
-        or not isinstance(count, int | float)
-        or not (math.isfinite(count) and count >= 0 and float(count).is_integer())
-    ):
+    if not (is_count(count) and count >= 0):
         raise ModError(f"'{weighted_by}' is not a whole number >= 0; nothing was sent")
-    weight_scale = _positive(train_config(msg).get(protocol.WEIGHT_SCALE, weight_scale))
+    weight_scale = positive(train_config(msg).get(protocol.WEIGHT_SCALE, weight_scale))
     if weight_scale is None:
         raise ModError("the server's weight scale is not a finite number > 0; nothing was sent")
     return float(count) / weight_scale
-
-
-def _positive(value: object) -> float | None:
-    """``value`` as a finite float > 0, else None."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value) if math.isfinite(value) and value > 0 else None
 
 
 # What a training reply under HE may carry in the clear: the weight and values that do not
@@ -295,23 +284,20 @@ def apply_he(
             require_evaluation(context.node_config, default=allow_evaluation or not encrypted)
     except BelowPrivacyFloorError as err:
         raise ModError(str(err)) from err
-    decrypted = False
-    if len(arrays) == 1:
+    if encrypted:
         key, record = next(iter(arrays.items()))
-        if is_encrypted(record):
 
-            def decrypt() -> ArrayRecord:
-                try:
-                    return decrypt_model(record, encoder, own_fingerprint, known_manifest(context))
-                except ModelOutOfBoundError:
-                    raise RefusedModelError() from None  # no value read from it leaves
-                except CiphertextError as err:
-                    raise ModError(f"cannot decrypt the global model: {err}") from err
+        def decrypt() -> ArrayRecord:
+            try:
+                return decrypt_model(record, encoder, own_fingerprint, known_manifest(context))
+            except ModelOutOfBoundError:
+                raise RefusedModelError() from None  # no value read from it leaves
+            except CiphertextError as err:
+                raise ModError(f"cannot decrypt the global model: {err}") from err
 
-            plain = decrypt_once(msg, context, record, decrypt, own_fingerprint)
-            msg.content = RecordDict({**msg.content, key: plain})  # never edit a shared record
-            decrypted = True
-    reply = _handled(msg, context, call_next) if decrypted else call_next(msg, context)
+        plain = decrypt_once(msg, context, record, decrypt, own_fingerprint)
+        msg.content = RecordDict({**msg.content, key: plain})  # never edit a shared record
+    reply = _handled(msg, context, call_next) if encrypted else call_next(msg, context)
     if not is_train(msg) or reply.has_error():
         return reply
     key, record = the_record(reply.content, ArrayRecord)
@@ -323,7 +309,7 @@ def apply_he(
     if protocol.HE_BOUND in metrics:  # a DP share: clamped to the public bound B already
         bound = float(metrics[protocol.HE_BOUND])
     else:  # HEFedAvg: clamp to its public bound; the header never holds a computed value
-        value_bound = _positive(train_config(msg).get(protocol.VALUE_BOUND))
+        value_bound = positive(train_config(msg).get(protocol.VALUE_BOUND))
         if value_bound is None:
             raise ModError(
                 f"the training request has no public value bound ({protocol.VALUE_BOUND}, "
