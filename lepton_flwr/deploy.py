@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from lepton_flwr.files import write_atomically
+from lepton_flwr.files import UnsafeFileError, open_regular, write_atomically
 
 CA_CERT, CA_KEY = "ca.crt", "ca.key"
 SUPERLINK_CERT, SUPERLINK_KEY = "superlink.crt", "superlink.key"
@@ -74,20 +74,16 @@ def open_private_file(path: str | Path, what: str) -> BinaryIO:
     """
     path = Path(path)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
+        fd = open_regular(path)
+    except UnsafeFileError:
         if path.is_symlink():
             raise ValueError(
                 f"{what} {path} is a symbolic link to {os.readlink(path)}: give the key file "
                 f"itself (whoever can change the link chooses the key)"
             ) from None
-        raise
+        raise ValueError(f"{what} {path} is not a regular file") from None
     handle = os.fdopen(fd, "rb")
-    info = os.fstat(fd)
-    mode = stat.S_IMODE(info.st_mode)
-    if not stat.S_ISREG(info.st_mode):
-        handle.close()
-        raise ValueError(f"{what} {path} is not a regular file")
+    mode = stat.S_IMODE(os.fstat(fd).st_mode)
     if mode & 0o077:
         handle.close()
         raise ValueError(
