@@ -21,7 +21,7 @@ from lepton_flwr.he import CkksAdder, CkksEncoder, CKKSParams, EncryptedModel, T
 from lepton_flwr.he.codec import _save, vector_proto
 from lepton_flwr.he.keys import create_secret_context, fingerprint, secret_context_bytes
 from lepton_flwr.mods import make_he_mod
-from lepton_flwr.mods.decryptions import LEDGER, MAX_DECRYPTIONS, REFUSAL
+from lepton_flwr.mods.decryptions import KEPT_MODEL, LEDGER, MAX_DECRYPTIONS, REFUSAL
 from lepton_flwr.mods.he_mod import HANDLER_FAILED
 
 SIZE = 12
@@ -167,7 +167,7 @@ def test_a_run_decrypts_at_most_the_models_its_flooding_is_sized_for(keys):
         {**ledger, "count": MAX_DECRYPTIONS}
     )
     reply = app(_message(_model(secret, public, np.linspace(-2, 2, SIZE)), 2), context)
-    assert reply.has_error() and f"decrypted {MAX_DECRYPTIONS} global models" in reply.error.reason
+    assert reply.has_error() and f"used {MAX_DECRYPTIONS} global models" in reply.error.reason
 
 
 @pytest.mark.parametrize(
@@ -212,7 +212,28 @@ def test_the_last_accepted_model_is_served_again_without_decrypting(keys):
     assert app(_message(bad, 2, "evaluate"), context).error.reason == f"he_mod: {REFUSAL}"
     reply = app(_message(good, 3, "train"), context)  # round 3 trains on the fallback
     assert not reply.has_error(), reply.error.reason
-    assert _decryptions(context) == 2
+    assert _decryptions(context) == 3  # every use counts against the budget
+    kept = context.state.array_records[KEPT_MODEL]["w"].numpy()
+    assert np.array_equal(kept, evaluated[0])  # not decrypted again (flooding is fresh)
+
+
+def test_a_kept_model_is_used_once_per_round_and_kind(keys):
+    """Third review: the same accepted ciphertext sent again with other settings let a
+    handler's NaN-or-not outcome read a value 20 bits deep from one decryption. Every use
+    now needs a new round (or the other kind of use in the same round) and is counted."""
+    secret, public, path = keys
+    app, context = _app(path, []), _context()
+    model = _model(secret, public, np.linspace(-1, 1, SIZE))
+    assert not app(_message(model, 1, "evaluate"), context).has_error()
+    assert not app(_message(model, 2, "train"), context).has_error()  # the same round's model
+    for again in (_message(model, 1, "evaluate"), _message(model, 2, "train")):
+        reply = app(again, context)
+        assert reply.has_error() and "already used for" in reply.error.reason
+    assert _decryptions(context) == 1
+    context.node_config[protocol.HE_MAX_DECRYPTIONS] = 2
+    assert not app(_message(model, 3, "train"), context).has_error()  # a new round: a use
+    reply = app(_message(model, 4, "train"), context)
+    assert reply.has_error() and "he-max-decryptions=2" in reply.error.reason
 
 
 def test_what_a_handler_says_about_a_decrypted_model_stays_on_the_client(keys):

@@ -9,23 +9,26 @@ decrypts through :func:`decrypt_once`:
 - each message names the model it carries by its round: a training message of round r
   carries the model of round r − 1 (the one it trains on), an evaluation message of round
   r the model of round r (which round r + 1 trains on);
-- a client decrypts at most one model per round number, and only for a round later than
-  any it decrypted before; other ciphertexts for a round it has decrypted, or for an
-  earlier round, are refused without decrypting;
-- the last model it accepted is kept in the node's state and served again, whatever the
-  round, without decrypting (evaluated in round r, trained on in round r + 1; sent again
-  as the fallback after a refused model): no new decryption, nothing new to learn;
+- a client uses at most one model per round number, once for evaluation and once for
+  training, and only for a round later than any before; other ciphertexts for a round it
+  has used, or for an earlier round, are refused without decrypting. Every use counts,
+  not only every decryption: whether a handler succeeds on a model (or its update is
+  NaN) is a bit about the model, so a model used again with other settings would be a
+  new question;
+- the last model it accepted is kept in the node's state and served again without
+  decrypting (evaluated in round r, trained on in round r + 1; sent again in a later
+  round as the fallback after a refused model, a new use counted like a decryption);
 - a model it refused (past its bound) stays refused, with the same fixed reason;
-- it decrypts at most ``he-max-decryptions`` models (node config; default and most
+- it uses at most ``he-max-decryptions`` models (node config; default and most
   ``MAX_DECRYPTIONS``, the number of decryptions the flooding of
   :mod:`lepton_flwr.he.publish` is sized for): per run, or, with ``state-dir`` in the
   node config, per key across every run (counted in a file there before decrypting).
 
-What a malicious server still learns from a client per round: whether it refused the
-model (one bit), and, if the client also evaluates, the loss and accuracy of the one
-model it decrypted for that round on the client's test data. It chooses the round
-numbers, so "per round" means per message it is willing to spend; the run's cap bounds
-the total.
+What a malicious server still learns from a client per use: whether it refused the model,
+or whether the handler failed on it (a few outcomes), and, if the client evaluates
+encrypted models, the loss and accuracy of that model on the client's test data. It
+chooses the round numbers, so "per round" means per message it is willing to spend; the
+budget bounds the total.
 """
 
 from __future__ import annotations
@@ -169,18 +172,23 @@ def decrypt_once(
     """
     round_number = model_round(msg)
     fingerprint = digest(record)
+    use = "train" if is_train(msg) else "evaluate"
     ledger = context.state.config_records.get(LEDGER)
-    if ledger and fingerprint == str(ledger["accepted"]):  # no new decryption: nothing new
-        return _kept(context)
     count = int(ledger["count"]) if ledger else 0
     accepted = str(ledger["accepted"]) if ledger else ""
-    if ledger and round_number == int(ledger["round"]):
-        if str(ledger["digest"]) == fingerprint:  # accepted ones were served above
+    fallback = bool(ledger) and fingerprint == accepted != str(ledger["digest"])
+    if ledger and round_number == int(ledger["round"]) and not fallback:
+        if str(ledger["digest"]) != fingerprint:
+            raise ModError(
+                f"already used a global model for round {round_number}; another one "
+                f"for the same round is refused without decrypting"
+            )
+        if fingerprint != accepted:
             raise RefusedModelError()
-        raise ModError(
-            f"already decrypted a global model for round {round_number}; another one "
-            f"for the same round is refused without decrypting"
-        )
+        if use in str(ledger["uses"]).split(","):  # each use once: every outcome is a bit
+            raise ModError(f"the model of round {round_number} was already used for {use}")
+        context.state[LEDGER] = ConfigRecord({**ledger, "uses": f"{ledger['uses']},{use}"})
+        return _kept(context)
     if ledger and round_number < int(ledger["round"]):
         raise ModError(
             f"a global model for round {round_number}, after one for round "
@@ -191,8 +199,8 @@ def decrypt_once(
     used = max(count, lifetime_count(path))
     if used >= budget:
         raise ModError(
-            f"this client has decrypted {used} global models under this key, the most it "
-            f"decrypts ({protocol.HE_MAX_DECRYPTIONS}={budget}); nothing more is decrypted"
+            f"this client has used {used} global models under this key, the most it uses "
+            f"({protocol.HE_MAX_DECRYPTIONS}={budget}); nothing more is decrypted"
         )
     if path is not None:  # counted before decrypting: a crash cannot lose a decryption
         try:
@@ -202,7 +210,11 @@ def decrypt_once(
                 f"cannot write the decryption count {path.name} in state-dir "
                 f"({type(err).__name__}); nothing was decrypted"
             ) from err
-    entry = {"round": round_number, "digest": fingerprint, "count": used + 1}
+    entry = {"round": round_number, "digest": fingerprint, "count": used + 1, "uses": use}
+    if fingerprint == accepted:  # the model it accepted before (the fallback after a
+        # refused one, or a later round): no new decryption, but a new use, counted
+        context.state[LEDGER] = ConfigRecord({**entry, "accepted": accepted})
+        return _kept(context)
     try:
         plain = decrypt()
     except RefusedModelError:
