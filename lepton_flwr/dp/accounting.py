@@ -6,16 +6,20 @@ neighbouring relation per sampling, named in :data:`NEIGHBOURING` (the one place
 README, the logs and ``summary.json`` take it from):
 
 - Poisson sampling (each client independently with probability q), accounted with
-  Opacus' accountants (RDP or PRV): **zero-out** neighbours, the usual convention for
-  user-level DP in federated learning (Kairouz et al., 2021). Two runs are neighbours when
-  one client's contributions to every released sum (its clipped update, its centred
-  clip bit) are replaced by zero; the client stays in the population. The number of
-  clients N, the number sampled |S| and the denominator d = qN are then the same in both
-  runs, so releasing them (every sampled client is told 1/d; ``clients-sampled`` is in
-  the metrics) costs nothing, and the sampled Gaussian mechanism's analysis is the one
-  for add/remove neighbours, because a zeroed contribution adds nothing to any sum: the
-  sensitivity is C and the multiplier z. The guarantee does *not* hide whether a client
-  is part of the population or was sampled.
+  Opacus' accountants (RDP or PRV) or dp-accounting's PLD: **zero-out** neighbours, the
+  usual convention for user-level DP in federated learning (Kairouz et al., 2021). Two
+  runs are neighbours when one client's contributions to every released sum (its
+  clipped update, its centred clip bit) are replaced by zero; the client stays in the
+  population, so N and the denominator d = qN are the same in both runs. The analysis
+  is that of the Poisson-subsampled Gaussian of sensitivity C and multiplier z, and it
+  covers the noisy sums *alone*. It does **not** cover releasing the sample size |S|
+  (``clients-sampled`` in the metrics, and HE + DP's noise-share std, which every
+  sampled client is told): given s = |S|, whether the client was sampled is correlated
+  with how many *other* clients were, and when the other updates point away from the
+  client's, the pair of outputs given s is worse than the Poisson pair at rate s/N
+  (so neither the nominal q nor the realised s/N gives an upper bound; issue 19 item 2,
+  open, checked in ``tests/test_released_sample_size.py``). The guarantee does *not*
+  hide whether a client is part of the population or was sampled.
 - Fixed-size sampling without replacement (m of N), accounted with dp-accounting's RDP
   analysis of that sampling (Opacus has none): **replace-one** neighbours; replacing one
   client moves the sum by up to 2C, so the multiplier there is z/2.
@@ -37,7 +41,7 @@ from lepton_flwr.dp.quiet_opacus import import_opacus
 
 SAMPLINGS = ("poisson", "fixed")
 NEIGHBOURING = {
-    "poisson": "zero-out one client's contributions (N and |S| public)",
+    "poisson": "zero-out one client's contributions (N public; the noisy sums alone, not |S|)",
     "fixed": "replace one client",
 }
 ACCOUNTANTS = ("rdp", "prv", "pld")
