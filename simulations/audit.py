@@ -12,10 +12,12 @@ noise calibrated to ``target_epsilon`` is calibrated for the audited run):
   models' test accuracy;
 - the one-run lower bound on the client-level ε with ``audit.canaries`` canary clients
   among ``audit.others`` ordinary ones (:mod:`lepton_flwr.audit.canaries`), beside the ε
-  the strategy claims;
+  the strategy claims and the bound's ceiling (what it would be were every guess right:
+  a claim at or above it cannot be refuted, and the report says so);
 - record-level membership inference (LiRA, ``audit.shadows + 1`` models trained as the
   clients train, ``audit.epochs`` epochs on halves of ``audit.pool`` examples) and, under
-  DP-SGD, the one-run bound with canary examples against DP-SGD's claimed ε;
+  DP-SGD, the one-run bound with ``audit.record_canaries`` canary examples against
+  DP-SGD's claimed ε (and its ceiling);
 - update inversion by the server on one client's reply (one example, one step): closed
   form where the first layer is linear, gradient matching otherwise
   (``audit.steps``); PSNR, or why there is none (ciphertexts);
@@ -39,6 +41,7 @@ import numpy as np
 
 from lepton_flwr.apps.build import build_client_mods
 from lepton_flwr.audit.canaries import audit_client_level, audit_record_level
+from lepton_flwr.audit.epsilon import comparison_can_fail
 from lepton_flwr.audit.federations import client_membership, strategy_for
 from lepton_flwr.audit.inversion import attack_one_client, inversion_method, psnr
 from lepton_flwr.audit.lira import lira_attack
@@ -104,6 +107,11 @@ def canaries(cfg: dict, curves: dict, count: int, others: int, rounds: int) -> d
     return {
         "claimed_epsilon": audit["claimed_epsilon"],
         "epsilon_lower_bound": audit["epsilon_lower_bound"],
+        "epsilon_ceiling": audit["epsilon_ceiling"],
+        "bound_below_claim_can_fail": comparison_can_fail(
+            audit["claimed_epsilon"], audit["epsilon_ceiling"]
+        ),
+        "canaries": count,
         **{f"canary_{key}": audit[key] for key in ("auc", "tpr_at_0.1%_fpr", "tpr_at_1%_fpr")},
     }
 
@@ -158,9 +166,16 @@ def record_level(cfg: dict, settings: dict) -> dict:
     figures.pop("claimed_epsilon")
     report = {f"record_{key}": value for key, value in figures.items()}
     if cfg["privacy"]["name"] == "dpsgd":  # a record-level ε is claimed: audit it
-        audit = audit_record_level(fit, x, y, data, float(cfg["privacy"]["delta"]))
+        audit = audit_record_level(
+            fit, x, y, data, float(cfg["privacy"]["delta"]), canaries=settings["record_canaries"]
+        )
         report["record_claimed_epsilon"] = audit["claimed_epsilon"]
         report["record_epsilon_lower_bound"] = audit["epsilon_lower_bound"]
+        report["record_epsilon_ceiling"] = audit["epsilon_ceiling"]
+        report["record_bound_below_claim_can_fail"] = comparison_can_fail(
+            audit["claimed_epsilon"], audit["epsilon_ceiling"]
+        )
+        report["record_canaries"] = settings["record_canaries"]
     return report
 
 
@@ -174,6 +189,7 @@ SETTINGS = {
     "pool": 500,
     "epochs": 20,
     "steps": 400,
+    "record_canaries": 500,
 }
 """The audit's own settings (``audit.<name>=<int>`` on the command line)."""
 
@@ -222,9 +238,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 TABLE_HEADER = (
-    "| strategy | privacy | test accuracy | claimed ε | ε lower bound (95 %) "
+    "| strategy | privacy | test accuracy | claimed ε | ε lower bound (95 %) | ε ceiling "
     "| client MIA AUC | TPR @ 0.1 % FPR | TPR @ 1 % FPR | record MIA AUC | inversion PSNR |\n"
-    "|---|---|---|---|---|---|---|---|---|---|"
+    "|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -241,7 +257,8 @@ def table_row(report: dict) -> str:
     """One report as a row under :data:`TABLE_HEADER`.
 
     Under DP-SGD the ε columns are the record-level ones (its claim, and the bound from
-    canary examples): DP-SGD claims nothing about whole clients.
+    canary examples): DP-SGD claims nothing about whole clients. The ceiling is the bound
+    had every guess been right; "bound below the claim" tests a claim only below it.
     """
     psnr_text = (
         f"{report['inversion_psnr']:.1f} dB ({report['inversion']})"
@@ -251,10 +268,14 @@ def table_row(report: dict) -> str:
     if "record_claimed_epsilon" in report:
         epsilons = (
             f"{report['record_claimed_epsilon']:.3g} (record) "
-            f"| {report['record_epsilon_lower_bound']:.3g} (record)"
+            f"| {report['record_epsilon_lower_bound']:.3g} (record) "
+            f"| {report['record_epsilon_ceiling']:.3g} (record)"
         )
     else:
-        epsilons = f"{report['claimed_epsilon']:.3g} | {report['epsilon_lower_bound']:.3g}"
+        epsilons = (
+            f"{report['claimed_epsilon']:.3g} | {report['epsilon_lower_bound']:.3g} "
+            f"| {report['epsilon_ceiling']:.3g}"
+        )
     return (
         f"| {report['strategy']} | {report['privacy_setting']} "
         f"| {report['test_accuracy']:.3f} | {epsilons} "
@@ -263,11 +284,31 @@ def table_row(report: dict) -> str:
     )
 
 
+def can_fail_line(claimed: float, ceiling: float, canaries: int) -> str:
+    """Whether "bound below the claim" tested anything: only a claim below the ceiling."""
+    if comparison_can_fail(claimed, ceiling):
+        return (
+            f"can fail: the claimed {claimed:.3g} is below the ceiling {ceiling:.3g}, so a "
+            f"mechanism that leaked more than it claims could be caught"
+        )
+    return (
+        f"cannot fail: the claimed {claimed:.3g} is not below the ceiling {ceiling:.3g} (the "
+        f"bound with every guess right, {canaries} canaries), so the bound is below the claim "
+        f"whatever the mechanism does; audit a smaller ε or use more canaries"
+    )
+
+
 def _markdown(report: dict) -> str:
     record_bound = (
-        f" DP-SGD canary examples: record-level ε lower bound "
+        f" DP-SGD canary examples ({report['record_canaries']}): record-level ε lower bound "
         f"{report['record_epsilon_lower_bound']:.3g} against the claimed "
-        f"{report['record_claimed_epsilon']:.3g}."
+        f"{report['record_claimed_epsilon']:.3g}; 'bound < claim' "
+        + can_fail_line(
+            report["record_claimed_epsilon"],
+            report["record_epsilon_ceiling"],
+            report["record_canaries"],
+        )
+        + "."
         if "record_epsilon_lower_bound" in report
         else ""
     )
@@ -281,8 +322,12 @@ def _markdown(report: dict) -> str:
         f"the client-level attack (each trained by {report['client_clients'] // 2} clients "
         f"of {report['client_examples_per_client']} examples); claimed ε: what the strategy "
         f"reports for the audited rounds (inf: no DP claimed).",
-        f"- ε lower bound: one-run audit with canary clients (canary AUC "
-        f"{report['canary_auc']:.3f}, TPR @ 0.1 % FPR {report['canary_tpr_at_0.1%_fpr']:.3f}).",
+        f"- ε lower bound: one-run audit with {report['canaries']} canary clients (canary AUC "
+        f"{report['canary_auc']:.3f}, TPR @ 0.1 % FPR {report['canary_tpr_at_0.1%_fpr']:.3f}); "
+        f"ε ceiling: the bound had every guess been right.",
+        "- client level, 'bound < claim' "
+        + can_fail_line(report["claimed_epsilon"], report["epsilon_ceiling"], report["canaries"])
+        + ".",
         *(
             [
                 f"- inversion: the dataset's mean input scores "

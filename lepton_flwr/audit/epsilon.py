@@ -12,11 +12,19 @@ e^ε / (1 + e^ε) give, up to a δ term (their Theorem 3 and Appendix D):
 An observed v whose p-value under ε is below 1 − confidence rules that ε out; the largest
 ε ruled out is the lower bound (:func:`epsilon_lower_bound`). A bound above the ε a
 strategy claims means its mechanism or its accounting is wrong.
+
+The bound has a ceiling: even when every guess is right it cannot exceed what r correct
+guesses out of r rule out (about ln(r / ln(1/α)): 4.43 for 500 canaries with the default
+guess counts). :func:`epsilon_ceiling` computes it, through the same loop over guess
+counts as :func:`audit_scores`; a claim at or above the ceiling cannot be caught by the
+audit, so "bound below the claim" only tests a claim below the ceiling
+(:func:`comparison_can_fail`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 from scipy.stats import binom
@@ -60,27 +68,73 @@ def guesses(scores: np.ndarray, included: np.ndarray, k_plus: int, k_minus: int)
     return k_plus + k_minus, v
 
 
+GUESS_COUNTS = (10, 20, 50, 100, 200)
+"""How many canaries the audit guesses "in" (and as many "out"): the k it tries."""
+
+
+def _best_over_guess_counts(
+    m: int,
+    correct_at: Callable[[int], int],
+    delta: float,
+    confidence: float,
+    guess_counts: tuple[int, ...],
+) -> dict:
+    """The best bound over the guess counts that fit m canaries, Bonferroni-corrected.
+
+    ``correct_at(k)`` is how many of the 2k guesses (k "in", k "out") were right. Both
+    the bound (:func:`audit_scores`) and its ceiling (:func:`epsilon_ceiling`) go
+    through here, so they use the same guess counts and the same correction.
+    """
+    counts = [k for k in guess_counts if 2 * k <= m]
+    per_try = 1.0 - (1.0 - confidence) / max(1, len(counts))
+    best = {"epsilon_lower_bound": 0.0, "guesses": 0, "correct": 0}
+    for k in counts:
+        v = correct_at(k)
+        bound = epsilon_lower_bound(m, 2 * k, v, delta, per_try)
+        if bound > best["epsilon_lower_bound"]:
+            best = {"epsilon_lower_bound": bound, "guesses": 2 * k, "correct": v}
+    return best
+
+
+def epsilon_ceiling(
+    m: int, delta: float, confidence: float = 0.95, guess_counts: tuple[int, ...] = GUESS_COUNTS
+) -> float:
+    """The largest bound :func:`audit_scores` can give for m canaries: every guess right.
+
+    It depends only on the canary count, δ, the confidence and the guess counts, not on
+    the run. A claimed ε at or above it cannot be refuted by this audit, however badly
+    the mechanism leaks.
+    """
+    best = _best_over_guess_counts(m, lambda k: 2 * k, delta, confidence, guess_counts)
+    return best["epsilon_lower_bound"]
+
+
+def comparison_can_fail(claimed_epsilon: float, ceiling: float) -> bool:
+    """Whether "bound below the claim" is a test: the claim must be below the ceiling."""
+    return claimed_epsilon < ceiling
+
+
 def audit_scores(
     scores: np.ndarray,
     included: np.ndarray,
     delta: float,
     confidence: float = 0.95,
-    guess_counts: tuple[int, ...] = (10, 20, 50, 100, 200),
+    guess_counts: tuple[int, ...] = GUESS_COUNTS,
 ) -> dict:
     """The best lower bound over a few guess counts, Bonferroni-corrected for trying them.
 
     Returns
     -------
     dict
-        ``epsilon_lower_bound``, and the ``guesses`` and ``correct`` that gave it.
+        ``epsilon_lower_bound``, the ``guesses`` and ``correct`` that gave it, and
+        ``epsilon_ceiling``: the bound if every guess had been right
+        (:func:`epsilon_ceiling`, same canaries, guess counts and correction).
     """
     included = np.asarray(included, dtype=bool)
-    counts = [k for k in guess_counts if 2 * k <= len(scores)]
-    per_try = 1.0 - (1.0 - confidence) / max(1, len(counts))
-    best = {"epsilon_lower_bound": 0.0, "guesses": 0, "correct": 0}
-    for k in counts:
-        r, v = guesses(scores, included, k, k)
-        bound = epsilon_lower_bound(len(scores), r, v, delta, per_try)
-        if bound > best["epsilon_lower_bound"]:
-            best = {"epsilon_lower_bound": bound, "guesses": r, "correct": v}
-    return best
+    m = len(scores)
+
+    def correct_at(k: int) -> int:
+        return guesses(scores, included, k, k)[1]
+
+    best = _best_over_guess_counts(m, correct_at, delta, confidence, guess_counts)
+    return {**best, "epsilon_ceiling": epsilon_ceiling(m, delta, confidence, guess_counts)}
