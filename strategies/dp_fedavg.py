@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
 
 import numpy as np
@@ -21,28 +21,66 @@ from flwr.serverapp.strategy import FedAvg
 from lepton_flwr.strategies.encrypted_sum import the_arrays, the_metrics
 from lepton_flwr.strategies.fedavg_args import evaluation_off_by_default, refuse_fraction_train
 from lepton_flwr.strategies.metrics import checked_evaluation, clients_metrics
-from lepton_flwr.strategies.reply_checks import plaintext_tensors
+from lepton_flwr.strategies.reply_checks import ReplyError, plaintext_tensors
 from lepton_flwr.strategies.round_loop import FlowerLoop
 
 from lepton_flwr import protocol
+from lepton_flwr.arrays import check_payload
+from lepton_flwr.dp import grid as dp_grid
 from lepton_flwr.dp.accounting import ClientLevelAccountant
-from lepton_flwr.dp.clipping import adapt_clip_norm, clip, l2_norm, update_noise_multiplier
+from lepton_flwr.dp.clipping import adapt_clip_norm, l2_norm, update_noise_multiplier
+from lepton_flwr.dp.noise import rounded_gaussian
 from lepton_flwr.dp.rounds import DPRounds, wait_for_nodes
 from lepton_flwr.he.codec import CiphertextError
 from lepton_flwr.he.records import is_encrypted
 from lepton_flwr.numbers import positive, real
 
 
+def tensors_or_none_if_not_finite(
+    record: ArrayRecord, reference: list[tuple[str, tuple, str]]
+) -> list[np.ndarray] | None:
+    """The reply's tensors as :func:`plaintext_tensors` reads them; None if NaN or Inf.
+
+    None only when the record passes every other check of :func:`plaintext_tensors`
+    (names, shapes, dtypes, readable bytes) once its NaN and Inf are replaced by 0.
+
+    Raises
+    ------
+    ReplyError
+        What :func:`plaintext_tensors` raises for a record that fails anything else.
+    """
+    try:
+        return plaintext_tensors(record, reference)
+    except ReplyError:
+        if list(record.keys()) != [name for name, _, _ in reference]:
+            raise
+        try:
+            zeroed = {}
+            for name, shape, _ in reference:
+                array = record[name]
+                check_payload(array.dtype, tuple(shape), array.stype, array.data)
+                values = array.numpy()
+                zeroed[name] = Array(np.where(np.isfinite(values), values, 0).astype(values.dtype))
+            plaintext_tensors(ArrayRecord(zeroed), reference)
+        except Exception:  # noqa: BLE001 - anything else wrong: the first reason stands
+            pass
+        else:
+            return None
+        raise
+
+
 class DPFedAvg(FlowerLoop, FedAvg):
     """FedAvg with client-level (ε, δ)-differential privacy.
 
     Each round samples clients (Poisson with probability q, or m of N without
-    replacement), clips every update ``Δ_i = θ_i − θ`` to norm C (on the server, or on
-    the clients with ``dp_clip_mod`` or Flower's ``fixedclipping_mod``, in which case the
-    server checks the norm), and releases ``θ + (Σ Δ_i + N(0, (z C)² I)) / d`` with a
-    fixed denominator ``d`` (q·N for Poisson, m for fixed size). Every sampled client
-    weighs the same, so one client moves the sum by at most C and the noise is calibrated
-    to exactly that. The rounds that happened are composed by the accountant (Opacus
+    replacement), clips every update ``Δ_i = θ_i − θ`` to norm C on the server (also when
+    the clients clip with ``dp_clip_mod`` or Flower's ``fixedclipping_mod``), and releases
+    ``θ + (Σ Δ_i + N(0, (z C)² I)) / d`` with a fixed denominator ``d`` (q·N for Poisson,
+    m for fixed size). Every sampled client weighs the same, so one client moves the sum
+    by at most C and the noise is calibrated to exactly that. The sum and the noise are
+    exact integers on a power-of-two grid far below the noise (:mod:`lepton_flwr.dp.grid`),
+    so the released float32 model is a post-processing of the Gaussian mechanism. The
+    rounds that happened are composed by the accountant (Opacus
     RDP/PRV; dp-accounting RDP for sampling without replacement). Each round's
     ``MetricRecord`` carries ``epsilon``, ``delta``, ``noise-multiplier``, ``clip-norm``,
     ``clients-sampled`` and ``clients-accepted`` (and the clients' own metrics only with
@@ -50,9 +88,12 @@ class DPFedAvg(FlowerLoop, FedAvg):
     the ``Result`` of ``start`` holds ε per round; ``start`` stops before a round that
     would pass ``max_epsilon`` and returns the rounds that ran.
 
-    A reply is rejected (one log line naming the node) when it is encrypted, its
-    tensors differ from the global model's, hold NaN or Inf, or (client-side clipping)
-    its update norm exceeds C.
+    A reply is rejected (one log line naming the node and a reason about its form, never
+    a value of its update) when it is encrypted or its tensors differ from the global
+    model's in names, shapes or dtypes. A well-formed reply that holds NaN or Inf counts
+    as an accepted zero update, clipped (b = 0) for adaptive clipping, so that neither
+    ``clients-accepted`` nor the ``min_train_nodes`` decision depends on it; an update
+    above C is clipped, whichever side clips.
 
     Parameters
     ----------
@@ -220,8 +261,18 @@ class DPFedAvg(FlowerLoop, FedAvg):
 
     # ---- aggregation -----------------------------------------------------------------
 
-    def _update_of(self, msg: Message) -> tuple[list[np.ndarray], float]:
-        """The reply's update Δ = θ_i − θ, checked; and whether it was left unclipped."""
+    def _update_of(self, msg: Message) -> tuple[list[np.ndarray] | None, float]:
+        """The reply's update Δ = θ_i − θ and its bit b (1: left unclipped).
+
+        The update is None when the reply is well formed but holds NaN or Inf: it then
+        counts as a zero update that was clipped (b = 0), as an infinite norm would be.
+
+        Raises
+        ------
+        ValueError
+            If the reply is encrypted or its tensors are not the global model's (names,
+            shapes, dtypes), saying which; the reason never quotes a value of the update.
+        """
         record = the_arrays(msg)
         if is_encrypted(record):
             raise ValueError(
@@ -230,26 +281,35 @@ class DPFedAvg(FlowerLoop, FedAvg):
             )
         shapes = (g.shape for g in self._global)
         reference = list(zip(self._keys, shapes, self._dtypes, strict=True))
-        tensors = plaintext_tensors(record, reference)
+        tensors = tensors_or_none_if_not_finite(record, reference)
+        if tensors is None:
+            return None, 0.0
         update = [values - current for values, current in zip(tensors, self._global, strict=True)]
-        norm = l2_norm(update)
         if self.clipping_side == "client":
-            if norm > self.clip_norm * (1 + 1e-5):
-                raise ValueError(
-                    f"update norm {norm:.4g} exceeds the clipping norm {self.clip_norm:.4g} "
-                    f"(is dp_clip_mod, or Flower's fixedclipping_mod, on the client's train "
-                    f"handler?)"
-                )
-            clipped_bit = the_metrics(msg).get(protocol.NORM_BIT, norm >= self.clip_norm)
-            return update, 0.0 if clipped_bit else 1.0
-        clipped, norm = clip(update, self.clip_norm)
-        return clipped, float(norm <= self.clip_norm)
+            # The client clipped (dp_clip_mod, or Flower's fixedclipping_mod); the server
+            # clips again below, so an update above C is clipped, never refused.
+            norm_bit = the_metrics(msg).get(protocol.NORM_BIT)
+            if norm_bit is None:
+                norm_bit = l2_norm(update) > self.clip_norm
+            return update, 0.0 if norm_bit else 1.0
+        return update, float(l2_norm(update) <= self.clip_norm)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Clip (or check), sum, add calibrated noise, divide by the fixed denominator."""
-        total = [np.zeros_like(g) for g in self._global]
+        """Clip, sum in exact integers, add integer noise, divide by the fixed denominator.
+
+        See :mod:`lepton_flwr.dp.grid`: the released model is a deterministic function of
+        the global model and the noisy integer sum, so float rounding releases nothing
+        more than the Gaussian mechanism.
+        """
+        rounds = self.rounds
+        z, clip_norm, denominator = rounds.noise_multiplier, self.clip_norm, rounds.denominator
+        count_stddev = self.count_stddev or max(denominator / 20, z)
+        z_update = update_noise_multiplier(z, count_stddev) if self.adaptive else z
+        noise_std = z_update * clip_norm
+        step = dp_grid.spacing(noise_std, clip_norm, rounds.population)
+        total = dp_grid.zeros_like(self._global)
         bits, accepted = [], []
         for msg in replies:
             node = msg.metadata.src_node_id
@@ -273,12 +333,22 @@ class DPFedAvg(FlowerLoop, FedAvg):
                     err,
                 )
                 continue
-            total = [t + u for t, u in zip(total, update, strict=True)]
+            if update is None:
+                log(
+                    WARNING,
+                    "DPFedAvg round %d: the update of node %d holds NaN or Inf: it counts "
+                    "as a zero update",
+                    server_round,
+                    node,
+                )
+            elif len(accepted) >= rounds.population:  # the int64 bound of dp_grid.spacing
+                raise RuntimeError("more replies than nodes")
+            else:
+                on_grid = dp_grid.to_grid(update, clip_norm, step)
+                total = [t + u for t, u in zip(total, on_grid, strict=True)]
             bits.append(bit)
             accepted.append(msg)
 
-        rounds = self.rounds
-        z, clip_norm, denominator = rounds.noise_multiplier, self.clip_norm, rounds.denominator
         figures = {
             protocol.NOISE_MULTIPLIER: z,
             protocol.CLIP_NORM: clip_norm,
@@ -295,20 +365,13 @@ class DPFedAvg(FlowerLoop, FedAvg):
                 self.min_train_nodes,
             )
             return None, MetricRecord({**rounds.privacy_metrics(), **figures})
-        count_stddev = self.count_stddev or max(denominator / 20, z)
-        z_update = update_noise_multiplier(z, count_stddev) if self.adaptive else z
-        noisy = [(t + rounds.gaussian(t.shape, z_update * clip_norm)) / denominator for t in total]
-        new_global = [g + n for g, n in zip(self._global, noisy, strict=True)]
+        random_bytes = dp_grid.random_bytes_of(rounds.seeded, rounds.rng)
+        noisy_total = dp_grid.add_noise(total, noise_std / step, random_bytes)
+        new_global = dp_grid.release(self._global, noisy_total, step, denominator)
         # The release happened (noise only, if nobody replied): account for it.
         epsilon = rounds.record(z)
         if self.adaptive:
-            # Centred bits (b - 1/2): one client moves the count by at most 1/2, the
-            # sensitivity that update_noise_multiplier's budget split assumes.
-            centred = sum(b - 0.5 for b in bits) + float(rounds.gaussian(1, count_stddev)[0])
-            noisy_fraction = 0.5 + centred / denominator
-            self.clip_norm = adapt_clip_norm(
-                clip_norm, noisy_fraction, self.target_quantile, self.clip_lr
-            )
+            self.clip_norm = self._next_clip_norm(bits, count_stddev, random_bytes)
         log(
             INFO,
             "DPFedAvg round %d: epsilon=%.4f (delta=%g), C=%.4g, %d updates",
@@ -327,6 +390,25 @@ class DPFedAvg(FlowerLoop, FedAvg):
                 self.train_metrics_aggr_fn, accepted, self.weighted_by_key, "DPFedAvg", server_round
             )
         return arrays, MetricRecord({**metrics, **rounds.privacy_metrics(), **figures})
+
+    def _next_clip_norm(
+        self, bits: list[float], count_stddev: float, random_bytes: Callable[[int], bytes]
+    ) -> float:
+        """Adaptive clipping's next C, from the noisy centred count released on its grid.
+
+        Each accepted reply adds b − 1/2 (one client moves the count by at most 1/2, the
+        sensitivity that ``update_noise_multiplier``'s budget split assumes); in units of
+        the count's grid h (a power of two dividing 1/2) that is an exact integer, and the
+        noise is ``round(N(0, (count_stddev / h)²))``. The next C is a function of the
+        released ``h · (count + noise)`` and public values only.
+        """
+        unit = dp_grid.count_spacing(count_stddev)
+        half = round(0.5 / unit)  # b − 1/2 = ±1/2 is ±half units
+        centred = sum(half if b else -half for b in bits)
+        noise = int(rounded_gaussian(1, count_stddev / unit, random_bytes)[0])
+        released = (centred + noise) * unit  # exact: an integer times a power of two
+        noisy_fraction = 0.5 + released / self.rounds.denominator
+        return adapt_clip_norm(self.clip_norm, noisy_fraction, self.target_quantile, self.clip_lr)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]

@@ -108,10 +108,12 @@ def test_client_side_clipping_mod_clips_and_reports_the_bit():
         assert reply.content["metrics"]["norm_bit"] == bit  # Flower's key: 1 = clipped
 
 
-def test_client_side_mode_rejects_unclipped_updates(caplog):
+def test_client_side_mode_clips_updates_above_c_again(caplog):
+    """Before: an update above C(1 + 1e-5) from a client was rejected (a data-dependent
+    change of clients-accepted); now the server clips it to C like any other."""
     caplog.set_level(logging.WARNING, logger="flwr")
     strategy = DPFedAvg(
-        noise_multiplier=1.0,
+        noise_multiplier=1e-6,
         clip_norm=0.1,
         sample_rate=1.0,
         sampling="fixed",
@@ -120,25 +122,40 @@ def test_client_side_mode_rejects_unclipped_updates(caplog):
         seed=1,
         min_available_nodes=3,
     )
-    _one_round(strategy, InProcessGrid(_echo(shift=1.0), num_nodes=3))
-    assert caplog.text.count("exceeds the clipping norm") == 3
-    assert "dp_clip_mod, or Flower's fixedclipping_mod" in caplog.text
-    assert _metrics(strategy)["clients-accepted"] == 0
+    released, _ = _one_round(strategy, InProcessGrid(_echo(shift=1.0), num_nodes=3))
+    assert _metrics(strategy)["clients-accepted"] == 3
+    assert "rejected" not in caplog.text
+    # Three updates of norm sqrt(SIZE), each clipped to 0.1, averaged over m = 3.
+    assert l2_norm([released]) == pytest.approx(0.1, rel=1e-4)
+    assert l2_norm([released]) <= 0.1 * (1 + 1e-6)
 
 
-def test_nan_reply_is_rejected_and_named(caplog):
+def test_a_nan_reply_counts_as_an_accepted_zero_update(caplog):
+    """Before: a NaN reply was rejected, so clients-accepted (released) and the
+    min_train_nodes decision told whether a client's training diverged. Now it counts as
+    a zero update: the round is the same as if that client had sent no change."""
     caplog.set_level(logging.WARNING, logger="flwr")
-    strategy = DPFedAvg(
+    settings = dict(
         noise_multiplier=1.0,
         sample_rate=1.0,
         sampling="fixed",
         delta=1e-3,
         seed=1,
         min_available_nodes=3,
+        min_train_nodes=3,
     )
-    _one_round(strategy, InProcessGrid(_echo(nan_node=101), num_nodes=3))
-    assert "rejected the reply of node 101: tensor 'w' holds NaN or Inf" in caplog.text
-    assert _metrics(strategy)["clients-accepted"] == 2
+    with_nan = DPFedAvg(**settings)
+    released_nan, _ = _one_round(with_nan, InProcessGrid(_echo(0.01, nan_node=101), num_nodes=3))
+    assert "the update of node 101 holds NaN or Inf: it counts as a zero update" in caplog.text
+    assert _metrics(with_nan)["clients-accepted"] == 3
+
+    def zero_on_101(msg, context):
+        return _echo(0.0 if context.node_id == 101 else 0.01)(msg, context)
+
+    with_zero = DPFedAvg(**settings)
+    released_zero, _ = _one_round(with_zero, InProcessGrid(zero_on_101, num_nodes=3))
+    assert _metrics(with_zero)["clients-accepted"] == 3
+    np.testing.assert_array_equal(released_nan, released_zero)  # same seed, same noise
 
 
 def test_clip_and_samplers():

@@ -182,13 +182,15 @@ def he_dp_mod_for(keys):
     return make_he_dp_mod(keys[0], workers=1)
 
 
-def test_dp_fedavg_needs_clipped_updates_from_clients_and_flowers_mod_provides_them(caplog):
+def test_dp_fedavg_clips_client_updates_again_and_flowers_mod_works_in_place_of_ours(caplog):
     caplog.set_level(logging.WARNING, logger="flwr")
     unclipped = _dp(clipping_side="client", clip_norm=0.01).start(
         InProcessGrid(_app(shift=1.0), NODES), _start(), num_rounds=1
     )
-    assert unclipped.train_metrics_clientapp[1]["clients-accepted"] == 0
-    assert "dp_clip_mod, or Flower's fixedclipping_mod" in caplog.text
+    # Clipped again on the server, never rejected (issue 19): whether an update was above
+    # C must not change clients-accepted, nor show in the log.
+    assert unclipped.train_metrics_clientapp[1]["clients-accepted"] == NODES
+    assert "rejected" not in caplog.text
     for mod in (dp_clip_mod, fixedclipping_mod):  # ours and Flower's read the same key
         grid = InProcessGrid(_app(train_mods=[mod], shift=1.0), NODES)
         result = _dp(clipping_side="client", clip_norm=0.01).start(grid, _start(), num_rounds=1)

@@ -4,7 +4,9 @@ For ``DPFedAvg(clipping_side="client")``. Attach it to training
 (``@app.train(mods=[dp_clip_mod])``) or to the whole app: it acts only on training
 messages whose config carries Flower's ``clipping_norm`` key, so Flower's own
 ``fixedclipping_mod`` and ``adaptiveclipping_mod`` work in its place. It reports Flower's
-``norm_bit`` (1 when the update was clipped), which adaptive clipping counts.
+``norm_bit`` (1 when the update was clipped), which adaptive clipping counts. An update
+that holds NaN or Inf is sent as no change (θ itself) with ``norm_bit`` 1, as the server
+would count it, so that nothing the server sees depends on whether training diverged.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from lepton_flwr.mods.common import (
 def dp_clip_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Replace the trained weights θ' by θ + clip(θ' − θ, C), C from the train config.
 
-    Messages that are not training, or carry no clipping norm, pass through untouched.
+    Messages that are not training, or carry no clipping norm, pass through untouched. An
+    update with NaN or Inf becomes a zero update, reported as clipped.
     With a noise share in the config (HE + DP), ``dp_share_mod`` clips instead.
     """
     config = train_config(msg)
@@ -42,9 +45,13 @@ def dp_clip_mod(msg: Message, context: Context, call_next: ClientAppCallable) ->
     reply, received, update = train_and_diff(msg, context, call_next)
     if update is None:
         return reply
-    clipped, norm = clip(update, clip_norm)
+    if all(np.isfinite(u).all() for u in update):
+        clipped, norm = clip(update, clip_norm)
+        norm_bit = int(norm > clip_norm)
+    else:
+        clipped, norm_bit = [np.zeros_like(u) for u in update], 1
     arrays = {
         k: Array((theta.astype(np.float64) + c).astype(theta.dtype))
         for (k, theta), c in zip(received.items(), clipped, strict=True)
     }
-    return set_reply(reply, arrays, **{protocol.NORM_BIT: int(norm > clip_norm)})
+    return set_reply(reply, arrays, **{protocol.NORM_BIT: norm_bit})

@@ -1,9 +1,10 @@
 """``dp_share_mod``: a client's part of distributed DP, applied before encryption.
 
-For HE + DP (``HEDPFedAvg``): the client clips its update Δ = θ' − θ to norm C, adds its
-share of the Gaussian noise, N(0, σ²), scales by the server's ``1/d``, clamps to the public
-bound ±B the server sends (B = (C + 10 σ)/d: only a noise draw beyond 10 σ, probability
-1.5e-23 per value, is ever clamped) and replies with that (weight 1) instead of its weights.
+For HE + DP (``HEDPFedAvg``): the client clips its update Δ = θ' − θ to norm C (an
+update with NaN or Inf counts as zero), adds its share of the Gaussian noise, N(0, σ²),
+scales by the server's ``1/d``, clamps to the public bound ±B the server sends
+(B = (C + 10 σ)/d: only a noise draw beyond 10 σ, probability 1.5e-23 per value, is ever
+clamped) and replies with that (weight 1) instead of its weights.
 The reply's metrics are replaced by public values only (weight 1, σ, B): the handler's own
 metrics (loss, example count) never leave the client. It must run inside
 ``he_mod``, which then encrypts it, so that no place outside the client ever holds a
@@ -74,7 +75,9 @@ def dp_share_mod(msg: Message, context: Context, call_next: ClientAppCallable) -
     reply without them is not a DP share and is refused. A request below the node's
     privacy floor (``dp-max-clip-norm``, ``dp-min-share-noise-multiplier`` in its node
     config; see :mod:`lepton_flwr.dp.floor`), or without noise, is refused before
-    training.
+    training. An update that holds NaN or Inf is replaced by a zero update, which gets its
+    noise share like any other: an error reply would tell the server that training
+    diverged, and a NaN share would make the decrypted sum unusable.
     """
     config = train_config(msg)
     if not is_train(msg):
@@ -89,9 +92,10 @@ def dp_share_mod(msg: Message, context: Context, call_next: ClientAppCallable) -
     reply, received, update = train_and_diff(msg, context, call_next)
     if update is None:
         return reply
-    if not all(np.isfinite(u).all() for u in update):
-        raise ModError("the local update has NaN or Inf values; nothing was sent")
-    clipped, _ = clip(update, clip_norm)
+    if all(np.isfinite(u).all() for u in update):
+        clipped, _ = clip(update, clip_norm)
+    else:  # a share like any other: whether training diverged must not show
+        clipped = [np.zeros_like(u) for u in update]
     shares = {
         k: Array(
             np.clip((c + secure_gaussian(c.shape, share_std)) * scale, -bound, bound).astype(
