@@ -362,3 +362,21 @@ def test_dp_clip_mod_sends_no_change_for_a_nan_update():
     reply = dp_clip_mod(msg, None, handler)
     np.testing.assert_array_equal(reply.content["arrays"]["w"].numpy(), theta)
     assert reply.content["metrics"][protocol.NORM_BIT] == 1
+
+
+def test_unseeded_rounds_draw_the_noise_from_the_operating_system(monkeypatch):
+    """128 bits per value from os.urandom; a seed switches to numpy (tests, not private)."""
+    import os
+
+    requested, real_urandom = [], os.urandom
+
+    def recording_urandom(n):
+        requested.append(n)
+        return real_urandom(n)
+
+    monkeypatch.setattr(dp_grid.os, "urandom", recording_urandom)
+    _round(_strategy(seed=None), _client({100: 0.0, 101: 0.0, 102: 0.0, 103: 0.0}))
+    assert requested == [16 * SIZE]
+    requested.clear()
+    _round(_strategy(seed=3), _client({100: 0.0, 101: 0.0, 102: 0.0, 103: 0.0}))
+    assert requested == []
