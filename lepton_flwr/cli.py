@@ -24,23 +24,37 @@ def keygen(out: Path, overrides: list[str]) -> None:
     )
 
 
-def decrypt(secret_context: Path, model: Path, out: Path, like: Path | None = None) -> None:
+def decrypt(
+    secret_context: Path,
+    model: Path,
+    out: Path,
+    like: Path | None = None,
+    count_in: Path | None = None,
+) -> None:
     """Decrypt a saved encrypted global model into a torch state dict file.
 
     The values are flooded with noise and rounded (``lepton_flwr.he.publish``); with
     ``like`` (a torch state dict of the key holder's own model) names, shapes and dtypes
-    come from it rather than from the file.
+    come from it rather than from the file. Each decryption is counted under the key in
+    ``count_in`` (default: the secret context's folder) and refused past the number the
+    flooding is sized for (``lepton_flwr.he.ledger``).
     """
     from flwr.app import ArrayRecord
 
     from lepton_flwr.he import decrypt_arrays
+    from lepton_flwr.he.keyholder import decryption_count_folder, encoder_for
+    from lepton_flwr.he.ledger import count_file, read_count
+    from lepton_flwr.he.publish import DECRYPTIONS
 
     own = ArrayRecord(torch.load(like, weights_only=True)) if like is not None else None
-    state = decrypt_arrays(model, secret_context, own).to_torch_state_dict()
+    state = decrypt_arrays(model, secret_context, own, count_in).to_torch_state_dict()
     torch.save(state, out)
+    key = encoder_for(secret_context, workers=1)[1]
+    ledger = count_file(decryption_count_folder(secret_context, count_in), key)
     print(
         f"decrypted {sum(t.numel() for t in state.values())} values -> {out} (flooded with "
-        f"noise and rounded so that publishing them keeps the key safe)"
+        f"noise and rounded so that publishing them keeps the key safe; decryption "
+        f"{read_count(ledger)} of {DECRYPTIONS} under key {key}, counted in {ledger})"
     )
 
 
@@ -96,6 +110,11 @@ def main(argv: list[str] | None = None) -> None:
     dec.add_argument(
         "--like", type=Path, help="your own model's state dict: names, shapes, dtypes from it"
     )
+    dec.add_argument(
+        "--count-in",
+        type=Path,
+        help="folder counting your decryptions under the key (default: the secret's folder)",
+    )
     tls = sub.add_parser("certs", help="make a CA and the SuperLink's TLS certificate")
     tls.add_argument(
         "--out", type=Path, required=True, help="the SuperLink's folder (ca.crt, superlink.*)"
@@ -122,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.command == "keygen":
             keygen(args.out, args.overrides)
         elif args.command == "decrypt":
-            decrypt(args.secret_context, args.model, args.out, args.like)
+            decrypt(args.secret_context, args.model, args.out, args.like, args.count_in)
         elif args.command == "check-node":
             check_node_command(args.node_config, args.root_certificates, args.auth_key)
         elif args.command == "certs":

@@ -142,7 +142,7 @@ def test_adder_rejects_garbage_and_foreign_parameters(secret_ctx, public_ctx):
     other = create_secret_context(CKKSParams(8192, (60, 60, 60), 58))
     with pytest.raises(CiphertextError):
         adder.load(CkksEncoder(other, workers=1).encrypt(np.ones(10)))
-    other_scale = create_secret_context(CKKSParams(4096, (40, 40, 29), 56))
+    other_scale = create_secret_context(CKKSParams(4096, (40, 40, 29), 57))
     with pytest.raises(CiphertextError, match="scale"):
         adder.load(CkksEncoder(other_scale, workers=1).encrypt(np.ones(10)))
 

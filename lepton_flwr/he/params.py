@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from lepton_flwr.he.publish import MAX_FLOODING_STD, flooding_std
+from lepton_flwr.he.publish import MAX_FLOODING_STD, TooCoarseError, check_floodable
 
 # Largest total coefficient-modulus bit count for 128-bit classical security with a
 # ternary secret, per poly modulus degree (HomomorphicEncryption.org standard, as SEAL
@@ -101,14 +101,15 @@ class CKKSParams:
                 f"{data_bits - 10} (the data primes' {data_bits} bits minus 10 bits of "
                 f"headroom for the summed values)."
             )
-        std = flooding_std(n, 2.0**self.scale_bits)
-        if std > MAX_FLOODING_STD:
+        try:
+            check_floodable(n, 2.0**self.scale_bits)
+        except TooCoarseError as err:
             raise HEParamsError(
                 f"scale_bits={self.scale_bits} is too coarse at N={n}: published decryptions "
-                f"need noise flooding of std {std:.3g} (over {MAX_FLOODING_STD:g}) to keep "
-                f"the key safe; use a larger scale (58 with coeff_mod_bit_sizes "
-                f"[40, 40, 29] at N=4096)."
-            )
+                f"need noise flooding of std {err.std:.3g} per value (over "
+                f"{MAX_FLOODING_STD:g}) to keep the key safe; use scale_bits >= "
+                f"{err.min_scale_bits} (58 with coeff_mod_bit_sizes [40, 40, 29] at N=4096)."
+            ) from err
 
     @classmethod
     def from_config(cls, he_cfg: dict) -> CKKSParams:

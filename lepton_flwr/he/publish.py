@@ -8,32 +8,46 @@ TenSEAL, leaves the defence to the application. Every decryption in this pack (a
 client's view of the global model, the key holder's evaluation, ``decrypt_arrays`` and
 ``lepton-flwr decrypt``) goes through :func:`publishable`, which
 
-1. bounds the error: a fresh ciphertext's error polynomial has coefficients of standard
-   deviation at most ``COEFF_STD`` = 16 (SEAL's σ = 3.2 for secret-key encryption; about
-   15 after public-key encryption and the switch to the data level), a sum of K of them
-   sqrt(K) times that, and a slot decodes it with standard deviation
-   ``COEFF_STD * sqrt(K * N / 2) / Δ``; E is ``TAIL`` = 12 of those, for up to
-   ``MAX_SUMMED`` = 2^16 ciphertexts summed (clients × rounds);
+1. bounds the error of the whole published vector: a fresh ciphertext's error
+   polynomial has coefficients of standard deviation at most ``COEFF_STD`` = 16 (SEAL's
+   σ = 3.2 for secret-key encryption; about 15 after public-key encryption and the
+   switch to the data level), a sum of K of them sqrt(K) times that, and each published
+   value carries ``σ_v = COEFF_STD * sqrt(K * N / 2) / Δ`` of it (:func:`value_error_std`;
+   K = ``MAX_SUMMED`` = 2^16 ciphertexts summed, clients × rounds). The n values of a
+   model are orthogonal projections of the ciphertexts' independent errors, so the L2
+   norm of their error vector is at most E = σ_v (sqrt(n) + ``TAIL``) but with
+   probability e^(-TAIL² / 2) = 2^-104, TAIL = 12 (:func:`error_bound`; Gaussian
+   concentration of a 1-Lipschitz function);
 2. adds Gaussian noise of standard deviation σ_f with log2 σ_f = log2 E + s/2 +
-   log2(64 t)/2, the flooding that Li, Micciancio, Schultz and Sorrell ("Securing
-   approximate homomorphic encryption using differential privacy", CRYPTO 2022, §6.2)
-   give for s bits of statistical security over t decryptions, here s = 30 (OpenFHE's
-   default) and t = 1024 decryptions under one key; the noise comes from the operating
-   system's secure randomness;
+   log2(64 t)/2, the flooding that the Gaussian-mechanism argument needs for s bits of
+   statistical security over t decryptions, as Li, Micciancio, Schultz and Sorrell
+   ("Securing approximate homomorphic encryption using differential privacy", CRYPTO
+   2022, §6.2) state it (their Theorem 3 needs less under a finer definition of bit
+   security; we keep this larger one). E there bounds the L2 norm of the error of all
+   that one decryption releases, not of one value: a bound on one value's error would
+   leave 25.5 bits, not 30, at the defaults. Here s = 30 (OpenFHE's default) and
+   t = ``DECRYPTIONS`` = 1024 decryptions of a model under one key, the unit that the
+   decryption counts keep (:mod:`lepton_flwr.he.ledger`): a model is one query however
+   many ciphertexts it spans, its n values together (c ciphertexts counted as c queries
+   of n/c values each would need about as much: the squared bounds add up). The noise
+   comes from the operating system's secure randomness;
 3. rounds to the power of two at or below σ_f (the stated precision), before dividing by
    the model's weight.
 
-At the default parameters (N = 4096, Δ = 2^58) σ_f is 6.5e-5 in units of the summed
-values (divided by the total weight for HE-FedAvg, about 1e-6 on Fashion-MNIST's ten
-clients; 6.5e-5 per weight under HE + DP, whose DP noise is a thousand times larger):
-nothing an accuracy figure shows. At the old 2^36 scale the same flooding would have
-been 4e6 times larger, which is why the defaults changed.
+σ_f grows with the square root of the model's size. At the default parameters
+(N = 4096, Δ = 2^58) it is 3.1e-4 in units of the summed values for one ciphertext's
+2,048 values, and 1.1e-3 for the main job's 39,700-weight ScatterNet, whose released
+model has weight 1 under HE + DP and DP noise zC/d = 1.29 / 100 = 0.013 per weight
+(11 times σ_f: it adds 0.4 % to the noise's standard deviation); HE-FedAvg divides
+σ_f by the total weight. At the old 2^36 scale the flooding would have been 4e6 times
+larger, which is why the defaults changed.
 
 Not protected: this is a defence against parties that see honestly computed
 ciphertexts and their decryptions (IND-CPA-D). A malicious server that crafts the
 ciphertext a key holder decrypts and publishes (one whose error it chose) can still
 learn about the key from the result; decrypt and publish only models from a server
-you trust to follow the protocol.
+you trust to follow the protocol. Decryptions are counted per party and key, not across
+all the parties that share a key (each client, and the key holder, has its own budget).
 """
 
 from __future__ import annotations
@@ -49,33 +63,74 @@ TAIL = 12.0
 MAX_SUMMED = 2**16
 STATISTICAL_SECURITY = 30
 DECRYPTIONS = 1024
-# Largest flooding std (in units of the summed values) a context may need: a coarser
-# scale would cost accuracy, so such parameters are refused (CKKSParams.validate) and
-# such keys cannot publish.
+# Largest flooding std (in units of the summed values) a key may need for a model of
+# REFERENCE_VALUES values (one ciphertext at N = 4096; σ_f grows with about the square
+# root of a model's size): a coarser scale would cost accuracy, so such parameters are
+# refused (CKKSParams.validate) and such keys cannot publish.
 MAX_FLOODING_STD = 1e-3
+REFERENCE_VALUES = 2048
 
 
 class TooCoarseError(ValueError):
-    """CKKS parameters whose decryptions cannot be flooded without costing accuracy."""
+    """CKKS parameters whose decryptions cannot be flooded without costing accuracy.
+
+    ``std`` is the flooding they would need for ``REFERENCE_VALUES`` values,
+    ``min_scale_bits`` the smallest log2 scale that would do at the same N.
+    """
+
+    def __init__(self, message: str, std: float, min_scale_bits: int) -> None:
+        super().__init__(message)
+        self.std, self.min_scale_bits = std, min_scale_bits
 
 
-def error_bound(poly_modulus_degree: int, scale: float, summed: int = MAX_SUMMED) -> float:
-    """E: the bound on a decrypted slot's error, in units of the summed values."""
-    return TAIL * COEFF_STD * math.sqrt(summed * poly_modulus_degree / 2) / scale
+def value_error_std(poly_modulus_degree: int, scale: float, summed: int = MAX_SUMMED) -> float:
+    """σ_v: the standard deviation of one decrypted value's error, in summed-value units."""
+    return COEFF_STD * math.sqrt(summed * poly_modulus_degree / 2) / scale
+
+
+def error_bound(
+    poly_modulus_degree: int, scale: float, values: int, summed: int = MAX_SUMMED
+) -> float:
+    """E = σ_v (sqrt(values) + TAIL): the bound on the L2 norm of ``values`` values' error."""
+    return value_error_std(poly_modulus_degree, scale, summed) * (math.sqrt(values) + TAIL)
 
 
 def flooding_std(
     poly_modulus_degree: int,
     scale: float,
+    values: int,
     security_bits: int = STATISTICAL_SECURITY,
     decryptions: int = DECRYPTIONS,
 ) -> float:
-    """σ_f = E · 2^(s/2) · sqrt(64 t): the noise added to every published decryption."""
+    """σ_f = E · 2^(s/2) · sqrt(64 t): the noise added to each of ``values`` published values."""
     return (
-        error_bound(poly_modulus_degree, scale)
+        error_bound(poly_modulus_degree, scale, values)
         * 2.0 ** (security_bits / 2)
         * math.sqrt(64 * decryptions)
     )
+
+
+def check_floodable(poly_modulus_degree: int, scale: float) -> float:
+    """The flooding std of ``REFERENCE_VALUES`` values, if the key's scale allows it.
+
+    Raises
+    ------
+    TooCoarseError
+        If it passes ``MAX_FLOODING_STD`` (keys made with a coarse scale), naming the
+        smallest scale that would do.
+    """
+    std = flooding_std(poly_modulus_degree, scale, REFERENCE_VALUES)
+    if std > MAX_FLOODING_STD:
+        enough = math.ceil(math.log2(scale) + math.log2(std / MAX_FLOODING_STD))
+        raise TooCoarseError(
+            f"CKKS scale 2^{math.log2(scale):.0f} at N={poly_modulus_degree} needs flooding "
+            f"noise {std:.3g} on every value of a {REFERENCE_VALUES}-value model (more than "
+            f"{MAX_FLOODING_STD:g}); make keys with the default parameters (`lepton-flwr "
+            f"keygen`), scale 2^{enough} or more",
+            std,
+            enough,
+        )
+    return std
 
 
 def precision(std: float) -> float:
@@ -91,7 +146,8 @@ def publishable(
     Parameters
     ----------
     decrypted : np.ndarray
-        The decrypted (weighted) sum, before division by ``weight``.
+        The decrypted (weighted) sum, before division by ``weight``: every value that
+        one decryption releases (the noise is sized for their number).
     weight : float
         The sum's total weight.
     poly_modulus_degree, scale : int, float
@@ -101,20 +157,15 @@ def publishable(
     -------
     np.ndarray
         ``round((decrypted + N(0, σ_f²)) / weight)`` to a multiple of
-        ``precision(σ_f / weight)``.
+        ``precision(σ_f / weight)``, σ_f = ``flooding_std(N, Δ, decrypted.size)``.
 
     Raises
     ------
     TooCoarseError
-        If σ_f passes ``MAX_FLOODING_STD`` (keys made with a coarse scale).
+        If the key's scale is too coarse to flood (:func:`check_floodable`).
     """
-    std = flooding_std(poly_modulus_degree, scale)
-    if std > MAX_FLOODING_STD:
-        raise TooCoarseError(
-            f"CKKS scale 2^{math.log2(scale):.0f} at N={poly_modulus_degree} needs flooding "
-            f"noise {std:.3g} on every published value (more than {MAX_FLOODING_STD:g}); make "
-            f"keys with the default parameters (`lepton-flwr keygen`), scale 2^54 or more"
-        )
+    check_floodable(poly_modulus_degree, scale)
+    std = flooding_std(poly_modulus_degree, scale, decrypted.size)
     flooded = (decrypted + secure_gaussian(decrypted.shape, std)) / weight
     quantum = precision(std / weight)
     return np.round(flooded / quantum) * quantum

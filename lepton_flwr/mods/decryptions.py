@@ -22,7 +22,8 @@ decrypts through :func:`decrypt_once`:
 - it uses at most ``he-max-decryptions`` models (node config; default and most
   ``MAX_DECRYPTIONS``, the number of decryptions the flooding of
   :mod:`lepton_flwr.he.publish` is sized for): per run, or, with ``state-dir`` in the
-  node config, per key across every run (counted in a file there before decrypting).
+  node config, per key across every run (counted in a file there before decrypting,
+  as the key holder counts its own: :mod:`lepton_flwr.he.ledger`).
 
 What a malicious server still learns from a client per use: whether it refused the model,
 or whether the handler failed on it (a few outcomes), and, if the client evaluates
@@ -34,14 +35,13 @@ budget bounds the total.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 
 from lepton_flwr import protocol
-from lepton_flwr.files import read_file, write_atomically
+from lepton_flwr.he.ledger import DecryptionCountError, count_file, read_count, write_count
 from lepton_flwr.he.publish import DECRYPTIONS
 from lepton_flwr.mods.common import ModError, is_train, train_config
 from lepton_flwr.numbers import is_int, plain_number
@@ -111,10 +111,7 @@ def decryption_budget(node_config: Mapping) -> int:
 
 def lifetime_file(context: Context, key_fingerprint: str) -> Path | None:
     """Where the node counts its decryptions under a key across runs (``state-dir``)."""
-    folder = context.node_config.get(protocol.STATE_DIR)
-    if not folder or not all(c in "0123456789abcdef" for c in key_fingerprint):
-        return None
-    return Path(str(folder)) / f"he-decryptions-{key_fingerprint}.json"
+    return count_file(context.node_config.get(protocol.STATE_DIR), key_fingerprint)
 
 
 def lifetime_count(path: Path | None) -> int:
@@ -125,20 +122,10 @@ def lifetime_count(path: Path | None) -> int:
     ModError
         If the file is a link, too large or malformed: the count must not restart.
     """
-    if path is None:
-        return 0
     try:
-        count = json.loads(read_file(path, 4096))["count"]
-    except FileNotFoundError:
-        return 0
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ModError(
-            f"cannot read the decryption count {path.name} in state-dir "
-            f"({type(err).__name__}); nothing is decrypted rather than restart the count"
-        ) from err
-    if not is_int(count) or count < 0:
-        raise ModError(f"the decryption count in {path.name} is not a whole number >= 0")
-    return count
+        return read_count(path)
+    except DecryptionCountError as err:
+        raise ModError(f"{err} (state-dir)") from err
 
 
 def decrypt_once(
@@ -204,12 +191,9 @@ def decrypt_once(
         )
     if path is not None:  # counted before decrypting: a crash cannot lose a decryption
         try:
-            write_atomically(path, json.dumps({"count": used + 1}).encode())
-        except OSError as err:
-            raise ModError(
-                f"cannot write the decryption count {path.name} in state-dir "
-                f"({type(err).__name__}); nothing was decrypted"
-            ) from err
+            write_count(path, used + 1)
+        except DecryptionCountError as err:
+            raise ModError(f"{err} (state-dir)") from err
     entry = {"round": round_number, "digest": fingerprint, "count": used + 1, "uses": use}
     if fingerprint == accepted:  # the model it accepted before (the fallback after a
         # refused one, or a later round): no new decryption, but a new use, counted
