@@ -82,18 +82,22 @@ class DPFedAvg(FlowerLoop, FedAvg):
     so the released float32 model is a post-processing of the Gaussian mechanism. The
     rounds that happened are composed by the accountant (Opacus
     RDP/PRV; dp-accounting RDP for sampling without replacement). Each round's
-    ``MetricRecord`` carries ``epsilon``, ``delta``, ``noise-multiplier``, ``clip-norm``,
-    ``clients-sampled`` and ``clients-accepted`` (and the clients' own metrics only with
-    ``release_client_metrics=True``), so
-    the ``Result`` of ``start`` holds ε per round; ``start`` stops before a round that
-    would pass ``max_epsilon`` and returns the rounds that ran.
+    ``MetricRecord`` carries ``epsilon``, ``delta``, ``noise-multiplier`` and ``clip-norm``
+    (and the clients' own metrics only with ``release_client_metrics=True``), so the
+    ``Result`` of ``start`` holds ε per round; ``start`` stops before a round that would
+    pass ``max_epsilon`` and returns the rounds that ran.
+
+    How many clients were sampled and counted is not in the ``MetricRecord``: the
+    accountant's Poisson analysis covers the noisy model alone, and an observer who also
+    learns |S| can learn more than it states (``tests/test_released_sample_size.py``).
+    Those counts stay with the server: its log and :attr:`server_counts`.
 
     A reply is rejected (one log line naming the node and a reason about its form, never
     a value of its update) when it is encrypted or its tensors differ from the global
     model's in names, shapes or dtypes. A well-formed reply that holds NaN or Inf counts
     as an accepted zero update, clipped (b = 0) for adaptive clipping, so that neither
-    ``clients-accepted`` nor the ``min_train_nodes`` decision depends on it; an update
-    above C is clipped, whichever side clips.
+    the count of accepted updates nor the ``min_train_nodes`` decision depends on it; an
+    update above C is clipped, whichever side clips.
 
     Parameters
     ----------
@@ -200,6 +204,9 @@ class DPFedAvg(FlowerLoop, FedAvg):
         self._keys: list[str] = []
         self._dtypes: list[str] = []
         self._sampled = 0
+        # Per round: clients sampled and updates counted. Server-side only: releasing them
+        # with the model is not covered by the accountant's Poisson analysis.
+        self.server_counts: dict[int, dict[str, int]] = {}
 
     @property
     def accountant(self) -> ClientLevelAccountant | None:
@@ -349,12 +356,8 @@ class DPFedAvg(FlowerLoop, FedAvg):
             bits.append(bit)
             accepted.append(msg)
 
-        figures = {
-            protocol.NOISE_MULTIPLIER: z,
-            protocol.CLIP_NORM: clip_norm,
-            protocol.CLIENTS_SAMPLED: self._sampled,
-            protocol.CLIENTS_ACCEPTED: len(accepted),
-        }
+        figures = {protocol.NOISE_MULTIPLIER: z, protocol.CLIP_NORM: clip_norm}
+        self.server_counts[server_round] = {"sampled": self._sampled, "accepted": len(accepted)}
         if len(accepted) < self.min_train_nodes:
             log(
                 WARNING,
@@ -374,12 +377,14 @@ class DPFedAvg(FlowerLoop, FedAvg):
             self.clip_norm = self._next_clip_norm(bits, count_stddev, random_bytes)
         log(
             INFO,
-            "DPFedAvg round %d: epsilon=%.4f (delta=%g), C=%.4g, %d updates",
+            "DPFedAvg round %d: epsilon=%.4f (delta=%g), C=%.4g; %d of %d sampled updates "
+            "counted (server-side figures, not in the metrics)",
             server_round,
             epsilon,
             rounds.delta,
             clip_norm,
             len(accepted),
+            self._sampled,
         )
         arrays = ArrayRecord(
             {k: Array(v.astype(np.float32)) for k, v in zip(self._keys, new_global, strict=True)}

@@ -123,7 +123,7 @@ def test_client_side_mode_clips_updates_above_c_again(caplog):
         min_available_nodes=3,
     )
     released, _ = _one_round(strategy, InProcessGrid(_echo(shift=1.0), num_nodes=3))
-    assert _metrics(strategy)["clients-accepted"] == 3
+    assert strategy.server_counts[1]["accepted"] == 3
     assert "rejected" not in caplog.text
     # Three updates of norm sqrt(SIZE), each clipped to 0.1, averaged over m = 3.
     assert l2_norm([released]) == pytest.approx(0.1, rel=1e-4)
@@ -147,14 +147,14 @@ def test_a_nan_reply_counts_as_an_accepted_zero_update(caplog):
     with_nan = DPFedAvg(**settings)
     released_nan, _ = _one_round(with_nan, InProcessGrid(_echo(0.01, nan_node=101), num_nodes=3))
     assert "the update of node 101 holds NaN or Inf: it counts as a zero update" in caplog.text
-    assert _metrics(with_nan)["clients-accepted"] == 3
+    assert with_nan.server_counts[1]["accepted"] == 3
 
     def zero_on_101(msg, context):
         return _echo(0.0 if context.node_id == 101 else 0.01)(msg, context)
 
     with_zero = DPFedAvg(**settings)
     released_zero, _ = _one_round(with_zero, InProcessGrid(zero_on_101, num_nodes=3))
-    assert _metrics(with_zero)["clients-accepted"] == 3
+    assert with_zero.server_counts[1]["accepted"] == 3
     np.testing.assert_array_equal(released_nan, released_zero)  # same seed, same noise
 
 
