@@ -49,7 +49,10 @@ def main() -> None:
     )
     flooded = [accuracy(decrypt_arrays(encrypted.to_record(), secret)) for _ in range(args.draws)]
     exact_accuracy = accuracy(exact)
-    std = flooding_std(encoder.poly_modulus_degree, encoder.scale) / encrypted.weight
+    std = (
+        flooding_std(encoder.poly_modulus_degree, encoder.scale, encrypted.num_values)
+        / encrypted.weight
+    )
     print(
         json.dumps(
             {
