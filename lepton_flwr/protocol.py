@@ -13,6 +13,7 @@ CLIPPING_NORM = KEY_CLIPPING_NORM  # C, the bound on the update's L2 norm (Flowe
 NOISE_SHARE_STD = "dp-noise-share-std"  # HE + DP: std of one client's Gaussian noise share
 UPDATE_SCALE = "dp-update-scale"  # HE + DP: 1/d, the fixed denominator of the mean
 SHARE_BOUND = "dp-share-bound"  # HE + DP: public bound B = (C + 10 σ) / d; shares clamp to ±B
+# (HE + DP: σ, B and 1/d depend on N, q, z, C and the run's settings only, never on s or r)
 WEIGHTED_BY = "he-weighted-by"  # HE: the reply metric clients weight their update by
 WEIGHT_SCALE = "he-weight-scale"  # HE: clients encrypt (count / scale) * update
 VALUE_BOUND = "he-value-bound"  # HE: public bound b; clients clamp their values to ±b
@@ -58,12 +59,14 @@ HE_MANIFEST = "lepton-he-manifest"  # HE: the model's layout, from the first pla
 EPSILON = "epsilon"  # ε spent so far, at DELTA
 DELTA = "delta"
 NOISE_MULTIPLIER = "noise-multiplier"  # z planned for the round
-NOISE_MULTIPLIER_PRESENT = "noise-multiplier-present"  # HE + DP: z the reporters carried
-NOISE_STD_PRESENT = "noise-std-present"  # HE + DP: std of the noise on the released mean
+# HE + DP no longer releases these two nor CLIENTS_REPORTED (issue 19 item 2: the counts
+# stay on the server, ``HEDPFedAvg.server_counts``); kept for readers of older metrics.
+NOISE_MULTIPLIER_PRESENT = "noise-multiplier-present"  # (old HE + DP) z the reporters carried
+NOISE_STD_PRESENT = "noise-std-present"  # (old HE + DP) std of the noise on the released mean
 CLIP_NORM = "clip-norm"  # C used in the round (adaptive clipping changes it)
 CLIENTS_SAMPLED = "clients-sampled"
 CLIENTS_ACCEPTED = "clients-accepted"  # DP-FedAvg: updates in the sum
-CLIENTS_REPORTED = "clients-reported"  # HE + DP: shares in the sum
+CLIENTS_REPORTED = "clients-reported"  # (old HE + DP) shares in the sum
 
 PRIVACY_METRICS = (
     EPSILON,

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO_ROOT
 
+from lepton_flwr.dp.accounting import ClientLevelAccountant
+
 SMOKE = "+experiment=digits_smoke"  # 2 rounds x 3 clients, logistic regression on digits
 
 
@@ -162,9 +164,13 @@ def test_flwr_run_completes_a_short_run(tmp_path):
         log = proc.stdout + proc.stderr
         assert proc.returncode == 0, log[-4000:]
         rows = _assert_finished_run(out, rounds=2, model="model.ckks.zip")
-        assert [r["clients_reported"] for r in rows] == [3, 3]
         assert 0 < rows[0]["epsilon"] < rows[1]["epsilon"]
-        assert rows[0]["noise_multiplier_present"] == pytest.approx(0.5)
+        # Counts and the noise present are not released (issue 19 item 2): every round
+        # is accounted at z.
+        assert not {"clients_reported", "noise_multiplier_present"} & set(rows[0])
+        accountant = ClientLevelAccountant("rdp", "fixed", 3)
+        accountant.compose(0.5, 1.0)
+        assert rows[0]["epsilon"] == pytest.approx(accountant.epsilon(1e-3), rel=1e-9)
     finally:
         # `flwr run` leaves its detached SuperLink running: stop the one we started.
         _stop_processes(f"flower-superlink.*--port {http_port}")

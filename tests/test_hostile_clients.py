@@ -383,10 +383,11 @@ def test_he_dp_finds_the_culprit_and_accounts_every_model_clients_decrypted(keys
     nodes = 4
     culprit = Culprit(102, _share(keys, lambda bound: 5e4))
     grid = InProcessGrid(_app([culprit, make_he_dp_mod(keys[0], workers=1)]), nodes)
-    result = _he_dp(keys, nodes).start(grid, _start(), num_rounds=9)
+    strategy = _he_dp(keys, nodes)
+    result = strategy.start(grid, _start(), num_rounds=9)
     assert "Node 102 is excluded from training" in caplog.text
     rounds = result.train_metrics_clientapp
-    refusing = [r for r in rounds if rounds[r]["clients-reported"] == 0]
+    refusing = [r for r in rounds if strategy.server_counts[r]["reported"] == 0]
     assert 1 <= len(refusing) <= 1 + math.ceil(math.log2(nodes))
     for r in range(2, 10):  # ε grows exactly in the rounds that released a model
         grew = rounds[r]["epsilon"] > rounds[r - 1]["epsilon"]

@@ -106,12 +106,15 @@ def test_he_mod_without_dp_share_mod_sends_nothing_under_he_dp(keys, caplog):
     """Issue 10, item 1: he_mod alone with HEDPFedAvg used to pass as DP; now nothing is sent."""
     caplog.set_level(logging.WARNING, logger="flwr")
     grid = InProcessGrid(_app([make_he_mod(keys[0], workers=1)]), NODES)
-    result = _no_model(lambda: _he_dp(keys).start(grid, _start(), num_rounds=1))
+    strategy = _he_dp(keys)
+    result = _no_model(lambda: strategy.start(grid, _start(), num_rounds=1))
     errors = [r.error.reason for r in grid.received if r.has_error()]
     assert len(errors) == NODES
     assert all("no dp_share_mod ran" in e and "he_dp_mod" in e for e in errors)
-    metrics = result.train_metrics_clientapp[1]
-    assert metrics["clients-reported"] == 0 and metrics["epsilon"] == 0.0
+    assert strategy.server_counts[1]["reported"] == 0
+    # Withheld for its count, and accounted as a release: how many shares were valid
+    # must not show in ε (issue 19 item 2).
+    assert result.train_metrics_clientapp[1]["epsilon"] > 0
     assert "nothing released" in caplog.text
 
 
@@ -128,10 +131,11 @@ def test_he_dp_server_refuses_an_encrypted_reply_that_is_not_a_dp_share(keys, ca
         return call_next(msg, context)
 
     grid = InProcessGrid(_app([hide_noise_request, make_he_mod(keys[0], workers=1)]), NODES)
-    result = _no_model(lambda: _he_dp(keys).start(grid, _start(), num_rounds=1))
+    strategy = _he_dp(keys)
+    _no_model(lambda: strategy.start(grid, _start(), num_rounds=1))
     assert caplog.text.count("not a DP share") == NODES
     assert "rejected the reply of node 100" in caplog.text
-    assert result.train_metrics_clientapp[1]["clients-reported"] == 0
+    assert strategy.server_counts[1]["reported"] == 0
 
 
 def test_mods_in_the_wrong_order_say_where_they_belong(keys):
@@ -173,9 +177,10 @@ def test_min_train_nodes_is_honoured_not_a_type_error(keys, caplog):
         return call_next(msg, context)
 
     grid = InProcessGrid(_app([fail_two, he_dp_mod_for(keys)]), NODES)
-    result = _no_model(lambda: _he_dp(keys, min_train_nodes=2).start(grid, _start(), 1))
-    assert result.train_metrics_clientapp[1]["clients-reported"] == 1
-    assert "nothing released" in caplog.text and result.train_metrics_clientapp[1]["epsilon"] == 0
+    strategy = _he_dp(keys, min_train_nodes=2)
+    result = _no_model(lambda: strategy.start(grid, _start(), 1))
+    assert strategy.server_counts[1]["reported"] == 1
+    assert "nothing released" in caplog.text and result.train_metrics_clientapp[1]["epsilon"] > 0
 
 
 def he_dp_mod_for(keys):
@@ -184,24 +189,25 @@ def he_dp_mod_for(keys):
 
 def test_dp_fedavg_clips_client_updates_again_and_flowers_mod_works_in_place_of_ours(caplog):
     caplog.set_level(logging.WARNING, logger="flwr")
-    unclipped = _dp(clipping_side="client", clip_norm=0.01).start(
-        InProcessGrid(_app(shift=1.0), NODES), _start(), num_rounds=1
-    )
+    strategy = _dp(clipping_side="client", clip_norm=0.01)
+    strategy.start(InProcessGrid(_app(shift=1.0), NODES), _start(), num_rounds=1)
     # Clipped again on the server, never rejected (issue 19): whether an update was above
-    # C must not change clients-accepted, nor show in the log.
-    assert unclipped.train_metrics_clientapp[1]["clients-accepted"] == NODES
+    # C must not change the count of accepted updates, nor show in the log.
+    assert strategy.server_counts[1]["accepted"] == NODES
     assert "rejected" not in caplog.text
     for mod in (dp_clip_mod, fixedclipping_mod):  # ours and Flower's read the same key
         grid = InProcessGrid(_app(train_mods=[mod], shift=1.0), NODES)
-        result = _dp(clipping_side="client", clip_norm=0.01).start(grid, _start(), num_rounds=1)
-        assert result.train_metrics_clientapp[1]["clients-accepted"] == NODES
+        strategy = _dp(clipping_side="client", clip_norm=0.01)
+        strategy.start(grid, _start(), num_rounds=1)
+        assert strategy.server_counts[1]["accepted"] == NODES
 
 
 def test_dp_fedavg_refuses_encrypted_replies_with_a_hint(keys, caplog):
     caplog.set_level(logging.WARNING, logger="flwr")
     grid = InProcessGrid(_app([make_he_mod(keys[0], workers=1)]), NODES)
-    result = _dp().start(grid, _start(), num_rounds=1)
-    assert result.train_metrics_clientapp[1]["clients-accepted"] == 0
+    strategy = _dp()
+    strategy.start(grid, _start(), num_rounds=1)
+    assert strategy.server_counts[1]["accepted"] == 0
     # The clients' he_mod refuses first: no public bound, so the update is never encrypted
     # with its real largest value in the header (issue 18).
     assert "does not come from HEFedAvg" in caplog.text and "HEDPFedAvg" in caplog.text
@@ -241,7 +247,9 @@ def test_result_carries_epsilon_and_only_the_metrics_epsilon_covers(keys, varian
     epsilons = [result.train_metrics_clientapp[r]["epsilon"] for r in (1, 2, 3)]
     assert 0 < epsilons[0] < epsilons[1] < epsilons[2] == pytest.approx(strategy.epsilon())
     last = result.train_metrics_clientapp[3]
-    assert last["delta"] == 1e-3 and last["clients-sampled"] == NODES
+    assert last["delta"] == 1e-3
+    # No count of clients is released (issue 19 item 2): it stays with the server.
+    assert not {"clients-sampled", "clients-accepted", "clients-reported"} & set(last)
     # The clients' own metrics are un-noised: released only when the user asks (issue 10,
     # item 7: kept, no NaN; issue 11, bug 4: outside ε, so not by default).
     assert ("my-loss" in last) == (variant == "dp_with_client_metrics")
@@ -265,11 +273,13 @@ def test_budget_stop_returns_a_result_and_is_flowers_exception(keys):
 def test_record_keys_of_fedavg_are_honoured(keys):
     """arrayrecord_key: the strategy sends and reads the model under the user's key."""
     grid = InProcessGrid(_app(array_key="weights"), NODES)
-    result = _dp(arrayrecord_key="weights").start(grid, _start(), num_rounds=1)
-    assert result.train_metrics_clientapp[1]["clients-accepted"] == NODES
+    strategy = _dp(arrayrecord_key="weights")
+    strategy.start(grid, _start(), num_rounds=1)
+    assert strategy.server_counts[1]["accepted"] == NODES
     grid = InProcessGrid(_app([he_dp_mod_for(keys)], array_key="weights"), NODES)
-    result = _he_dp(keys, arrayrecord_key="weights").start(grid, _start(), num_rounds=1)
-    assert result.train_metrics_clientapp[1]["clients-reported"] == NODES
+    strategy = _he_dp(keys, arrayrecord_key="weights")
+    strategy.start(grid, _start(), num_rounds=1)
+    assert strategy.server_counts[1]["reported"] == NODES
 
 
 # ---- keys reach the clients ---------------------------------------------------------------
@@ -326,8 +336,9 @@ def test_decrypt_and_save_helpers_round_trip(keys, tmp_path):
 def test_one_mod_for_he_dp_fixes_the_order(keys):
     assert he_dp_mod is not None
     grid = InProcessGrid(_app([he_dp_mod_for(keys)]), NODES)
-    result = _he_dp(keys).start(grid, _start(), num_rounds=2)
-    assert result.train_metrics_clientapp[2]["clients-reported"] == NODES
+    strategy = _he_dp(keys)
+    strategy.start(grid, _start(), num_rounds=2)
+    assert strategy.server_counts[2]["reported"] == NODES
 
 
 # ---- Flower's privacy API -----------------------------------------------------------------
@@ -492,10 +503,11 @@ def test_he_dp_server_refuses_a_share_whose_header_declares_another_bound(keys, 
     """The header's bound must be the public one the server announced, not the client's."""
     caplog.set_level(logging.WARNING, logger="flwr")
     mods = [_tampered_reply("max_abs", 1e-3), he_dp_mod_for(keys)]
-    result = _he_dp(keys).start(InProcessGrid(_app(mods), NODES), _start(), num_rounds=1)
+    strategy = _he_dp(keys)
+    strategy.start(InProcessGrid(_app(mods), NODES), _start(), num_rounds=1)
     assert "rejected the reply of node 101" in caplog.text
     assert "not the public bound" in caplog.text
-    assert result.train_metrics_clientapp[1]["clients-reported"] == NODES - 1
+    assert strategy.server_counts[1]["reported"] == NODES - 1
 
 
 def test_dp_share_mod_clamps_every_value_to_the_announced_bound():

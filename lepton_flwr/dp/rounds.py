@@ -13,6 +13,7 @@ from logging import INFO, WARNING
 import numpy as np
 from flwr.common.logger import log
 from flwr.serverapp import Grid
+from scipy import stats
 
 from lepton_flwr import protocol
 from lepton_flwr.dp.accounting import (
@@ -251,6 +252,56 @@ class DPRounds:
         if self.sampling == "poisson":
             return poisson_sample(node_ids, self.sample_rate, self.rng)
         return fixed_size_sample(node_ids, self.sample_size, self.rng)
+
+    def most_sampled(self, tail_probability: float) -> int:
+        """The fewest clients r_max with P(|S| > r_max) <= ``tail_probability`` this round.
+
+        A function of N, q and the sampling only (public): Poisson sampling draws |S| from
+        Binomial(N, q); fixed-size sampling always draws m.
+        """
+        if self.sampling != "poisson":
+            return self.sample_size
+        most = int(stats.binom.isf(tail_probability, self.population, self.sample_rate))
+        most = min(max(most, 0), self.population)
+        # isf works in floating point: settle the smallest count exactly by its survival.
+        while most < self.population and self._more_than(most) > tail_probability:
+            most += 1
+        while most > 0 and self._more_than(most - 1) <= tail_probability:
+            most -= 1
+        return most
+
+    def _more_than(self, count: int) -> float:
+        return float(stats.binom.sf(count, self.population, self.sample_rate))
+
+    def withholding_probability(self, most: int, fewest: int, dropout_rate: float) -> float:
+        """An upper bound on P(a round is withheld for its counts), this round's N.
+
+        Withheld: more than ``most`` clients sampled, or fewer than ``fewest`` of them
+        report, each sampled client dropping out with probability ``dropout_rate``
+        independently of the data (so the reporters are Binomial(N, q(1 − rate)), or
+        Binomial(m, 1 − rate) for fixed-size sampling). The union bound of the two.
+        """
+        if self.sampling == "poisson":
+            too_many = self._more_than(most)
+            reporters = (self.population, self.sample_rate * (1 - dropout_rate))
+        else:
+            too_many = 0.0 if self.sample_size <= most else 1.0
+            reporters = (self.sample_size, 1 - dropout_rate)
+        too_few = float(stats.binom.cdf(fewest - 1, *reporters)) if fewest > 0 else 0.0
+        return min(1.0, too_many + too_few)
+
+    def planned_epsilon(self) -> float | None:
+        """ε after ``num_rounds`` releases at z, or the budget; None if neither is known."""
+        if self.num_rounds is not None and self.noise_multiplier is not None and self.population:
+            fresh = ClientLevelAccountant(self.accountant_name, self.sampling, self.population)
+            return fresh.epsilon_after(
+                self.noise_multiplier,
+                self.round_rate,
+                self.delta,
+                rounds=self.num_rounds,
+                population=self.population,
+            )
+        return self.max_epsilon
 
     def gaussian(self, shape: tuple[int, ...] | int, std: float) -> np.ndarray:
         """Noise for a release: from the OS's secure randomness, or the seed (tests)."""
