@@ -45,8 +45,9 @@ def test_dpsgd_epsilon_survives_a_supernode_restart_with_a_state_dir(tmp_path):
     assert not second.has_error(), second.error.reason
     eps = [r.content["metrics"]["client-epsilon"] for r in (first, second)]
     assert eps[1] > eps[0] * 1.2  # continued, not restarted at zero
-    files = list((tmp_path / "state").iterdir())
-    assert len(files) == 1 and oct(files[0].stat().st_mode)[-3:] == "600"
+    files = sorted((tmp_path / "state").iterdir())  # the history and the node's lock on it
+    assert [f.name for f in files] == ["dpsgd-flower-1-partition-0.json", "dpsgd-partition-0.lock"]
+    assert all(oct(f.stat().st_mode)[-3:] == "600" for f in files)
     # Without a state dir the restart would have started over: the same ε as round 1.
     fresh = app(_message(first.content["arrays"], 2), _context({}))
     assert fresh.content["metrics"]["client-epsilon"] == pytest.approx(eps[0])

@@ -26,12 +26,7 @@ from lepton_flwr.dp.dpsgd import (
     epsilon_after_round,
     train_dpsgd,
 )
-from lepton_flwr.dp.floor import (
-    BelowPrivacyFloorError,
-    check_dpsgd_request,
-    node_setting,
-    require_dpsgd,
-)
+from lepton_flwr.dp.floor import BelowPrivacyFloorError, check_dpsgd_request, require_dpsgd
 from lepton_flwr.models import evaluate, resolve_device, train
 from lepton_flwr.mods.common import is_train
 
@@ -152,42 +147,48 @@ def _train_dpsgd(
 ) -> tuple[float, dict]:
     """DP-SGD for this round, continuing the node's accountant (``dp.client_state``).
 
-    The run is the one the server names (its id survives a resume). The node's privacy
-    floor is checked, before any training, against the ε the node would reach over
-    every run it keeps a history of; the reply's ``client-epsilon`` is this run's.
+    The node's history is kept by node and data (its ``state-dir`` and partition), not by
+    run: the reply's ``client-epsilon`` and the node's privacy floor, checked before any
+    training, are both the ε of the node's data over every run it keeps a history of,
+    this round included. The node's lock on that data is held from reading the
+    histories to saving the new one.
     """
     privacy = cfg["privacy"]
     node_delta = require_dpsgd(context.node_config, privacy)  # default deny, the node's δ
     histories = DPSGDHistory(context, train_config, state_dir)
-    history = histories.this_run()
-    budget = node_setting(context.node_config, protocol.DPSGD_MAX_EPSILON)
-    others = histories.other_runs() if budget is not None else []
-    z = dpsgd_noise_multiplier(
-        privacy, len(data.y_train), options["batch_size"], cfg["num_rounds"] * options["epochs"]
-    )
-    if node_delta is not None:  # the node's floor, before training
-        # RDP: a proven upper bound, quick at any z; the server chooses the run's accountant,
-        # and Opacus' PRV took minutes for an extreme z.
-        predicted = epsilon_after_round(
-            others + history,
-            z,
+    with histories.locked():
+        history = histories.this_run()
+        others = histories.other_runs()
+        z = dpsgd_noise_multiplier(
+            privacy,
             len(data.y_train),
             options["batch_size"],
-            options["epochs"],
-            node_delta,
-            "rdp",
+            cfg["num_rounds"] * options["epochs"],
         )
-        check_dpsgd_request(context.node_config, z, predicted)
-    loss, epsilon, history = train_dpsgd(
-        model,
-        data.x_train,
-        data.y_train,
-        noise_multiplier=z,
-        history=history,
-        **dpsgd_settings(privacy),
-        **options,
-    )
-    histories.save(history)
+        if node_delta is not None:  # the node's floor, before training
+            # RDP: a proven upper bound, quick at any z; the server chooses the run's
+            # accountant, and Opacus' PRV took minutes for an extreme z.
+            predicted = epsilon_after_round(
+                others + history,
+                z,
+                len(data.y_train),
+                options["batch_size"],
+                options["epochs"],
+                node_delta,
+                "rdp",
+            )
+            check_dpsgd_request(context.node_config, z, predicted)
+        loss, epsilon, history = train_dpsgd(
+            model,
+            data.x_train,
+            data.y_train,
+            noise_multiplier=z,
+            history=history,
+            earlier=others,
+            **dpsgd_settings(privacy),
+            **options,
+        )
+        histories.save(history)
     return loss, {protocol.CLIENT_EPSILON: epsilon, protocol.DPSGD_NOISE_MULTIPLIER: z}
 
 

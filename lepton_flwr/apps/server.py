@@ -17,6 +17,7 @@ from lepton_flwr.apps.recording import RecordingGrid, RoundRows, timed_evaluatio
 from lepton_flwr.config import ConfigError
 from lepton_flwr.data import load_dataset
 from lepton_flwr.dp.accounting import NEIGHBOURING
+from lepton_flwr.dp.dpsgd import DPSGD_NEIGHBOURING
 from lepton_flwr.he.keyholder import keyholder_evaluate_fn, save_encrypted_arrays
 from lepton_flwr.he.records import is_encrypted
 from lepton_flwr.models import evaluate, resolve_device
@@ -42,7 +43,7 @@ def guarantee(cfg: dict) -> dict[str, str]:
     if privacy["name"] == "dpsgd":
         return {
             "epsilon_unit": "example (client_epsilon: each client's own data)",
-            "epsilon_neighbouring": "add or remove one example (Poisson batches)",
+            "epsilon_neighbouring": DPSGD_NEIGHBOURING,
         }
     return {}
 

@@ -1,33 +1,52 @@
-"""A node's DP-SGD accountant histories, kept where a restart or a resume does not lose them.
+"""A node's DP-SGD accountant histories, kept by node and data, not by run.
+
+The ε a node reports (``client-epsilon``) and the ε its budget (``dpsgd-max-epsilon``)
+bounds are the same quantity: the ε of the node's data over every run it keeps a history
+of, this round included. The node's data is named by what the node itself configures and
+the server cannot change: its ``state-dir`` and its ``partition-id``. A server that
+starts a new run, resumes one, or names a fresh run id every round continues the node's
+ε; it cannot reset it.
 
 In a deployment every message runs a fresh ClientApp process; only ``context.state``
 survives between rounds, and it lives in the SuperNode's memory and belongs to one Flower
-run: a restarted SuperNode, or a resumed run (which Flower numbers as a new run), would
-start the node's ε at zero. With ``state-dir`` in the node config, each run's history is
-also written (atomically, mode 600, never through a link) to
-``<state-dir>/dpsgd-<run>-partition-<p>.json`` after every round and read back when
-``context.state`` has none.
+run. With ``state-dir`` in the node config, each run's history is also written
+(atomically, mode 600, never through a link) to
+``<state-dir>/dpsgd-<run>-partition-<p>.json`` after every round, and every such file of
+the partition counts. One file per run: two runs on the same node never write the same
+file. A lock (``<state-dir>/dpsgd-partition-<p>.lock``) is held from reading the histories
+to saving the new one, so that two runs at once on the node cannot both pass its budget
+on the same past; with a folder the state file, not ``context.state``, holds the run's
+history (a second Flower run sent the same run id continues it, never overwrites it).
 
 Runs are named by the id the server's strategy sends in the train config (``lepton-run-id``,
 kept across resumes: :class:`~lepton_flwr.strategies.round_loop.FlowerLoop`), else by
-Flower's run id. The server also says after which round a run resumed
-(``lepton-resumed-after``): a node without ``state-dir`` cannot know what it spent before
-the resume, so it refuses to train in a resumed run rather than restart its ε.
+Flower's run id. The run only names the file a run appends to. The server also says after
+which round a run resumed (``lepton-resumed-after``): a node without ``state-dir`` cannot
+know what it spent before the resume, so it refuses to train in a resumed run rather than
+restart its ε.
 
-The node's own budget (``dpsgd-max-epsilon``) counts **every** history the node keeps
-(every run in its ``state-dir`` for this partition, and in ``context.state``), not just the
-run the server names: a server that sends a fresh run id every round cannot reset it.
+A simulated node (the simulation runner's, without a ``state-dir`` of its own) keeps its
+histories in the run folder's ``client-state/``: a resumed simulation continues them, a
+new simulation (a new run folder) starts its nodes afresh.
+
 Every entry read is checked (a NaN noise multiplier made Opacus' accountant loop for
-ever); a state file that is a link, unreadable or malformed makes the node refuse to train.
+ever); a state file that is a link, unreadable or malformed makes the node refuse to
+train, and the node's log names the file and the field.
 
 Not covered: a state file deleted by hand looks like a run the node never trained in;
-without ``state-dir`` a server that starts a new Flower run starts the node's count afresh.
+without ``state-dir`` the node's histories live in ``context.state``, which belongs to one
+Flower run: its ε and its budget then cover that run only, and a server that starts a new
+Flower run starts the node's count afresh.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from logging import ERROR
 from pathlib import Path
 
@@ -36,9 +55,10 @@ from flwr.common.logger import log
 
 from lepton_flwr import protocol
 from lepton_flwr.dp.rounds import checked_history
-from lepton_flwr.files import read_file, write_atomically
+from lepton_flwr.files import open_regular, read_file, write_atomically
 
 RUN_ID = re.compile(r"[0-9a-f]{32}")
+_RUN_NAME = re.compile(r"[0-9a-f]{32}|flower-[0-9]{1,20}")  # what ``run`` may be in a file
 MAX_STATE_FILE_BYTES = 1 << 20  # a history is a few entries per run
 MAX_STATE_FILES = 10_000  # files read for the node's budget
 
@@ -57,7 +77,7 @@ def _refuse(reason: str, detail: str = "") -> LostHistoryError:
 
 
 class DPSGDHistory:
-    """One node's DP-SGD histories: the current run's and every other one it keeps.
+    """One node's DP-SGD histories on its data: the current run's and every other one it keeps.
 
     Parameters
     ----------
@@ -111,44 +131,73 @@ class DPSGDHistory:
             reason = "the DP-SGD history in the node's state cannot be read"
             raise _refuse(reason, str(err)) from err
 
-    def _read(self, path: Path, run: str | None) -> tuple[str, list[tuple]]:
-        """A state file's run and history, checked (``run``: the one it must be)."""
+    def _read(self, path: Path) -> tuple[str, list[tuple]]:
+        """A state file's run (the one its name says) and history, checked."""
+        run = path.name.removeprefix("dpsgd-").removesuffix(f"-partition-{self.partition}.json")
         try:
+            if not _RUN_NAME.fullmatch(run):
+                raise ValueError("its name holds no run id")
             saved = json.loads(read_file(path, MAX_STATE_FILE_BYTES))
             if not isinstance(saved, dict):
-                raise ValueError("it is not an object")
-            if saved.get("partition") != self.partition or (
-                run is not None and saved.get("run") != run
-            ):
-                raise ValueError("it belongs to another run or partition")
-            if not isinstance(saved.get("run"), str):
-                raise ValueError("it names no run")
-            return saved["run"], checked_history(saved.get("history"))
+                raise ValueError("it is not a JSON object")
+            if saved.get("partition") != self.partition:
+                shown = str(saved.get("partition"))[:40]
+                raise ValueError(f"field 'partition' is {shown}, not this node's {self.partition}")
+            if saved.get("run") != run:
+                shown = str(saved.get("run"))[:40]
+                raise ValueError(f"field 'run' is {shown}, not {run} as its name says")
+            try:
+                return saved["run"], checked_history(saved.get("history"))
+            except ValueError as err:
+                raise ValueError(f"field 'history': {err}") from err
         except (OSError, ValueError, RecursionError) as err:
             reason = "a DP-SGD history in the node's state-dir cannot be read"
             raise _refuse(reason, f"{path}: {err}") from err
 
-    def this_run(self) -> list[tuple]:
-        """The current run's history: ``context.state``, else the node's state file."""
-        cached = self._cached()
-        if self.run in cached:
-            return cached[self.run]
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the node's lock on this data's histories (a no-op without a folder).
+
+        Raises
+        ------
+        LostHistoryError
+            If the lock file is a link or not a regular file, or cannot be made.
+        """
         if self.folder is None:
-            return []
-        path = self._file(self.run)
-        if not path.exists() and not path.is_symlink():
-            return []
-        return self._read(path, self.run)[1]
+            yield
+            return
+        path = self.folder / f"dpsgd-partition-{self.partition}.lock"
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd = open_regular(path, os.O_WRONLY | os.O_CREAT, 0o600)
+        except (OSError, ValueError) as err:
+            raise _refuse("the node's DP-SGD lock cannot be taken", f"{path}: {err}") from err
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def this_run(self) -> list[tuple]:
+        """The current run's history: the node's state file, else ``context.state``."""
+        if self.folder is not None:
+            path = self._file(self.run)
+            if path.exists() or path.is_symlink():
+                return self._read(path)[1]
+        return self._cached().get(self.run, [])
 
     def other_runs(self) -> list[tuple]:
-        """Every other run's history this node keeps, one after the other (its budget)."""
+        """Every other run's history on this data, one after the other.
+
+        Counted in the ε the node reports and in its budget.
+        """
         runs = {run: h for run, h in self._cached().items() if run != self.run}
         if self.folder is not None and self.folder.is_dir():
             paths = sorted(self.folder.glob(f"dpsgd-*-partition-{self.partition}.json"))
             if len(paths) > MAX_STATE_FILES:
                 raise _refuse("the node's state-dir holds too many DP-SGD histories")
             for path in paths:
-                run, history = self._read(path, None)
+                run, history = self._read(path)
                 if run != self.run:
                     runs[run] = history
         return [entry for history in runs.values() for entry in history]

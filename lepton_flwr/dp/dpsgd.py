@@ -3,25 +3,43 @@
 Each round a client trains with Opacus (per-sample clipping, Gaussian noise, Poisson
 batches). The client's accountant history is kept between rounds (``context.state``,
 and a state file with ``state-dir``: :mod:`lepton_flwr.dp.client_state`), so the ε it
-reports covers every step it took in the run.
+reports covers every step it took on its data.
+
+Neighbouring datasets (:data:`DPSGD_NEIGHBOURING`) differ in one example being replaced
+by a null example, one whose gradient is zero: the number of examples N is the same in
+both. Everything a client releases besides its noisy weights is a function of N and the
+run's public settings (``num-examples``, the HE header's weight, the ``ceil(N / B)``
+Poisson steps, ``client-epsilon``, ``dpsgd-noise-multiplier``), so it is the same on both
+datasets, and Opacus' analysis of the Poisson-sampled Gaussian mechanism (written for
+adding or removing an example) holds as it is: a null example adds nothing to any batch's
+clipped sum. Adding or removing an example is *not* covered: it changes ``num-examples``,
+which leaves the client in the clear.
 """
 
 from __future__ import annotations
 
-import secrets
+import os
 import warnings
-from logging import WARNING
+from collections.abc import Iterator
+from logging import INFO, WARNING
 
 import numpy as np
 import torch
 from flwr.common.logger import log
 from torch import nn
+from torch.utils.data import DataLoader, Sampler
 
 from lepton_flwr.dp.accounting import PrivacyConfigError, check_delta
+from lepton_flwr.dp.noise import secure_gaussian
 from lepton_flwr.dp.quiet_opacus import import_opacus
 from lepton_flwr.models.training import learning_part, loss_fn, prepare_sgd, run_epochs
 
 MODES = ("ghost", "hooks", "functorch", "ew")
+DPSGD_NEIGHBOURING = (
+    "zero-out one example (replaced by a null example whose gradient is zero; "
+    "the client's example count and its Poisson steps public)"
+)
+"""The neighbouring relation of every DP-SGD ε (``summary.json``, the clients' logs)."""
 
 
 def poisson_schedule(num_examples: int, batch_size: int) -> tuple[float, int]:
@@ -104,18 +122,23 @@ def train_dpsgd(
     accountant: str = "rdp",
     mode: str = "ghost",
     history: list | None = None,
+    earlier: list | None = None,
     device: torch.device | str = "cpu",
     seed: int = 0,
     reproducible: bool = False,
 ) -> tuple[float, float, list]:
     """Train ``model`` in place with DP-SGD.
 
-    Opacus' noise and its Poisson batch sampling draw from torch generators seeded from
-    the operating system's secure randomness, never from ``seed``: anyone who knows the
-    run's config (the server does) could otherwise recompute both possible outputs for
-    neighbouring datasets and tell which one happened. ``reproducible=True`` draws both
-    from the global torch generator seeded with ``seed`` instead: for tests and debugging
-    only, the result is not private (a warning is logged).
+    The noise and the Poisson batches come from ``os.urandom``, never from ``seed`` nor
+    from a torch generator: the noise through :func:`lepton_flwr.dp.noise.secure_gaussian`
+    (drawn on the CPU, then moved to ``device``), each example's membership of a batch
+    from 53 random bits (:class:`OSPoissonSampler`). Anyone who knows the run's config
+    (the server does) could otherwise recompute both possible outputs for neighbouring
+    datasets and tell which one happened. Opacus' own ``secure_mode`` needs
+    ``torchcsprng``, which has no build for the torch this pack uses.
+    ``reproducible=True`` draws both from the global torch generator seeded with ``seed``
+    instead: for tests and debugging only, the result is not private (a warning is
+    logged).
 
     Every epoch takes the ``ceil(N / batch_size)`` steps of :func:`poisson_schedule`, and
     the accountant records each. A step whose Poisson batch is empty adds the noise to a
@@ -123,11 +146,14 @@ def train_dpsgd(
     assumes: skipping it would leave the weights unchanged, telling without noise that
     the batch was empty.
 
+    ``earlier``: the accountant histories of the node's other runs on the same data,
+    counted in the ε returned but not in the history returned.
+
     Returns
     -------
     tuple[float, float, list]
-        Mean training loss of the last epoch, ε spent so far (this call and the
-        ``history`` before it), and the accountant's new history to keep.
+        Mean training loss of the last epoch, ε spent so far (this call, the ``history``
+        before it and ``earlier``), and the accountant's new history to keep.
     """
     import_opacus()
     from opacus import PrivacyEngine
@@ -146,10 +172,11 @@ def train_dpsgd(
             "DP-SGD noise and batch sampling follow the run seed (reproducible=True): this "
             "run is NOT differentially private; use it for tests and debugging only",
         )
-    engine = PrivacyEngine(accountant=accountant)
-    engine.accountant.history = [tuple(h) for h in (history or [])]
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Opacus warns about secure RNG and hooks on every call
+        # Opacus warns that its secure_mode is off (see above) and about hooks on every call.
+        warnings.simplefilter("ignore")
+        engine = PrivacyEngine(accountant=accountant)
+        engine.accountant.history = [tuple(h) for h in (history or [])]
         made = engine.make_private(
             module=model,
             optimizer=optimizer,
@@ -159,21 +186,37 @@ def train_dpsgd(
             max_grad_norm=max_grad_norm,
             poisson_sampling=True,
             grad_sample_mode=mode,
-            noise_generator=None if reproducible else secure_torch_generator(device),
         )
     if mode == "ghost":
         private_model, optimizer, criterion, loader = made
     else:
         private_model, optimizer, loader = made
-    if not reproducible:  # Opacus samples batches with the global generator otherwise
-        loader.batch_sampler.generator = secure_torch_generator("cpu")
     # Opacus derives its number of batches from int(1 / rate) (92 for 93 batches), then
     # accounts at one over that and averages over int(N * that rate) (0 for N = 49 at
     # batch 1: infinite weights). Sampling, accounting and averaging follow the schedule.
     sample_rate, steps_per_epoch = poisson_schedule(len(y), batch_size)
-    loader.batch_sampler.sample_rate = sample_rate
-    loader.batch_sampler.steps = steps_per_epoch
+    if reproducible:  # Opacus' sampler, on the global generator that ``seed`` seeded
+        loader.batch_sampler.sample_rate = sample_rate
+        loader.batch_sampler.steps = steps_per_epoch
+    else:
+        sampler = OSPoissonSampler(len(y), sample_rate, steps_per_epoch)
+        loader = DataLoader(loader.dataset, batch_sampler=sampler, collate_fn=loader.collate_fn)
+        _add_noise_from_os(optimizer)
     optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
+    log(
+        INFO,
+        "dpsgd: noise multiplier %.4g, max_grad_norm %g, %d examples, Poisson rate %.4g, "
+        "%d steps per epoch, %d epochs; noise and batches from %s; ε at δ = %g under %s",
+        noise_multiplier,
+        max_grad_norm,
+        len(y),
+        sample_rate,
+        steps_per_epoch,
+        epochs,
+        "the seeded torch generator (not private)" if reproducible else "os.urandom",
+        delta,
+        DPSGD_NEIGHBOURING,
+    )
     optimizer.expected_batch_size = len(y) * sample_rate
     with warnings.catch_warnings():
         # Opacus repeats the same UserWarnings every step (backward hooks, RDP orders).
@@ -187,8 +230,17 @@ def train_dpsgd(
             device,
             empty_step=lambda: _noise_step(optimizer, ghost=mode == "ghost"),
         )
-        epsilon = float(engine.accountant.get_epsilon(delta))
+        epsilon = _epsilon(accountant, [*(earlier or []), *engine.accountant.history], delta)
     return epoch_loss, epsilon, [list(h) for h in engine.accountant.history]
+
+
+def _epsilon(accountant: str, history: list, delta: float) -> float:
+    """ε of an accountant ``history`` (entries ``(z, q, steps)``), by Opacus."""
+    from opacus.accountants import create_accountant
+
+    counted = create_accountant(accountant)
+    counted.history = [tuple(h) for h in history]
+    return float(counted.get_epsilon(delta))
 
 
 def epsilon_after_round(
@@ -206,15 +258,11 @@ def epsilon_after_round(
     takes and its accountant records, known before training.
     """
     import_opacus()
-    from opacus.accountants import create_accountant
-
     sample_rate, steps_per_epoch = poisson_schedule(num_examples, batch_size)
-    predicted = create_accountant(accountant)
-    predicted.history = [tuple(h) for h in history]
-    predicted.history.append((noise_multiplier, sample_rate, epochs * steps_per_epoch))
+    this_round = (noise_multiplier, sample_rate, epochs * steps_per_epoch)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        return float(predicted.get_epsilon(delta))
+        return _epsilon(accountant, [*history, this_round], delta)
 
 
 def _noise_step(optimizer, *, ghost: bool) -> None:
@@ -233,6 +281,39 @@ def _noise_step(optimizer, *, ghost: bool) -> None:
     optimizer.step()
 
 
-def secure_torch_generator(device: torch.device | str) -> torch.Generator:
-    """A torch generator on ``device`` seeded with 63 bits from the OS's secure randomness."""
-    return torch.Generator(device=device).manual_seed(secrets.randbits(63))
+class OSPoissonSampler(Sampler[list[int]]):
+    """Poisson batches from ``os.urandom``: each example in each batch with probability q.
+
+    Each example takes 53 random bits per step, a uniform u on the grid of 2⁻⁵³; it is in
+    the batch when u < q (the probability is q rounded up to that grid). ``steps`` batches
+    per pass, empty ones included.
+    """
+
+    def __init__(self, num_samples: int, sample_rate: float, steps: int):
+        self.num_samples, self.sample_rate, self.steps = num_samples, sample_rate, steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for _ in range(self.steps):
+            bits = np.frombuffer(os.urandom(8 * self.num_samples), dtype=np.uint64)
+            uniform = (bits >> np.uint64(11)).astype(np.float64) / 2.0**53
+            yield np.flatnonzero(uniform < self.sample_rate).tolist()
+
+
+def _add_noise_from_os(optimizer) -> None:
+    """Make Opacus' ``optimizer`` add noise from ``os.urandom`` (``secure_gaussian``).
+
+    Opacus' optimizers add N(0, (z C)²) to each parameter's clipped sum in ``add_noise``,
+    called by every step (an empty batch's included) before the mean and the accountant's
+    hook; this one draws that noise from the OS instead of a torch generator.
+    """
+
+    def add_noise() -> None:
+        std = optimizer.noise_multiplier * optimizer.max_grad_norm
+        for p in optimizer.params:
+            noise = secure_gaussian(tuple(p.summed_grad.shape), std)
+            p.grad = (p.summed_grad + torch.from_numpy(noise).to(p.summed_grad)).view_as(p)
+
+    optimizer.add_noise = add_noise
