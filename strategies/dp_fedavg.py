@@ -136,8 +136,11 @@ class DPFedAvg(FlowerLoop, FedAvg):
         warning says so); None: noise from ``os.urandom``, sampling from secret-seeded
         numpy.
     min_train_nodes : int (default: 0)
-        With fewer valid updates than this, the round releases nothing and is not
-        accounted (0: a round with no update still releases the noisy model).
+        With fewer valid updates than this, the round releases nothing (0: a round with
+        no update still releases the noisy model). Such a round is accounted all the
+        same, and its chance, from the sampling alone, adds (1 + e^ε)·p to δ
+        (:meth:`delta_addition`, logged at start; dropouts would add more and are not
+        modelled here).
     release_client_metrics : bool (default: False)
         Aggregate the clients' own training metrics (e.g. their mean loss) into each
         round's ``MetricRecord``. Off by default: those values come from the clients'
@@ -204,6 +207,7 @@ class DPFedAvg(FlowerLoop, FedAvg):
         self._keys: list[str] = []
         self._dtypes: list[str] = []
         self._sampled = 0
+        self._sized = False  # whether this process has logged the withholding figure
         # Per round: clients sampled and updates counted. Server-side only: releasing them
         # with the model is not covered by the accountant's Poisson analysis.
         self.server_counts: dict[int, dict[str, int]] = {}
@@ -238,6 +242,10 @@ class DPFedAvg(FlowerLoop, FedAvg):
         """ε spent so far."""
         return self.rounds.epsilon()
 
+    def delta_addition(self, epsilon: float | None = None) -> float:
+        """(1 + e^ε)·p: what rounds withheld for ``min_train_nodes`` add to δ (0 when it is 0)."""
+        return self.rounds.delta_addition(epsilon)
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
@@ -246,6 +254,11 @@ class DPFedAvg(FlowerLoop, FedAvg):
             server_round, wait_for_nodes(grid, self.min_available_nodes, self.node_wait_timeout)
         )
         self._sampled = len(sampled)
+        # Dropouts are not modelled here (no dropout rate): p counts the sampling alone.
+        self.rounds.withhold_at(
+            "DPFedAvg", self.rounds.population, self.min_train_nodes, 0.0, not self._sized
+        )
+        self._sized = True
         log(
             INFO,
             "DPFedAvg round %d: sampled %d of %d nodes (%s)",
@@ -359,13 +372,16 @@ class DPFedAvg(FlowerLoop, FedAvg):
         figures = {protocol.NOISE_MULTIPLIER: z, protocol.CLIP_NORM: clip_norm}
         self.server_counts[server_round] = {"sampled": self._sampled, "accepted": len(accepted)}
         if len(accepted) < self.min_train_nodes:
+            # Accounted all the same: the withholding analysis (DPRounds.withhold_at)
+            # compares the run with one that releases every round.
+            epsilon = rounds.record(z)
             log(
                 WARNING,
-                "DPFedAvg round %d: %d valid updates, fewer than min_train_nodes=%d; nothing "
-                "released, global model kept",
+                "DPFedAvg round %d: fewer valid updates than min_train_nodes=%d; nothing "
+                "released, global model kept; accounted as a release (epsilon=%.4f)",
                 server_round,
-                len(accepted),
                 self.min_train_nodes,
+                epsilon,
             )
             return None, MetricRecord({**rounds.privacy_metrics(), **figures})
         random_bytes = dp_grid.random_bytes_of(rounds.seeded, rounds.rng)

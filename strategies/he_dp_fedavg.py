@@ -21,10 +21,9 @@ from lepton_flwr.strategies.round_loop import FlowerLoop
 
 from lepton_flwr import protocol
 from lepton_flwr.dp.accounting import ClientLevelAccountant
-from lepton_flwr.dp.rounds import MAX_COUNT, DPRounds, check_same_settings, wait_for_nodes
+from lepton_flwr.dp.rounds import DPRounds, check_same_settings, wait_for_nodes
 from lepton_flwr.he.codec import CiphertextError
 from lepton_flwr.he.records import EncryptedModel
-from lepton_flwr.numbers import real
 
 NOISE_TAIL = 10.0  # shares are clamped to (C + NOISE_TAIL σ) / d: a 1.5e-23 event per value
 TAIL_PROBABILITY = 1e-10  # P(more than r_max clients sampled) in a round: it is withheld
@@ -215,7 +214,6 @@ class HEDPFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
         self._sized_for: int | None = None  # the N the figures above were computed for
         self._withheld: str | None = None  # why this round sends nothing
         self._sampled = 0
-        self.withholding_probability = 0.0  # Σ p_t over the rounds run (see the class doc)
         self.server_counts: dict[int, dict[str, int]] = {}  # server only: outside ε
 
     @property
@@ -248,7 +246,6 @@ class HEDPFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
         return {
             "rounds": self.rounds.state(),
             "settings": self._settings(),
-            "withholding_probability": self.withholding_probability,
             **self.last_good.state(),
         }
 
@@ -262,22 +259,21 @@ class HEDPFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
             or a value is malformed (naming it).
         """
         check_same_settings(state.get("settings"), self._settings())
-        withholding = real(state.get("withholding_probability"))
-        if withholding is None or not 0 <= withholding <= MAX_COUNT:
-            shown = str(state.get("withholding_probability"))[:40]
-            raise ValueError(f"withholding_probability {shown} is not a number >= 0")
         self.rounds.load_state(state.get("rounds"))
         self.last_good.load_state(state)
-        self.withholding_probability = withholding
 
     def epsilon(self) -> float:
         """ε spent so far."""
         return self.rounds.epsilon()
 
+    @property
+    def withholding_probability(self) -> float:
+        """Σ p_t over the rounds run: the chance that some round was withheld for its counts."""
+        return self.rounds.withheld_mass
+
     def delta_addition(self, epsilon: float | None = None) -> float:
         """(1 + e^ε)·p: what the withheld rounds add to δ (ε: spent so far by default)."""
-        epsilon = self.epsilon() if epsilon is None else epsilon
-        return self.withholding_probability * (1 + math.exp(min(epsilon, 700.0)))
+        return self.rounds.delta_addition(epsilon)
 
     def summary(self) -> None:
         """Log the strategy's settings."""
@@ -320,8 +316,6 @@ class HEDPFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
         per_round = self.rounds.withholding_probability(
             most, self.min_train_nodes, self.dropout_rate
         )
-        planned = self.rounds.planned_epsilon()
-        rounds = self.rounds.num_rounds
         log(
             INFO,
             "HEDPFedAvg from round %d: N=%d, r_max=%d, noise share std %.4g, share bound "
@@ -334,22 +328,6 @@ class HEDPFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
             self.round_bound,
             per_round,
         )
-        if planned is None or rounds is None:
-            return
-        addition = rounds * per_round * (1 + math.exp(min(planned, 700.0)))
-        log(
-            WARNING if addition > self.rounds.delta / 10 else INFO,
-            "HEDPFedAvg: withheld rounds add (1 + e^eps) x %.3g = %.3g to delta over %d "
-            "rounds at eps %.3g (delta=%g)%s",
-            rounds * per_round,
-            addition,
-            rounds,
-            planned,
-            self.rounds.delta,
-            ": NOT far below delta; raise q or N, or set min_train_nodes=0"
-            if addition > self.rounds.delta / 10
-            else "",
-        )
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -358,9 +336,10 @@ class HEDPFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
         sampled = self.rounds.start_round(
             server_round, wait_for_nodes(grid, self.min_available_nodes, self.node_wait_timeout)
         )
+        first = self._sized_for is None
         self._size_the_rounds(server_round)
-        self.withholding_probability += self.rounds.withholding_probability(
-            self._most, self.min_train_nodes, self.dropout_rate
+        self.rounds.withhold_at(
+            "HEDPFedAvg", self._most, self.min_train_nodes, self.dropout_rate, first
         )
         self._global = self.encrypted_sum.encrypted(arrays)
         if self._global.max_abs + self.round_bound > self.encrypted_sum.headroom:

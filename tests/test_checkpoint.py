@@ -177,7 +177,8 @@ def test_an_he_dp_run_resumes_with_the_same_epsilon_and_a_ciphertext_only_checkp
     with zipfile.ZipFile(path) as archive:
         assert all(secret[-4096:] not in archive.read(n) for n in archive.namelist())
         state = json.loads(archive.read("state.json"))["strategy_state"]
-    assert set(state["rounds"]) == {"settings", "noise_multiplier", "population", "rng", "history"}
+    rounds_keys = {"settings", "noise_multiplier", "population", "rng", "history", "withheld_mass"}
+    assert set(state["rounds"]) == rounds_keys
     # The fallback model (the last one clients accepted, sent in round 3) is kept, encrypted,
     # so that a refusal in the first resumed round still has a model to go back to.
     fallback = saved.state["last_good_model"]

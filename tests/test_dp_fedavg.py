@@ -196,6 +196,9 @@ def test_budget_stop_ends_training_and_keeps_results(tmp_path, caplog):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["epsilon_unit"] == "client"
     assert summary["epsilon_neighbouring"] == "replace one client"  # fixed-size sampling
+    # What ε covers, and what in the folder it does not (issue 19 item 2).
+    assert "clients_sampled" in summary["epsilon_covers"]
+    assert summary["delta_withheld"] == 0.0  # min_train_nodes 0: nothing is ever withheld
     assert "NOT private" in caplog.text  # privacy.seed=3: reproducible, and says so
 
 
@@ -314,3 +317,38 @@ def test_waiting_for_nodes_says_what_it_waits_for(caplog, monkeypatch):
     assert rounds.wait_for_nodes(ArrivingNodes(), 3, log_every=0.0) == [0, 1, 2]
     assert "waiting for 3 nodes to connect (1 so far)" in caplog.text
     assert "waiting for 3 nodes to connect (2 so far)" in caplog.text
+
+
+def test_a_round_withheld_for_min_train_nodes_is_accounted_and_adds_to_delta(caplog):
+    """Withholding shows that fewer than k updates counted, an event that moves with |S|:
+    the round is accounted as a release, and its chance (here P(Binomial(3, 0.5) < 2) = 1/2
+    per round) adds (1 + e^ε)·p to δ, logged loudly at start (issue 19 item 2)."""
+    caplog.set_level(logging.INFO, logger="flwr")
+    strategy = DPFedAvg(
+        noise_multiplier=1.0,
+        sample_rate=0.5,
+        delta=1e-3,
+        seed=3,
+        min_available_nodes=3,
+        min_train_nodes=4,  # more than the nodes: every round is withheld
+        num_rounds=2,
+    )
+    start = ArrayRecord({"w": Array(np.zeros(SIZE, dtype=np.float32))})
+    grid = InProcessGrid(_echo(shift=0.01), num_nodes=3)
+    messages = list(strategy.configure_train(1, start, ConfigRecord(), grid))
+    arrays, metrics = strategy.aggregate_train(1, grid.send_and_receive(messages))
+    assert arrays is None and metrics["epsilon"] > 0
+    assert strategy.accountant.history  # composed, though nothing was released
+    assert strategy.rounds.withheld_mass == pytest.approx(1.0)  # P(fewer than 4 of 3) = 1
+    epsilon = strategy.epsilon()
+    assert strategy.delta_addition() == pytest.approx(1 + np.exp(epsilon))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("NOT far below delta" in w for w in warnings)
+    assert any("accounted as a release" in w for w in warnings)
+
+
+def test_without_min_train_nodes_nothing_is_withheld_and_delta_is_unchanged():
+    strategy = DPFedAvg(noise_multiplier=1.0, sample_rate=0.5, delta=1e-3, seed=3)
+    grid = InProcessGrid(_echo(shift=0.01), num_nodes=3)
+    _one_round(strategy, grid)
+    assert strategy.rounds.withheld_mass == 0.0 and strategy.delta_addition() == 0.0

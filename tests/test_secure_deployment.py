@@ -89,6 +89,7 @@ def _a_node_killed_mid_round_leaves_the_others_to_finish(tmp_path, keys, process
     overrides = (
         "+experiment=digits_smoke model=logreg num_rounds=3 strategy=he_dp_fedavg "
         "privacy.sampling=fixed privacy.sample_rate=1.0 privacy.delta=1e-3 round_timeout=30 "
+        "strategy.min_train_nodes=1 "
         f"strategy.min_available_nodes=2 he.public_context_path={keys}/public.ctx "
         f"output_dir={out}"
     )

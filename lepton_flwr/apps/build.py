@@ -22,11 +22,11 @@ def _fedavg_arguments(strategy_cfg: dict, train_sampling: bool = True) -> dict:
     """Flower FedAvg's arguments from the ``strategy`` group.
 
     DP strategies sample training clients themselves (``privacy.sample_rate``):
-    ``train_sampling=False`` leaves out ``fraction_train`` and ``min_train_nodes``.
+    ``train_sampling=False`` leaves out ``fraction_train``.
     """
-    keys = ["fraction_evaluate", "min_evaluate_nodes", "min_available_nodes"]
+    keys = ["fraction_evaluate", "min_evaluate_nodes", "min_available_nodes", "min_train_nodes"]
     if train_sampling:
-        keys += ["fraction_train", "min_train_nodes"]
+        keys += ["fraction_train"]
     return {key: strategy_cfg[key] for key in keys} | {
         "train_metrics_aggr_fn": aggregate_train_metrics
     }

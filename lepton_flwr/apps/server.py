@@ -35,11 +35,23 @@ def default_output_dir(cfg: dict) -> Path:
     return Path("outputs") / f"{stamp}-{cfg['strategy']['name']}-{cfg['dataset']['name']}"
 
 
+# What a client-level ε is stated for, and what in the run folder it does not cover.
+EPSILON_COVERS = (
+    "whoever sees the released models and the epsilon/delta figures, not the server (it "
+    "samples); not covered: metrics.csv's clients_sampled, train_failures, bytes and seconds "
+    "columns and the server log, which show how many clients each round sampled"
+)
+
+
 def guarantee(cfg: dict) -> dict[str, str]:
     """What the run's ε means: the unit protected and the neighbouring relation."""
     privacy = cfg["privacy"]
     if privacy["name"] == "client_dp":
-        return {"epsilon_unit": "client", "epsilon_neighbouring": NEIGHBOURING[privacy["sampling"]]}
+        return {
+            "epsilon_unit": "client",
+            "epsilon_neighbouring": NEIGHBOURING[privacy["sampling"]],
+            "epsilon_covers": EPSILON_COVERS,
+        }
     if privacy["name"] == "dpsgd":
         return {
             "epsilon_unit": "example (client_epsilon: each client's own data)",
@@ -58,6 +70,13 @@ def epsilon_side_by_side(strategy, cfg: dict) -> dict[str, float]:
     return {
         f"epsilon_{name}": strategy.accountant.epsilon_by(name, delta) for name in ("rdp", "pld")
     }
+
+
+def withheld(strategy) -> dict[str, float]:
+    """What rounds withheld for their counts add to δ ((1 + e^ε)·p; 0 when none can be)."""
+    if not isinstance(strategy, DPFedAvg | HEDPFedAvg) or strategy.accountant is None:
+        return {}
+    return {"delta_withheld": strategy.delta_addition()}
 
 
 def run_server(grid: Grid, cfg: dict, keyholder_secret: str | Path | None = None) -> Path:
@@ -86,6 +105,8 @@ def run_server(grid: Grid, cfg: dict, keyholder_secret: str | Path | None = None
     recorder = RunRecorder(out_dir, cfg, resume_after)
     try:
         log(INFO, "[lepton] output folder: %s", recorder.out_dir)
+        if guarantee(cfg):
+            log(INFO, "[lepton] epsilon is stated for: %s", guarantee(cfg))
         data = load_dataset(cfg["dataset"], cfg["seed"])
         torch.manual_seed(cfg["seed"])
         model = model_for(cfg, data)
@@ -136,7 +157,7 @@ def run_server(grid: Grid, cfg: dict, keyholder_secret: str | Path | None = None
         recorder.plot()
         if failure is not None:
             raise failure  # no summary.json: the run did not finish
-        extra = guarantee(cfg) | epsilon_side_by_side(strategy, cfg)
+        extra = guarantee(cfg) | epsilon_side_by_side(strategy, cfg) | withheld(strategy)
         log(INFO, "[lepton] done: %s", recorder.write_summary(extra))
         log(INFO, "[lepton] metrics, plot and model in %s", recorder.out_dir)
     finally:

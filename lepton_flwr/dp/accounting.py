@@ -12,20 +12,21 @@ README, the logs and ``summary.json`` take it from):
   clipped update, its centred clip bit) are replaced by zero; the client stays in the
   population, so N and the denominator d = qN are the same in both runs. The analysis
   is that of the Poisson-subsampled Gaussian of sensitivity C and multiplier z, and it
-  covers the noisy sums *alone*. It does **not** cover releasing the sample size |S|
-  (``clients-sampled`` in the metrics, and HE + DP's noise-share std, which every
-  sampled client is told): given s = |S|, whether the client was sampled is correlated
-  with how many *other* clients were, and when the other updates point away from the
-  client's, the pair of outputs given s is worse than the Poisson pair at rate s/N
-  (so neither the nominal q nor the realised s/N gives an upper bound; issue 19 item 2,
-  open, checked in ``tests/test_released_sample_size.py``). The guarantee does *not*
-  hide whether a client is part of the population or was sampled.
+  covers the noisy sums *alone*. It does **not** cover releasing the sample size |S|:
+  given s = |S|, whether the client was sampled is correlated with how many *other*
+  clients were, and when the other updates point away from the client's, the pair of
+  outputs given s is worse than the Poisson pair at rate s/N (so neither the nominal q
+  nor the realised s/N gives an upper bound; ``tests/test_released_sample_size.py``).
+  So the DP strategies release no count: DPFedAvg keeps its counts on the server, and
+  HEDPFedAvg sizes everything clients see from public figures and tops the noise up to
+  the same total whatever the count (:mod:`lepton_flwr.strategies.he_dp_fedavg`). The
+  server knows S (it samples): the guarantee is for whoever sees the released models,
+  not for the server. It does *not* hide whether a client is part of the population.
 - Fixed-size sampling without replacement (m of N), accounted with dp-accounting's RDP
   analysis of that sampling (Opacus has none): **replace-one** neighbours; replacing one
   client moves the sum by up to 2C, so the multiplier there is z/2.
 
-Rounds may differ (a dropout lowers the noise actually present): every round is composed
-as it was.
+Every round is composed as it was (noise multiplier and rate of each entry).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from lepton_flwr.dp.quiet_opacus import import_opacus
 
 SAMPLINGS = ("poisson", "fixed")
 NEIGHBOURING = {
-    "poisson": "zero-out one client's contributions (N public; the noisy sums alone, not |S|)",
+    "poisson": "zero-out one client's contributions (N public, |S| not released)",
     "fixed": "replace one client",
 }
 ACCOUNTANTS = ("rdp", "prv", "pld")

@@ -142,7 +142,9 @@ def poisson_config(
     """Flower's ``PrivacyConfig`` for Poisson client sampling.
 
     Flower names the relation ``ADD_OR_REMOVE_ONE``; its analysis is also that of
-    zero-out neighbours, the relation lepton-flwr states (see ``lepton_flwr.dp.accounting``).
+    zero-out neighbours, the relation lepton-flwr states (see ``lepton_flwr.dp.accounting``),
+    for the noisy sums alone: an app that also publishes how many clients each round
+    sampled or counted is not covered by the ε this accountant reports.
     """
     return PrivacyConfig(
         target_delta=target_delta,

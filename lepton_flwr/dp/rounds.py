@@ -6,6 +6,7 @@ and after aggregation compose the noise actually released with the accountant.
 
 from __future__ import annotations
 
+import math
 import secrets
 import time
 from logging import INFO, WARNING
@@ -187,6 +188,7 @@ class DPRounds:
             )
         self.accountant: ClientLevelAccountant | None = None
         self.population = 0
+        self.withheld_mass = 0.0  # Σ p_t: see withhold_at
 
     @property
     def round_rate(self) -> float:
@@ -303,6 +305,47 @@ class DPRounds:
             )
         return self.max_epsilon
 
+    def withhold_at(
+        self, name: str, most: int, fewest: int, dropout_rate: float, first: bool
+    ) -> float:
+        """Add this round's chance of being withheld for its counts to the run's; return it.
+
+        A strategy that releases nothing in a round for its counts (more than ``most``
+        clients sampled, fewer than ``fewest`` valid updates) shows an event that is the
+        same under both neighbours (sampling and dropouts being independent of the data),
+        and accounts the round as a release all the same. The run then equals the ideal
+        one, which releases every round, except on an event of probability p <= Σ p_t
+        under either neighbour, so its (ε, δ) is (ε, δ + (1 + e^ε)·p)
+        (:meth:`delta_addition`). With ``first``, logs what the planned run adds to δ,
+        as a warning when it is not far below δ.
+        """
+        per_round = self.withholding_probability(most, fewest, dropout_rate)
+        self.withheld_mass += per_round
+        planned = self.planned_epsilon()
+        if first and planned is not None and self.num_rounds is not None:
+            addition = self.num_rounds * per_round * (1 + math.exp(min(planned, 700.0)))
+            loud = addition > self.delta / 10
+            log(
+                WARNING if loud else INFO,
+                "%s: rounds withheld for their counts add (1 + e^eps) x %.3g = %.3g to delta "
+                "over %d rounds at eps %.3g (delta=%g)%s",
+                name,
+                self.num_rounds * per_round,
+                addition,
+                self.num_rounds,
+                planned,
+                self.delta,
+                ": NOT far below delta; sample more clients, or set min_train_nodes=0"
+                if loud
+                else "",
+            )
+        return per_round
+
+    def delta_addition(self, epsilon: float | None = None) -> float:
+        """(1 + e^ε)·p: what the rounds withheld for their counts add to δ (ε: spent so far)."""
+        epsilon = self.epsilon() if epsilon is None else epsilon
+        return self.withheld_mass * (1 + math.exp(min(epsilon, 700.0)))
+
     def gaussian(self, shape: tuple[int, ...] | int, std: float) -> np.ndarray:
         """Noise for a release: from the OS's secure randomness, or the seed (tests)."""
         if self.seeded:
@@ -353,6 +396,7 @@ class DPRounds:
             "population": self.population,
             "rng": self.rng.bit_generator.state,
             "history": history,
+            "withheld_mass": self.withheld_mass,
         }
 
     def load_state(self, state: dict) -> None:
@@ -381,6 +425,10 @@ class DPRounds:
             raise ValueError(f"noise_multiplier {z} in the checkpoint, {configured} here")
         if not _whole(population, 0, MAX_COUNT):
             raise ValueError(f"population {str(population)[:40]} is not a count")
+        withheld = real(state.get("withheld_mass"))
+        if withheld is None or not 0 <= withheld <= MAX_COUNT:
+            shown = str(state.get("withheld_mass"))[:40]
+            raise ValueError(f"withheld_mass {shown} is not a number >= 0")
         history = state.get("history")
         if history is not None:
             history = checked_history(history, 4 if self.sampling == "fixed" else 3)
@@ -391,6 +439,7 @@ class DPRounds:
         except (TypeError, ValueError, KeyError, OverflowError) as err:
             raise ValueError(f"rng: not a state of this sampling generator ({err})") from err
         self.noise_multiplier, self.population = z, population
+        self.withheld_mass = withheld
         self.accountant = None
         if history is not None:
             self.accountant = ClientLevelAccountant(
