@@ -23,6 +23,20 @@ PLOT_FILE = "metrics.png"
 MODEL_FILE = "model.pt"
 SUMMARY_FILE = "summary.json"
 LOG_FILE = "run.log"
+SERVER_ONLY_JSONL = "server_only.jsonl"  # client-level DP: the operator's columns
+# Columns that show how many clients a round sampled or heard from (counts, bytes, time):
+# under client-level DP they stay out of the publishable files (the accountant's analysis
+# does not cover a released |S|) and go to the operator's SERVER_ONLY_JSONL.
+SERVER_ONLY_COLUMNS = (
+    "clients_sampled",
+    "train_failures",
+    "bytes_down",
+    "bytes_up",
+    "train_seconds",
+    "server_eval_seconds",
+    "round_seconds",
+)
+PRIVATE_MODE = 0o600
 CLIENT_EPSILON = "client_epsilon"  # the metrics column of the clients' DP-SGD ε
 
 
@@ -48,6 +62,11 @@ class RunRecorder:
     resume_after : int | None
         Continue a run stopped after this round: its rows up to that round are kept
         (later ones, written after the checkpoint, are dropped), the rest appended.
+    server_only : bool
+        Client-level DP: the columns of :data:`SERVER_ONLY_COLUMNS` (how many clients
+        each round sampled or heard from, bytes, seconds) leave ``metrics.*`` and
+        ``summary.json`` for ``server_only.jsonl``, and that file and ``run.log`` (which
+        holds the server's count lines and Flower's) are readable by the owner only.
 
     Raises
     ------
@@ -58,17 +77,28 @@ class RunRecorder:
         If a file of the run folder is a link (``UnsafeFileError``) or cannot be written.
     """
 
-    def __init__(self, out_dir: str | Path, cfg: dict[str, Any], resume_after: int | None = None):
+    def __init__(
+        self,
+        out_dir: str | Path,
+        cfg: dict[str, Any],
+        resume_after: int | None = None,
+        server_only: bool = False,
+    ):
         self.out_dir = Path(out_dir).resolve()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         write_atomically(self.out_dir / CONFIG_FILE, to_yaml(cfg).encode(), FILE_MODE)
         self._run_delta = (cfg.get("privacy") or {}).get("delta")  # the clients' ε's δ
-        self.rows: list[dict[str, Any]] = []
-        if resume_after is not None and (self.out_dir / METRICS_JSONL).exists():
-            rows = _read_rows(self.out_dir / METRICS_JSONL)
+        self.server_only = server_only
+        self.rows: list[dict[str, Any]] = []  # every column; see _write_rows
+        rows_file = self.out_dir / (SERVER_ONLY_JSONL if server_only else METRICS_JSONL)
+        if resume_after is not None and rows_file.exists():
+            rows = _read_rows(rows_file)
             self.rows = [row for row in rows if row["round"] <= resume_after]
         self._write_rows()
-        self._log_handler = logging.StreamHandler(open_for_append(self.out_dir / LOG_FILE))
+        log_mode = PRIVATE_MODE if server_only else FILE_MODE
+        self._log_handler = logging.StreamHandler(
+            open_for_append(self.out_dir / LOG_FILE, log_mode)
+        )
         self._log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         logging.getLogger("flwr").addHandler(self._log_handler)
 
@@ -83,16 +113,27 @@ class RunRecorder:
         self.rows.append(row)
         self._write_rows()
 
+    @property
+    def public_rows(self) -> list[dict[str, Any]]:
+        """The rows as ``metrics.*`` show them (without the operator's columns under DP)."""
+        if not self.server_only:
+            return self.rows
+        return [{k: v for k, v in r.items() if k not in SERVER_ONLY_COLUMNS} for r in self.rows]
+
     def _write_rows(self) -> None:
-        lines = "".join(json.dumps(r) + "\n" for r in self.rows)
+        if self.server_only:
+            lines = "".join(json.dumps(r) + "\n" for r in self.rows)
+            write_atomically(self.out_dir / SERVER_ONLY_JSONL, lines.encode(), PRIVATE_MODE)
+        rows = self.public_rows
+        lines = "".join(json.dumps(r) + "\n" for r in rows)
         write_atomically(self.out_dir / METRICS_JSONL, lines.encode(), FILE_MODE)
         columns: list[str] = []
-        for r in self.rows:
+        for r in rows:
             columns += [k for k in r if k not in columns]
         table = io.StringIO(newline="")
         writer = csv.DictWriter(table, fieldnames=columns)
         writer.writeheader()
-        writer.writerows(self.rows)
+        writer.writerows(rows)
         write_atomically(self.out_dir / METRICS_CSV, table.getvalue().encode(), FILE_MODE)
 
     def save_model(self, state_dict: dict[str, torch.Tensor]) -> Path:
@@ -152,11 +193,12 @@ class RunRecorder:
                     if k.startswith(("central_", "federated_", "epsilon")) or k == "delta"
                 }
             )
-            summary["median_round_seconds"] = statistics.median(
-                r["round_seconds"] for r in self.rows
-            )
-            summary["bytes_down_total"] = sum(r["bytes_down"] for r in self.rows)
-            summary["bytes_up_total"] = sum(r["bytes_up"] for r in self.rows)
+            if not self.server_only:  # under DP they show |S|: server_only.jsonl has them
+                summary["median_round_seconds"] = statistics.median(
+                    r["round_seconds"] for r in self.rows
+                )
+                summary["bytes_down_total"] = sum(r["bytes_down"] for r in self.rows)
+                summary["bytes_up_total"] = sum(r["bytes_up"] for r in self.rows)
             clients = [r[CLIENT_EPSILON] for r in self.rows if _number(r.get(CLIENT_EPSILON))]
             if clients:
                 summary[CLIENT_EPSILON] = max(clients)

@@ -197,7 +197,7 @@ def test_budget_stop_ends_training_and_keeps_results(tmp_path, caplog):
     assert summary["epsilon_unit"] == "client"
     assert summary["epsilon_neighbouring"] == "replace one client"  # fixed-size sampling
     # What ε covers, and what in the folder it does not (issue 19 item 2).
-    assert "clients_sampled" in summary["epsilon_covers"]
+    assert "server_only.jsonl" in summary["epsilon_covers"]
     assert summary["delta_withheld"] == 0.0  # min_train_nodes 0: nothing is ever withheld
     assert "NOT private" in caplog.text  # privacy.seed=3: reproducible, and says so
 
@@ -352,3 +352,29 @@ def test_without_min_train_nodes_nothing_is_withheld_and_delta_is_unchanged():
     grid = InProcessGrid(_echo(shift=0.01), num_nodes=3)
     _one_round(strategy, grid)
     assert strategy.rounds.withheld_mass == 0.0 and strategy.delta_addition() == 0.0
+
+
+def test_the_run_folder_keeps_counts_bytes_and_time_in_an_owner_only_file(tmp_path):
+    """Under client-level DP, what shows |S| (counts, bytes, seconds, the log) leaves the
+    publishable files for server_only.jsonl and run.log, readable by the owner only
+    (issue 19 item 2: the second review found |S| in metrics.csv, summary.json and run.log)."""
+    import stat
+
+    from lepton_flwr.results import SERVER_ONLY_COLUMNS
+
+    cfg = load_config(
+        "+experiment=digits_smoke model=logreg strategy=dp_fedavg num_rounds=2 "
+        "privacy.sample_rate=0.7 privacy.delta=1e-3 privacy.seed=2 "
+        f"strategy.min_available_nodes=3 output_dir={tmp_path / 'run'}"
+    )
+    out = run_server(InProcessGrid(make_client_app(cfg), num_nodes=3), cfg)
+    public = (out / "metrics.jsonl").read_text() + (out / "metrics.csv").read_text()
+    public += (out / "summary.json").read_text()
+    assert not [c for c in SERVER_ONLY_COLUMNS if c in public]
+    assert "bytes_up_total" not in public and "median_round_seconds" not in public
+    private = [json.loads(line) for line in (out / "server_only.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in private] == [1, 2]
+    assert all(set(SERVER_ONLY_COLUMNS) <= set(r) for r in private)
+    for name in ("server_only.jsonl", "run.log"):
+        assert stat.S_IMODE((out / name).stat().st_mode) == 0o600, name
+    assert "sampled" in (out / "run.log").read_text()  # the counts are there, privately

@@ -28,7 +28,10 @@ def _env(**extra):
 
 
 def _rows(folder: Path) -> list[dict]:
-    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    """Every column: client-level DP keeps the operator's in the owner-only file."""
+    private = folder / "server_only.jsonl"
+    path = private if private.exists() else folder / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def _assert_finished_run(folder: Path, rounds: int, model: str) -> list[dict]:

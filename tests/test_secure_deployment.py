@@ -259,7 +259,10 @@ def test_tls_and_supernode_auth_deployment_runs_he_dp_and_refuses_an_unknown_nod
             log = proc.stdout + proc.stderr
             assert proc.returncode == 0, log[-4000:]
             assert (out / "model.ckks.zip").is_file(), log[-3000:]
-            rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+            # Client-level DP keeps the counts in the owner-only file, not in metrics.*.
+            private = out / "server_only.jsonl"
+            path = private if strategy == "he_dp_fedavg" else out / "metrics.jsonl"
+            rows = [json.loads(line) for line in path.read_text().splitlines()]
             assert [r["round"] for r in rows] == [1, 2]
             # Three registered nodes took part; the fourth was never among them.
             assert all(r["clients_sampled"] == NODES for r in rows), rows

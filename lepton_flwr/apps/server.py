@@ -37,9 +37,9 @@ def default_output_dir(cfg: dict) -> Path:
 
 # What a client-level ε is stated for, and what in the run folder it does not cover.
 EPSILON_COVERS = (
-    "whoever sees the released models and the epsilon/delta figures, not the server (it "
-    "samples); not covered: metrics.csv's clients_sampled, train_failures, bytes and seconds "
-    "columns and the server log, which show how many clients each round sampled"
+    "whoever sees the released models and the run folder's public files (metrics.*, "
+    "summary.json, the plot), not the server (it samples); not covered: server_only.jsonl "
+    "and run.log (owner-only files), which show how many clients each round sampled"
 )
 
 
@@ -102,7 +102,8 @@ def run_server(grid: Grid, cfg: dict, keyholder_secret: str | Path | None = None
         # A round checkpointed before its evaluation ended gets its row again.
         resume_after = saved.server_round - (not saved.evaluated)
         log(INFO, "[lepton] resuming %s after round %d", out_dir, saved.server_round)
-    recorder = RunRecorder(out_dir, cfg, resume_after)
+    client_dp = cfg["privacy"]["name"] == "client_dp"
+    recorder = RunRecorder(out_dir, cfg, resume_after, server_only=client_dp)
     try:
         log(INFO, "[lepton] output folder: %s", recorder.out_dir)
         if guarantee(cfg):
