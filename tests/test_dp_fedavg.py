@@ -342,6 +342,8 @@ def test_a_round_withheld_for_min_train_nodes_is_accounted_and_adds_to_delta(cap
     assert strategy.rounds.withheld_mass == pytest.approx(1.0)  # P(fewer than 4 of 3) = 1
     epsilon = strategy.epsilon()
     assert strategy.delta_addition() == pytest.approx(1 + np.exp(epsilon))
+    # The δ the round reports is the run's guarantee: the addition included.
+    assert metrics["delta"] == pytest.approx(1e-3 + strategy.delta_addition())
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("NOT far below delta" in w for w in warnings)
     assert any("accounted as a release" in w for w in warnings)

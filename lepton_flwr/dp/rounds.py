@@ -367,8 +367,17 @@ class DPRounds:
         return NEIGHBOURING[self.sampling]
 
     def privacy_metrics(self) -> dict[str, float]:
-        """ε spent so far and its δ, under the protocol's metric names."""
-        return {protocol.EPSILON: self.epsilon(), protocol.DELTA: self.delta}
+        """ε spent so far and its δ, under the protocol's metric names.
+
+        δ is the configured one plus what rounds withheld for their counts add,
+        (1 + e^ε)·p (:meth:`delta_addition`; 0 when no round can be withheld), so that the
+        reported pair is the guarantee the run has.
+        """
+        epsilon = self.epsilon()
+        return {
+            protocol.EPSILON: epsilon,
+            protocol.DELTA: self.delta + self.delta_addition(epsilon),
+        }
 
     def _settings(self) -> dict:
         """Every setting the ε of the rounds depends on, as the strategy was built."""
