@@ -127,12 +127,13 @@ def test_a_key_path_from_the_run_config_does_not_say_whether_the_file_exists(tmp
     assert reasons[0] == reasons[1] and "node config" in reasons[0]
 
 
-def test_dpsgd_refuses_a_round_that_would_pass_the_nodes_epsilon():
+def test_dpsgd_refuses_a_round_that_would_pass_the_nodes_epsilon(tmp_path):
     cfg = load_config(
         "+experiment=digits_smoke privacy=dpsgd privacy.delta=1e-3 num_rounds=3 train.batch_size=64"
     )
     app = make_client_app(cfg)
-    context = _context({"partition-id": 0, "num-partitions": 3})
+    state = {protocol.STATE_DIR: str(tmp_path)}  # a floor needs it: see the next test
+    context = _context({"partition-id": 0, "num-partitions": 3, **state})
     arrays = ArrayRecord(model_for(cfg).state_dict())
     reply = app(_train_message(arrays, {"server-round": 1}, 1), context)
     assert not reply.has_error(), reply.error.reason
@@ -148,12 +149,23 @@ def test_dpsgd_refuses_a_round_that_would_pass_the_nodes_epsilon():
     reply = app(_train_message(reply.content["arrays"], {"server-round": 2}, 2), context)
     assert not reply.has_error(), reply.error.reason
     assert reply.content["metrics"]["client-epsilon"] == pytest.approx(epsilons[0], rel=1e-9)
-    history = dict(context.state.config_records[protocol.DPSGD_STATE])
+    history = {p.name: p.read_bytes() for p in tmp_path.glob("*.json")}
     reply = app(_train_message(reply.content["arrays"], {"server-round": 3}, 3), context)
     assert reply.has_error() and "dpsgd-max-epsilon" in reply.error.reason
     assert f"{epsilons[1]:.4g}" in reply.error.reason
-    assert dict(context.state.config_records[protocol.DPSGD_STATE]) == history  # not trained
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("*.json")} == history  # not trained
     context.node_config[protocol.DPSGD_MIN_NOISE] = z * 2
     context.node_config[protocol.DPSGD_MAX_EPSILON] = 100.0
     reply = app(_train_message(arrays, {}, 4), context)
     assert reply.has_error() and "dpsgd-min-noise-multiplier" in reply.error.reason
+
+
+def test_a_dpsgd_floor_without_a_state_dir_trains_nothing():
+    """Without state-dir the node's history lives in one Flower run's context.state: a
+    server that starts another run would find its ε back at zero (attacker review M2)."""
+    cfg = load_config("+experiment=digits_smoke privacy=dpsgd privacy.delta=1e-3 num_rounds=3")
+    app = make_client_app(cfg)
+    node = {"partition-id": 0, "num-partitions": 3, protocol.DPSGD_MAX_EPSILON: 100.0}
+    arrays = ArrayRecord(model_for(cfg).state_dict())
+    reply = app(_train_message(arrays, {"server-round": 1}, 1), _context(node))
+    assert reply.has_error() and protocol.STATE_DIR in reply.error.reason

@@ -169,7 +169,7 @@ def test_a_dpsgd_floor_refuses_reproducible_noise():
     assert reply.has_error() and "reproducible" in reply.error.reason
 
 
-def test_the_nodes_epsilon_is_at_its_own_delta_not_the_launchers():
+def test_the_nodes_epsilon_is_at_its_own_delta_not_the_launchers(tmp_path):
     """A launcher's large δ makes ε small; the node computes its ε at its own δ."""
     config = load_config(
         "+experiment=digits_smoke privacy=dpsgd privacy.delta=2e-3 privacy.noise_multiplier=1.0"
@@ -177,13 +177,14 @@ def test_the_nodes_epsilon_is_at_its_own_delta_not_the_launchers():
     app = make_client_app(config)
     message = client_message(ArrayRecord(model_for(config).state_dict()), {"server-round": 1})
     plain = _context(NODE)
+    state = {protocol.STATE_DIR: str(tmp_path / "state")}  # a floor needs one
     reply = app(message, plain)
     assert not reply.has_error(), reply.error.reason
     at_launchers_delta = reply.content["metrics"][protocol.CLIENT_EPSILON]
     limit = at_launchers_delta * 1.2  # passes at δ = 2e-3, not at the node's δ = 1e-5
-    reply = app(message, _context({**NODE, protocol.DPSGD_MAX_EPSILON: limit}))
+    reply = app(message, _context({**NODE, **state, protocol.DPSGD_MAX_EPSILON: limit}))
     assert reply.has_error() and "dpsgd-max-epsilon" in reply.error.reason
-    own_delta = {**NODE, protocol.DPSGD_MAX_EPSILON: limit, protocol.DPSGD_DELTA: 2e-3}
+    own_delta = {**NODE, **state, protocol.DPSGD_MAX_EPSILON: limit, protocol.DPSGD_DELTA: 2e-3}
     assert not app(message, _context(own_delta)).has_error()
 
 

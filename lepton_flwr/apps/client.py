@@ -155,6 +155,18 @@ def _train_dpsgd(
     """
     privacy = cfg["privacy"]
     node_delta = require_dpsgd(context.node_config, privacy)  # default deny, the node's δ
+    if (
+        node_delta is not None
+        and state_dir is None
+        and not context.node_config.get(protocol.STATE_DIR)
+    ):
+        # Without a folder the history lives in one Flower run's context.state: a server
+        # that starts another run would find the node's ε back at zero (attacker review).
+        raise BelowPrivacyFloorError(
+            f"this node sets a DP-SGD floor but no {protocol.STATE_DIR}: its ε would restart "
+            f"with every Flower run the server starts; set {protocol.STATE_DIR} in the node "
+            f"config (a folder that survives restarts)"
+        )
     histories = DPSGDHistory(context, train_config, state_dir)
     with histories.locked():
         history = histories.this_run()
