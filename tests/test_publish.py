@@ -285,3 +285,14 @@ def test_parameters_whose_flooding_would_cost_accuracy_are_refused():
     CKKSParams(4096, (40, 40, 29), 57).validate()
     with pytest.raises(HEParamsError, match="std 0.00124 .* scale_bits >= 57"):
         CKKSParams(4096, (40, 40, 29), 56).validate()
+
+
+def test_the_error_bound_grows_with_the_ring_as_public_key_encryption_does():
+    """Public-key encryption's error std is about sqrt(N / 18): 15.1 at 4096, 21.3 at
+    8192, 42.7 at 32768 (attacker review L1). The bound must cover it at every N allowed;
+    a fixed 16 would not above 4096."""
+    from lepton_flwr.he.publish import coefficient_std
+
+    assert coefficient_std(4096) == 16.0  # the defaults' figures are unchanged
+    for n in (4096, 8192, 16384, 32768):
+        assert coefficient_std(n) >= 1.05 * math.sqrt(n / 18), n

@@ -9,10 +9,12 @@ client's view of the global model, the key holder's evaluation, ``decrypt_arrays
 ``lepton-flwr decrypt``) goes through :func:`publishable`, which
 
 1. bounds the error of the whole published vector: a fresh ciphertext's error
-   polynomial has coefficients of standard deviation at most ``COEFF_STD`` = 16 (SEAL's
-   σ = 3.2 for secret-key encryption; about 15 after public-key encryption and the
-   switch to the data level), a sum of K of them sqrt(K) times that, and each published
-   value carries ``σ_v = COEFF_STD * sqrt(K * N / 2) / Δ`` of it (:func:`value_error_std`;
+   polynomial has coefficients of standard deviation at most ``COEFF_STD`` = 16 at
+   N = 4096 (SEAL's σ = 3.2 for secret-key encryption; about 15 after public-key
+   encryption and the switch to the data level; it grows like sqrt(N) above, and
+   :func:`coefficient_std` scales the bound with it), a sum of K of them sqrt(K) times
+   that, and each published value carries ``σ_v = std * sqrt(K * N / 2) / Δ`` of it
+   (:func:`value_error_std`;
    K = ``MAX_SUMMED`` = 2^16 ciphertexts summed, clients × rounds). The n values of a
    model are orthogonal projections of the ciphertexts' independent errors, so the L2
    norm of their error vector is at most E = σ_v (sqrt(n) + ``TAIL``) but with
@@ -83,9 +85,21 @@ class TooCoarseError(ValueError):
         self.std, self.min_scale_bits = std, min_scale_bits
 
 
+def coefficient_std(poly_modulus_degree: int) -> float:
+    """The bound on a fresh ciphertext's error coefficients' std at this N.
+
+    ``COEFF_STD`` at N = 4096 and below; public-key encryption's error grows like
+    sqrt(N) (about sqrt(N / 18): 15.1 at 4096, 21.3 at 8192), so larger rings scale the
+    bound with it, keeping the margin it has at 4096.
+    """
+    return COEFF_STD * math.sqrt(max(1.0, poly_modulus_degree / 4096))
+
+
 def value_error_std(poly_modulus_degree: int, scale: float, summed: int = MAX_SUMMED) -> float:
     """σ_v: the standard deviation of one decrypted value's error, in summed-value units."""
-    return COEFF_STD * math.sqrt(summed * poly_modulus_degree / 2) / scale
+    return (
+        coefficient_std(poly_modulus_degree) * math.sqrt(summed * poly_modulus_degree / 2) / scale
+    )
 
 
 def error_bound(
