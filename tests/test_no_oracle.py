@@ -8,6 +8,8 @@ decrypts at most one model per round, and only ciphertexts shaped like a sum of 
 uploads.
 """
 
+import logging
+
 import numpy as np
 import pytest
 import tenseal as ts
@@ -282,6 +284,19 @@ def test_with_state_dir_the_budget_holds_across_runs(keys, tmp_path):
         reply = app(_message(_model(secret, public, values), server_round), context)
     assert reply.has_error() and "he-max-decryptions=2" in reply.error.reason
     assert [p.name for p in tmp_path.iterdir()] == [f"he-decryptions-{fingerprint(public)}.json"]
+
+
+def test_without_state_dir_the_node_says_its_count_restarts_with_each_run(keys, caplog):
+    """Without state-dir a server that starts a new run gets the budget again (attacker
+    review M2): the node says so, once a run, before its first decryption."""
+    caplog.set_level(logging.WARNING, logger="flwr")
+    secret, public, path = keys
+    app = _app(path, [])
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    for server_round in (1, 2):
+        values = np.linspace(-1, 1, SIZE) * server_round
+        app(_message(_model(secret, public, values), server_round), context)
+    assert caplog.text.count("counted for this run only") == 1
 
 
 @pytest.mark.parametrize("planted", ["link", "garbage", "negative"])

@@ -36,9 +36,11 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Mapping
+from logging import WARNING
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
+from flwr.common.logger import log
 
 from lepton_flwr import protocol
 from lepton_flwr.he.ledger import DecryptionCountError, count_file, read_count, write_count
@@ -188,6 +190,17 @@ def decrypt_once(
         raise ModError(
             f"this client has used {used} global models under this key, the most it uses "
             f"({protocol.HE_MAX_DECRYPTIONS}={budget}); nothing more is decrypted"
+        )
+    if path is None and used == 0:
+        log(
+            WARNING,
+            "he_mod: no %s in the node config: decryptions under this key are counted for "
+            "this run only, so a server that starts a new run gets %d more (the flooding "
+            "is sized for %d per key); set %s to count across runs",
+            protocol.STATE_DIR,
+            budget,
+            DECRYPTIONS,
+            protocol.STATE_DIR,
         )
     if path is not None:  # counted before decrypting: a crash cannot lose a decryption
         try:
