@@ -38,8 +38,9 @@ def default_output_dir(cfg: dict) -> Path:
 # What a client-level ε is stated for, and what in the run folder it does not cover.
 EPSILON_COVERS = (
     "whoever sees the released models and the run folder's public files (metrics.*, "
-    "summary.json, the plot), not the server (it samples); not covered: server_only.jsonl "
-    "and run.log (owner-only files), which show how many clients each round sampled"
+    "summary.json, the plot), not the server (it samples); not covered: server_only.jsonl, "
+    "run.log and checkpoint.zip (owner-only files), keys/, client-state/ and the console, "
+    "which show how many clients each round sampled"
 )
 
 
