@@ -47,7 +47,10 @@ class HEDPFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
     covers the noisy sum alone: an observer who also learns s = |S|, or the number r of
     shares added, learns whether the target was likely sampled from how many others
     were, and ε grows (issue 19 item 2; ``tests/test_released_sample_size.py``). So
-    every value a client or an output sees is a function of public settings and N:
+    every value a client or an output sees is a function of public settings and N,
+    except timing and two residuals stated under "Withheld rounds" and in the README (a
+    client that refuses every model can get small rounds disputed; a key holder reading
+    the raw released ciphertext could estimate r from its error's variance):
 
     - r_max, the fewest clients with P(s > r_max) <= ``tail_probability`` (Binomial(N,
       q); m for fixed-size sampling), and σ = zC / √(r_max − c), c =
