@@ -356,13 +356,15 @@ def test_without_min_train_nodes_nothing_is_withheld_and_delta_is_unchanged():
     assert strategy.rounds.withheld_mass == 0.0 and strategy.delta_addition() == 0.0
 
 
-def test_the_run_folder_keeps_counts_bytes_and_time_in_an_owner_only_file(tmp_path):
+def test_the_run_folder_keeps_counts_bytes_and_time_in_an_owner_only_file(tmp_path, caplog):
     """Under client-level DP, what shows |S| (counts, bytes, seconds, the log) leaves the
     publishable files for server_only.jsonl and run.log, readable by the owner only
     (issue 19 item 2: the second review found |S| in metrics.csv, summary.json and run.log)."""
     import stat
 
     from lepton_flwr.results import SERVER_ONLY_COLUMNS
+
+    caplog.set_level(logging.INFO, logger="flwr")  # run.log copies Flower's logger
 
     cfg = load_config(
         "+experiment=digits_smoke model=logreg strategy=dp_fedavg num_rounds=2 "
