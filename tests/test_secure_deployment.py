@@ -129,9 +129,13 @@ def _a_superlink_restart_resumes_the_run_from_its_checkpoint(
     from lepton_flwr.dp.accounting import ClientLevelAccountant
 
     out = tmp_path / "restart"
+    # round_timeout: a SuperNode that had a message of the killed run in flight may never
+    # answer the resumed run's first one (seen once under a loaded CI run, Flower 1.42);
+    # the round then ends with the other node's share, and ε is the same (every round is
+    # accounted at z, whoever reports).
     setup = (
         "+experiment=digits_smoke model=logreg num_rounds=3 strategy=he_dp_fedavg "
-        "privacy.sampling=fixed privacy.sample_rate=1.0 privacy.delta=1e-3 "
+        "privacy.sampling=fixed privacy.sample_rate=1.0 privacy.delta=1e-3 round_timeout=120 "
         f"strategy.min_available_nodes=2 he.public_context_path={keys}/public.ctx"
     )
     first = subprocess.Popen(
