@@ -1,0 +1,88 @@
+"""Uniform masks in the CKKS plaintext ring, expanded from 32-byte seeds (issue 20).
+
+The building block of masking uploads in the ring (``docs/design_secure_aggregation.md``):
+a mask is an element of R_Q = Z_Q[X]/(X^N + 1), held as SEAL holds ciphertexts and
+plaintexts, one row of N words per RNS prime q_j of the level (NTT form; the NTT is a
+bijection mod each prime, so a mask uniform in NTT form is uniform). Pairwise masks
+cancel in a sum, self-masks are removed by whoever learns their seeds.
+
+Each row is exactly uniform in [0, q_j): AES-256-CTR (``cryptography``) keyed by the
+seed, with a nonce derived from a label (purpose, round, prime, chunk), read as 64-bit
+words cut to bit_length(q_j) bits, and words >= q_j rejected (reducing a 64-bit word
+mod q_j instead would be biased by about 2^-24 for 40-bit primes). The output is a
+deterministic function of (seed, label): more words extend the same stream.
+
+Not Flower's ``pseudo_rand_gen``: it folds its seed to 32 bits and draws from numpy's
+MT19937, neither of which hides a mask.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+
+import numpy as np
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+SEED_BYTES = 32
+MAX_PRIME_BITS = 62  # a + b of two residues stays below 2^63: no uint64 overflow
+
+
+def _stream(seed: bytes, label: bytes, size: int) -> bytes:
+    """``size`` bytes of AES-256-CTR keyed by ``seed``, nonce from ``label``."""
+    nonce = hashlib.sha256(b"lepton-flwr ring mask nonce" + label).digest()[:16]
+    return Cipher(algorithms.AES(seed), modes.CTR(nonce)).encryptor().update(bytes(size))
+
+
+def uniform_mod(seed: bytes, label: bytes, prime: int, count: int) -> np.ndarray:
+    """``count`` values exactly uniform in [0, prime), a function of (seed, label) only.
+
+    Raises
+    ------
+    ValueError
+        If the seed is not 32 bytes or the prime is not in [2, 2^62).
+    """
+    if not isinstance(seed, bytes) or len(seed) != SEED_BYTES:
+        raise ValueError(f"a mask seed is {SEED_BYTES} bytes")
+    if not 2 <= prime < 1 << MAX_PRIME_BITS:
+        raise ValueError(f"prime {prime} is outside [2, 2^{MAX_PRIME_BITS})")
+    cut = np.uint64((1 << prime.bit_length()) - 1)
+    wanted = count + 64 + count // 32  # room for rejections (fewer than 1 in 2 words)
+    while True:
+        words = np.frombuffer(_stream(seed, label, 8 * wanted), dtype="<u8") & cut
+        kept = words[words < np.uint64(prime)]
+        if len(kept) >= count:
+            return kept[:count].copy()
+        wanted *= 2  # a longer prefix of the same stream: the same first values
+
+
+def ring_mask(
+    seed: bytes, purpose: bytes, server_round: int, chunk: int, primes: list[int], degree: int
+) -> np.ndarray:
+    """A uniform element of R_Q for one ciphertext: shape (len(primes), degree), uint64.
+
+    ``purpose`` names the mask's role (e.g. b"self", b"pair"), so that one seed never
+    gives the same mask for two roles, rounds or chunks.
+    """
+    rows = []
+    for index, prime in enumerate(primes):
+        label = purpose + struct.pack("<QQQ", server_round, index, chunk)
+        rows.append(uniform_mod(seed, label, prime, degree))
+    return np.stack(rows)
+
+
+def _moduli(primes: list[int]) -> np.ndarray:
+    return np.array(primes, dtype=np.uint64)[:, None]
+
+
+def add_mod(a: np.ndarray, b: np.ndarray, primes: list[int]) -> np.ndarray:
+    """(a + b) mod q_j, row by row; a and b already reduced."""
+    total = a + b
+    q = _moduli(primes)
+    return np.where(total >= q, total - q, total)
+
+
+def sub_mod(a: np.ndarray, b: np.ndarray, primes: list[int]) -> np.ndarray:
+    """(a − b) mod q_j, row by row; a and b already reduced."""
+    q = _moduli(primes)
+    return np.where(a >= b, a - b, a + (q - b))
