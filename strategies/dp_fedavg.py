@@ -21,11 +21,10 @@ from flwr.serverapp.strategy import FedAvg
 from lepton_flwr.strategies.encrypted_sum import the_arrays, the_metrics
 from lepton_flwr.strategies.fedavg_args import evaluation_off_by_default, refuse_fraction_train
 from lepton_flwr.strategies.metrics import checked_evaluation, clients_metrics
-from lepton_flwr.strategies.reply_checks import ReplyError, plaintext_tensors
+from lepton_flwr.strategies.reply_checks import plaintext_tensors
 from lepton_flwr.strategies.round_loop import FlowerLoop
 
 from lepton_flwr import protocol
-from lepton_flwr.arrays import check_payload
 from lepton_flwr.dp import grid as dp_grid
 from lepton_flwr.dp.accounting import ClientLevelAccountant
 from lepton_flwr.dp.clipping import adapt_clip_norm, l2_norm, update_noise_multiplier
@@ -34,39 +33,6 @@ from lepton_flwr.dp.rounds import DPRounds, wait_for_nodes
 from lepton_flwr.he.codec import CiphertextError
 from lepton_flwr.he.records import is_encrypted
 from lepton_flwr.numbers import positive, real
-
-
-def tensors_or_none_if_not_finite(
-    record: ArrayRecord, reference: list[tuple[str, tuple, str]]
-) -> list[np.ndarray] | None:
-    """The reply's tensors as :func:`plaintext_tensors` reads them; None if NaN or Inf.
-
-    None only when the record passes every other check of :func:`plaintext_tensors`
-    (names, shapes, dtypes, readable bytes) once its NaN and Inf are replaced by 0.
-
-    Raises
-    ------
-    ReplyError
-        What :func:`plaintext_tensors` raises for a record that fails anything else.
-    """
-    try:
-        return plaintext_tensors(record, reference)
-    except ReplyError:
-        if list(record.keys()) != [name for name, _, _ in reference]:
-            raise
-        try:
-            zeroed = {}
-            for name, shape, _ in reference:
-                array = record[name]
-                check_payload(array.dtype, tuple(shape), array.stype, array.data)
-                values = array.numpy()
-                zeroed[name] = Array(np.where(np.isfinite(values), values, 0).astype(values.dtype))
-            plaintext_tensors(ArrayRecord(zeroed), reference)
-        except Exception:  # noqa: BLE001 - anything else wrong: the first reason stands
-            pass
-        else:
-            return None
-        raise
 
 
 class DPFedAvg(FlowerLoop, FedAvg):
@@ -207,7 +173,6 @@ class DPFedAvg(FlowerLoop, FedAvg):
         self._keys: list[str] = []
         self._dtypes: list[str] = []
         self._sampled = 0
-        self._sized = False  # whether this process has logged the withholding figure
         # Per round: clients sampled and updates counted. Server-side only: releasing them
         # with the model is not covered by the accountant's Poisson analysis.
         self.server_counts: dict[int, dict[str, int]] = {}
@@ -255,10 +220,7 @@ class DPFedAvg(FlowerLoop, FedAvg):
         )
         self._sampled = len(sampled)
         # Dropouts are not modelled here (no dropout rate): p counts the sampling alone.
-        self.rounds.withhold_at(
-            "DPFedAvg", self.rounds.population, self.min_train_nodes, 0.0, not self._sized
-        )
-        self._sized = True
+        self.rounds.withhold_at("DPFedAvg", self.rounds.population, self.min_train_nodes, 0.0)
         log(
             INFO,
             "DPFedAvg round %d: sampled %d of %d nodes (%s)",
@@ -301,8 +263,8 @@ class DPFedAvg(FlowerLoop, FedAvg):
             )
         shapes = (g.shape for g in self._global)
         reference = list(zip(self._keys, shapes, self._dtypes, strict=True))
-        tensors = tensors_or_none_if_not_finite(record, reference)
-        if tensors is None:
+        tensors = plaintext_tensors(record, reference, finite=False)
+        if not all(np.isfinite(t).all() for t in tensors):
             return None, 0.0
         update = [values - current for values, current in zip(tensors, self._global, strict=True)]
         if self.clipping_side == "client":

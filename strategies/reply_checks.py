@@ -73,7 +73,9 @@ def reply_metrics(
     return metrics
 
 
-def plaintext_tensors(record: ArrayRecord, reference: Sequence[tuple[str, tuple, str]]) -> list:
+def plaintext_tensors(
+    record: ArrayRecord, reference: Sequence[tuple[str, tuple, str]], finite: bool = True
+) -> list:
     """The reply's tensors as float64 arrays, if they match the global model's.
 
     Parameters
@@ -82,13 +84,16 @@ def plaintext_tensors(record: ArrayRecord, reference: Sequence[tuple[str, tuple,
         The reply's (plaintext) tensors.
     reference : Sequence[tuple[str, tuple, str]]
         The global model's tensor names, shapes and dtypes, in order.
+    finite : bool
+        Refuse NaN and Inf (the default); False returns them, for a caller with its own
+        rule for them.
 
     Raises
     ------
     ReplyError
         If the names, order, shapes or dtypes differ (a complex, text or float16 tensor
         in a float32 model would break the average or lose its precision), a tensor
-        cannot be read, or a value is NaN or Inf.
+        cannot be read, or (``finite``) a value is NaN or Inf.
     """
     if list(record.keys()) != [name for name, _, _ in reference]:
         raise ReplyError("its tensors differ from the global model's")
@@ -104,7 +109,7 @@ def plaintext_tensors(record: ArrayRecord, reference: Sequence[tuple[str, tuple,
             raise ReplyError(f"tensor '{name}' cannot be read as numbers ({err})") from err
         if values.shape != tuple(shape):
             raise ReplyError(f"tensor '{name}' has shape {values.shape}, expected {shape}")
-        if not np.isfinite(values).all():
+        if finite and not np.isfinite(values).all():
             raise ReplyError(f"tensor '{name}' holds NaN or Inf")
         tensors.append(values)
     return tensors
