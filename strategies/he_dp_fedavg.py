@@ -339,11 +339,8 @@ class HEDPFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
         sampled = self.rounds.start_round(
             server_round, wait_for_nodes(grid, self.min_available_nodes, self.node_wait_timeout)
         )
-        first = self._sized_for is None
         self._size_the_rounds(server_round)
-        self.rounds.withhold_at(
-            "HEDPFedAvg", self._most, self.min_train_nodes, self.dropout_rate, first
-        )
+        self.rounds.withhold_at("HEDPFedAvg", self._most, self.min_train_nodes, self.dropout_rate)
         self._global = self.encrypted_sum.encrypted(arrays)
         if self._global.max_abs + self.round_bound > self.encrypted_sum.headroom:
             raise TrainingHeldBackError(

@@ -189,6 +189,7 @@ class DPRounds:
         self.accountant: ClientLevelAccountant | None = None
         self.population = 0
         self.withheld_mass = 0.0  # Σ p_t: see withhold_at
+        self._withholding_logged = False  # per process: a resume logs the figure again
 
     @property
     def round_rate(self) -> float:
@@ -305,9 +306,7 @@ class DPRounds:
             )
         return self.max_epsilon
 
-    def withhold_at(
-        self, name: str, most: int, fewest: int, dropout_rate: float, first: bool
-    ) -> float:
+    def withhold_at(self, name: str, most: int, fewest: int, dropout_rate: float) -> float:
         """Add this round's chance of being withheld for its counts to the run's; return it.
 
         A strategy that releases nothing in a round for its counts (more than ``most``
@@ -316,13 +315,14 @@ class DPRounds:
         and accounts the round as a release all the same. The run then equals the ideal
         one, which releases every round, except on an event of probability p <= Σ p_t
         under either neighbour, so its (ε, δ) is (ε, δ + (1 + e^ε)·p)
-        (:meth:`delta_addition`). With ``first``, logs what the planned run adds to δ,
-        as a warning when it is not far below δ.
+        (:meth:`delta_addition`). The first call in a process (a run, or its resume) logs
+        what the planned run adds to δ, as a warning when it is not far below δ.
         """
         per_round = self.withholding_probability(most, fewest, dropout_rate)
         self.withheld_mass += per_round
-        planned = self.planned_epsilon()
-        if first and planned is not None and self.num_rounds is not None:
+        first, self._withholding_logged = not self._withholding_logged, True
+        planned = self.planned_epsilon() if first else None  # a whole run's ε: once
+        if planned is not None and self.num_rounds is not None:
             addition = self.num_rounds * per_round * (1 + math.exp(min(planned, 700.0)))
             loud = addition > self.delta / 10
             log(

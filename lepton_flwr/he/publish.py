@@ -58,6 +58,7 @@ import math
 
 import numpy as np
 
+from lepton_flwr.dp.grid import power_of_two_at_or_below
 from lepton_flwr.dp.noise import secure_gaussian
 
 COEFF_STD = 16.0
@@ -149,7 +150,7 @@ def check_floodable(poly_modulus_degree: int, scale: float) -> float:
 
 def precision(std: float) -> float:
     """The rounding quantum: the power of two at or below ``std``."""
-    return 2.0 ** math.floor(math.log2(std))
+    return power_of_two_at_or_below(std)
 
 
 def publishable(
