@@ -58,3 +58,27 @@ def ciphertext_with_scale(chunk, context, scale):
         ciphertext.scale = scale
         ciphertext.save(str(path))
         return path.read_bytes()
+
+
+def flooding_atol(arrays, decryptions=1, weight=None):
+    """How far a published decryption of ``arrays`` may honestly fall from the exact mean.
+
+    Each decryption that fed the values (a client's view of an earlier round's model, the
+    final ``decrypt_arrays``) floods them with N(0, σ_f²) / weight and rounds to a
+    quantum at most σ_f / weight: the tolerance is 7 standard deviations of the
+    ``decryptions`` floodings together plus one quantum each, passed by one value with
+    probability below 3e-12. ``weight`` defaults to the encrypted model's own; pass the
+    smallest of the rounds' weights where they differ. A fixed tolerance made tests fail
+    at random (CI, stop 24: 1e-3 against σ_f / weight = 3.4e-4).
+    """
+    import math
+
+    from lepton_flwr.he.params import CKKSParams
+    from lepton_flwr.he.publish import flooding_std
+    from lepton_flwr.he.records import EncryptedModel
+
+    model = EncryptedModel.from_record(arrays)
+    params = CKKSParams()
+    std = flooding_std(params.poly_modulus_degree, 2.0**params.scale_bits, model.num_values)
+    per_value = std / (model.weight if weight is None else weight)
+    return 7 * per_value * math.sqrt(decryptions) + decryptions * per_value
