@@ -86,3 +86,33 @@ def sub_mod(a: np.ndarray, b: np.ndarray, primes: list[int]) -> np.ndarray:
     """(a − b) mod q_j, row by row; a and b already reduced."""
     q = _moduli(primes)
     return np.where(a >= b, a - b, a + (q - b))
+
+
+def checked_ring_element(element: object, primes: list[int], degree: int, what: str) -> np.ndarray:
+    """``element`` if it is a ring element of these primes: else a ValueError naming ``what``.
+
+    A ring element is a uint64 array of shape (len(primes), degree) whose row j holds
+    words below q_j. Anything else (another shape or dtype, a word >= its prime) would
+    make the mask arithmetic wrap silently or SEAL refuse the plaintext far from the
+    cause.
+
+    Raises
+    ------
+    ValueError
+        Starting with ``what`` and saying which property fails.
+    """
+    if not isinstance(element, np.ndarray):
+        raise ValueError(f"{what} is a {type(element).__name__}, not a numpy array")
+    if element.dtype != np.uint64:
+        raise ValueError(f"{what} has dtype {element.dtype}, not uint64")
+    if element.shape != (len(primes), degree):
+        raise ValueError(f"{what} has shape {element.shape}, not {(len(primes), degree)}")
+    over = element >= _moduli(primes)
+    if over.any():
+        row, column = (int(i[0]) for i in np.nonzero(over))
+        raise ValueError(
+            f"{what} has {int(over.sum())} words not below their prime "
+            f"(first: row {row}, word {column}, value {int(element[row, column])} "
+            f">= {primes[row]})"
+        )
+    return element
