@@ -6,6 +6,11 @@ chunks of N/2 values, one CKKS ciphertext each. Clients encrypt with the secret 
 polynomial is replaced by the seed that regenerates it, halving the upload. The server
 loads a client's chunks in one TenSEAL vector (its loader checks each ciphertext against
 the context), checks their level and scale, and adds the vectors.
+
+An upload may be masked (issue 20, ``docs/design_secure_aggregation.md``): the encoder
+adds a ring element to each chunk's encoded plaintext before encrypting it, so that the
+ciphertext decrypts, under the shared key, to the mask plus the values; the server
+subtracts masks from a sum with the public context alone (:meth:`CkksAdder.remove_mask`).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 import math
 import os
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
@@ -26,14 +31,33 @@ import tenseal.sealapi as sealapi
 
 from lepton_flwr.he.keys import scratch_dir, secret_context_bytes
 from lepton_flwr.he.publish import TooCoarseError, publishable
+from lepton_flwr.he.ring_masks import add_mod, checked_ring_element
+from lepton_flwr.he.seal_words import plaintext_from_words, plaintext_words
 
 # Below this many chunks, encrypting in the calling process beats starting workers.
 PARALLEL_MIN_CHUNKS = 64
 _names = count()
 
+RingMask = Callable[[int], np.ndarray]
+"""A mask: chunk index -> ring element, uint64 (len(primes), N), row j below q_j."""
+
 
 class CiphertextError(ValueError):
     """A ciphertext that cannot be loaded or does not fit the context."""
+
+
+def ring_of(context: ts.Context) -> tuple[list[int], int]:
+    """The RNS primes and the degree N of the first data level, where uploads are made.
+
+    A mask for one chunk is a ring element of this level: a uint64 array of shape
+    (len(primes), N) whose row j holds words below primes[j], in NTT form.
+    """
+    parms = context.seal_context().data.first_context_data().parms()
+    return [modulus.value() for modulus in parms.coeff_modulus()], parms.poly_modulus_degree()
+
+
+def _checked_mask(mask: RingMask, index: int, primes: list[int], degree: int) -> np.ndarray:
+    return checked_ring_element(mask(index), primes, degree, f"the mask of chunk {index}")
 
 
 @dataclass(frozen=True)
@@ -155,10 +179,20 @@ class _SymmetricEncryptor:
         self.encoder = sealapi.CKKSEncoder(seal_context)
         self.encryptor = sealapi.Encryptor(seal_context, context.secret_key().data)
         self.seal_context, self.scale, self.seeded = seal_context, context.global_scale, seeded
+        self.primes, self.degree = ring_of(context)
 
-    def encrypt(self, values: np.ndarray) -> bytes:
+    def encrypt(self, values: np.ndarray, mask_words: np.ndarray | None = None) -> bytes:
+        """Encode, add ``mask_words`` (a checked ring element) if given, encrypt, save.
+
+        The mask goes into the plaintext, not the ciphertext: Enc(pt + m) is the
+        ciphertext (c0 + m, c1), and a seeded c1 survives (masking a saved ciphertext
+        would have to expand its seed, doubling the upload).
+        """
         plain = sealapi.Plaintext()
         self.encoder.encode(values.tolist(), self.scale, plain)
+        if mask_words is not None:
+            masked = add_mod(plaintext_words(plain, self.degree), mask_words, self.primes)
+            plain = plaintext_from_words(self.seal_context, masked, plain.parms_id(), plain.scale)
         if self.seeded:
             return _save(self.encryptor.encrypt_symmetric(plain))
         ciphertext = sealapi.Ciphertext(self.seal_context)
@@ -174,8 +208,8 @@ def _init_worker(secret_context: bytes, seeded: bool) -> None:
     _worker_encryptor = _SymmetricEncryptor(ts.context_from(secret_context), seeded)
 
 
-def _encrypt_in_worker(values: np.ndarray) -> bytes:
-    return _worker_encryptor.encrypt(values)
+def _encrypt_in_worker(values: np.ndarray, mask_words: np.ndarray | None = None) -> bytes:
+    return _worker_encryptor.encrypt(values, mask_words)
 
 
 @lru_cache(maxsize=2)
@@ -222,18 +256,45 @@ class CkksEncoder:
         self.workers = default_workers() if workers is None else max(1, workers)
         self.slots = self._encryptor.encoder.slot_count()
         self.poly_modulus_degree, self.scale = 2 * self.slots, context.global_scale
+        self.primes, self.degree = ring_of(context)
 
-    def encrypt(self, vector: np.ndarray) -> list[bytes]:
-        """Encrypt a float vector as ceil(len / slots) ciphertexts."""
+    def encrypt(self, vector: np.ndarray, mask: RingMask | None = None) -> list[bytes]:
+        """Encrypt a float vector as ceil(len / slots) ciphertexts, each masked if asked.
+
+        Parameters
+        ----------
+        vector : np.ndarray
+            The values.
+        mask : Callable[[int], np.ndarray] | None
+            None encrypts the values as they are. Otherwise ``mask(i)`` is the ring
+            element (:func:`ring_of`) added to chunk i's encoded plaintext before it is
+            encrypted: the chunk then decrypts to the mask plus the values, uniform mod
+            each prime when the mask is. The upload stays seeded. Masks are computed
+            here, in the calling process, and checked before anything is encrypted.
+
+        Raises
+        ------
+        ValueError
+            If a mask is not a uint64 array of shape (len(primes), N) with every word
+            below its prime; the message names the chunk.
+        """
         vector = np.asarray(vector, dtype=np.float64)
         chunks = [vector[i : i + self.slots] for i in range(0, len(vector), self.slots)]
+        if mask is None:
+            masks = None
+        else:
+            masks = [_checked_mask(mask, i, self.primes, self.degree) for i in range(len(chunks))]
         if self.workers == 1 or len(chunks) < PARALLEL_MIN_CHUNKS:
-            return [self._encryptor.encrypt(c) for c in chunks]
+            if masks is None:
+                return [self._encryptor.encrypt(c) for c in chunks]
+            return [self._encryptor.encrypt(c, m) for c, m in zip(chunks, masks, strict=True)]
         if self._secret_bytes is None:  # what the worker processes load their keys from
             self._secret_bytes = secret_context_bytes(self._context)
         pool = _pool(self._secret_bytes, self.seeded, self.workers)
         chunksize = max(1, len(chunks) // (4 * self.workers))
-        return list(pool.map(_encrypt_in_worker, chunks, chunksize=chunksize))
+        if masks is None:
+            return list(pool.map(_encrypt_in_worker, chunks, chunksize=chunksize))
+        return list(pool.map(_encrypt_in_worker, chunks, masks, chunksize=chunksize))
 
     def decrypt(self, chunks: list[bytes], length: int, weight: float = 1.0) -> np.ndarray:
         """Decrypt a sum for release: flooded with noise, divided by ``weight``, rounded.
@@ -327,6 +388,8 @@ class CkksAdder:
         data_level = context.seal_context().data.first_context_data()
         self.slots = data_level.parms().poly_modulus_degree() // 2
         self.scale = context.global_scale
+        self.primes, self.degree = ring_of(context)
+        self._evaluator: sealapi.Evaluator | None = None
 
     def encrypt_public(self, vector: np.ndarray) -> list[bytes]:
         """Encrypt with the public key (full-size ciphertexts): the server's initial model."""
@@ -347,6 +410,45 @@ class CkksAdder:
             fresh ciphertext under these parameters.
         """
         return load_fresh(self.context, chunks, self.slots)
+
+    def remove_mask(self, chunks: list[bytes], mask: RingMask) -> list[bytes]:
+        """Subtract ring element ``mask(i)`` from ciphertext i, with the public context.
+
+        For a sum of masked uploads: subtracting the masks that do not cancel (the
+        survivors' self-masks, the pairwise masks of the dropped) leaves the sum of the
+        values, exactly as if nothing had been masked (every operation is exact mod
+        each prime). Each chunk is checked as :func:`load_fresh` checks it first;
+        ``Evaluator.sub_plain`` runs at its parms_id and scale.
+
+        Returns
+        -------
+        list[bytes]
+            The serialized ciphertexts, which :func:`load_fresh` and
+            :meth:`CkksEncoder.decrypt` accept.
+
+        Raises
+        ------
+        CiphertextError
+            If a chunk is not a ciphertext :func:`load_fresh` accepts.
+        ValueError
+            If a mask is not a uint64 array of shape (len(primes), N) with every word
+            below its prime; the message names the chunk.
+        """
+        if not chunks:
+            return []
+        vector = self.load(chunks)
+        seal_context = self.context.seal_context().data
+        if self._evaluator is None:
+            self._evaluator = sealapi.Evaluator(seal_context)
+        unmasked = []
+        for index, ciphertext in enumerate(vector.ciphertext()):
+            words = _checked_mask(mask, index, self.primes, self.degree)
+            plain = plaintext_from_words(
+                seal_context, words, ciphertext.parms_id(), ciphertext.scale
+            )
+            self._evaluator.sub_plain_inplace(ciphertext, plain)
+            unmasked.append(_save(ciphertext))
+        return unmasked
 
     def sum_range(
         self, uploads: list[list[bytes]], start: int, stop: int

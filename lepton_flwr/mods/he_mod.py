@@ -102,6 +102,7 @@ def encrypt_update(
     encoder: CkksEncoder,
     own_fingerprint: str,
     bound: float | None = None,
+    mask=None,
 ) -> ArrayRecord:
     """Encrypt ``weight * tensors`` as seeded CKKS chunks, with header.
 
@@ -130,7 +131,7 @@ def encrypt_update(
         if max_abs > bound:  # no value in the text: it may leave the client
             raise ValueError("values pass the public bound; nothing was encrypted")
         max_abs = bound
-    chunks = encoder.encrypt(scaled)
+    chunks = encoder.encrypt(scaled, mask=mask)
     return EncryptedModel(manifest, chunks, weight, own_fingerprint, max_abs).to_record()
 
 
