@@ -45,6 +45,7 @@ from lepton_flwr.mods.he_mod import encrypt_update
 CHUNKS = 4  # 4 x 4096 words per prime and upload: 256 per chi-square bucket
 UNIFORM_P = 1e-6  # what a uniform sample passes
 CAUGHT_P = 1e-10  # what the unmasked controls must fail by
+MASK_OF = {"small": 1, "large": 2}  # each upload its own self-mask seed
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +176,7 @@ def test_one_masked_upload_decrypts_to_uniform_words_independent_of_the_update(c
     views = {}
     for masked in (True, False):
         for name, update in (("small", small), ("large", large)):
-            mask = self_mask(len(name), (primes, degree)) if masked else None
+            mask = self_mask(MASK_OF[name], (primes, degree)) if masked else None
             chunks = encoder.encrypt(update, mask=mask)
             views[masked, name] = key_holder_view(secret, chunks)
             decoded = encoder._decrypt_exact(chunks, len(update))
@@ -253,7 +254,7 @@ def test_a_masked_upload_times_a_one_slot_plaintext_stays_uniform(ckks):
     views = {}
     for masked in (True, False):
         for name, update in (("small", small), ("large", large)):
-            mask = self_mask(7 + len(name), (primes, degree)) if masked else None
+            mask = self_mask(7 + MASK_OF[name], (primes, degree)) if masked else None
             chunks = encoder.encrypt(update, mask=mask)
             views[masked, name] = key_holder_view(secret, chunks, multiply_by=selector)
     for row, prime in enumerate(primes):
