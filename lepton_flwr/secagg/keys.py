@@ -1,0 +1,153 @@
+"""The secure-aggregation keys of one node and round, and what two nodes agree from them.
+
+A node keeps one 32-byte master secret per run. For round r it derives two X25519 key
+pairs, private key = HKDF-SHA256(master, info = purpose ‖ r): one encrypts the Shamir
+shares it sends (``ENCRYPTION``), one agrees pairwise mask seeds (``MASK``). Keys are
+per round, so a mask key the server reconstructs for a client that dropped opens that
+round only; they are a function of the master and the round, so a node can advertise
+many rounds' public keys at once and hold no per-round key in its state.
+
+From an X25519 agreement, HKDF-SHA256 derives (info naming the role, the round and
+the two node ids, smaller first) a Fernet key for the share tokens of two nodes, or the
+32-byte seed of their pairwise mask (:func:`lepton_flwr.he.ring_masks.ring_mask`).
+Fernet and Shamir come from Flower
+(``flwr.common.secure_aggregation.crypto``); X25519 and HKDF from ``cryptography``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import struct
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+    PublicFormat,
+)
+
+from lepton_flwr.numbers import is_int
+
+SECRET_BYTES = 32  # master secret, self-mask seed, private key, pairwise seed
+PUBLIC_KEY_BYTES = 32
+SHARE_BYTES = 4 + 48  # Flower's Shamir share of 32 bytes: index, then 3 blocks of 16
+COMMITMENT_BYTES = 32
+MAX_NODE_ID = (1 << 64) - 1
+MAX_ROUND = (1 << 63) - 1
+
+ENCRYPTION = b"share-encryption"
+MASK = b"mask-agreement"
+_DOMAIN = b"lepton-flwr secagg v1 "
+
+
+def check_node_id(value: object, field: str) -> int:
+    """``value`` if it is a node id (an int in [0, 2^64)); else ValueError naming ``field``."""
+    if not is_int(value) or not 0 <= value <= MAX_NODE_ID:
+        raise ValueError(f"{field}: a node id is an integer in [0, 2^64), not {value!r}")
+    return value
+
+
+def check_round(value: object, field: str = "round") -> int:
+    """``value`` if it is a round number (an int in [0, 2^63)); else ValueError."""
+    if not is_int(value) or not 0 <= value <= MAX_ROUND:
+        raise ValueError(f"{field}: a round is an integer in [0, 2^63), not {value!r}")
+    return value
+
+
+def _hkdf(key_material: bytes, info: bytes) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=SECRET_BYTES, salt=None, info=info).derive(
+        key_material
+    )
+
+
+def _pair_info(role: bytes, server_round: int, node_a: int, node_b: int) -> bytes:
+    low, high = sorted((node_a, node_b))
+    return _DOMAIN + role + struct.pack(">QQQ", server_round, low, high)
+
+
+def round_private_key(master: bytes, purpose: bytes, server_round: int) -> X25519PrivateKey:
+    """The node's private key for ``purpose`` (``ENCRYPTION`` or ``MASK``) in one round."""
+    if not isinstance(master, bytes) or len(master) != SECRET_BYTES:
+        raise ValueError(f"a master secret is {SECRET_BYTES} bytes")
+    if purpose not in (ENCRYPTION, MASK):
+        raise ValueError(f"unknown key purpose {purpose!r}")
+    check_round(server_round)
+    info = _DOMAIN + b"round key " + purpose + struct.pack(">Q", server_round)
+    return X25519PrivateKey.from_private_bytes(_hkdf(master, info))
+
+
+def public_bytes(key: X25519PrivateKey | X25519PublicKey) -> bytes:
+    """The 32 raw bytes of a public key (of a private key's public half)."""
+    public = key.public_key() if isinstance(key, X25519PrivateKey) else key
+    return public.public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+def private_bytes(key: X25519PrivateKey) -> bytes:
+    """The 32 raw bytes of a private key (what is Shamir-shared)."""
+    return key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+
+
+def round_public_keys(master: bytes, server_round: int) -> tuple[bytes, bytes]:
+    """(encryption public key, mask public key) of the node for one round."""
+    return (
+        public_bytes(round_private_key(master, ENCRYPTION, server_round)),
+        public_bytes(round_private_key(master, MASK, server_round)),
+    )
+
+
+def load_public_key(data: object, field: str) -> X25519PublicKey:
+    """A peer's public key from 32 bytes; ValueError naming ``field`` otherwise."""
+    if not isinstance(data, bytes) or len(data) != PUBLIC_KEY_BYTES:
+        raise ValueError(f"{field}: a public key is {PUBLIC_KEY_BYTES} bytes")
+    return X25519PublicKey.from_public_bytes(data)
+
+
+def _agree(private: X25519PrivateKey, public: X25519PublicKey, field: str) -> bytes:
+    try:
+        return private.exchange(public)
+    except ValueError:  # a low-order point: the agreement would be all zeros
+        raise ValueError(f"{field}: the public key is a low-order point") from None
+
+
+def share_key(
+    private: X25519PrivateKey,
+    peer_public: X25519PublicKey,
+    server_round: int,
+    node: int,
+    peer: int,
+    field: str = "encryption key",
+) -> bytes:
+    """The Fernet key (url-safe base64 of 32 bytes) for tokens between two nodes in a round."""
+    shared = _agree(private, peer_public, field)
+    return base64.urlsafe_b64encode(
+        _hkdf(shared, _pair_info(b"share key", server_round, node, peer))
+    )
+
+
+def pair_seed(
+    private: X25519PrivateKey,
+    peer_public: X25519PublicKey,
+    server_round: int,
+    node: int,
+    peer: int,
+    field: str = "mask key",
+) -> bytes:
+    """The 32-byte seed of the pairwise mask two nodes agree in a round."""
+    shared = _agree(private, peer_public, field)
+    return _hkdf(shared, _pair_info(b"pair seed", server_round, node, peer))
+
+
+def commitment(node: int, server_round: int, self_seed: bytes) -> bytes:
+    """SHA-256 commitment to a node's self-mask seed for a round."""
+    return hashlib.sha256(
+        _DOMAIN + b"self-mask commitment" + struct.pack(">QQ", node, server_round) + self_seed
+    ).digest()
+
+
+def share_index(share: bytes) -> int:
+    """The Shamir index a share carries (Flower's layout: 4 little-endian bytes first)."""
+    return int.from_bytes(share[:4], "little")
