@@ -7,11 +7,13 @@ against the victim's own mask.
 """
 
 import itertools
+import time
 
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares
+from flwr.common.secure_aggregation.crypto.symmetric_encryption import encrypt
 
 import lepton_flwr.secagg.client as client_module
 import lepton_flwr.secagg.server as server_module
@@ -29,12 +31,16 @@ from lepton_flwr.secagg import (
     threshold,
     tolerated_dropouts,
 )
+from lepton_flwr.secagg.client import token_plaintext
 from lepton_flwr.secagg.keys import (
+    ENCRYPTION,
     MASK,
     commitment,
     pair_seed,
     public_bytes,
     round_private_key,
+    round_public_keys,
+    share_key,
 )
 
 PRIMES = [1099511390209, 1099511480321]  # the default context's two 40-bit data primes
@@ -425,3 +431,482 @@ def test_with_only_the_majority_rule_revealing_the_peers_keys_reads_an_upload(mo
         terms.append((1 if victim < peer else -1, seed_uv))
     rebuilt = MaskSum(round_.r, [seed], terms, PRIMES, DEGREE)
     np.testing.assert_array_equal(rebuilt(0), found["mask"](0))
+
+
+# -- a node answers each stage once, and refuses what is malformed ----------------------
+
+
+def _stage_requests(n=6):
+    """A round up to the masked input, and one request of each stage for its first node."""
+    round_ = Round(n)
+    u = round_.ids[0]
+    share_keys = round_.server.share_keys_requests()
+    round_.share_keys()
+    return round_, u, share_keys[u], round_.server.masked_input_requests()
+
+
+def test_each_stage_is_answered_once_per_round_even_after_a_restart():
+    round_, u, share_request, masked_requests = _stage_requests()
+    client = round_.clients[u]
+    with pytest.raises(SecAggRefusal, match="round: share-keys of round 7 was answered before"):
+        client.share_keys(share_request)
+    round_.masked_input()
+    with pytest.raises(SecAggRefusal, match="masked-input of round 7 was answered before"):
+        client.masked_input(masked_requests[u], PRIMES, DEGREE)
+    request = round_.server.unmask_requests()[u]
+    client.unmask(request)
+    restored = SecAggClient(u, ClientState.from_bytes(client.state.to_bytes()), round_.params)
+    for again in (client, restored):
+        with pytest.raises(SecAggRefusal, match="unmask of round 7 was answered before"):
+            again.unmask(request)
+        with pytest.raises(SecAggRefusal, match="answered before"):
+            again.share_keys(share_request)
+
+
+def test_the_node_shares_with_each_neighbour_and_keeps_no_share_of_its_own():
+    round_ = Round(6)
+    u = round_.ids[0]
+    request = round_.server.share_keys_requests()[u]
+    reply = round_.clients[u].share_keys(request)
+    assert reply["recipients"] == sorted(request["neighbours"]) and u not in reply["recipients"]
+    assert len(reply["tokens"]) == 5
+    record = round_.clients[u].state.rounds[ROUND]
+    assert record.held == {} and record.self_seed is not None
+    assert commitment(u, ROUND, record.self_seed) == reply["commitment"]
+
+
+def _next_round(round_):
+    """The same clients in round r + 1 (keys were advertised for it)."""
+    follow = Round.__new__(Round)
+    follow.__dict__.update(round_.__dict__)
+    follow.r = round_.r + 1
+    follow.server = SecAggServerRound(
+        follow.r, round_.book.round_keys(round_.ids, follow.r), round_.params
+    )
+    follow.masks, follow.refusals = {}, {}
+    return follow
+
+
+def test_a_token_replayed_from_another_round_is_refused_and_stops_the_round():
+    first = Round(6)
+    first.run()
+    old_tokens = first.server._tokens
+    second = _next_round(first)
+    second.share_keys()
+    requests = second.server.masked_input_requests()
+    u = second.ids[0]
+    replayed = dict(requests[u])
+    sender = replayed["senders"][0]
+    replayed["tokens"] = [old_tokens[sender][u], *replayed["tokens"][1:]]
+    client = second.clients[u]
+    with pytest.raises(SecAggRefusal, match=f"tokens: the token from {sender} does not open"):
+        client.masked_input(replayed, PRIMES, DEGREE)
+    with pytest.raises(SecAggRefusal, match="stopped round 8"):
+        client.masked_input(requests[u], PRIMES, DEGREE)
+    assert client.state.rounds[8].held == {} and client.state.rounds[8].self_seed is None
+
+
+def test_a_token_addressed_to_another_node_is_refused():
+    round_, u, _, requests = _stage_requests()
+    request = dict(requests[u])
+    sender, other = request["senders"][0], request["senders"][1]
+    request["tokens"] = [round_.server._tokens[sender][other], *request["tokens"][1:]]
+    with pytest.raises(SecAggRefusal, match=f"the token from {sender} does not open"):
+        round_.clients[u].masked_input(request, PRIMES, DEGREE)
+
+
+def test_a_token_under_the_right_key_but_bound_to_another_round_is_refused():
+    """The binding inside the token is checked, not only the key it opens under."""
+    round_, u, _, requests = _stage_requests()
+    request = dict(requests[u])
+    sender = request["senders"][0]
+    sender_state = round_.clients[sender].state
+    key = share_key(
+        round_private_key(sender_state.master, ENCRYPTION, ROUND),
+        X25519PublicKey.from_public_bytes(
+            round_public_keys(round_.clients[u].state.master, ROUND)[0]
+        ),
+        ROUND,
+        sender,
+        u,
+    )
+    share = bytes(52)
+    forged = encrypt(key, token_plaintext(sender, u, ROUND + 1, share, share))
+    request["tokens"] = [forged, *request["tokens"][1:]]
+    with pytest.raises(SecAggRefusal, match="bound to another sender, receiver or round"):
+        round_.clients[u].masked_input(request, PRIMES, DEGREE)
+
+
+def test_a_threshold_below_the_nodes_rule_or_too_few_neighbours_is_refused():
+    round_ = Round(8)
+    u = round_.ids[0]
+    request = round_.server.share_keys_requests()[u]
+    assert request["threshold"] == 5
+    for bad in (4, 8, 5.0, True):
+        with pytest.raises(SecAggRefusal, match=r"threshold: .* outside \[5, 7\]"):
+            round_.clients[u].share_keys({**request, "threshold": bad})
+    strict = SecAggClient(u, ClientState.new(), SecAggParams(colluding_fraction=0.3))
+    with pytest.raises(SecAggRefusal, match=r"outside \[6, 7\]"):  # its own γ: c = 3
+        strict.share_keys(request)
+    few = {
+        **request,
+        "neighbours": request["neighbours"][:3],
+        "encryption_keys": request["encryption_keys"][:3],
+        "mask_keys": request["mask_keys"][:3],
+        "threshold": 3,
+    }
+    with pytest.raises(SecAggRefusal, match="neighbours: 3 neighbours, below min_neighbours = 4"):
+        round_.clients[u].share_keys(few)
+    round_.clients[u].share_keys(request)  # refusals changed nothing
+
+
+def _mutate(request, **changes):
+    return {**request, **changes}
+
+
+SHARE_KEYS_MUTATIONS = [
+    (lambda q, u: _mutate(q, round="7"), "round: a round is an integer"),
+    (lambda q, u: _mutate(q, round=-1), "round: a round is an integer"),
+    (lambda q, u: {**q, "extra": 1}, "exactly the fields"),
+    (lambda q, u: {k: v for k, v in q.items() if k != "mask_keys"}, "exactly the fields"),
+    (
+        lambda q, u: _mutate(q, neighbours=[*q["neighbours"][:-1], q["neighbours"][0]]),
+        "neighbours: a node id is repeated",
+    ),
+    (lambda q, u: _mutate(q, neighbours=[*q["neighbours"][:-1], u]), "neighbours: the node itself"),
+    (
+        lambda q, u: _mutate(q, neighbours=[*q["neighbours"][:-1], -5]),
+        "neighbours: a node id is an integer",
+    ),
+    (
+        lambda q, u: _mutate(q, neighbours=[*q["neighbours"][:-1], 2**64]),
+        "neighbours: a node id is an integer",
+    ),
+    (lambda q, u: _mutate(q, neighbours="1,2,3"), "neighbours: a list of node ids"),
+    (
+        lambda q, u: _mutate(q, encryption_keys=q["encryption_keys"][:-1]),
+        "encryption_keys: a list of 5",
+    ),
+    (
+        lambda q, u: _mutate(q, mask_keys=[*q["mask_keys"][:-1], bytes(31)]),
+        "mask_keys: each item must be bytes of length 32",
+    ),
+    (
+        lambda q, u: _mutate(q, mask_keys=[*q["mask_keys"][:-1], "k" * 32]),
+        "mask_keys: each item must be bytes",
+    ),
+    (
+        lambda q, u: _mutate(q, mask_keys=[*q["mask_keys"][:-1], q["mask_keys"][0]]),
+        "mask_keys: a public key is repeated",
+    ),
+    (
+        lambda q, u: _mutate(q, encryption_keys=[*q["encryption_keys"][:-1], bytes(32)]),
+        "encryption_keys: the public key is a low-order point",
+    ),
+    (
+        lambda q, u: _mutate(q, mask_keys=[*q["mask_keys"][:-1], bytes(32)]),
+        "mask_keys: the public key is a low-order point",
+    ),
+]
+
+
+@pytest.mark.parametrize("mutation,message", SHARE_KEYS_MUTATIONS)
+def test_a_malformed_share_keys_request_is_refused_with_its_field_named(mutation, message):
+    round_ = Round(6)
+    u = round_.ids[0]
+    request = round_.server.share_keys_requests()[u]
+    client = round_.clients[u]
+    before = client.state.to_bytes()
+    with pytest.raises(SecAggRefusal, match=message):
+        client.share_keys(mutation(request, u))
+    assert client.state.to_bytes() == before
+    client.share_keys(request)
+
+
+MASKED_INPUT_MUTATIONS = [
+    (lambda q, r: _mutate(q, dropped=[12345]), "dropped: an id is not a neighbour"),
+    (
+        lambda q, r: _mutate(q, senders=q["senders"][1:], tokens=q["tokens"][1:]),
+        "senders: not the neighbours less the dropped",
+    ),
+    (lambda q, r: _mutate(q, tokens=q["tokens"][1:]), "tokens: a list of 5"),
+    (lambda q, r: _mutate(q, tokens=[*q["tokens"][1:], "x"]), "tokens: each item must be bytes"),
+    (lambda q, r: _mutate(q, tokens=[*q["tokens"][1:], bytes(2000)]), "tokens: a token is longer"),
+    (
+        lambda q, r: _mutate(q, senders=[*q["senders"][:-1], q["senders"][0]]),
+        "senders: a node id is repeated",
+    ),
+    (
+        lambda q, r: _mutate(
+            q, senders=q["senders"][2:], tokens=q["tokens"][2:], dropped=q["senders"][:2]
+        ),
+        "dropped: 2 neighbours dropped, more than 1",
+    ),
+    (lambda q, r: _mutate(q, round=r + 1), "round: the node did not answer share-keys of round 8"),
+    (lambda q, r: {**q, "survivors": []}, "exactly the fields"),
+]
+
+
+@pytest.mark.parametrize("mutation,message", MASKED_INPUT_MUTATIONS)
+def test_a_malformed_masked_input_request_is_refused_with_its_field_named(mutation, message):
+    round_, u, _, requests = _stage_requests()
+    client = round_.clients[u]
+    before = client.state.to_bytes()
+    with pytest.raises(SecAggRefusal, match=message):
+        client.masked_input(mutation(requests[u], ROUND), PRIMES, DEGREE)
+    assert client.state.to_bytes() == before  # a malformed request closes nothing
+    client.masked_input(requests[u], PRIMES, DEGREE)
+
+
+def test_a_bad_ring_is_refused_before_anything_is_opened():
+    round_, u, _, requests = _stage_requests()
+    for primes, degree in (([], 64), ([2**62], 64), ([PRIMES[0]], 0), ("q", 64)):
+        with pytest.raises(SecAggRefusal, match="ring: "):
+            round_.clients[u].masked_input(requests[u], primes, degree)
+
+
+UNMASK_MUTATIONS = [
+    (
+        lambda q, ids: _mutate(q, dropped=[q["survivors"][1]]),
+        "survivors: an id is both a survivor and dropped",
+    ),
+    (
+        lambda q, ids: _mutate(q, survivors=q["survivors"][1:]),
+        "survivors: the node itself is not among them",
+    ),
+    (
+        lambda q, ids: _mutate(q, survivors=q["survivors"][:3]),
+        "survivors: 3 survivors, fewer than t = 4",
+    ),
+    (
+        lambda q, ids: _mutate(q, survivors=q["survivors"][:4], dropped=q["survivors"][4:]),
+        "dropped: 2 peers dropped, more than 1",
+    ),
+    (lambda q, ids: _mutate(q, dropped=[99]), "dropped: an id is not a peer the node masked with"),
+    (
+        lambda q, ids: _mutate(q, survivors=[*q["survivors"], 99]),
+        "survivors: an id is not a peer the node masked with",
+    ),
+    (
+        lambda q, ids: _mutate(q, survivors=[*q["survivors"], q["survivors"][0]]),
+        "survivors: a node id is repeated",
+    ),
+    (lambda q, ids: _mutate(q, dropped=None), "dropped: a list of node ids"),
+    (lambda q, ids: _mutate(q, round=6), "round: the node did not answer masked-input of round 6"),
+]
+
+
+@pytest.mark.parametrize("mutation,message", UNMASK_MUTATIONS)
+def test_a_malformed_unmask_request_is_refused_with_its_field_named(mutation, message):
+    round_ = Round(6)
+    round_.share_keys()
+    round_.masked_input()
+    u = round_.ids[0]
+    request = round_.server.unmask_requests()[u]
+    client = round_.clients[u]
+    before = client.state.to_bytes()
+    with pytest.raises(SecAggRefusal, match=message):
+        client.unmask(mutation(request, round_.ids))
+    assert client.state.to_bytes() == before
+    client.unmask(request)
+
+
+def test_an_unmask_reply_holds_one_kind_of_share_per_peer():
+    """Disjoint S and D, answered once: no peer's b share and key share leave together."""
+    round_ = Round(9)
+    round_.share_keys()
+    round_.masked_input(drop=[round_.ids[3]])
+    u = round_.ids[0]
+    reply = round_.clients[u].unmask(round_.server.unmask_requests()[u])
+    assert reply["mask_key_owners"] == [round_.ids[3]]
+    assert not set(reply["self_mask_owners"]) & set(reply["mask_key_owners"])
+
+
+def test_the_advertised_keys_are_the_ones_each_round_uses():
+    client = SecAggClient(5, ClientState.new())
+    reply = client.advertise({"first_round": 3, "rounds": 4})
+    assert reply["first_round"] == 3 and len(reply["mask_keys"]) == 4
+    for offset in range(4):
+        enc, mask = round_public_keys(client.state.master, 3 + offset)
+        assert (reply["encryption_keys"][offset], reply["mask_keys"][offset]) == (enc, mask)
+    assert len(set(reply["mask_keys"]) | set(reply["encryption_keys"])) == 8
+    for bad in (
+        {"first_round": 3, "rounds": 257},
+        {"first_round": 3, "rounds": 0},
+        {"first_round": 2**63 - 2, "rounds": 5},
+        {"first_round": 3},
+    ):
+        with pytest.raises(SecAggRefusal):
+            client.advertise(bad)
+    with pytest.raises(ValueError, match="rounds must be in"):
+        PublicKeyBook.advertise_request(1, 257)
+
+
+def test_a_revealed_mask_key_opens_its_own_round_only():
+    round_ = Round(9)
+    dropped = round_.ids[4]
+    round_.run(drop_masked_input=[dropped])
+    _, keys = round_.server.recover_secrets()
+    revealed = public_bytes(keys[dropped])
+    assert revealed == round_.book.keys(dropped, ROUND)[1]
+    assert revealed != round_.book.keys(dropped, ROUND + 1)[1]
+    assert (
+        public_bytes(round_private_key(round_.clients[dropped].state.master, MASK, ROUND + 1))
+        != revealed
+    )
+
+
+# -- the server checks every reply -------------------------------------------------------
+
+
+SHARE_KEYS_REPLY_MUTATIONS = [
+    (lambda a: {**a, "round": 8}, "round: not round 7"),
+    (lambda a: {**a, "recipients": a["recipients"][1:]}, "recipients: not the ids"),
+    (lambda a: {**a, "recipients": list(reversed(a["recipients"]))}, "recipients: not the ids"),
+    (
+        lambda a: {**a, "tokens": [*a["tokens"][:-1], a["tokens"][-1][:-1]]},
+        "tokens: 5 byte strings of 268",
+    ),
+    (lambda a: {**a, "commitment": bytes(31)}, "commitment: 32 bytes expected"),
+    (lambda a: {**a, "extra": b""}, "exactly the fields"),
+    (lambda a: "reply", "exactly the fields"),
+]
+
+
+@pytest.mark.parametrize("mutation,message", SHARE_KEYS_REPLY_MUTATIONS)
+def test_a_malformed_share_keys_reply_drops_its_node_with_a_reason(mutation, message):
+    round_ = Round(6)
+    bad = round_.ids[2]
+    replies = {
+        u: round_.clients[u].share_keys(request)
+        for u, request in round_.server.share_keys_requests().items()
+    }
+    replies[bad] = mutation(replies[bad])
+    dropped = round_.server.receive_share_keys(replies)
+    assert list(dropped) == [bad]
+    assert f"node {bad}: " in dropped[bad] and message in dropped[bad]
+    round_.masked_input()
+    assert "dropped" not in round_.refusals
+    round_.unmask()
+    assert_exact(round_, round_.server.correction(PRIMES, DEGREE))
+
+
+def _unmask_replies(round_):
+    return {u: round_.clients[u].unmask(q) for u, q in round_.server.unmask_requests().items()}
+
+
+def test_a_malformed_unmask_reply_is_set_aside_whole():
+    round_ = Round(12)
+    round_.share_keys()
+    round_.masked_input(drop=[round_.ids[11]])
+    replies = _unmask_replies(round_)
+    a, b, c = round_.ids[0], round_.ids[1], round_.ids[2]
+    owner = replies[a]["self_mask_owners"][0]
+    other = round_.ids[5]  # another holder's share of the same secret: its index differs
+    shares = list(replies[a]["self_mask_shares"])
+    shares[0] = replies[other]["self_mask_shares"][replies[other]["self_mask_owners"].index(owner)]
+    replies[a] = {**replies[a], "self_mask_shares": shares}
+    replies[b] = {**replies[b], "mask_key_owners": []}
+    replies[c] = {**replies[c], "round": True}
+    rejected = round_.server.receive_unmask(replies)
+    assert set(rejected) == {a, b, c}
+    assert "self_mask_shares: the share of" in rejected[a] and "has index" in rejected[a]
+    assert "mask_key_owners: not the ids" in rejected[b]
+    assert "round: not round 7" in rejected[c]
+    assert_exact(
+        round_, round_.server.correction(PRIMES, DEGREE)
+    )  # each secret keeps ≥ 7 = t holders
+
+
+def _corrupt_first_share(reply):
+    shares = list(reply["self_mask_shares"])
+    shares[0] = shares[0][:4] + bytes(b ^ 0x5A for b in shares[0][4:])
+    return {**reply, "self_mask_shares": shares}
+
+
+def test_a_corrupt_share_is_outvoted_by_spare_shares_and_voids_the_round_without_them():
+    n = 12
+    round_ = Round(n)
+    round_.share_keys()
+    round_.masked_input()
+    replies = _unmask_replies(round_)
+    first = round_.ids[0]
+    victim_owner = replies[first]["self_mask_owners"][0]
+    replies[first] = _corrupt_first_share(replies[first])
+    assert round_.server.receive_unmask(replies) == {}
+    assert_exact(round_, round_.server.correction(PRIMES, DEGREE))
+
+    round_ = Round(n)
+    round_.share_keys()
+    round_.masked_input()
+    t = round_.server.threshold
+    replies = _unmask_replies(round_)
+    keep = [u for u in round_.ids if u != victim_owner][:t]
+    replies = {u: replies[u] for u in [*keep, victim_owner]}
+    replies[first] = _corrupt_first_share(replies[first])
+    round_.server.receive_unmask(replies)
+    with pytest.raises(RoundNotUnmaskedError, match=f"the self-mask seed of {victim_owner}"):
+        round_.server.correction(PRIMES, DEGREE)
+
+
+def test_fewer_survivors_than_t_release_nothing():
+    round_ = Round(8)
+    round_.share_keys()
+    with pytest.raises(RoundNotUnmaskedError, match="4 survivors, fewer than t = 5"):
+        round_.server.set_survivors(round_.ids[:4])
+    with pytest.raises(ValueError, match="did not share keys"):
+        round_.server.set_survivors([*round_.ids[:5], 424242])
+
+
+# -- cost at n = 100 ---------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_print_the_cost_of_share_keys_and_unmask_at_100_clients():
+    """Prints per-client and server seconds; asserts only that the round is exact."""
+    n = 100
+    round_ = Round(n)
+    timings = {"share-keys": [], "masked-input": [], "unmask": []}
+    replies = {}
+    for u, request in round_.server.share_keys_requests().items():
+        start = time.perf_counter()
+        replies[u] = round_.clients[u].share_keys(request)
+        timings["share-keys"].append(time.perf_counter() - start)
+    start = time.perf_counter()
+    round_.server.receive_share_keys(replies)
+    requests = round_.server.masked_input_requests()
+    server_share_keys = time.perf_counter() - start
+    dropped = round_.ids[-5:]
+    for u, request in requests.items():
+        if u in dropped:
+            continue
+        start = time.perf_counter()
+        round_.masks[u] = round_.clients[u].masked_input(request, PRIMES, DEGREE)
+        timings["masked-input"].append(time.perf_counter() - start)
+    round_.server.set_survivors(round_.masks)
+    answers = {}
+    for u, request in round_.server.unmask_requests().items():
+        start = time.perf_counter()
+        answers[u] = round_.clients[u].unmask(request)
+        timings["unmask"].append(time.perf_counter() - start)
+    start = time.perf_counter()
+    round_.server.receive_unmask(answers)
+    correction = round_.server.correction(PRIMES, DEGREE)
+    server_unmask = time.perf_counter() - start
+    start = time.perf_counter()
+    correction(0)
+    server_chunk = time.perf_counter() - start
+    start = time.perf_counter()
+    round_.masks[round_.ids[0]](0)
+    client_chunk = time.perf_counter() - start
+    assert_exact(round_, correction)
+    per_client = {stage: float(np.median(values)) for stage, values in timings.items()}
+    print(
+        f"\nn = {n}, t = {round_.server.threshold}, 5 dropped after share-keys: per client "
+        f"(median) share-keys {per_client['share-keys']:.3f} s, masked-input "
+        f"{per_client['masked-input']:.3f} s, unmask {per_client['unmask'] * 1e3:.2f} ms, "
+        f"one chunk's mask at N = {DEGREE} {client_chunk * 1e3:.1f} ms; server share-keys "
+        f"checks and routing {server_share_keys:.3f} s, unmask (95 seeds, 5 keys "
+        f"reconstructed and checked) {server_unmask:.2f} s, one chunk's correction "
+        f"{server_chunk * 1e3:.1f} ms"
+    )
