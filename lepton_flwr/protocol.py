@@ -51,7 +51,14 @@ DPSGD_DELTA = "dpsgd-delta"  # DP-SGD: the δ at which the node computes its own
 HE_MAX_DECRYPTIONS = "he-max-decryptions"  # HE: the most models the node decrypts
 ALLOW_EVALUATION = "allow-evaluation"  # false: no federated evaluation (default under a floor)
 
+# ---- secure aggregation (issue 20): protocol stages travel as train messages ---------------
+# A train message whose config names a stage carries no model: he_mod answers it itself
+# (a ConfigRecord of public keys and encrypted shares) and never calls the handler.
+SECAGG_STAGE = "lepton-secagg-stage"  # "advertise" | "share-keys" | "unmask"
+SECAGG_MASKED = "lepton-secagg-masked"  # train config: mask the upload for this round
+
 # ---- node state (context.state, never sent) ---------------------------------------------
+SECAGG_STATE = "lepton-secagg"  # secure aggregation: the node's keys and answered stages
 DPSGD_STATE = "lepton-dpsgd"  # DP-SGD: the client's accountant history
 HE_MANIFEST = "lepton-he-manifest"  # HE: the model's layout, from the first plaintext model
 

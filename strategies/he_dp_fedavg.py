@@ -18,12 +18,14 @@ from lepton_flwr.strategies.fedavg_args import evaluation_off_by_default, refuse
 from lepton_flwr.strategies.he_fedavg import ExplainsEncryptedEvaluation
 from lepton_flwr.strategies.last_good import LastGoodModel, TrainingHeldBackError, Verdict
 from lepton_flwr.strategies.round_loop import FlowerLoop
+from lepton_flwr.strategies.secure_aggregation import secure_aggregation_for
 
 from lepton_flwr import protocol
 from lepton_flwr.dp.accounting import ClientLevelAccountant
 from lepton_flwr.dp.rounds import DPRounds, check_same_settings, wait_for_nodes
 from lepton_flwr.he.codec import CiphertextError
 from lepton_flwr.he.records import EncryptedModel
+from lepton_flwr.secagg.params import SecAggParams
 
 NOISE_TAIL = 10.0  # shares are clamped to (C + NOISE_TAIL σ) / d: a 1.5e-23 event per value
 TAIL_PROBABILITY = 1e-10  # P(more than r_max clients sampled) in a round: it is withheld
@@ -181,6 +183,7 @@ class HEDPFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
         min_train_nodes: int = 1,
         tail_probability: float = TAIL_PROBABILITY,
         fraction_train: float | None = None,
+        secure_aggregation: bool | SecAggParams = False,
         **fedavg_kwargs,
     ):
         refuse_fraction_train("HEDPFedAvg", fraction_train)
@@ -212,6 +215,9 @@ class HEDPFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
         )
         self._global: EncryptedModel | None = None
         self.last_good = LastGoodModel("HEDPFedAvg")
+        self.secure_aggregation = secure_aggregation_for(
+            secure_aggregation, self.encrypted_sum.adder, "HEDPFedAvg"
+        )
         self._most = 0  # r_max for the current N
         self._share_std = self._share_bound = self._top_up_bound = 0.0
         self._sized_for: int | None = None  # the N the figures above were computed for
@@ -367,9 +373,14 @@ class HEDPFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
         train_config[protocol.UPDATE_SCALE] = 1.0 / self.rounds.denominator
         train_config[protocol.SHARE_BOUND] = self._share_bound
         content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: train_config})
-        return [
+        messages = [
             Message(content, dst_node_id=node, message_type=MessageType.TRAIN) for node in sampled
         ]
+        if self.secure_aggregation is None or not messages:
+            return messages
+        return self.secure_aggregation.masked_messages(
+            server_round, messages, grid, self.node_wait_timeout
+        )
 
     def _check_share(self, msg: Message, update: EncryptedModel) -> None:
         """Refuse a reply that is not a DP share made for this round."""
@@ -462,6 +473,12 @@ class HEDPFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
             why = f"fewer valid shares than min_train_nodes={self.min_train_nodes}"
             self._withhold(server_round, reported, why)
             return None, self._metrics()
+        if self.secure_aggregation is not None and accepted:
+            survivors = [m.metadata.src_node_id for m in accepted]
+            total = self.secure_aggregation.unmask(server_round, survivors, total)
+            if total is None:  # whether it failed depends on who answered: account it
+                self._withhold(server_round, reported, "the sum could not be unmasked")
+                return None, self._metrics()
         released = self._top_up(self._global if total is None else total, reported)
         epsilon = self.rounds.record(self.rounds.noise_multiplier)
         self.last_good.produced(m.metadata.src_node_id for m in accepted)

@@ -17,10 +17,12 @@ from lepton_flwr.strategies.last_good import LastGoodModel, Verdict
 from lepton_flwr.strategies.metrics import checked_evaluation, clients_metrics
 from lepton_flwr.strategies.reply_checks import ReplyError, example_count
 from lepton_flwr.strategies.round_loop import FlowerLoop
+from lepton_flwr.strategies.secure_aggregation import secure_aggregation_for
 
 from lepton_flwr import protocol
 from lepton_flwr.he.codec import CiphertextError
 from lepton_flwr.he.records import EncryptedModel, is_encrypted
+from lepton_flwr.secagg.params import SecAggParams
 
 
 class ExplainsEncryptedEvaluation:
@@ -132,6 +134,11 @@ class HEFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
         silently).
     workers : int | None (default: None)
         Processes that load and add ciphertexts in parallel; None uses every core.
+    secure_aggregation : bool | SecAggParams (default: False)
+        Mask every upload so that no single upload, nor any sum short of all the round's
+        survivors, can be decrypted, even by a holder of the shared key
+        (:mod:`~lepton_flwr.strategies.secure_aggregation`); ``True`` takes the default
+        :class:`~lepton_flwr.secagg.params.SecAggParams`. Costs two exchanges per round.
     **fedavg_kwargs
         Every argument of Flower's FedAvg, honoured: ``fraction_train``,
         ``fraction_evaluate``, ``min_train_nodes``, ``min_evaluate_nodes``,
@@ -150,6 +157,7 @@ class HEFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
         value_bound: float = 100.0,
         max_examples: int = 10_000_000,
         max_weight_ratio: float | None = 10.0,
+        secure_aggregation: bool | SecAggParams = False,
         **fedavg_kwargs,
     ):
         super().__init__(**fedavg_kwargs)
@@ -170,6 +178,9 @@ class HEFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
         self.value_bound = float(value_bound)
         self.encrypted_sum = EncryptedSum(public_context, headroom_fraction, workers, "HEFedAvg")
         self.last_good = LastGoodModel("HEFedAvg")
+        self.secure_aggregation = secure_aggregation_for(
+            secure_aggregation, self.encrypted_sum.adder, "HEFedAvg"
+        )
 
     @property
     def fingerprint(self) -> str:
@@ -224,7 +235,12 @@ class HEFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
                 lambda nodes: nodes >= max(1, self.min_train_nodes),
             )
         )
-        return [m for m in messages if m.metadata.dst_node_id in kept]
+        messages = [m for m in messages if m.metadata.dst_node_id in kept]
+        if self.secure_aggregation is None or not messages:
+            return messages
+        return self.secure_aggregation.masked_messages(
+            server_round, messages, grid, self.node_wait_timeout
+        )
 
     def _weight_cap(self, replies: list[Message]) -> float | None:
         """The largest example count a reply of this round may claim (None: no cap).
@@ -302,6 +318,11 @@ class HEFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
                 self.min_train_nodes,
             )
             return None, None
+        if self.secure_aggregation is not None:
+            survivors = [m.metadata.src_node_id for m in accepted]
+            total = self.secure_aggregation.unmask(server_round, survivors, total)
+            if total is None:
+                return None, None
         self.last_good.produced(m.metadata.src_node_id for m in accepted)
         metrics = clients_metrics(
             self.train_metrics_aggr_fn, accepted, self.weighted_by_key, "HEFedAvg", server_round

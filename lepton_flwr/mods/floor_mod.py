@@ -37,6 +37,8 @@ def privacy_floor_mod(msg: Message, context: Context, call_next: ClientAppCallab
         except BelowPrivacyFloorError as err:
             raise ModError(str(err)) from err
         return call_next(msg, context)
+    if protocol.SECAGG_STAGE in train_config(msg):  # no model, no training: he_mod answers
+        return _stage_answered_by_he_mod(call_next(msg, context))
     try:
         require_noise_share(context.node_config, train_config(msg))
         floor_set = bool(floor_keys(context.node_config, SHARE_FLOOR))
@@ -53,3 +55,17 @@ def privacy_floor_mod(msg: Message, context: Context, call_next: ClientAppCallab
             "privacy_floor_mod; nothing was sent"
         )
     return reply
+
+
+def _stage_answered_by_he_mod(reply: Message) -> Message:
+    """A secure-aggregation stage's reply holds configs only (he_mod's answer), or an error.
+
+    An app without he_mod would hand the stage to its training handler: whatever that
+    returned (a model in the clear) does not leave the node.
+    """
+    if reply.has_error() or not (reply.content.array_records or reply.content.metric_records):
+        return reply
+    raise ModError(
+        "a secure-aggregation stage reached the training handler: attach he_mod (or "
+        "he_dp_mod) to the whole app, inside privacy_floor_mod; nothing was sent"
+    )

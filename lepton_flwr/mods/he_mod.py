@@ -43,6 +43,7 @@ from lepton_flwr.mods.common import (
 )
 from lepton_flwr.mods.decryptions import RefusedModelError, decrypt_once
 from lepton_flwr.mods.dp_share_mod import check_share_floor, dp_share_mod
+from lepton_flwr.mods.secagg_stages import answer_stage, is_stage, upload_mask
 from lepton_flwr.numbers import is_count, positive
 
 SECRET_CONTEXT_NODE_KEY = protocol.SECRET_CONTEXT  # kept for older imports
@@ -285,6 +286,8 @@ def apply_he(
             require_evaluation(context.node_config, default=allow_evaluation or not encrypted)
     except BelowPrivacyFloorError as err:
         raise ModError(str(err)) from err
+    # Secure aggregation: open the peers' tokens before anything is decrypted or trained.
+    mask = upload_mask(msg, context, encoder.primes, encoder.degree) if is_train(msg) else None
     if encrypted:
         key, record = next(iter(arrays.items()))
 
@@ -321,7 +324,7 @@ def apply_he(
         record = clamped(record, value_bound)
         bound = weight * value_bound
     try:
-        encrypted = encrypt_update(record, weight, encoder, own_fingerprint, bound)
+        encrypted = encrypt_update(record, weight, encoder, own_fingerprint, bound, mask=mask)
     except ValueError as err:
         raise ModError(str(err)) from err
     metric_key, _ = the_record(reply.content, MetricRecord)
@@ -392,6 +395,8 @@ def make_he_mod(
         ``he-secret-context``, or the path given to ``make_he_mod``. Attach it to the
         whole app: ``ClientApp(mods=[he_mod])``. Problems become error replies.
         """
+        if is_train(msg) and is_stage(msg):  # a protocol stage: no model, no handler
+            return answer_stage(msg, context)
         path = find_secret_context(context, secret_context_path)
         if named_by_run_config(context):
             _check_run_config_key(path, workers, seeded)
@@ -440,7 +445,7 @@ def make_he_dp_mod(
         refused before training. The global model is decrypted for every handler.
         Attach it to the whole app: ``ClientApp(mods=[he_dp_mod])``.
         """
-        if is_train(msg):
+        if is_train(msg) and not is_stage(msg):
             if protocol.NOISE_SHARE_STD not in train_config(msg):
                 raise ModError(
                     "the training request asks for no DP noise share (not HEDPFedAvg's): "

@@ -1,0 +1,157 @@
+"""Secure aggregation in Flower's round loop: HEFedAvg and HEDPFedAvg with masked uploads.
+
+The protocol's own rules (stages once per round, one kind of secret per peer, the
+thresholds) are tested in ``tests/test_secagg_protocol.py``, the ring masks in
+``tests/test_masked_uploads.py``; here the strategies and ``he_mod`` run it end to end.
+"""
+
+import logging
+
+import numpy as np
+import pytest
+from conftest import flooding_atol
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from lepton_flwr.strategies import HEDPFedAvg, HEFedAvg
+
+from lepton_flwr import protocol
+from lepton_flwr.apps.inprocess import InProcessGrid
+from lepton_flwr.he import CKKSParams, EncryptedModel, decrypt_arrays, write_keys
+from lepton_flwr.he.keyholder import encoder_for
+from lepton_flwr.mods import make_he_dp_mod, make_he_mod
+
+NODES, SIZE = 6, 40
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    return write_keys(CKKSParams(), tmp_path_factory.mktemp("keys"))
+
+
+def _start():
+    return ArrayRecord({"w": Array(np.zeros(SIZE, dtype=np.float32))})
+
+
+def _shift(node_id):
+    """Node 100 + i moves every weight by (i + 1) / 100."""
+    return (node_id - 99) / 100
+
+
+def _app(mods):
+    app = ClientApp(mods=list(mods))
+
+    @app.train()
+    def train(msg, context):
+        new = {
+            k: Array(v.numpy() + np.float32(_shift(context.node_id)))
+            for k, v in msg.content["arrays"].items()
+        }
+        metrics = MetricRecord({"num-examples": 10})
+        return Message(RecordDict({"arrays": ArrayRecord(new), "metrics": metrics}), reply_to=msg)
+
+    return app
+
+
+def _he_fedavg(keys, secure=True, **kwargs):
+    settings = dict(min_available_nodes=NODES, workers=1, weight_scale=1.0)
+    return HEFedAvg(keys[1], secure_aggregation=secure, **(settings | kwargs))
+
+
+def _failing(node, stage):
+    """A mod outside he_mod: ``node`` fails the given stage (or training: "train")."""
+
+    def mod(msg, context, call_next):
+        config = next(iter(msg.content.config_records.values()), {})
+        asked = config.get(protocol.SECAGG_STAGE, "train")
+        if context.node_id == node and asked == stage:
+            raise RuntimeError(f"node {node} is gone ({stage})")
+        return call_next(msg, context)
+
+    return mod
+
+
+def _mean_shift(nodes):
+    return float(np.mean([_shift(n) for n in nodes]))
+
+
+def test_masked_rounds_release_the_unmasked_mean(keys, caplog):
+    caplog.set_level(logging.INFO, logger="flwr")
+    grid = InProcessGrid(_app([make_he_mod(keys[0], workers=1)]), NODES)
+    result = _he_fedavg(keys).start(grid, _start(), num_rounds=2)
+    model = decrypt_arrays(result.arrays, keys[0])["w"].numpy()
+    every = range(100, 100 + NODES)
+    assert np.allclose(model, 2 * _mean_shift(every), atol=flooding_atol(result.arrays, 2))
+    stages = [
+        next(iter(m.content.config_records.values())).get(protocol.SECAGG_STAGE)
+        for m in grid.received
+        if not m.has_error() and m.content.config_records
+    ]
+    # Keys advertised once for many rounds, then share-keys and unmask every round.
+    assert stages.count("advertise") == NODES
+    assert stages.count("share-keys") == stages.count("unmask") == 2 * NODES
+
+
+def test_one_upload_decrypts_to_noise_without_the_others(keys):
+    """The shared key opens no single upload: its exact decryption is uniform garbage."""
+    for secure in (False, True):
+        grid = InProcessGrid(_app([make_he_mod(keys[0], workers=1)]), NODES)
+        _he_fedavg(keys, secure=secure).start(grid, _start(), num_rounds=1)
+        uploads = [
+            m
+            for m in grid.received
+            if not m.has_error() and m.content.array_records and m.metadata.src_node_id == 103
+        ]
+        encoder, _ = encoder_for(keys[0], workers=1, seeded=True)
+        upload = EncryptedModel.from_record(uploads[0].content["arrays"])
+        values = encoder._decrypt_exact(upload.chunks, upload.num_values) / upload.weight
+        if secure:  # about Q / Δ · sqrt(N): nothing of the update (0.04) is left
+            assert np.median(np.abs(values)) > 1e6
+        else:  # the control: without masks the key reads the update
+            assert np.allclose(values, _shift(103), atol=1e-6)
+
+
+@pytest.mark.parametrize("stage", ["train", "unmask"])
+def test_a_node_that_drops_after_sharing_keys_leaves_the_others_sum(keys, caplog, stage):
+    caplog.set_level(logging.WARNING, logger="flwr")
+    gone = 102
+    mods = [_failing(gone, stage), make_he_mod(keys[0], workers=1)]
+    grid = InProcessGrid(_app(mods), NODES)
+    result = _he_fedavg(keys).start(grid, _start(), num_rounds=1)
+    model = decrypt_arrays(result.arrays, keys[0])["w"].numpy()
+    counted = [n for n in range(100, 100 + NODES) if stage == "unmask" or n != gone]
+    assert np.allclose(model, _mean_shift(counted), atol=flooding_atol(result.arrays))
+    assert f"node {gone}" in caplog.text
+
+
+def test_too_few_survivors_release_nothing(keys, caplog):
+    caplog.set_level(logging.WARNING, logger="flwr")
+    mods = [_failing(n, "unmask") for n in (101, 102, 103)] + [make_he_mod(keys[0], workers=1)]
+    grid = InProcessGrid(_app(mods), NODES)
+    strategy = _he_fedavg(keys)
+    with pytest.raises(Exception, match="no round produced a model|NoModelTrained|produced"):
+        strategy.start(grid, _start(), num_rounds=1)
+    assert "the sum cannot be unmasked" in caplog.text
+
+
+def test_he_dp_with_secure_aggregation_spends_the_same_epsilon(keys):
+    def run(secure):
+        strategy = HEDPFedAvg(
+            keys[1],
+            clip_norm=1.0,
+            noise_multiplier=0.5,
+            delta=1e-3,
+            sample_rate=1.0,
+            min_available_nodes=NODES,
+            secure_aggregation=secure,
+            workers=1,
+        )
+        grid = InProcessGrid(_app([make_he_dp_mod(keys[0], workers=1)]), NODES)
+        result = strategy.start(grid, _start(), num_rounds=2)
+        return result, strategy
+
+    plain, plain_strategy = run(False)
+    masked, masked_strategy = run(True)
+    assert masked_strategy.epsilon() == pytest.approx(plain_strategy.epsilon(), rel=1e-12)
+    assert [masked_strategy.server_counts[r]["reported"] for r in (1, 2)] == [NODES, NODES]
+    model = decrypt_arrays(masked.arrays, keys[0])["w"].numpy()
+    assert np.all(np.isfinite(model)) and np.abs(model).max() < 10  # a model, not ring noise
