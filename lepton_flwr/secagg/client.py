@@ -185,7 +185,8 @@ class SecAggClient:
         names = ("round", "threshold", "neighbours", "encryption_keys", "mask_keys")
         request = _fields(request, names, "share-keys")
         server_round = _round(request["round"])
-        if self.state.is_closed(server_round) or server_round in self.state.rounds:
+        self._refuse_closed(server_round)
+        if server_round in self.state.rounds:
             raise SecAggRefusal(f"round: share-keys of round {server_round} was answered before")
         neighbours = _ids(request["neighbours"], "neighbours")
         if self.node_id in neighbours:
@@ -266,9 +267,17 @@ class SecAggClient:
         }
 
     # -- masked input ----------------------------------------------------------------
+    def _refuse_closed(self, server_round: int) -> None:
+        if self.state.is_closed(server_round):
+            raise SecAggRefusal(
+                f"round: round {server_round} is closed (its record was pruned: answered "
+                "before, or too old)"
+            )
+
     def _open_record(self, server_round: int, stage: str, after: str) -> RoundRecord:
+        self._refuse_closed(server_round)
         record = self.state.rounds.get(server_round)
-        if self.state.is_closed(server_round) or record is None or after not in record.stages:
+        if record is None or after not in record.stages:
             raise SecAggRefusal(f"round: the node did not answer {after} of round {server_round}")
         if STOPPED in record.stages:
             raise SecAggRefusal(f"round: the node stopped round {server_round}")

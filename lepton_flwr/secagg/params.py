@@ -25,9 +25,9 @@ sk_u together it needs t shares of each; the c colluders give both, each honest 
 
     t ≥ floor((n − 1 + c) / 2) + 1,
 
-which also covers the honest-but-curious server's t ≥ c + 1. (Bonawitz et al., CCS
-2017, reach the same kind of bound with a signed consistency round that this protocol
-does not have; the caps below stand in for it.)
+which also covers the honest-but-curious server's t ≥ c + 1. (Against a malicious
+server Bonawitz et al., CCS 2017, add a round in which survivors sign the survivor set;
+this protocol has none: the caps below bound what the server gains without it.)
 
 Rule 2 (the peers' keys). Otherwise it needs sk_v for every honest v that u masked
 with: at least n − 1 − d − c of them (u masks with all but at most d neighbours), each
@@ -37,9 +37,9 @@ honest holders, u included). It fails while
     (n − 1 − c − d)(t − c) > (n − c) d.
 
 t is the smallest value meeting both rules. With the defaults (γ = 0.05, δ = 0.1)
-rule 2 only raises t at n = 5 (3 to 4); without the caps (d unbounded) a server could
-read one upload at every n, by declaring the victim's honest peers dropped to the
-holders, each to a different few.
+rule 2 raises t only at n = 5 (3 to 4), where rule 1 alone lets a server read one
+upload: it tells the victim that one honest neighbour dropped before the masked input,
+and asks each honest holder to reveal a different peer's key.
 
 The same count bounds sums: a set L of honest survivors has at least
 n − c − d − |L| honest peers outside it whose keys must all be revealed, so the server
