@@ -78,6 +78,7 @@ class SecureAggregation:
         self._grid: Grid | None = None
         self._timeout: float | None = None
         self.seconds: dict[int, float] = {}  # server time in the stages, per round
+        self._described = False
 
     def describe(self, expected_n: int) -> None:
         """Log the parameters and what they guarantee for rounds of ``expected_n`` clients."""
@@ -95,7 +96,7 @@ class SecureAggregation:
         log(
             INFO,
             "%s: secure aggregation (SecAgg, complete graph): a round of %d clients needs "
-            "t = %d shares per secret, tolerates %d dropouts and the server with up to %d "
+            "t = %d shares per secret, tolerates %d dropped clients and the server with up to %d "
             "colluding clients (colluding_fraction=%g, dropout_fraction=%g); a server that "
             "substitutes public keys is not covered (no signed keys yet)",
             self.name,
@@ -138,7 +139,10 @@ class SecureAggregation:
             if record is None or record.get(protocol.SECAGG_STAGE) != stage:
                 self._dropped(server_round, node, f"{stage}: the reply is not a {stage} answer")
                 continue
-            answers[node] = fields(record)
+            try:
+                answers[node] = fields(record)
+            except ValueError as err:
+                self._dropped(server_round, node, f"{stage}: {err}")
         for node in sorted(set(requests) - heard):
             self._dropped(server_round, node, f"{stage}: no reply")
         return answers
@@ -163,6 +167,9 @@ class SecureAggregation:
         """
         started = time.perf_counter()
         self._grid, self._timeout, self._round = grid, timeout, None
+        if not self._described:
+            self.describe(len(nodes))
+            self._described = True
         missing = self.book.missing(nodes, server_round)
         if missing:
             request = PublicKeyBook.advertise_request(server_round, ADVERTISED_ROUNDS)

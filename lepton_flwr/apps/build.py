@@ -14,6 +14,7 @@ from flwr.serverapp.strategy import Strategy
 
 from lepton_flwr.config import HE_ARGUMENTS, PRIVACY_ARGUMENTS, ConfigError, reword
 from lepton_flwr.mods import dp_clip_mod, make_he_dp_mod, make_he_mod, privacy_floor_mod
+from lepton_flwr.secagg.params import SecAggParams, SecAggParamsError
 from lepton_flwr.strategies import CheckedFedAvg, DPFedAvg, HEDPFedAvg, HEFedAvg
 from lepton_flwr.strategies.metrics import aggregate_train_metrics
 
@@ -54,6 +55,21 @@ def _fedavg(cfg: dict) -> Strategy:
     return CheckedFedAvg(**_fedavg_arguments(cfg["strategy"]))
 
 
+def _secure_aggregation(he: dict) -> bool | SecAggParams:
+    if not he.get("secure_aggregation", False):
+        return False
+    try:
+        return SecAggParams(
+            colluding_fraction=he["secagg_colluding_fraction"],
+            dropout_fraction=he["secagg_dropout_fraction"],
+        )
+    except SecAggParamsError as err:  # name the config keys, not the class's arguments
+        message = str(err).replace("colluding_fraction", "he.secagg_colluding_fraction")
+        raise ConfigError(
+            message.replace("dropout_fraction", "he.secagg_dropout_fraction")
+        ) from None
+
+
 def _he_fedavg(cfg: dict) -> Strategy:
     he = cfg["he"]
     return HEFedAvg(
@@ -63,6 +79,7 @@ def _he_fedavg(cfg: dict) -> Strategy:
         weight_scale=he["weight_scale"],
         value_bound=he["value_bound"],
         max_weight_ratio=he["max_weight_ratio"],
+        secure_aggregation=_secure_aggregation(he),
         **_fedavg_arguments(cfg["strategy"]),
     )
 
@@ -86,6 +103,7 @@ def _he_dp_fedavg(cfg: dict) -> Strategy:
         _public_context(cfg),
         dropout_rate=cfg["strategy"]["dropout_rate"],
         tolerated_colluders=cfg["strategy"]["tolerated_colluders"],
+        secure_aggregation=_secure_aggregation(he),
         headroom_fraction=he["headroom_fraction"],
         workers=he["workers"],
         **_dp_arguments(cfg),

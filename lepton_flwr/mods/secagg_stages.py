@@ -28,7 +28,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from lepton_flwr import protocol
 from lepton_flwr.mods.common import ModError, train_config
-from lepton_flwr.secagg.client import SecAggClient, SecAggRefusal
+from lepton_flwr.secagg.client import SecAggClient
 from lepton_flwr.secagg.masks import MaskSum
 from lepton_flwr.secagg.params import SecAggParams, SecAggParamsError
 from lepton_flwr.secagg.state import ClientState, SecAggStateError
@@ -113,7 +113,7 @@ def answer_stage(msg: Message, context: Context) -> Message:
     )
     try:
         reply = answer(fields(config))
-    except SecAggRefusal as err:
+    except ValueError as err:  # SecAggRefusal, or the fields' own wrapping
         _keep(context, client)  # a refusal may close the round for good
         raise ModError(f"secure aggregation, {stage}: {err}") from None
     _keep(context, client)
@@ -145,7 +145,7 @@ def upload_mask(msg: Message, context: Context, primes: list[int], degree: int) 
     client = _client(context)
     try:
         mask = client.masked_input(fields(config), primes, degree)
-    except SecAggRefusal as err:
+    except ValueError as err:  # SecAggRefusal, or the fields' own wrapping
         _keep(context, client)
         raise ModError(f"secure aggregation, masked input: {err}") from None
     _keep(context, client)

@@ -14,11 +14,40 @@ REPLY_KEY = "lepton-secagg"
 STAGES = ("advertise", "share-keys", "unmask")
 
 
+EMPTY_LISTS = "lepton-secagg-empty"  # the fields that are empty lists, comma-separated
+
+
 def fields(config) -> dict:
-    """The protocol fields a config carries, without their prefix."""
-    return {k[len(FIELD_PREFIX) :]: v for k, v in config.items() if k.startswith(FIELD_PREFIX)}
+    """The protocol fields a config carries, without their prefix.
+
+    Raises
+    ------
+    ValueError
+        If the list of empty fields is not a string, or names a field twice.
+    """
+    values = {k[len(FIELD_PREFIX) :]: v for k, v in config.items() if k.startswith(FIELD_PREFIX)}
+    empty = config.get(EMPTY_LISTS, "")
+    if not isinstance(empty, str):
+        raise ValueError(f"{EMPTY_LISTS}: a comma-separated string of field names is expected")
+    for name in filter(None, empty.split(",")):
+        if name in values:
+            raise ValueError(f"{EMPTY_LISTS}: field {name!r} is given twice")
+        values[name] = []
+    return values
 
 
 def as_config(values: dict) -> dict:
-    """Protocol fields as config entries (prefixed keys)."""
-    return {FIELD_PREFIX + k: v for k, v in values.items()}
+    """Protocol fields as config entries (prefixed keys).
+
+    An empty list travels as its name in ``EMPTY_LISTS``: Flower's own ``count_bytes``
+    (``message_size_mod``, our byte counts) fails on an empty list in a ConfigRecord.
+    """
+    config = {FIELD_PREFIX + k: v for k, v in values.items() if not _empty_list(v)}
+    empty = [k for k, v in values.items() if _empty_list(v)]
+    if empty:
+        config[EMPTY_LISTS] = ",".join(empty)
+    return config
+
+
+def _empty_list(value: object) -> bool:
+    return isinstance(value, list | tuple) and not value
