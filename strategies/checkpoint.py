@@ -1,8 +1,9 @@
 """A run's checkpoint, written atomically and authenticated, and read back to resume.
 
 One file, ``checkpoint.zip``, whose members are stored, not compressed: ``state.json``
-(the run's id, the last round, whether its evaluation ended, the strategy's state, the
-metrics of every round so far, and each array's dtype, shape and SHA-256),
+(the run's id, the last round, whether its evaluation ended, the settings the run was
+started with, the strategy's state, the metrics of every round so far, and each array's
+dtype, shape and SHA-256),
 ``state.mac`` (HMAC-SHA256 of ``state.json`` under the server's checkpoint key), and the
 arrays, each stored as Flower wrote it (an encrypted model stays encrypted). It is
 written to a temporary file in the same folder and renamed over the old one, so a crash
@@ -108,6 +109,10 @@ class Checkpoint:
     run_id : str
         The run's id (:func:`new_run_id`): the same in every checkpoint of the run, and
         after every resume (Flower gives a resumed run a new run id of its own).
+    settings : dict
+        The settings the run was started with (JSON values,
+        :func:`~lepton_flwr.strategies.resume_settings.run_settings`): a resume under
+        other values is refused. Empty in a checkpoint that recorded none.
     """
 
     server_round: int
@@ -116,6 +121,7 @@ class Checkpoint:
     result: Result = field(default_factory=Result)
     evaluated: bool = True
     run_id: str = field(default_factory=new_run_id)
+    settings: dict = field(default_factory=dict)
 
 
 # ---- the key and the ledger ---------------------------------------------------------
@@ -260,6 +266,7 @@ def save_checkpoint(
             "run_id": checkpoint.run_id,
             "server_round": checkpoint.server_round,
             "evaluated": checkpoint.evaluated,
+            "run_settings": checkpoint.settings,
             "strategy_state": {
                 k: v for k, v in checkpoint.state.items() if not isinstance(v, ArrayRecord)
             },
@@ -426,6 +433,9 @@ def load_checkpoint(folder: str | Path, key_file: str | Path | None = None) -> C
                     result=_metrics(state),
                     evaluated=_get(state, "evaluated", bool),
                     run_id=_get(state, "run_id", str),
+                    settings=dict(_get(state, "run_settings", dict))
+                    if "run_settings" in state
+                    else {},
                 )
                 records = _get(state, "strategy_records", dict)
                 for index, (name, specs) in enumerate(records.items()):

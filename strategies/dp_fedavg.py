@@ -18,9 +18,15 @@ from flwr.app import (
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+from lepton_flwr.strategies.dp_utility_warnings import utility_warnings
 from lepton_flwr.strategies.encrypted_sum import the_arrays, the_metrics
 from lepton_flwr.strategies.fedavg_args import evaluation_off_by_default, refuse_fraction_train
-from lepton_flwr.strategies.metrics import checked_evaluation, clients_metrics
+from lepton_flwr.strategies.metrics import (
+    MAX_NAMED,
+    checked_evaluation,
+    clients_metrics,
+    own_metric_names,
+)
 from lepton_flwr.strategies.reply_checks import plaintext_tensors
 from lepton_flwr.strategies.round_loop import FlowerLoop
 
@@ -52,6 +58,14 @@ class DPFedAvg(FlowerLoop, FedAvg):
     (and the clients' own metrics only with ``release_client_metrics=True``), so the
     ``Result`` of ``start`` holds ε per round; ``start`` stops before a round that would
     pass ``max_epsilon`` and returns the rounds that ran.
+
+    A round with no valid update (nobody sampled, or every reply failed or was rejected)
+    releases nothing: the global model is kept, never replaced by noise alone. The round
+    is accounted as a release all the same, as the withholding analysis requires
+    (``min_train_nodes`` below), and a run in which no round released a model ends with
+    :class:`~lepton_flwr.strategies.NoModelTrainedError`. The first round warns when a
+    round is expected to count fewer than 5 clients, or when the noise on the mean
+    dwarfs any update (:mod:`~lepton_flwr.strategies.dp_utility_warnings`).
 
     How many clients were sampled and counted is not in the ``MetricRecord``: the
     accountant's Poisson analysis covers the noisy model alone, and an observer who also
@@ -101,16 +115,20 @@ class DPFedAvg(FlowerLoop, FedAvg):
         Seed of sampling and noise, for tests only (the run is then not private, and a
         warning says so); None: noise from ``os.urandom``, sampling from secret-seeded
         numpy.
-    min_train_nodes : int (default: 0)
-        With fewer valid updates than this, the round releases nothing (0: a round with
-        no update still releases the noisy model). Such a round is accounted all the
-        same, and its chance, from the sampling alone, adds (1 + e^ε)·p to δ
-        (:meth:`delta_addition`, logged at start; dropouts would add more and are not
-        modelled here).
+    min_train_nodes : int (default: 1)
+        With fewer valid updates than this, the round releases nothing and keeps the
+        global model; a round with no valid update never releases (0 acts as 1), so no
+        model of noise alone is ever released. Such a round is accounted all the same,
+        and its chance, from the sampling alone, adds (1 + e^ε)·p to δ
+        (:meth:`delta_addition`, logged at start; p = (1 − q)^N per round for Poisson
+        sampling and 0 for fixed-size sampling when min_train_nodes <= 1; dropouts
+        would add more and are not modelled here). A run in which no round released a
+        model ends with :class:`~lepton_flwr.strategies.NoModelTrainedError`.
     release_client_metrics : bool (default: False)
         Aggregate the clients' own training metrics (e.g. their mean loss) into each
         round's ``MetricRecord``. Off by default: those values come from the clients'
-        data without noise, so ε does not cover them.
+        data without noise, so ε does not cover them; the first round whose replies
+        carry such metrics logs once that they are withheld, and how to release them.
     fraction_train : None
         Refused (use ``sample_rate``).
     **fedavg_kwargs
@@ -142,7 +160,7 @@ class DPFedAvg(FlowerLoop, FedAvg):
         target_epsilon: float | None = None,
         num_rounds: int | None = None,
         seed: int | None = None,
-        min_train_nodes: int = 0,
+        min_train_nodes: int = 1,
         release_client_metrics: bool = False,
         fraction_train: float | None = None,
         **fedavg_kwargs,
@@ -167,6 +185,7 @@ class DPFedAvg(FlowerLoop, FedAvg):
             seed=seed,
         )
         self.clip_norm, self.clipping_side, self.adaptive = clip_norm, clipping_side, adaptive
+        self.configured_clip_norm = clip_norm  # C as built (adaptive clipping moves clip_norm)
         self.target_quantile, self.clip_lr = target_quantile, clip_lr
         self.count_stddev = count_stddev
         self._global: list[np.ndarray] = []
@@ -176,6 +195,8 @@ class DPFedAvg(FlowerLoop, FedAvg):
         # Per round: clients sampled and updates counted. Server-side only: releasing them
         # with the model is not covered by the accountant's Poisson analysis.
         self.server_counts: dict[int, dict[str, int]] = {}
+        self._settings_checked = False  # the start warnings (dp_utility_warnings): once
+        self._metrics_withheld_told = False  # the clients' own metrics withheld: said once
 
     @property
     def accountant(self) -> ClientLevelAccountant | None:
@@ -203,9 +224,39 @@ class DPFedAvg(FlowerLoop, FedAvg):
             raise ValueError(f"clip_norm {clip_norm} is not finite and > 0")
         self.clip_norm = float(clip_norm)
 
+    def resume_settings(self) -> dict:
+        """Every setting the run's privacy and what it releases depend on (resume).
+
+        The DP rounds' settings (sampling, q, δ, z or the target ε it is calibrated for,
+        with the rounds it is calibrated over, the accountant, the budget, the seed's
+        use), the clipping (C as built, side, adaptive clipping's settings),
+        ``min_train_nodes``, and what is released beside the model
+        (``release_client_metrics``, ``fraction_evaluate``).
+        """
+        rounds = self.rounds.state()["settings"]
+        if self.rounds.configured_noise_multiplier is None:
+            rounds["calibration_num_rounds"] = self.rounds.num_rounds
+        return {
+            **rounds,
+            "clip_norm": self.configured_clip_norm,
+            "clipping_side": self.clipping_side,
+            "adaptive": self.adaptive,
+            "target_quantile": self.target_quantile,
+            "clip_lr": self.clip_lr,
+            "count_stddev": self.count_stddev,
+            "min_train_nodes": self.min_train_nodes,
+            "release_client_metrics": self.release_client_metrics,
+            "fraction_evaluate": self.fraction_evaluate,
+        }
+
     def epsilon(self) -> float:
         """ε spent so far."""
         return self.rounds.epsilon()
+
+    @property
+    def fewest_updates(self) -> int:
+        """The fewest valid updates a round releases with: ``min_train_nodes``, at least 1."""
+        return max(1, self.min_train_nodes)
 
     def delta_addition(self, epsilon: float | None = None) -> float:
         """(1 + e^ε)·p: what rounds withheld for ``min_train_nodes`` add to δ (0 when it is 0)."""
@@ -220,7 +271,10 @@ class DPFedAvg(FlowerLoop, FedAvg):
         )
         self._sampled = len(sampled)
         # Dropouts are not modelled here (no dropout rate): p counts the sampling alone.
-        self.rounds.withhold_at("DPFedAvg", self.rounds.population, self.min_train_nodes, 0.0)
+        self.rounds.withhold_at("DPFedAvg", self.rounds.population, self.fewest_updates, 0.0)
+        if not self._settings_checked:
+            self._settings_checked = True
+            self._warn_if_little_to_learn(arrays)
         log(
             INFO,
             "DPFedAvg round %d: sampled %d of %d nodes (%s)",
@@ -240,6 +294,26 @@ class DPFedAvg(FlowerLoop, FedAvg):
         return [
             Message(content, dst_node_id=node, message_type=MessageType.TRAIN) for node in sampled
         ]
+
+    def _warn_if_little_to_learn(self, arrays: ArrayRecord) -> None:
+        """The start warnings of :mod:`~lepton_flwr.strategies.dp_utility_warnings`."""
+        rounds = self.rounds
+        z = rounds.noise_multiplier
+        if self.adaptive:
+            try:
+                count_stddev = self.count_stddev or max(rounds.denominator / 20, z)
+                z = update_noise_multiplier(z, count_stddev)
+            except ValueError:
+                return  # aggregate_train refuses the same split, with its reason
+        utility_warnings(
+            "DPFedAvg",
+            expected_clients=rounds.denominator,
+            nobody_sampled=(1 - rounds.sample_rate) ** rounds.population
+            if rounds.sampling == "poisson"
+            else 0.0,
+            noise_multiplier=z,
+            num_weights=sum(int(np.prod(a.shape)) for a in arrays.values()),
+        )
 
     # ---- aggregation -----------------------------------------------------------------
 
@@ -333,23 +407,28 @@ class DPFedAvg(FlowerLoop, FedAvg):
 
         figures = {protocol.NOISE_MULTIPLIER: z, protocol.CLIP_NORM: clip_norm}
         self.server_counts[server_round] = {"sampled": self._sampled, "accepted": len(accepted)}
-        if len(accepted) < self.min_train_nodes:
+        if not self.release_client_metrics:
+            self._say_client_metrics_withheld(accepted)
+        if len(accepted) < self.fewest_updates:
             # Accounted all the same: the withholding analysis (DPRounds.withhold_at)
-            # compares the run with one that releases every round.
+            # compares the run with one that releases every round, and only then may the
+            # event "too few updates" (which moves with |S|) show.
             epsilon = rounds.record(z)
             log(
                 WARNING,
-                "DPFedAvg round %d: fewer valid updates than min_train_nodes=%d; nothing "
-                "released, global model kept; accounted as a release (epsilon=%.4f)",
+                "DPFedAvg round %d: %d valid updates of %d sampled, fewer than %d; nothing "
+                "released, global model kept; accounted as a release (epsilon=%.4f) "
+                "(server-side figures, not in the metrics)",
                 server_round,
-                self.min_train_nodes,
+                len(accepted),
+                self._sampled,
+                self.fewest_updates,
                 epsilon,
             )
             return None, MetricRecord({**rounds.privacy_metrics(), **figures})
         random_bytes = dp_grid.random_bytes_of(rounds.seeded, rounds.rng)
         noisy_total = dp_grid.add_noise(total, noise_std / step, random_bytes)
         new_global = dp_grid.release(self._global, noisy_total, step, denominator)
-        # The release happened (noise only, if nobody replied): account for it.
         epsilon = rounds.record(z)
         if self.adaptive:
             self.clip_norm = self._next_clip_norm(bits, count_stddev, random_bytes)
@@ -373,6 +452,26 @@ class DPFedAvg(FlowerLoop, FedAvg):
                 self.train_metrics_aggr_fn, accepted, self.weighted_by_key, "DPFedAvg", server_round
             )
         return arrays, MetricRecord({**metrics, **rounds.privacy_metrics(), **figures})
+
+    def _say_client_metrics_withheld(self, accepted: list[Message]) -> None:
+        """Log once that the clients' own training metrics are not released, and why."""
+        if self._metrics_withheld_told:
+            return
+        names = own_metric_names(accepted, self.weighted_by_key)
+        if not names:
+            return
+        self._metrics_withheld_told = True
+        shown = ", ".join(repr(n[:40]) for n in names[:MAX_NAMED])
+        more = f" and {len(names) - MAX_NAMED} more" if len(names) > MAX_NAMED else ""
+        log(
+            INFO,
+            "DPFedAvg: the clients' own training metrics (%s%s) are not in the rounds' "
+            "MetricRecord: they come from the clients' data without noise, so epsilon does "
+            "not cover them. To release them anyway (outside epsilon), build the strategy "
+            "with release_client_metrics=True (said once)",
+            shown,
+            more,
+        )
 
     def _next_clip_norm(
         self, bits: list[float], count_stddev: float, random_bytes: Callable[[int], bytes]

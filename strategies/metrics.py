@@ -183,6 +183,22 @@ def _unreadable(value: object) -> bool:
     return privacy_loss(value) == math.inf and not (isinstance(value, float) and value == math.inf)
 
 
+def own_metric_names(replies: Iterable[Message], weighted_by_key: str) -> list[str]:
+    """The metric keys the replies carry of their own, sorted: not the weight, nor ours.
+
+    What a ``@app.train`` handler reports besides ``weighted_by_key`` and the metrics our
+    mods add for the server (``PROTOCOL_METRICS``); error replies carry none.
+    """
+    keys = {
+        key
+        for msg in replies
+        if not msg.has_error()
+        for key in _metric_values(msg.content)
+        if key != weighted_by_key and key not in PROTOCOL_METRICS
+    }
+    return sorted(keys)
+
+
 def clients_metrics(
     aggregate: MetricsAggregation,
     replies: list[Message],

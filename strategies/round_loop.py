@@ -33,6 +33,7 @@ from lepton_flwr.strategies.checkpoint import (
     save_checkpoint,
 )
 from lepton_flwr.strategies.last_good import TrainingHeldBackError
+from lepton_flwr.strategies.resume_settings import check_same_run, run_settings, start_fresh
 
 from lepton_flwr import protocol
 from lepton_flwr.dp.accounting import PrivacyBudgetExhausted
@@ -67,6 +68,7 @@ class RoundObserver:
         self.configured: set[int] = set()  # rounds whose configure_train returned
         self.aggregated: set[int] = set()  # rounds that produced a new global model
         self.first_failure: str | None = None  # the first error reply seen, with its node
+        self.replies = 0  # training replies seen, error replies included
         self._started: dict[int, float] = {}
         self._saved: dict[str, object] = {}
 
@@ -87,6 +89,7 @@ class RoundObserver:
 
         def observed_aggregate_train(server_round, replies):
             replies = list(replies)
+            self.replies += len(replies)
             failed = [r for r in replies if r.has_error()]
             if failed and self.first_failure is None:
                 node, reason = failed[0].metadata.src_node_id, failed[0].error.reason
@@ -219,10 +222,33 @@ class FlowerLoop:
     def load_state(self, state: dict) -> None:
         """Take back what :meth:`state` returned (resuming from a checkpoint)."""
 
+    def resume_settings(self) -> dict:
+        """The strategy's own settings a resumed run must keep (JSON values); none here.
+
+        ``start`` records them in every checkpoint beside the class, ``num_rounds``, the
+        model's layout and the key's fingerprint, and refuses to resume under others.
+        """
+        return {}
+
     def resume_from(
-        self, checkpoint_dir: str | Path, checkpoint_key: str | Path | None = None
+        self,
+        checkpoint_dir: str | Path,
+        checkpoint_key: str | Path | None = None,
+        settings: dict | None = None,
+        change_num_rounds: bool = False,
     ) -> Checkpoint | None:
         """Load the folder's checkpoint and take back the strategy's state from it.
+
+        Parameters
+        ----------
+        checkpoint_dir, checkpoint_key
+            As in :meth:`start`.
+        settings : dict | None
+            This start's run settings
+            (:func:`~lepton_flwr.strategies.resume_settings.run_settings`), checked
+            against the checkpoint's before its state is taken back; None: not checked.
+        change_num_rounds : bool
+            Whether ``num_rounds`` may differ from the checkpoint's.
 
         Returns
         -------
@@ -232,16 +258,21 @@ class FlowerLoop:
         Raises
         ------
         CheckpointError
-            If it cannot be read or authenticated, or the strategy refuses its state
-            (other privacy settings, a malformed value), naming the file and the reason.
+            If it cannot be read or authenticated, was made with other settings
+            (:class:`~lepton_flwr.strategies.resume_settings.OtherSettingsError`, naming
+            each with both values), or the strategy refuses its state (other privacy
+            settings, a malformed value), naming the file and the reason.
         """
+        path = Path(checkpoint_dir) / CHECKPOINT_FILE
         saved = load_checkpoint(checkpoint_dir, checkpoint_key)
         if saved is not None:
+            if settings is not None:
+                check_same_run(path, saved.settings, settings, change_num_rounds)
             try:
                 self.load_state(saved.state)
             except (ValueError, KeyError, TypeError) as err:
                 what = f"the strategy's state has no {err}" if isinstance(err, KeyError) else err
-                raise CheckpointError(f"{Path(checkpoint_dir) / CHECKPOINT_FILE}: {what}") from err
+                raise CheckpointError(f"{path}: {what}; {start_fresh(path)}") from err
         return saved
 
     def _evaluate_again(
@@ -274,6 +305,7 @@ class FlowerLoop:
         evaluate_fn: EvaluateFn | None = None,
         checkpoint_dir: str | Path | None = None,
         checkpoint_key: str | Path | None = None,
+        change_num_rounds: bool = False,
     ) -> Result:
         """Run Flower's round loop (``Strategy.start``) with guards and checkpoints.
 
@@ -299,13 +331,22 @@ class FlowerLoop:
         that composed it. When the folder already holds a checkpoint, the run resumes
         after its last round: call ``start`` again with the same arguments and a
         strategy built with the same settings, and the rounds, ε and metrics continue as
-        an uninterrupted run's (``initial_arrays`` is then ignored). A round whose model
-        was checkpointed is never trained again: if its evaluation did not finish, it is
-        evaluated again (the same model, so nothing new is released). Checkpoints are
-        authenticated with ``checkpoint_key`` (a key file; default
+        an uninterrupted run's (``initial_arrays`` then gives the model's layout only).
+        A checkpoint of a run started with other settings (the strategy's class, its
+        privacy and sampling settings, ``num_rounds``, the model's tensor names, dtypes
+        and shapes, the key) is refused with
+        :class:`~lepton_flwr.strategies.resume_settings.OtherSettingsError`, naming each
+        setting with both values: start a new run with another ``checkpoint_dir``, or
+        delete the checkpoint. To take a checkpointed run to another ``num_rounds`` on
+        purpose, pass ``change_num_rounds=True`` (under DP, more rounds spend more ε).
+        A run whose checkpoint holds all ``num_rounds`` rounds is not trained again:
+        ``start`` logs a warning and returns the checkpoint's ``Result``. A round whose
+        model was checkpointed is never trained again: if its evaluation did not finish,
+        it is evaluated again (the same model, so nothing new is released). Checkpoints
+        are authenticated with ``checkpoint_key`` (a key file; default
         :func:`~lepton_flwr.strategies.checkpoint.default_key_file`, made on first use);
-        one that was changed, made with other privacy settings, older than the folder's
-        last, or malformed raises ``CheckpointError`` naming the file and the reason.
+        one that was changed, made with other settings, older than the folder's last,
+        or malformed raises ``CheckpointError`` naming the file and the reason.
 
         Every training message's config carries the run's id (``lepton-run-id``: made at
         the first start, kept by the checkpoints, so the same after a resume, which
@@ -316,21 +357,17 @@ class FlowerLoop:
         name = type(self).__name__
         self.node_wait_timeout = timeout
         saved = None
+        settings = run_settings(self, initial_arrays, num_rounds, self.resume_settings())
         if checkpoint_dir is not None:
-            saved = self.resume_from(checkpoint_dir, checkpoint_key)
+            saved = self.resume_from(checkpoint_dir, checkpoint_key, settings, change_num_rounds)
         done, run_id = 0, new_run_id() if saved is None else saved.run_id
         if saved is not None:
             initial_arrays, done = saved.arrays, saved.server_round
-            log(
-                INFO,
-                "%s: resuming after round %d of %d from %s",
-                name,
-                done,
-                num_rounds,
-                Path(checkpoint_dir) / CHECKPOINT_FILE,
-            )
+            path = Path(checkpoint_dir) / CHECKPOINT_FILE
             if done >= num_rounds and saved.evaluated:
+                _already_finished(name, path, done, num_rounds)
                 return saved.result
+            log(INFO, "%s: resuming after round %d of %d from %s", name, done, num_rounds, path)
         # Clients key what they keep per run (DP-SGD histories) by an id that survives a
         # resume; a node without such state refuses to train in a resumed run.
         train_config = ConfigRecord(
@@ -353,6 +390,7 @@ class FlowerLoop:
                         observed.result,
                         evaluated=evaluated,
                         run_id=run_id,
+                        settings=settings,
                     )
                     save_checkpoint(checkpoint_dir, checkpoint, checkpoint_key)
 
@@ -392,6 +430,23 @@ class FlowerLoop:
         return result
 
 
+def _already_finished(name: str, path: Path, done: int, num_rounds: int) -> None:
+    """Say loudly that ``start`` trains nothing: the checkpoint's run is over."""
+    log(
+        WARNING,
+        "%s: the run checkpointed at %s already finished (%d rounds%s): nothing is "
+        "trained, and start returns that run's Result (its final model and the metrics "
+        "of its %d rounds). %s; to train it further, pass a larger num_rounds with "
+        "change_num_rounds=True",
+        name,
+        path,
+        done,
+        f", {num_rounds} asked" if num_rounds != done else "",
+        done,
+        start_fresh(path).capitalize(),
+    )
+
+
 def _shifted(evaluate_fn: EvaluateFn, offset: int) -> EvaluateFn:
     """Call ``evaluate_fn`` with round numbers ``offset`` later (resume)."""
     if not offset:
@@ -423,11 +478,12 @@ def _no_model(name: str, observed: RoundObserver) -> None:
     NoModelTrainedError
         Saying why, with the rounds' ``Result``.
     """
-    reason = (
-        f"the first failure: {observed.first_failure}"
-        if observed.first_failure
-        else "the server refused every reply (see the log lines above)"
-    )
+    if observed.first_failure:
+        reason = f"the first failure: {observed.first_failure}"
+    elif observed.replies:
+        reason = "the server refused every reply (see the log lines above)"
+    else:
+        reason = "no reply reached the server: no client was sampled, or none answered"
     message = (
         f"{name}: none of the {len(observed.configured)} rounds produced a model, so "
         f"training did nothing; {reason}"

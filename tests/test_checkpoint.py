@@ -134,8 +134,8 @@ def test_a_finished_run_resumes_to_its_result(tmp_path):
 def test_resuming_with_other_privacy_settings_is_refused(tmp_path):
     _dp().start(CrashingGrid(_app(), NODES), _start(), 2, checkpoint_dir=tmp_path)
     other = DPFedAvg(noise_multiplier=0.8, delta=1e-4, sample_rate=0.5, seed=7)
-    with pytest.raises(ValueError, match="resume with the same privacy settings"):
-        other.start(CrashingGrid(_app(), NODES), _start(), 4, checkpoint_dir=tmp_path)
+    with pytest.raises(ValueError, match="delta=0.001 in the checkpoint, 0.0001 here"):
+        other.start(CrashingGrid(_app(), NODES), _start(), 2, checkpoint_dir=tmp_path)
 
 
 @pytest.fixture(scope="module")
@@ -311,7 +311,13 @@ def test_a_malformed_checkpoint_raises_checkpoint_error_naming_the_field(
     path = _two_rounds(tmp_path / "run")
     rewrite_checkpoint(path, change, key=checkpoint_key.read_bytes())
     with pytest.raises(CheckpointError, match=reason) as refused:
-        _dp().start(CrashingGrid(_app(), NODES), _start(), 4, checkpoint_dir=tmp_path / "run")
+        _dp().start(
+            CrashingGrid(_app(), NODES),
+            _start(),
+            4,
+            checkpoint_dir=tmp_path / "run",
+            change_num_rounds=True,
+        )
     assert str(path) in str(refused.value)
 
 
@@ -351,7 +357,13 @@ def test_a_small_checkpoint_never_expands_to_a_large_array(tmp_path, checkpoint_
 def test_an_older_or_another_runs_checkpoint_put_back_is_refused(tmp_path):
     """A rollback would run rounds again that the accountant no longer holds."""
     old = _two_rounds(tmp_path / "run").read_bytes()
-    _dp().start(CrashingGrid(_app(), NODES), _start(), 4, checkpoint_dir=tmp_path / "run")
+    _dp().start(
+        CrashingGrid(_app(), NODES),
+        _start(),
+        4,
+        checkpoint_dir=tmp_path / "run",
+        change_num_rounds=True,
+    )
     (tmp_path / "run" / CHECKPOINT_FILE).write_bytes(old)
     with pytest.raises(CheckpointError, match="round 2, but this folder's last .* round 4"):
         load_checkpoint(tmp_path / "run")
@@ -365,7 +377,13 @@ def test_an_older_checkpoint_in_a_folder_the_ledger_never_saw_is_refused(tmp_pat
     """Second review: an authentic old checkpoint copied to (or linked as) another folder
     passed the ledger, which was keyed by the folder's path; it is now also keyed by run."""
     old = _two_rounds(tmp_path / "run").read_bytes()
-    _dp().start(CrashingGrid(_app(), NODES), _start(), 4, checkpoint_dir=tmp_path / "run")
+    _dp().start(
+        CrashingGrid(_app(), NODES),
+        _start(),
+        4,
+        checkpoint_dir=tmp_path / "run",
+        change_num_rounds=True,
+    )
     (tmp_path / "moved").mkdir()
     (tmp_path / "moved" / CHECKPOINT_FILE).write_bytes(old)
     with pytest.raises(CheckpointError, match="round 2, but this run's last .* round 4"):

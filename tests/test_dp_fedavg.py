@@ -349,11 +349,17 @@ def test_a_round_withheld_for_min_train_nodes_is_accounted_and_adds_to_delta(cap
     assert any("accounted as a release" in w for w in warnings)
 
 
-def test_without_min_train_nodes_nothing_is_withheld_and_delta_is_unchanged():
+def test_without_min_train_nodes_only_a_round_with_no_update_is_withheld():
+    """A round with no counted update releases nothing (issue 21): under Poisson sampling
+    its chance, P(nobody sampled) = (1 - q)^N, adds to delta; fixed-size sampling always
+    samples m >= 1, so there nothing is withheld and delta is unchanged."""
     strategy = DPFedAvg(noise_multiplier=1.0, sample_rate=0.5, delta=1e-3, seed=3)
     grid = InProcessGrid(_echo(shift=0.01), num_nodes=3)
     _one_round(strategy, grid)
-    assert strategy.rounds.withheld_mass == 0.0 and strategy.delta_addition() == 0.0
+    assert strategy.rounds.withheld_mass == pytest.approx(0.5**3)
+    fixed = DPFedAvg(noise_multiplier=1.0, sample_rate=0.5, sampling="fixed", delta=1e-3, seed=3)
+    _one_round(fixed, grid)
+    assert fixed.rounds.withheld_mass == 0.0 and fixed.delta_addition() == 0.0
 
 
 def test_the_run_folder_keeps_counts_bytes_and_time_in_an_owner_only_file(tmp_path, caplog):
