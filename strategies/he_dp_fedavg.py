@@ -218,6 +218,8 @@ class HEDPFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
         self.secure_aggregation = secure_aggregation_for(
             secure_aggregation, self.encrypted_sum.adder, "HEDPFedAvg"
         )
+        self._presampled: dict[int, tuple[list[int], list[int]]] = {}
+        self._grid: Grid | None = None
         self._most = 0  # r_max for the current N
         self._share_std = self._share_bound = self._top_up_bound = 0.0
         self._sized_for: int | None = None  # the N the figures above were computed for
@@ -342,9 +344,13 @@ class HEDPFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Sample clients and send them the model and the run-wide share settings."""
-        sampled = self.rounds.start_round(
-            server_round, wait_for_nodes(grid, self.min_available_nodes, self.node_wait_timeout)
-        )
+        self._grid = grid
+        presampled = self._presampled.pop(server_round, None)
+        if presampled is None:
+            nodes = wait_for_nodes(grid, self.min_available_nodes, self.node_wait_timeout)
+            sampled = self.rounds.start_round(server_round, nodes)
+        else:  # drawn when the previous round ended (secure aggregation shared its keys)
+            sampled = self.rounds.start_round(server_round, presampled[0], drawn=presampled[1])
         self._size_the_rounds(server_round)
         self.rounds.withhold_at("HEDPFedAvg", self._most, self.min_train_nodes, self.dropout_rate)
         self._global = self.encrypted_sum.encrypted(arrays)
@@ -381,6 +387,19 @@ class HEDPFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
         return self.secure_aggregation.masked_messages(
             server_round, messages, grid, self.node_wait_timeout
         )
+
+    def _sample_ahead(self, server_round: int) -> list[int] | None:
+        """Draw round ``server_round``'s sample now (``DPRounds.draw``; None: not enough nodes).
+
+        Secure aggregation shares the next round's keys in this round's unmask exchange;
+        ``configure_train`` then checks the budget and takes this sample.
+        """
+        nodes = list(self._grid.get_node_ids())
+        if len(nodes) < self.min_available_nodes:
+            return None
+        drawn = self.rounds.draw(nodes)
+        self._presampled = {server_round: (nodes, drawn)}
+        return drawn
 
     def _check_share(self, msg: Message, update: EncryptedModel) -> None:
         """Refuse a reply that is not a DP share made for this round."""
@@ -475,7 +494,16 @@ class HEDPFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
             return None, self._metrics()
         if self.secure_aggregation is not None and accepted:
             survivors = [m.metadata.src_node_id for m in accepted]
-            total = self.secure_aggregation.unmask(server_round, survivors, total)
+            total = self.secure_aggregation.unmask(
+                server_round,
+                survivors,
+                total,
+                lambda: (
+                    self._sample_ahead(server_round + 1)
+                    if server_round != self.last_round
+                    else None
+                ),
+            )
             if total is None:  # whether it failed depends on who answered: account it
                 self._withhold(server_round, reported, "the sum could not be unmasked")
                 return None, self._metrics()

@@ -8,10 +8,11 @@ from logging import INFO, WARNING
 from pathlib import Path
 
 import tenseal as ts
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from lepton_flwr.strategies.encrypted_sum import EncryptedSum, the_metrics
 from lepton_flwr.strategies.last_good import LastGoodModel, Verdict
 from lepton_flwr.strategies.metrics import checked_evaluation, clients_metrics
@@ -181,6 +182,8 @@ class HEFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
         self.secure_aggregation = secure_aggregation_for(
             secure_aggregation, self.encrypted_sum.adder, "HEFedAvg"
         )
+        self._presampled: dict[int, list[int]] = {}
+        self._grid: Grid | None = None
 
     @property
     def fingerprint(self) -> str:
@@ -227,7 +230,14 @@ class HEFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
             config[protocol.WEIGHTED_BY] = self.weighted_by_key
         config[protocol.WEIGHT_SCALE] = self.weight_scale
         config[protocol.VALUE_BOUND] = self.value_bound
-        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self._grid = grid
+        presampled = self._presampled.pop(server_round, None)
+        if presampled is None:
+            messages = list(super().configure_train(server_round, arrays, config, grid))
+        else:  # drawn as FedAvg draws, when the previous round ended (secure aggregation)
+            config[protocol.SERVER_ROUND] = server_round
+            record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+            messages = list(self._construct_messages(record, presampled, MessageType.TRAIN))
         kept = set(
             self.last_good.leave_out(
                 server_round,
@@ -241,6 +251,20 @@ class HEFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
         return self.secure_aggregation.masked_messages(
             server_round, messages, grid, self.node_wait_timeout
         )
+
+    def _sample_ahead(self, server_round: int) -> list[int] | None:
+        """Draw round ``server_round``'s sample now, as FedAvg's ``configure_train`` would.
+
+        Secure aggregation shares the next round's keys in this round's unmask exchange.
+        None when too few nodes are connected now (the round then samples as usual).
+        """
+        nodes = list(self._grid.get_node_ids())
+        size = max(int(len(nodes) * self.fraction_train), self.min_train_nodes)
+        if self.fraction_train == 0.0 or len(nodes) < max(self.min_available_nodes, size):
+            return None
+        sampled, _ = sample_nodes(self._grid, self.min_available_nodes, size)
+        self._presampled = {server_round: sampled}
+        return sampled
 
     def _weight_cap(self, replies: list[Message]) -> float | None:
         """The largest example count a reply of this round may claim (None: no cap).
@@ -320,7 +344,16 @@ class HEFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
             return None, None
         if self.secure_aggregation is not None:
             survivors = [m.metadata.src_node_id for m in accepted]
-            total = self.secure_aggregation.unmask(server_round, survivors, total)
+            total = self.secure_aggregation.unmask(
+                server_round,
+                survivors,
+                total,
+                lambda: (
+                    self._sample_ahead(server_round + 1)
+                    if server_round != self.last_round
+                    else None
+                ),
+            )
             if total is None:
                 return None, None
         self.last_good.produced(m.metadata.src_node_id for m in accepted)

@@ -214,6 +214,7 @@ class FlowerLoop:
     """Give a strategy Flower's ``start``, with the budget stop and encrypted-model guard."""
 
     node_wait_timeout: float | None = None  # set by ``start``: how long to wait for nodes
+    last_round: int | None = None  # set by ``start``: the run's last round number
 
     def state(self) -> dict:
         """What the next round needs besides the global model (checkpoints); none here."""
@@ -355,7 +356,7 @@ class FlowerLoop:
         run by them (:mod:`lepton_flwr.dp.client_state`).
         """
         name = type(self).__name__
-        self.node_wait_timeout = timeout
+        self.node_wait_timeout, self.last_round = timeout, num_rounds
         saved = None
         settings = run_settings(self, initial_arrays, num_rounds, self.resume_settings())
         if checkpoint_dir is not None:

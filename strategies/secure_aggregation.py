@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from logging import INFO, WARNING
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
@@ -45,7 +46,7 @@ from lepton_flwr.secagg.server import (
     SecAggReplyError,
     SecAggServerRound,
 )
-from lepton_flwr.secagg.wire import REPLY_KEY, as_config, fields
+from lepton_flwr.secagg.wire import MASKED_INPUT, REFUSED, REPLY_KEY, as_config, fields
 
 ADVERTISED_ROUNDS = 64
 
@@ -74,7 +75,8 @@ class SecureAggregation:
     def __init__(self, params: SecAggParams, adder: CkksAdder, name: str) -> None:
         self.params, self.adder, self.name = params, adder, name
         self.book = PublicKeyBook()
-        self._round: SecAggServerRound | None = None
+        self._current: SecAggServerRound | None = None  # the round being trained
+        self._next: SecAggServerRound | None = None  # the next one, keys already shared
         self._grid: Grid | None = None
         self._timeout: float | None = None
         self.seconds: dict[int, float] = {}  # server time in the stages, per round
@@ -108,80 +110,92 @@ class SecureAggregation:
             self.params.dropout_fraction,
         )
 
-    def _exchange(self, stage: str, requests: dict[int, dict], server_round: int) -> dict:
-        """Send one stage's requests; node -> the reply's fields, for the well-formed ones."""
-        messages = [
-            Message(
-                RecordDict(
-                    {
-                        "config": ConfigRecord(
-                            {
-                                protocol.SECAGG_STAGE: stage,
-                                protocol.SERVER_ROUND: server_round,
-                                **as_config(request),
-                            }
-                        )
-                    }
-                ),
-                dst_node_id=node,
-                message_type=MessageType.TRAIN,
-            )
-            for node, request in requests.items()
-        ]
-        answers, heard = {}, set()
+    def _exchange(self, by_stage: dict[str, dict[int, dict]], server_round: int) -> dict:
+        """One exchange carrying each node the stages it has requests for.
+
+        Returns stage -> node -> the answer's fields, for the answers that came back
+        well-formed and not refused (each other one is logged, naming node and stage).
+        """
+        stages_for: dict[int, list[str]] = {}
+        for stage, requests in by_stage.items():
+            for node in requests:
+                stages_for.setdefault(node, []).append(stage)
+        messages = []
+        for node, stages in stages_for.items():
+            config = {
+                protocol.SECAGG_STAGE: ",".join(stages),
+                protocol.SERVER_ROUND: server_round,
+                **as_config({stage: by_stage[stage][node] for stage in stages}),
+            }
+            content = RecordDict({"config": ConfigRecord(config)})
+            messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
+        answers: dict[str, dict[int, dict]] = {stage: {} for stage in by_stage}
+        heard = set()
         for reply in self._grid.send_and_receive(messages, timeout=self._timeout):
             node = reply.metadata.src_node_id
+            if node not in stages_for or node in heard:
+                continue  # not asked, or a second reply: ignored
             heard.add(node)
+            stages = stages_for[node]
             if reply.has_error():
-                self._dropped(server_round, node, f"{stage}: {reply.error.reason}")
+                self._dropped(server_round, node, ",".join(stages), reply.error.reason)
                 continue
             record = reply.content.config_records.get(REPLY_KEY)
-            if record is None or record.get(protocol.SECAGG_STAGE) != stage:
-                self._dropped(server_round, node, f"{stage}: the reply is not a {stage} answer")
+            if record is None or record.get(protocol.SECAGG_STAGE) != ",".join(stages):
+                self._dropped(server_round, node, ",".join(stages), "not an answer to them")
                 continue
-            try:
-                answers[node] = fields(record)
-            except ValueError as err:
-                self._dropped(server_round, node, f"{stage}: {err}")
-        for node in sorted(set(requests) - heard):
-            self._dropped(server_round, node, f"{stage}: no reply")
+            for stage in stages:
+                try:
+                    answer = fields(record, stage)
+                except ValueError as err:
+                    self._dropped(server_round, node, stage, err)
+                    continue
+                if REFUSED in answer:
+                    self._dropped(server_round, node, stage, f"refused: {answer[REFUSED]}")
+                    continue
+                answers[stage][node] = answer
+        for node in sorted(set(stages_for) - heard):
+            self._dropped(server_round, node, ",".join(stages_for[node]), "no reply")
         return answers
 
-    def _dropped(self, server_round: int, node: int, reason: str) -> None:
+    def _dropped(self, server_round: int, node: int, stage: str, reason: object) -> None:
         log(
             WARNING,
-            "%s round %d: secure aggregation: node %d dropped: %s",
+            "%s round %d: secure aggregation: node %d dropped at %s: %s",
             self.name,
             server_round,
             node,
+            stage,
             str(reason)[:300],
         )
 
-    def prepare(
-        self, server_round: int, nodes: list[int], grid: Grid, timeout: float | None
-    ) -> dict[int, dict] | None:
-        """Advertise and share keys; node -> config entries for its training message.
+    def _advertised(self, server_round: int, nodes: list[int]) -> None:
+        """Make sure the book has every node's keys for the round.
 
-        Returns None when the round cannot run securely (too few nodes for the
-        parameters, or too few shared keys): then nothing is trained.
+        When some are missing, every connected node without them is asked at once (for
+        ``ADVERTISED_ROUNDS`` rounds): one exchange covers the population for many rounds.
         """
-        started = time.perf_counter()
-        self._grid, self._timeout, self._round = grid, timeout, None
+        if not self.book.missing(nodes, server_round):
+            return
+        everyone = set(nodes) | set(self._grid.get_node_ids())
+        missing = self.book.missing(everyone, server_round)
+        request = PublicKeyBook.advertise_request(server_round, ADVERTISED_ROUNDS)
+        answers = self._exchange({"advertise": {n: request for n in missing}}, server_round)
+        for node, answer in answers["advertise"].items():
+            try:
+                self.book.record_advertised(node, request, answer)
+            except SecAggReplyError as err:
+                self._dropped(server_round, node, "advertise", err)
+
+    def _new_round(self, server_round: int, nodes: list[int]) -> SecAggServerRound | None:
+        """The round's bookkeeping for ``nodes`` (advertising first if keys are missing)."""
         if not self._described:
             self.describe(len(nodes))
             self._described = True
-        missing = self.book.missing(nodes, server_round)
-        if missing:
-            request = PublicKeyBook.advertise_request(server_round, ADVERTISED_ROUNDS)
-            answers = self._exchange("advertise", {n: request for n in missing}, server_round)
-            for node, answer in answers.items():
-                try:
-                    self.book.record_advertised(node, request, answer)
-                except SecAggReplyError as err:
-                    self._dropped(server_round, node, f"advertise: {err}")
+        self._advertised(server_round, nodes)
         keys = self.book.round_keys(nodes, server_round)
         try:
-            secagg_round = SecAggServerRound(server_round, keys, self.params)
+            return SecAggServerRound(server_round, keys, self.params)
         except SecAggParamsError as err:
             log(
                 WARNING,
@@ -194,82 +208,123 @@ class SecureAggregation:
                 err,
             )
             return None
-        answers = self._exchange("share-keys", secagg_round.share_keys_requests(), server_round)
+
+    def _take_share_keys(self, secagg_round: SecAggServerRound, answers: dict) -> bool:
+        """Check the share-keys answers; whether enough nodes shared keys to go on."""
         for node, reason in secagg_round.receive_share_keys(answers).items():
             if node in answers:
-                self._dropped(server_round, node, reason)
-        if len(secagg_round.shared_keys) < secagg_round.threshold + 1:
-            log(
-                WARNING,
-                "%s round %d: secure aggregation: %d nodes shared keys, too few for t = %d; "
-                "nothing is trained this round",
-                self.name,
-                server_round,
-                len(secagg_round.shared_keys),
-                secagg_round.threshold,
-            )
-            return None
-        self._round = secagg_round
-        self.seconds[server_round] = time.perf_counter() - started
-        return {
-            node: {protocol.SECAGG_MASKED: True, **as_config(request)}
-            for node, request in secagg_round.masked_input_requests().items()
-        }
+                self._dropped(secagg_round.server_round, node, "share-keys", reason)
+        if len(secagg_round.shared_keys) > secagg_round.threshold:
+            return True
+        log(
+            WARNING,
+            "%s round %d: secure aggregation: %d nodes shared keys, too few for t = %d; "
+            "nothing is trained this round",
+            self.name,
+            secagg_round.server_round,
+            len(secagg_round.shared_keys),
+            secagg_round.threshold,
+        )
+        return False
 
     def masked_messages(
         self, server_round: int, messages: list[Message], grid: Grid, timeout: float | None
     ) -> list[Message]:
         """The round's training messages, each asking its node for a masked upload.
 
-        Nodes that did not share keys get no training message; when the round cannot
-        run securely, none does.
+        The round's keys were shared in the previous round's unmask exchange when the
+        strategy sampled this round then (one extra exchange per round); otherwise a
+        share-keys exchange runs now. Nodes that did not share keys get no training
+        message; when the round cannot run securely, none does.
         """
-        extras = self.prepare(
-            server_round, [m.metadata.dst_node_id for m in messages], grid, timeout
+        started = time.perf_counter()
+        self._grid, self._timeout = grid, timeout
+        nodes = [m.metadata.dst_node_id for m in messages]
+        secagg_round, self._next = self._next, None
+        if secagg_round is None or secagg_round.server_round != server_round:
+            secagg_round = self._new_round(server_round, nodes)
+            if secagg_round is None:
+                return []
+            answers = self._exchange(
+                {"share-keys": secagg_round.share_keys_requests()}, server_round
+            )
+            if not self._take_share_keys(secagg_round, answers["share-keys"]):
+                return []
+        self._current = secagg_round
+        requests = secagg_round.masked_input_requests()
+        self.seconds[server_round] = self.seconds.get(server_round, 0.0) + (
+            time.perf_counter() - started
         )
-        if extras is None:
-            return []
         return [
-            with_config(m, extras[m.metadata.dst_node_id])
+            with_config(
+                m,
+                {
+                    protocol.SECAGG_MASKED: True,
+                    **as_config({MASKED_INPUT: requests[m.metadata.dst_node_id]}),
+                },
+            )
             for m in messages
-            if m.metadata.dst_node_id in extras
+            if m.metadata.dst_node_id in requests
         ]
 
     def unmask(
-        self, server_round: int, survivors: list[int], total: EncryptedModel
+        self,
+        server_round: int,
+        survivors: list[int],
+        total: EncryptedModel,
+        upcoming: Callable[[], list[int] | None] | None = None,
     ) -> EncryptedModel | None:
-        """The sum of the survivors' uploads without masks, or None (nothing released)."""
+        """The sum of the survivors' uploads without masks, or None (nothing released).
+
+        ``upcoming`` returns the next round's sample (or None): its share-keys then
+        travel in this unmask exchange, so that a round costs one extra exchange.
+        """
         started = time.perf_counter()
-        secagg_round, self._round = self._round, None
+        secagg_round, self._current = self._current, None
         if secagg_round is None or secagg_round.server_round != server_round:
-            log(
-                WARNING,
-                "%s round %d: no secure-aggregation round to unmask",
-                self.name,
-                server_round,
-            )
+            log(WARNING, "%s round %d: no secure round to unmask", self.name, server_round)
             return None
+        by_stage: dict[str, dict[int, dict]] = {}
+        failure = None
         try:
             secagg_round.set_survivors(survivors)
-            answers = self._exchange("unmask", secagg_round.unmask_requests(), server_round)
-            for node, reason in secagg_round.receive_unmask(answers).items():
-                self._dropped(server_round, node, reason)
-            correction = secagg_round.correction(self.adder.primes, self.adder.degree)
+            by_stage["unmask"] = secagg_round.unmask_requests()
         except RoundNotUnmaskedError as err:
+            failure = err
+        next_round = None
+        upcoming_nodes = upcoming() if upcoming is not None else None
+        if upcoming_nodes:
+            next_round = self._new_round(server_round + 1, upcoming_nodes)
+            if next_round is not None:
+                by_stage["share-keys"] = next_round.share_keys_requests()
+        answers = self._exchange(by_stage, server_round) if by_stage else {}
+        if next_round is not None and self._take_share_keys(
+            next_round, answers.get("share-keys", {})
+        ):
+            self._next = next_round
+        unmasked = None
+        if failure is None:
+            try:
+                for node, reason in secagg_round.receive_unmask(answers["unmask"]).items():
+                    self._dropped(server_round, node, "unmask", reason)
+                correction = secagg_round.correction(self.adder.primes, self.adder.degree)
+                chunks = self.adder.remove_mask(total.chunks, correction)
+                unmasked = dataclasses.replace(total, chunks=chunks)
+            except RoundNotUnmaskedError as err:
+                failure = err
+        if failure is not None:
             log(
                 WARNING,
                 "%s round %d: the sum cannot be unmasked (%s): nothing is released",
                 self.name,
                 server_round,
-                err,
+                failure,
             )
-            return None
-        chunks = self.adder.remove_mask(total.chunks, correction)
+        self.book.forget_before(server_round + 1)
         self.seconds[server_round] = self.seconds.get(server_round, 0.0) + (
             time.perf_counter() - started
         )
-        self.book.forget_before(server_round + 1)
-        return dataclasses.replace(total, chunks=chunks)
+        return unmasked
 
 
 def secure_aggregation_for(

@@ -214,8 +214,27 @@ class DPRounds:
         """ε spent so far."""
         return 0.0 if self.accountant is None else self.accountant.epsilon(self.delta)
 
-    def start_round(self, server_round: int, node_ids: list[int]) -> list[int]:
+    def draw(self, node_ids: list[int]) -> list[int]:
+        """A sample of ``node_ids`` as :meth:`start_round` draws it, without its checks.
+
+        For a strategy that must know a round's sample early (secure aggregation shares
+        the next round's keys while the current one ends); it hands the sample to
+        ``start_round(..., drawn=)`` with the same ``node_ids``. The draw does not
+        depend on any data.
+        """
+        if self.sampling == "poisson":
+            return poisson_sample(node_ids, self.sample_rate, self.rng)
+        return fixed_size_sample(
+            node_ids, max(1, round(self.sample_rate * len(node_ids))), self.rng
+        )
+
+    def start_round(
+        self, server_round: int, node_ids: list[int], drawn: list[int] | None = None
+    ) -> list[int]:
         """Fix N, calibrate z if needed, check the budget, and sample this round's clients.
+
+        ``drawn``: the sample :meth:`draw` took of the same ``node_ids`` earlier, returned
+        instead of a new one.
 
         Raises
         ------
@@ -252,9 +271,9 @@ class DPRounds:
                 f"round {server_round} would take epsilon from {self.epsilon():.3f} to "
                 f"{next_epsilon:.3f}, past the budget {self.max_epsilon}"
             )
-        if self.sampling == "poisson":
-            return poisson_sample(node_ids, self.sample_rate, self.rng)
-        return fixed_size_sample(node_ids, self.sample_size, self.rng)
+        if drawn is not None:
+            return drawn
+        return self.draw(node_ids)
 
     def most_sampled(self, tail_probability: float) -> int:
         """The fewest clients r_max with P(|S| > r_max) <= ``tail_probability`` this round.

@@ -24,7 +24,10 @@ threshold below what they require for the round's size.
 
 from __future__ import annotations
 
+from logging import WARNING
+
 from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.common.logger import log
 
 from lepton_flwr import protocol
 from lepton_flwr.mods.common import ModError, train_config
@@ -32,7 +35,7 @@ from lepton_flwr.secagg.client import SecAggClient
 from lepton_flwr.secagg.masks import MaskSum
 from lepton_flwr.secagg.params import SecAggParams, SecAggParamsError
 from lepton_flwr.secagg.state import ClientState, SecAggStateError
-from lepton_flwr.secagg.wire import REPLY_KEY, STAGES, as_config, fields
+from lepton_flwr.secagg.wire import MASKED_INPUT, REFUSED, REPLY_KEY, as_config, fields, stages_of
 
 REQUIRED = "secure-aggregation"  # node config: "required" = never upload unmasked
 COLLUDING_FRACTION = "secagg-colluding-fraction"
@@ -98,26 +101,35 @@ def _keep(context: Context, client: SecAggClient) -> None:
 def answer_stage(msg: Message, context: Context) -> Message:
     """The node's reply to a stage message (the handler never runs).
 
+    Each stage the message names is answered on its own, in order: a stage the node
+    refuses gets ``refused`` (the reason, naming the field) in the reply and the others
+    go on, since one exchange may carry round r's unmask and round r + 1's share-keys.
+
     Raises
     ------
     ModError
-        If the stage is unknown or the node refuses the request (naming the field).
+        If the stages are not a list of known stages, or the state cannot be read.
     """
     config = train_config(msg)
-    stage = config[protocol.SECAGG_STAGE]
-    if stage not in STAGES:
-        raise ModError(f"unknown secure-aggregation stage {stage!r}; expected one of {STAGES}")
-    client = _client(context)
-    answer = {"advertise": client.advertise, "share-keys": client.share_keys}.get(
-        stage, client.unmask
-    )
     try:
-        reply = answer(fields(config))
-    except ValueError as err:  # SecAggRefusal, or the fields' own wrapping
-        _keep(context, client)  # a refusal may close the round for good
-        raise ModError(f"secure aggregation, {stage}: {err}") from None
-    _keep(context, client)
-    content = ConfigRecord({protocol.SECAGG_STAGE: stage, **as_config(reply)})
+        stages = stages_of(config[protocol.SECAGG_STAGE])
+    except ValueError as err:
+        raise ModError(f"secure aggregation: {err}") from None
+    client = _client(context)
+    handlers = {
+        "advertise": client.advertise,
+        "share-keys": client.share_keys,
+        "unmask": client.unmask,
+    }
+    answers = {}
+    for stage in stages:
+        try:
+            answers[stage] = handlers[stage](fields(config, stage))
+        except ValueError as err:  # SecAggRefusal, or the fields' own wrapping
+            log(WARNING, "secure aggregation: node %d refused %s: %s", context.node_id, stage, err)
+            answers[stage] = {REFUSED: str(err)[:500]}
+    _keep(context, client)  # before the reply leaves: a lost state could answer twice
+    content = ConfigRecord({protocol.SECAGG_STAGE: ",".join(stages), **as_config(answers)})
     return Message(RecordDict({REPLY_KEY: content}), reply_to=msg)
 
 
@@ -144,7 +156,7 @@ def upload_mask(msg: Message, context: Context, primes: list[int], degree: int) 
         return None
     client = _client(context)
     try:
-        mask = client.masked_input(fields(config), primes, degree)
+        mask = client.masked_input(fields(config, MASKED_INPUT), primes, degree)
     except ValueError as err:  # SecAggRefusal, or the fields' own wrapping
         _keep(context, client)
         raise ModError(f"secure aggregation, masked input: {err}") from None
