@@ -62,8 +62,8 @@ def _failing(node, stage):
 
     def mod(msg, context, call_next):
         config = next(iter(msg.content.config_records.values()), {})
-        asked = config.get(protocol.SECAGG_STAGE, "train")
-        if context.node_id == node and asked == stage:
+        asked = config.get(protocol.SECAGG_STAGE, "train").split(",")
+        if context.node_id == node and stage in asked:
             raise RuntimeError(f"node {node} is gone ({stage})")
         return call_next(msg, context)
 
@@ -112,7 +112,7 @@ def test_one_upload_decrypts_to_noise_without_the_others(keys):
             assert np.allclose(values, _shift(103), atol=1e-6)
 
 
-@pytest.mark.parametrize("stage", ["train", "unmask"])
+@pytest.mark.parametrize("stage", ["share-keys", "train", "unmask"])
 def test_a_node_that_drops_after_sharing_keys_leaves_the_others_sum(keys, caplog, stage):
     caplog.set_level(logging.WARNING, logger="flwr")
     gone = 102
@@ -157,3 +157,27 @@ def test_he_dp_with_secure_aggregation_spends_the_same_epsilon(keys):
     assert [masked_strategy.server_counts[r]["reported"] for r in (1, 2)] == [NODES, NODES]
     model = decrypt_arrays(masked.arrays, keys[0])["w"].numpy()
     assert np.all(np.isfinite(model)) and np.abs(model).max() < 10  # a model, not ring noise
+
+
+def test_a_replayed_upload_spoils_only_its_round_and_reads_nothing(keys, caplog):
+    """Node 101 sends round 1's masked upload again in round 2: round 2's masks do not
+    remove round 1's, so the sum is ring noise; the clients refuse it in round 3 and the
+    server falls back to round 1's model. Nothing of node 101's update is learned."""
+    caplog.set_level(logging.WARNING, logger="flwr")
+    kept = {}
+
+    def replay(msg, context, call_next):
+        reply = call_next(msg, context)
+        config = next(iter(msg.content.config_records.values()), {})
+        if context.node_id != 101 or not config.get(protocol.SECAGG_MASKED):
+            return reply
+        if "upload" not in kept:
+            kept["upload"] = reply.content
+            return reply
+        return Message(kept["upload"], reply_to=msg)
+
+    grid = InProcessGrid(_app([replay, make_he_mod(keys[0], workers=1)]), NODES)
+    result = _he_fedavg(keys, fraction_evaluate=0.0).start(grid, _start(), num_rounds=3)
+    assert "falling back to the last good global model, sent in round" in caplog.text
+    model = decrypt_arrays(result.arrays, keys[0])["w"].numpy()
+    assert np.all(np.isfinite(model)) and np.abs(model).max() < 1.0
