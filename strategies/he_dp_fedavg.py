@@ -18,7 +18,7 @@ from lepton_flwr.strategies.fedavg_args import evaluation_off_by_default, refuse
 from lepton_flwr.strategies.he_fedavg import ExplainsEncryptedEvaluation
 from lepton_flwr.strategies.last_good import LastGoodModel, TrainingHeldBackError, Verdict
 from lepton_flwr.strategies.round_loop import FlowerLoop
-from lepton_flwr.strategies.secure_aggregation import secure_aggregation_for
+from lepton_flwr.strategies.secure_aggregation import resume_settings_of, secure_aggregation_for
 
 from lepton_flwr import protocol
 from lepton_flwr.dp.accounting import ClientLevelAccountant
@@ -251,6 +251,11 @@ class HEDPFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
             "min_train_nodes": self.min_train_nodes,
             "tail_probability": self.tail_probability,
         }
+
+    def resume_settings(self) -> dict:
+        """The DP rounds' settings, the noise's, and secure aggregation's (resume)."""
+        rounds = self.rounds.state()["settings"]
+        return {**rounds, **self._settings(), **resume_settings_of(self.secure_aggregation)}
 
     def state(self) -> dict:
         """The DP rounds' state, the privacy settings, the withholding figure, last good model."""

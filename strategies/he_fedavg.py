@@ -18,7 +18,7 @@ from lepton_flwr.strategies.last_good import LastGoodModel, Verdict
 from lepton_flwr.strategies.metrics import checked_evaluation, clients_metrics
 from lepton_flwr.strategies.reply_checks import ReplyError, example_count
 from lepton_flwr.strategies.round_loop import FlowerLoop
-from lepton_flwr.strategies.secure_aggregation import secure_aggregation_for
+from lepton_flwr.strategies.secure_aggregation import resume_settings_of, secure_aggregation_for
 
 from lepton_flwr import protocol
 from lepton_flwr.he.codec import CiphertextError
@@ -189,6 +189,17 @@ class HEFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
     def fingerprint(self) -> str:
         """Fingerprint of the CKKS key."""
         return self.encrypted_sum.fingerprint
+
+    def resume_settings(self) -> dict:
+        """What the sum and its checks depend on, and secure aggregation (resume)."""
+        return {
+            "weight_scale": self.weight_scale,
+            "value_bound": self.value_bound,
+            "max_examples": self.max_examples,
+            "max_weight_ratio": self.max_weight_ratio,
+            "min_train_nodes": self.min_train_nodes,
+            **resume_settings_of(self.secure_aggregation),
+        }
 
     def state(self) -> dict:
         """The last model clients accepted (ciphertexts), for checkpoints."""

@@ -340,3 +340,15 @@ def secure_aggregation_for(
             f"{name}: secure_aggregation must be True, False or a SecAggParams, not {setting!r}"
         )
     return SecureAggregation(setting, adder, name)
+
+
+def resume_settings_of(driver: SecureAggregation | None) -> dict:
+    """The secure-aggregation settings a resumed run must keep (off, or its parameters)."""
+    if driver is None:
+        return {"secure_aggregation": False}
+    return {
+        "secure_aggregation": True,
+        "secagg_colluding_fraction": driver.params.colluding_fraction,
+        "secagg_dropout_fraction": driver.params.dropout_fraction,
+        "secagg_min_neighbours": driver.params.min_neighbours,
+    }

@@ -181,3 +181,52 @@ def test_a_replayed_upload_spoils_only_its_round_and_reads_nothing(keys, caplog)
     assert "falling back to the last good global model, sent in round" in caplog.text
     model = decrypt_arrays(result.arrays, keys[0])["w"].numpy()
     assert np.all(np.isfinite(model)) and np.abs(model).max() < 1.0
+
+
+class _CrashAtUnmask(InProcessGrid):
+    """The server process dies while it sends round ``at``'s unmask requests."""
+
+    def __init__(self, app, num_nodes, at):
+        super().__init__(app, num_nodes)
+        self.at = at
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        for msg in messages:
+            config = next(iter(msg.content.config_records.values()), {})
+            stages = str(config.get(protocol.SECAGG_STAGE, "")).split(",")
+            if "unmask" in stages and config.get(protocol.SERVER_ROUND) == self.at:
+                raise KeyboardInterrupt("the server died mid-protocol")
+        return super().send_and_receive(messages, timeout=timeout)
+
+
+def test_a_crash_mid_protocol_loses_that_round_only(keys, tmp_path):
+    """Killed between round 2's uploads and its unmask, then resumed (a new Flower run: the
+    nodes' secure-aggregation state is new): round 2 is trained again, and ε is the
+    uninterrupted run's: the lost round released nothing and spent nothing."""
+
+    def strategy():
+        return HEDPFedAvg(
+            keys[1],
+            clip_norm=1.0,
+            noise_multiplier=0.5,
+            delta=1e-3,
+            sample_rate=1.0,
+            sampling="fixed",
+            min_available_nodes=NODES,
+            secure_aggregation=True,
+            workers=1,
+        )
+
+    app = _app([make_he_dp_mod(keys[0], workers=1)])
+    folder = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        strategy().start(_CrashAtUnmask(app, NODES, at=2), _start(), 3, checkpoint_dir=folder)
+    resumed_strategy = strategy()
+    resumed = resumed_strategy.start(InProcessGrid(app, NODES), _start(), 3, checkpoint_dir=folder)
+    uninterrupted = strategy()
+    uninterrupted.start(InProcessGrid(app, NODES), _start(), 3)
+    assert resumed_strategy.epsilon() == pytest.approx(uninterrupted.epsilon(), rel=1e-12)
+    assert sorted(resumed.train_metrics_clientapp) == [1, 2, 3]
+    model = decrypt_arrays(resumed.arrays, keys[0])["w"].numpy()
+    assert np.all(np.isfinite(model)) and np.abs(model).max() < 10

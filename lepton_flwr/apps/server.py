@@ -142,6 +142,8 @@ def run_server(grid: Grid, cfg: dict, keyholder_secret: str | Path | None = None
                     timeout=cfg["round_timeout"],
                     evaluate_fn=timed_evaluation(evaluate_fn, rows),
                     checkpoint_dir=checkpoint_dir,
+                    # resume=<folder> may ask for more rounds (RESUME_MAY_CHANGE): on purpose
+                    change_num_rounds=bool(cfg.get("resume")),
                 )
             except NoModelTrainedError as err:  # keep the rounds' record, then fail the run
                 result, failure = err.result, err

@@ -354,7 +354,8 @@ class DPRounds:
                 self.num_rounds,
                 planned,
                 self.delta,
-                ": NOT far below delta; sample more clients, or set min_train_nodes=0"
+                ": NOT far below delta; sample more clients per round (a larger q or N), use "
+                "fixed-size sampling, or lower min_train_nodes where the strategy allows 0"
                 if loud
                 else "",
             )
