@@ -230,3 +230,37 @@ def test_a_crash_mid_protocol_loses_that_round_only(keys, tmp_path):
     assert sorted(resumed.train_metrics_clientapp) == [1, 2, 3]
     model = decrypt_arrays(resumed.arrays, keys[0])["w"].numpy()
     assert np.all(np.isfinite(model)) and np.abs(model).max() < 10
+
+
+def test_a_node_that_requires_secure_aggregation_never_uploads_unmasked(keys, caplog):
+    caplog.set_level(logging.WARNING, logger="flwr")
+    grid = InProcessGrid(_app([make_he_mod(keys[0], workers=1)]), NODES)
+    grid.contexts[101].node_config["secure-aggregation"] = "required"
+    result = _he_fedavg(keys, secure=False).start(grid, _start(), num_rounds=1)
+    refused = [m for m in grid.received if m.has_error() and m.metadata.src_node_id == 101]
+    assert refused and "requires secure aggregation" in refused[0].error.reason
+    assert not [m for m in grid.received if m.metadata.src_node_id == 101 and not m.has_error()]
+    every_other = [n for n in range(100, 100 + NODES) if n != 101]
+    model = decrypt_arrays(result.arrays, keys[0])["w"].numpy()
+    assert np.allclose(model, _mean_shift(every_other), atol=flooding_atol(result.arrays))
+
+
+def test_a_stage_never_reaches_a_handler_through_the_privacy_floor(keys):
+    """An app with privacy_floor_mod but no he_mod: a stage message would reach its
+    training handler, whose plaintext model must not leave the node."""
+    from flwr.app import ConfigRecord, Context
+
+    from lepton_flwr.mods import privacy_floor_mod
+
+    app = _app([privacy_floor_mod])
+    stage = ConfigRecord({protocol.SECAGG_STAGE: "advertise"})
+    msg = Message(
+        RecordDict({"arrays": _start(), "config": stage}), dst_node_id=100, message_type="train"
+    )
+    msg.metadata.__dict__["_message_id"] = "m1"
+    context = Context(run_id=1, node_id=100, node_config={}, state=RecordDict(), run_config={})
+    reply = app(msg, context)
+    assert reply.has_error() and "reached the training handler" in reply.error.reason
+    with_he = _app([privacy_floor_mod, make_he_mod(keys[0], workers=1)])
+    answer = with_he(msg, context)
+    assert not answer.has_error() and not answer.content.array_records
