@@ -21,6 +21,7 @@ from lepton_flwr.secagg import (
     tolerated_dropouts,
 )
 from lepton_flwr.secagg.keys import round_public_keys
+from lepton_flwr.secagg.shamir import PRIME, encode_share
 from lepton_flwr.secagg.state import KEEP_ROUNDS
 
 PRIMES = [1099511390209, 1099511480321]
@@ -181,6 +182,13 @@ def _mutated(change):
     return json.dumps(document).encode()
 
 
+def _b64_share(x, value):
+    return base64.b64encode(encode_share(x, value)).decode()
+
+
+_ZERO_SHARE = _b64_share(1, 0)
+
+
 def _record(document):
     return document["rounds"]["3"]
 
@@ -189,7 +197,7 @@ HOSTILE_STATES = [
     (b"\xff\xfe", "not JSON"),
     (b"[1, 2]", "must be an object"),
     (b"x" * (4 << 20 | 1), "at most"),
-    (_mutated(lambda d: d.update(version=2)), "version-1"),
+    (_mutated(lambda d: d.update(version=1)), "version-2"),
     (_mutated(lambda d: d.pop("master")), "must be an object with keys"),
     (_mutated(lambda d: d.update(master=base64.b64encode(bytes(31)).decode())), "31 bytes, not 32"),
     (_mutated(lambda d: d.update(master="!!")), "not base64"),
@@ -215,6 +223,14 @@ HOSTILE_STATES = [
     (_mutated(lambda d: _record(d).update(self_seed="AAAA")), "self_seed is 3 bytes"),
     (_mutated(lambda d: _record(d)["neighbours"].update({"11": ["AAAA"]})), "not a pair"),
     (_mutated(lambda d: _record(d).update(held={"11": ["AAAA", "AAAA"]})), "held.11 is 3 bytes"),
+    (
+        _mutated(lambda d: _record(d).update(held={"11": [_b64_share(1, PRIME), _ZERO_SHARE]})),
+        "held.11: a share's x is 0 or its value is not below p",
+    ),
+    (
+        _mutated(lambda d: _record(d).update(held={"11": [_b64_share(1, 5), _b64_share(0, 5)]})),
+        "held.11: a share's x is 0",
+    ),
     (_mutated(lambda d: _record(d).pop("held")), "must be an object with keys"),
 ]
 

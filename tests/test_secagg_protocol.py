@@ -12,7 +12,6 @@ import time
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import encrypt
 
 import lepton_flwr.secagg.client as client_module
@@ -42,6 +41,9 @@ from lepton_flwr.secagg.keys import (
     round_public_keys,
     share_key,
 )
+from lepton_flwr.secagg.server import TOKEN_BYTES
+from lepton_flwr.secagg.shamir import PRIME, combine, decode_share, encode_share, holder_indices
+from lepton_flwr.secagg.state import STOPPED
 
 PRIMES = [1099511390209, 1099511480321]  # the default context's two 40-bit data primes
 DEGREE = 64
@@ -204,11 +206,8 @@ def _open(shares, check, t):
     """Whether a server holding ``shares`` obtains a secret passing ``check``."""
     if not shares:
         return False
-    try:
-        secret = combine_shares(shares[:t] if len(shares) >= t else shares)
-    except ValueError:
-        return False
-    return len(secret) == 32 and check(secret)
+    secret = combine(shares[:t])
+    return secret is not None and check(secret)
 
 
 def _masked_round(n, params=None):
@@ -304,8 +303,8 @@ def test_with_a_semi_honest_threshold_the_same_attack_reads_the_upload(monkeypat
     round_, victim, opened = _claim_dropped_attack(8)
     assert round_.server.threshold == 2 and opened["both"]
     b_shares, key_shares = opened["both"][0]
-    seed = combine_shares(b_shares[:2])
-    key = X25519PrivateKey.from_private_bytes(combine_shares(key_shares[:2]))
+    seed = combine(b_shares[:2])
+    key = X25519PrivateKey.from_private_bytes(combine(key_shares[:2]))
     rebuilt = _mask_from_secrets(round_, victim, seed, key)
     np.testing.assert_array_equal(rebuilt(0), round_.masks[victim](0))
 
@@ -418,7 +417,7 @@ def test_with_only_the_majority_rule_revealing_the_peers_keys_reads_an_upload(mo
             b_shares.append(reply["self_mask_shares"][reply["self_mask_owners"].index(victim)])
         for owner, share in zip(reply["mask_key_owners"], reply["mask_key_shares"], strict=True):
             key_shares[owner].append(share)
-    seed = combine_shares(b_shares[:t])
+    seed = combine(b_shares[:t])
     assert commitment(victim, round_.r, seed) == round_.server._commitments[victim]
     victim_public = X25519PublicKey.from_public_bytes(round_.book.keys(victim, round_.r)[1])
     terms = []
@@ -426,7 +425,7 @@ def test_with_only_the_majority_rule_revealing_the_peers_keys_reads_an_upload(mo
         if peer == colluder:
             private = round_private_key(round_.clients[colluder].state.master, MASK, round_.r)
         else:
-            private = X25519PrivateKey.from_private_bytes(combine_shares(key_shares[peer][:t]))
+            private = X25519PrivateKey.from_private_bytes(combine(key_shares[peer][:t]))
         seed_uv = pair_seed(private, victim_public, round_.r, peer, victim)
         terms.append((1 if victim < peer else -1, seed_uv))
     rebuilt = MaskSum(round_.r, [seed], terms, PRIMES, DEGREE)
@@ -530,11 +529,51 @@ def test_a_token_under_the_right_key_but_bound_to_another_round_is_refused():
         sender,
         u,
     )
-    share = bytes(52)
+    share = encode_share(holder_indices(round_.ids)[u], 1)  # at u's x: only the round is wrong
     forged = encrypt(key, token_plaintext(sender, u, ROUND + 1, share, share))
     request["tokens"] = [forged, *request["tokens"][1:]]
     with pytest.raises(SecAggRefusal, match="bound to another sender, receiver or round"):
         round_.clients[u].masked_input(request, PRIMES, DEGREE)
+
+
+def _forged_token(round_, sender, u, b_share, key_share):
+    """A token from ``sender`` to ``u`` under their real key, bound to the real round."""
+    key = share_key(
+        round_private_key(round_.clients[sender].state.master, ENCRYPTION, ROUND),
+        X25519PublicKey.from_public_bytes(
+            round_public_keys(round_.clients[u].state.master, ROUND)[0]
+        ),
+        ROUND,
+        sender,
+        u,
+    )
+    return encrypt(key, token_plaintext(sender, u, ROUND, b_share, key_share))
+
+
+def test_a_token_whose_shares_are_not_at_the_nodes_x_stops_the_round():
+    """Both shares must be field elements at the receiver's x (its place in the round)."""
+    x = holder_indices(node_ids(6))
+    good = encode_share(x[node_ids(6)[0]], 5)
+    for b_share, key_share in (
+        (encode_share(x[node_ids(6)[0]] + 1, 5), good),  # another holder's x
+        (good, encode_share(x[node_ids(6)[0]], PRIME)),  # not below p
+        (good, encode_share(0, 5)),
+    ):
+        round_, u, _, requests = _stage_requests()
+        request = dict(requests[u])
+        sender = request["senders"][0]
+        forged = _forged_token(round_, sender, u, b_share, key_share)
+        request["tokens"] = [forged, *request["tokens"][1:]]
+        with pytest.raises(SecAggRefusal, match="does not hold a share at this node's x = "):
+            round_.clients[u].masked_input(request, PRIMES, DEGREE)
+        assert STOPPED in round_.clients[u].state.rounds[ROUND].stages
+    round_, u, _, requests = _stage_requests()  # control: good shares at its x are taken
+    request = dict(requests[u])
+    request["tokens"] = [
+        _forged_token(round_, request["senders"][0], u, good, good),
+        *request["tokens"][1:],
+    ]
+    round_.clients[u].masked_input(request, PRIMES, DEGREE)
 
 
 def test_a_threshold_below_the_nodes_rule_or_too_few_neighbours_is_refused():
@@ -765,7 +804,7 @@ SHARE_KEYS_REPLY_MUTATIONS = [
     (lambda a: {**a, "recipients": list(reversed(a["recipients"]))}, "recipients: not the ids"),
     (
         lambda a: {**a, "tokens": [*a["tokens"][:-1], a["tokens"][-1][:-1]]},
-        "tokens: 5 byte strings of 268",
+        f"tokens: 5 byte strings of {TOKEN_BYTES}",
     ),
     (lambda a: {**a, "commitment": bytes(31)}, "commitment: 32 bytes expected"),
     (lambda a: {**a, "extra": b""}, "exactly the fields"),
@@ -818,9 +857,25 @@ def test_a_malformed_unmask_reply_is_set_aside_whole():
     )  # each secret keeps ≥ 7 = t holders
 
 
+def test_an_unmask_share_that_is_not_a_field_element_sets_its_reply_aside():
+    round_ = Round(12)
+    round_.share_keys()
+    round_.masked_input(drop=[round_.ids[11]])
+    replies = _unmask_replies(round_)
+    a = round_.ids[0]
+    x, _ = decode_share(replies[a]["mask_key_shares"][0])
+    replies[a] = {**replies[a], "mask_key_shares": [encode_share(x, PRIME)]}
+    rejected = round_.server.receive_unmask(replies)
+    assert list(rejected) == [a]
+    assert "mask_key_shares: the share of" in rejected[a] and "not below p" in rejected[a]
+    assert_exact(round_, round_.server.correction(PRIMES, DEGREE))
+
+
 def _corrupt_first_share(reply):
+    """The first self-mask share, its value changed (still a field element at its x)."""
     shares = list(reply["self_mask_shares"])
-    shares[0] = shares[0][:4] + bytes(b ^ 0x5A for b in shares[0][4:])
+    x, value = decode_share(shares[0])
+    shares[0] = encode_share(x, (value + 1) % PRIME)
     return {**reply, "self_mask_shares": shares}
 
 
@@ -858,13 +913,13 @@ def test_fewer_survivors_than_t_release_nothing():
         round_.server.set_survivors([*round_.ids[:5], 424242])
 
 
-# -- cost at n = 100 ---------------------------------------------------------------------
+# -- cost at n = 100 and 300 -------------------------------------------------------------
 
 
 @pytest.mark.slow
-def test_print_the_cost_of_share_keys_and_unmask_at_100_clients():
+@pytest.mark.parametrize("n", [100, 300])
+def test_print_the_cost_of_share_keys_and_unmask(n):
     """Prints per-client and server seconds; asserts only that the round is exact."""
-    n = 100
     round_ = Round(n)
     timings = {"share-keys": [], "masked-input": [], "unmask": []}
     replies = {}
@@ -906,7 +961,7 @@ def test_print_the_cost_of_share_keys_and_unmask_at_100_clients():
         f"(median) share-keys {per_client['share-keys']:.3f} s, masked-input "
         f"{per_client['masked-input']:.3f} s, unmask {per_client['unmask'] * 1e3:.2f} ms, "
         f"one chunk's mask at N = {DEGREE} {client_chunk * 1e3:.1f} ms; server share-keys "
-        f"checks and routing {server_share_keys:.3f} s, unmask (95 seeds, 5 keys "
+        f"checks and routing {server_share_keys:.3f} s, unmask ({n - 5} seeds, 5 keys "
         f"reconstructed and checked) {server_unmask:.2f} s, one chunk's correction "
         f"{server_chunk * 1e3:.1f} ms"
     )

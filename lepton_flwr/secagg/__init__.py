@@ -8,6 +8,8 @@ the Flower wiring lives elsewhere.
   tolerates, and the adversary it holds against;
 - :mod:`~lepton_flwr.secagg.keys`: per-round X25519 keys from a node's master secret,
   share-token keys, pairwise seeds, commitments;
+- :mod:`~lepton_flwr.secagg.shamir`: Shamir sharing of 32-byte secrets over
+  GF(2^521 − 1), each holder at one x-coordinate for the whole round;
 - :mod:`~lepton_flwr.secagg.state`: what a node keeps between messages, as bytes;
 - :mod:`~lepton_flwr.secagg.client`: a node's answers to the stages;
 - :mod:`~lepton_flwr.secagg.server`: the server's round, from key sharing to the

@@ -10,15 +10,18 @@ stages, as plain dicts (the lead carries them in Flower messages):
 ``share-keys``
     ``{"round", "threshold", "neighbours", "encryption_keys", "mask_keys"}`` ->
     ``{"round", "recipients", "tokens", "commitment"}``. The node draws a fresh self-mask
-    seed b, Shamir-shares b and its round mask key t-of-|neighbours| (one share of
-    each per neighbour, none kept), and encrypts both shares for each neighbour v in a
-    Fernet token bound to (sender, v, round); the commitment is SHA-256 of b.
+    seed b, Shamir-shares b and its round mask key t-of-|neighbours|, each on its own
+    polynomial (:mod:`lepton_flwr.secagg.shamir`; neighbour v's share at v's place among
+    the round's sorted participants, plus one; the node's own x is skipped, so it keeps
+    no share), and encrypts both shares for each neighbour v in a Fernet token bound to
+    (sender, v, round); the commitment is SHA-256 of b.
 ``masked-input``
     ``{"round", "senders", "tokens", "dropped"}`` -> a :class:`MaskSum` (chunk ->
     ring element) to add to the upload. The senders must be the neighbours less the
-    ``dropped`` (at most d of them); every token must open and name (sender, this node,
-    round), else the node stops the round (:class:`SecAggRefusal`; the server counts it
-    dropped; it never masks with part of its peers).
+    ``dropped`` (at most d of them); every token must open, name (sender, this node,
+    round) and hold two shares at the node's x, else the node stops the round
+    (:class:`SecAggRefusal`; the server counts it dropped; it never masks with part of
+    its peers).
 ``unmask``
     ``{"round", "survivors", "dropped"}`` -> ``{"round", "self_mask_owners",
     "self_mask_shares", "mask_key_owners", "mask_key_shares"}``: the share of b_v for
@@ -41,7 +44,6 @@ import os
 import struct
 
 from cryptography.fernet import InvalidToken
-from flwr.common.secure_aggregation.crypto.shamir import create_shares
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, encrypt
 
 from lepton_flwr.numbers import is_int
@@ -50,7 +52,6 @@ from lepton_flwr.secagg.keys import (
     MASK,
     MAX_ROUND,
     SECRET_BYTES,
-    SHARE_BYTES,
     check_node_id,
     check_round,
     commitment,
@@ -63,6 +64,7 @@ from lepton_flwr.secagg.keys import (
 )
 from lepton_flwr.secagg.masks import MaskSum, check_ring
 from lepton_flwr.secagg.params import SecAggParams, SecAggParamsError, max_dropouts, threshold
+from lepton_flwr.secagg.shamir import SHARE_BYTES, decode_share, holder_indices, split
 from lepton_flwr.secagg.state import (
     MASKED_INPUT,
     SHARE_KEYS,
@@ -73,7 +75,7 @@ from lepton_flwr.secagg.state import (
 )
 
 MAX_ADVERTISED_ROUNDS = 256
-TOKEN_MAGIC = b"LFSA1"
+TOKEN_MAGIC = b"LFSA2"  # 2: shares over GF(2^521 − 1) at global x-coordinates
 _TOKEN_HEADER = struct.Struct(">QQQ")  # sender, receiver, round
 TOKEN_PLAINTEXT_BYTES = len(TOKEN_MAGIC) + _TOKEN_HEADER.size + 2 * SHARE_BYTES
 MAX_TOKEN_BYTES = 1024
@@ -246,8 +248,10 @@ class SecAggClient:
                 raise SecAggRefusal(f"{error} (neighbour {peer})") from None
 
         self_seed = os.urandom(SECRET_BYTES)
-        b_shares = create_shares(self_seed, t, len(recipients))
-        key_shares = create_shares(private_bytes(mask_private), t, len(recipients))
+        index = holder_indices([self.node_id, *recipients])
+        xs = [index[peer] for peer in recipients]
+        b_shares = split(self_seed, t, xs)
+        key_shares = split(private_bytes(mask_private), t, xs)
         tokens = [
             encrypt(
                 key,
@@ -323,10 +327,13 @@ class SecAggClient:
             )
 
         enc_private = round_private_key(self.state.master, ENCRYPTION, server_round)
+        own_x = holder_indices([self.node_id, *record.neighbours])[self.node_id]
         held = {}
         for sender, token in zip(senders, tokens, strict=True):
             try:
-                held[sender] = self._open_token(enc_private, record, server_round, sender, token)
+                held[sender] = self._open_token(
+                    enc_private, record, server_round, sender, token, own_x
+                )
             except SecAggRefusal:
                 self._stop(record)
                 raise
@@ -354,7 +361,13 @@ class SecAggClient:
         return mask
 
     def _open_token(
-        self, enc_private, record: RoundRecord, server_round: int, sender: int, token: bytes
+        self,
+        enc_private,
+        record: RoundRecord,
+        server_round: int,
+        sender: int,
+        token: bytes,
+        own_x: int,
     ) -> tuple[bytes, bytes]:
         enc_public = load_public_key(record.neighbours[sender][0], "encryption_keys")
         key = share_key(enc_private, enc_public, server_round, self.node_id, sender)
@@ -372,7 +385,18 @@ class SecAggClient:
                 f"tokens: the token from {sender} is bound to another sender, receiver or round"
             )
         shares = plaintext[len(TOKEN_MAGIC) + _TOKEN_HEADER.size :]
-        return shares[:SHARE_BYTES], shares[SHARE_BYTES:]
+        b_share, key_share = shares[:SHARE_BYTES], shares[SHARE_BYTES:]
+        for share in (b_share, key_share):
+            try:
+                x, _ = decode_share(share)
+            except ValueError:
+                x = None
+            if x != own_x:
+                raise SecAggRefusal(
+                    f"tokens: the token from {sender} does not hold a share at this node's "
+                    f"x = {own_x}"
+                )
+        return b_share, key_share
 
     def _stop(self, record: RoundRecord) -> None:
         record.stages.add(STOPPED)

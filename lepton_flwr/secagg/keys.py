@@ -10,8 +10,8 @@ many rounds' public keys at once and hold no per-round key in its state.
 From an X25519 agreement, HKDF-SHA256 derives (info naming the role, the round and
 the two node ids, smaller first) a Fernet key for the share tokens of two nodes, or the
 32-byte seed of their pairwise mask (:func:`lepton_flwr.he.ring_masks.ring_mask`).
-Fernet and Shamir come from Flower
-(``flwr.common.secure_aggregation.crypto``); X25519 and HKDF from ``cryptography``.
+Fernet comes from Flower (``flwr.common.secure_aggregation.crypto``), X25519 and HKDF
+from ``cryptography``; the Shamir sharing is :mod:`lepton_flwr.secagg.shamir`.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ from lepton_flwr.numbers import is_int
 
 SECRET_BYTES = 32  # master secret, self-mask seed, private key, pairwise seed
 PUBLIC_KEY_BYTES = 32
-SHARE_BYTES = 4 + 48  # Flower's Shamir share of 32 bytes: index, then 3 blocks of 16
 COMMITMENT_BYTES = 32
 MAX_NODE_ID = (1 << 64) - 1
 MAX_ROUND = (1 << 63) - 1
@@ -146,8 +145,3 @@ def commitment(node: int, server_round: int, self_seed: bytes) -> bytes:
     return hashlib.sha256(
         _DOMAIN + b"self-mask commitment" + struct.pack(">QQ", node, server_round) + self_seed
     ).digest()
-
-
-def share_index(share: bytes) -> int:
-    """The Shamir index a share carries (Flower's layout: 4 little-endian bytes first)."""
-    return int.from_bytes(share[:4], "little")

@@ -17,9 +17,12 @@
    against u's commitment) and sk_v for each dropped v (checked against its advertised
    public key), and return the ring element to subtract from the sum of the uploads,
    chunk by chunk: Σ_{u∈S} selfmask(u) + Σ_{u∈S, v∈D} the pairwise term u added for v.
-   A secret with fewer than t valid shares, or one whose reconstruction fails its
-   check on two t-subsets, raises :class:`RoundNotUnmaskedError`: the round releases
-   nothing.
+   Each secret is interpolated from all its valid shares, with the Lagrange
+   coefficients of the answering holders computed once for the round
+   (:class:`~lepton_flwr.secagg.shamir.LagrangeAtZero`); if that fails its check (a
+   holder sent a wrong share), from two t-subsets of them. A secret with fewer than t
+   valid shares, or one that fails its check all three ways, raises
+   :class:`RoundNotUnmaskedError`: the round releases nothing.
 
 Request and reply shapes are those of :mod:`lepton_flwr.secagg.client`.
 """
@@ -30,7 +33,6 @@ from collections.abc import Iterable, Mapping
 
 from cryptography.fernet import Fernet
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 
 from lepton_flwr.numbers import is_int
 from lepton_flwr.secagg.client import MAX_ADVERTISED_ROUNDS, TOKEN_PLAINTEXT_BYTES
@@ -38,18 +40,23 @@ from lepton_flwr.secagg.keys import (
     COMMITMENT_BYTES,
     MAX_ROUND,
     PUBLIC_KEY_BYTES,
-    SECRET_BYTES,
-    SHARE_BYTES,
     check_node_id,
     check_round,
     commitment,
     load_public_key,
     pair_seed,
     public_bytes,
-    share_index,
 )
 from lepton_flwr.secagg.masks import MaskSum
 from lepton_flwr.secagg.params import SecAggParams, threshold
+from lepton_flwr.secagg.shamir import (
+    SHARE_BYTES,
+    LagrangeAtZero,
+    decode_share,
+    holder_indices,
+    interpolate_at_zero,
+    secret_bytes,
+)
 
 TOKEN_BYTES = len(Fernet(Fernet.generate_key()).encrypt(bytes(TOKEN_PLAINTEXT_BYTES)))
 
@@ -189,11 +196,8 @@ class SecAggServerRound:
         self.neighbours = {
             node: [peer for peer in self.participants if peer != node] for node in self.participants
         }
-        # Shamir index of holder h in owner u's sharing: its place among u's recipients.
-        self._index = {
-            owner: {peer: i + 1 for i, peer in enumerate(peers)}
-            for owner, peers in self.neighbours.items()
-        }
+        # Holder h's x in every owner's sharing: its place among the participants, + 1.
+        self._x = holder_indices(self.participants)
         self.dropped_reasons: dict[int, str] = {}
         self._tokens: dict[int, dict[int, bytes]] = {}  # sender -> recipient -> token
         self._commitments: dict[int, bytes] = {}
@@ -341,31 +345,51 @@ class SecAggServerRound:
             (self.dropped, "mask_key_shares"),
         ):
             shares = _byte_list(reply, field, len(owners_of), SHARE_BYTES, node)
+            values = {}
             for owner, share in zip(owners_of, shares, strict=True):
-                if share_index(share) != self._index[owner][node]:
+                try:
+                    x, value = decode_share(share)
+                except ValueError as error:
+                    raise SecAggReplyError(
+                        f"node {node}: {field}: the share of {owner}'s secret: {error}"
+                    ) from None
+                if x != self._x[node]:
                     raise SecAggReplyError(
                         f"node {node}: {field}: the share of {owner}'s secret has index "
-                        f"{share_index(share)}, not {self._index[owner][node]}"
+                        f"{x}, not {self._x[node]}"
                     )
-            kept[field] = dict(zip(owners_of, shares, strict=True))
+                values[owner] = value
+            kept[field] = values
         return kept
 
     # -- correction ------------------------------------------------------------------
-    def _reconstruct(self, shares: list[bytes], check, what: str) -> bytes:
+    def _reconstruct(
+        self, owner: int, field: str, basis: LagrangeAtZero | None, check, what: str
+    ) -> bytes:
+        """The owner's secret from the holders' shares in ``field``, checked; see above."""
         t = self.threshold
-        if len(shares) < t:
+        points = {
+            self._x[holder]: reply[field][owner]
+            for holder, reply in self._unmask_replies.items()
+            if owner in reply[field]
+        }
+        if len(points) < t:
             raise RoundNotUnmaskedError(
-                f"round {self.server_round}: {what}: {len(shares)} valid shares, fewer than t = {t}"
+                f"round {self.server_round}: {what}: {len(points)} valid shares, fewer than t = {t}"
             )
-        subsets = [shares[:t]]
-        if len(shares) > t:
-            subsets.append(shares[t : 2 * t] if len(shares) >= 2 * t else shares[-t:])
-        for subset in subsets:
-            try:
-                secret = combine_shares(subset)
-            except ValueError:
-                continue
-            if len(secret) == SECRET_BYTES and check(secret):
+
+        def attempts():
+            shared = basis.without(self._x[owner]) if basis is not None else {}
+            yield shared if shared.keys() == points.keys() else LagrangeAtZero(points).coefficients
+            if len(points) > t:
+                xs = sorted(points)
+                yield LagrangeAtZero(xs[:t]).coefficients
+                yield LagrangeAtZero(xs[t : 2 * t] if len(xs) >= 2 * t else xs[-t:]).coefficients
+
+        for coefficients in attempts():
+            value = interpolate_at_zero(coefficients, {x: points[x] for x in coefficients})
+            secret = secret_bytes(value)
+            if secret is not None and check(secret):
                 return secret
         raise RoundNotUnmaskedError(
             f"round {self.server_round}: {what}: the shares do not reconstruct a secret that "
@@ -382,17 +406,17 @@ class SecAggServerRound:
         """
         if self.survivors is None:
             raise RuntimeError("set the survivors and receive the unmask replies first")
-        replies = self._unmask_replies
+        # One set of coefficients for the holders that answered; each owner's set is
+        # that one less the owner, if it answered (LagrangeAtZero.without, O(m)).
+        holders = [self._x[holder] for holder in self._unmask_replies]
+        basis = LagrangeAtZero(holders) if holders else None
         seeds = {}
         for owner in self.survivors:
-            shares = [
-                replies[h]["self_mask_shares"][owner]
-                for h in sorted(replies)
-                if owner in replies[h]["self_mask_shares"]
-            ]
             expected = self._commitments[owner]
             seeds[owner] = self._reconstruct(
-                shares,
+                owner,
+                "self_mask_shares",
+                basis,
                 lambda seed, owner=owner, expected=expected: (
                     commitment(owner, self.server_round, seed) == expected
                 ),
@@ -400,14 +424,11 @@ class SecAggServerRound:
             )
         keys = {}
         for owner in self.dropped:
-            shares = [
-                replies[h]["mask_key_shares"][owner]
-                for h in sorted(replies)
-                if owner in replies[h]["mask_key_shares"]
-            ]
             advertised = self.public_keys[owner][1]
             secret = self._reconstruct(
-                shares,
+                owner,
+                "mask_key_shares",
+                basis,
                 lambda key, advertised=advertised: (
                     public_bytes(X25519PrivateKey.from_private_bytes(key)) == advertised
                 ),

@@ -31,13 +31,13 @@ from lepton_flwr.secagg.keys import (
     MAX_ROUND,
     PUBLIC_KEY_BYTES,
     SECRET_BYTES,
-    SHARE_BYTES,
 )
+from lepton_flwr.secagg.shamir import SHARE_BYTES, decode_share
 
 KEEP_ROUNDS = 4
 MAX_STATE_BYTES = 4 << 20
 FORMAT = "lepton-flwr secagg client state"
-VERSION = 1
+VERSION = 2  # 2: shares over GF(2^521 − 1) (lepton_flwr.secagg.shamir)
 
 SHARE_KEYS = "share-keys"
 MASKED_INPUT = "masked-input"
@@ -164,7 +164,7 @@ class ClientState:
             raise SecAggStateError(f"the state is not JSON: {error}") from None
         _expect_keys(document, {"format", "version", "master", "closed_through", "rounds"}, "")
         if document["format"] != FORMAT or document["version"] != VERSION:
-            raise SecAggStateError("the state is not a version-1 secagg client state")
+            raise SecAggStateError(f"the state is not a version-{VERSION} secagg client state")
         master = _unb64(document["master"], SECRET_BYTES, "master")
         closed = document["closed_through"]
         if not is_int(closed) or not -1 <= closed <= MAX_ROUND:
@@ -213,8 +213,7 @@ def _parse_record(raw: object, where: str) -> RoundRecord:
         raise SecAggStateError(f"{where}.senders must list distinct node ids")
     held = {
         _int_key(peer, MAX_NODE_ID, f"{where}.held"): tuple(
-            _unb64(share, SHARE_BYTES, f"{where}.held.{peer}")
-            for share in _pair(shares, f"{where}.held.{peer}")
+            _share(share, f"{where}.held.{peer}") for share in _pair(shares, f"{where}.held.{peer}")
         )
         for peer, shares in _object(raw["held"], f"{where}.held").items()
     }
@@ -243,6 +242,15 @@ def _unb64(value: object, size: int, where: str) -> bytes:
     if len(data) != size:
         raise SecAggStateError(f"{where} is {len(data)} bytes, not {size}")
     return data
+
+
+def _share(value: object, where: str) -> bytes:
+    share = _unb64(value, SHARE_BYTES, where)
+    try:
+        decode_share(share)
+    except ValueError as error:
+        raise SecAggStateError(f"{where}: {error}") from None
+    return share
 
 
 def _expect_keys(value: object, keys: set[str], where: str) -> None:
