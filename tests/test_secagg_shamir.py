@@ -241,3 +241,27 @@ def test_the_server_computes_lagrange_coefficients_once_per_round(monkeypatch):
     seeds, _ = server.recover_secrets()
     assert len(seeds) == 12
     assert len(built) == 1 + 2  # the round's set, then two t-subsets for that one owner
+
+
+def test_a_nodes_two_secrets_lie_on_independent_polynomials(monkeypatch):
+    """2(t − 1) fresh draws per share-keys; one shared set of coefficients would make
+    f_b(x) − f_key(x) = b − sk the same at every x, and each holder holds both shares."""
+    ids, clients, server = _round(9)
+    draws = []
+    real = shamir.secrets.randbelow
+
+    def counted(bound):
+        draws.append(bound)
+        return real(bound)
+
+    monkeypatch.setattr(shamir.secrets, "randbelow", counted)
+    fresh = _round(9)  # a new round: 9 nodes' share-keys
+    assert draws == [PRIME] * (9 * 2 * (fresh[2].threshold - 1))
+    for u, request in server.masked_input_requests().items():
+        clients[u].masked_input(request, PRIMES, DEGREE)
+    owner = ids[0]
+    differences = set()
+    for holder in ids[1:]:
+        b_share, key_share = clients[holder].state.rounds[3].held[owner]
+        differences.add((decode_share(b_share)[1] - decode_share(key_share)[1]) % PRIME)
+    assert len(differences) == len(ids) - 1
