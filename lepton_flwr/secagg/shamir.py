@@ -28,9 +28,10 @@ the protocol used first: in the n = 100 cost test of ``tests/test_secagg_protoco
 (t = 53, 5 dropouts) a client spent 0.3–0.4 s on its two splits into 99 shares and
 the server 22–27 s reconstructing 95 seeds and 5 keys, about 0.2 s per secret (a
 pure-Python Lagrange interpolation per 16-byte block and per secret, no coefficients
-reused). Here a split is (t − 1)(n − 1) big-integer multiply-adds (0.014 s per client
-in that test, both secrets) and a reconstruction, once the round's coefficients are
-known, one dot product (0.07 s for the server's whole unmask, checks included).
+reused). Here a split is (t − 1)(n − 1) big-integer multiply-adds (the whole share-keys
+stage took 0.014 s per client in that test) and a reconstruction, once the round's
+coefficients are known, one dot product (0.07 s for the server's whole unmask, checks
+included).
 """
 
 from __future__ import annotations
