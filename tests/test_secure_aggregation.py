@@ -264,3 +264,76 @@ def test_a_stage_never_reaches_a_handler_through_the_privacy_floor(keys):
     with_he = _app([privacy_floor_mod, make_he_mod(keys[0], workers=1)])
     answer = with_he(msg, context)
     assert not answer.has_error() and not answer.content.array_records
+
+
+def test_two_tasks_of_a_node_at_once_never_answer_one_stage_twice(tmp_path, caplog):
+    """Flower may run two tasks of a node at once, each with a copy of context.state. With
+    state-dir the node answers from one file under a lock: the second unmask, asking for the
+    other kind of share of the same peer, is refused. (Second review, H2: without it the
+    server rebuilt a victim's mask from both answers.)"""
+    import copy
+
+    from flwr.app import ConfigRecord, Context
+    from flwr.supercore.task_identity import TaskIdentity
+    from test_secagg_protocol import Round
+
+    from lepton_flwr.mods.secagg_stages import answer_stage
+    from lepton_flwr.secagg.wire import REPLY_KEY, as_config, fields
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    r = Round(6)
+    r.share_keys()
+    r.masked_input()
+    victim, holder = r.ids[0], r.ids[1]
+    folder = tmp_path / "state"
+    folder.mkdir()
+    (folder / "secagg-run-1.state").write_bytes(r.clients[holder].state.to_bytes())
+    (folder / "secagg-run-1.state").chmod(0o600)
+    context = Context(
+        run_id=1,
+        node_id=holder,
+        node_config={protocol.STATE_DIR: str(folder)},
+        state=RecordDict(),
+        run_config={},
+    )
+
+    def ask(task, survivors, dropped, number):
+        config = {protocol.SECAGG_STAGE: "unmask"}
+        config |= as_config({"unmask": {"round": r.r, "survivors": survivors, "dropped": dropped}})
+        msg = Message(
+            RecordDict({"config": ConfigRecord(config)}), dst_node_id=holder, message_type="train"
+        )
+        msg.metadata.__dict__["_message_id"] = f"m{number}"
+        return fields(answer_stage(msg, task).content.config_records[REPLY_KEY], "unmask")
+
+    first = ask(copy.deepcopy(context), r.ids, [], 1)
+    others = [x for x in r.ids if x != victim]
+    second = ask(copy.deepcopy(context), others, [victim], 2)
+    assert "refused" not in first and victim in first["self_mask_owners"]
+    assert "answered before" in second["refused"]
+
+
+@pytest.mark.parametrize(
+    ("value", "outcome"),
+    [("required", True), ("True", True), ("on", True), ("optional", False), ("false", False)]
+    + [("requried", "neither"), ("2", "neither")],
+)
+def test_the_required_setting_is_read_strictly(value, outcome):
+    """Second review, L3: `secure-aggregation=true` was ignored and the node uploaded unmasked."""
+    from flwr.app import Context
+
+    from lepton_flwr.mods.common import ModError
+    from lepton_flwr.mods.secagg_stages import requires_secure_aggregation
+
+    context = Context(
+        run_id=1,
+        node_id=1,
+        node_config={"secure-aggregation": value},
+        state=RecordDict(),
+        run_config={},
+    )
+    if isinstance(outcome, bool):
+        assert requires_secure_aggregation(context) is outcome
+    else:
+        with pytest.raises(ModError, match=outcome):
+            requires_secure_aggregation(context)

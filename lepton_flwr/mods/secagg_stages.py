@@ -24,17 +24,23 @@ threshold below what they require for the round's size.
 
 from __future__ import annotations
 
+import fcntl
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from logging import WARNING
+from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common.logger import log
 
 from lepton_flwr import protocol
+from lepton_flwr.files import open_regular, read_private, write_atomically
 from lepton_flwr.mods.common import ModError, train_config
 from lepton_flwr.secagg.client import SecAggClient
 from lepton_flwr.secagg.masks import MaskSum
 from lepton_flwr.secagg.params import SecAggParams, SecAggParamsError
-from lepton_flwr.secagg.state import ClientState, SecAggStateError
+from lepton_flwr.secagg.state import MAX_STATE_BYTES, ClientState, SecAggStateError
 from lepton_flwr.secagg.wire import MASKED_INPUT, REFUSED, REPLY_KEY, as_config, fields, stages_of
 
 REQUIRED = "secure-aggregation"  # node config: "required" = never upload unmasked
@@ -81,21 +87,80 @@ def _number(value: object, key: str) -> float:
     return float(value)
 
 
-def _client(context: Context) -> SecAggClient:
-    record = context.state.config_records.get(protocol.SECAGG_STATE)
+def _parsed(data: object) -> ClientState:
     try:
-        if record is None:
-            state = ClientState.new()
-        else:
-            state = ClientState.from_bytes(record[_STATE_FIELD])
-    except (SecAggStateError, KeyError, TypeError) as err:
+        return ClientState.from_bytes(data)
+    except (SecAggStateError, TypeError) as err:
         raise ModError(f"the node's secure-aggregation state cannot be read: {err}") from None
-    return SecAggClient(context.node_id, state, node_params(context))
 
 
-def _keep(context: Context, client: SecAggClient) -> None:
-    """Write the state back before any answer leaves (a lost state could answer twice)."""
-    context.state[protocol.SECAGG_STATE] = ConfigRecord({_STATE_FIELD: client.state.to_bytes()})
+@contextmanager
+def node_client(context: Context) -> Iterator[SecAggClient]:
+    """The node's protocol side over its state, written back before any answer leaves.
+
+    With ``state-dir`` the state is the file ``secagg-run-<run id>.state`` there, read,
+    answered and written under an exclusive lock (``secagg.lock``): Flower may run two
+    tasks of one node at once, each with its own copy of ``context.state``, and a server
+    that sends two stage messages together must not get a stage answered twice. Without
+    it the state is kept in ``context.state``, with a warning once per process. The state
+    is written back also when a request is refused (a token that fails closes the round).
+
+    Raises
+    ------
+    ModError
+        If the state or its lock cannot be read or taken.
+    """
+    folder = context.node_config.get(protocol.STATE_DIR)
+    if not folder:
+        _warn_without_state_dir()
+        record = context.state.config_records.get(protocol.SECAGG_STATE)
+        state = ClientState.new() if record is None else _parsed(record.get(_STATE_FIELD))
+        client = SecAggClient(context.node_id, state, node_params(context))
+        try:
+            yield client
+        finally:
+            context.state[protocol.SECAGG_STATE] = ConfigRecord(
+                {_STATE_FIELD: client.state.to_bytes()}
+            )
+        return
+    folder = Path(str(folder))
+    path = folder / f"secagg-run-{int(context.run_id)}.state"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = open_regular(folder / "secagg.lock", os.O_WRONLY | os.O_CREAT, 0o600)
+    except (OSError, ValueError) as err:
+        raise ModError(f"the node's secure-aggregation lock cannot be taken: {err}") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            exists = path.exists() or path.is_symlink()
+            state = _parsed(read_private(path, MAX_STATE_BYTES)) if exists else ClientState.new()
+        except (OSError, ValueError) as err:
+            raise ModError(f"the node's secure-aggregation state {path}: {err}") from None
+        client = SecAggClient(context.node_id, state, node_params(context))
+        try:
+            yield client
+        finally:
+            write_atomically(path, client.state.to_bytes())
+    finally:
+        os.close(lock)  # releases the lock
+
+
+_warned_without_state_dir = False
+
+
+def _warn_without_state_dir() -> None:
+    global _warned_without_state_dir
+    if not _warned_without_state_dir:
+        _warned_without_state_dir = True
+        log(
+            WARNING,
+            "secure aggregation: no %s in the node config: the stages this node answered are "
+            "kept in Flower's context state, of which two tasks running at once each hold a "
+            "copy; in a deployment set %s, so that no stage is answered twice",
+            protocol.STATE_DIR,
+            protocol.STATE_DIR,
+        )
 
 
 def answer_stage(msg: Message, context: Context) -> Message:
@@ -115,7 +180,14 @@ def answer_stage(msg: Message, context: Context) -> Message:
         stages = stages_of(config[protocol.SECAGG_STAGE])
     except ValueError as err:
         raise ModError(f"secure aggregation: {err}") from None
-    client = _client(context)
+    with node_client(context) as client:
+        answers = _answers(client, stages, config, context.node_id)
+    content = ConfigRecord({protocol.SECAGG_STAGE: ",".join(stages), **as_config(answers)})
+    return Message(RecordDict({REPLY_KEY: content}), reply_to=msg)
+
+
+def _answers(client: SecAggClient, stages: list[str], config: ConfigRecord, node: int) -> dict:
+    """Each stage's answer, or its refusal (``refused``: the reason naming the field)."""
     handlers = {
         "advertise": client.advertise,
         "share-keys": client.share_keys,
@@ -126,11 +198,35 @@ def answer_stage(msg: Message, context: Context) -> Message:
         try:
             answers[stage] = handlers[stage](fields(config, stage))
         except ValueError as err:  # SecAggRefusal, or the fields' own wrapping
-            log(WARNING, "secure aggregation: node %d refused %s: %s", context.node_id, stage, err)
+            log(WARNING, "secure aggregation: node %d refused %s: %s", node, stage, err)
             answers[stage] = {REFUSED: str(err)[:500]}
-    _keep(context, client)  # before the reply leaves: a lost state could answer twice
-    content = ConfigRecord({protocol.SECAGG_STAGE: ",".join(stages), **as_config(answers)})
-    return Message(RecordDict({REPLY_KEY: content}), reply_to=msg)
+    return answers
+
+
+def requires_secure_aggregation(context: Context) -> bool:
+    """Whether the node config asks for masked uploads only (``secure-aggregation``).
+
+    ``required`` (or true, yes, on, 1) turns it on; ``optional`` (or false, no, off, 0,
+    absent) leaves it off; anything else is refused: a typo must not leave uploads
+    unmasked.
+
+    Raises
+    ------
+    ModError
+        For a value that is neither.
+    """
+    value = context.node_config.get(REQUIRED)
+    if value is None:
+        return False
+    word = str(value).strip().lower()
+    if word in ("required", "true", "yes", "on", "1"):
+        return True
+    if word in ("optional", "false", "no", "off", "0", ""):
+        return False
+    raise ModError(
+        f"node config: {REQUIRED}={value!r} is neither 'required' nor 'optional'; nothing "
+        f"was trained or sent"
+    )
 
 
 def upload_mask(msg: Message, context: Context, primes: list[int], degree: int) -> MaskSum | None:
@@ -147,18 +243,15 @@ def upload_mask(msg: Message, context: Context, primes: list[int], degree: int) 
     """
     config = train_config(msg)
     if not config.get(protocol.SECAGG_MASKED, False):
-        if str(context.node_config.get(REQUIRED, "")).lower() == "required":
+        if requires_secure_aggregation(context):
             raise ModError(
                 "this node requires secure aggregation (node config secure-aggregation="
                 "required) and the server did not ask for masked uploads; nothing was trained "
                 "or sent"
             )
         return None
-    client = _client(context)
-    try:
-        mask = client.masked_input(fields(config, MASKED_INPUT), primes, degree)
-    except ValueError as err:  # SecAggRefusal, or the fields' own wrapping
-        _keep(context, client)
-        raise ModError(f"secure aggregation, masked input: {err}") from None
-    _keep(context, client)
-    return mask
+    with node_client(context) as client:
+        try:
+            return client.masked_input(fields(config, MASKED_INPUT), primes, degree)
+        except ValueError as err:  # SecAggRefusal, or the fields' own wrapping
+            raise ModError(f"secure aggregation, masked input: {err}") from None
