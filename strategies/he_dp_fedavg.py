@@ -152,6 +152,12 @@ class HEDPFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
         lower σ (more clients to carry zC).
     fraction_train : None
         Refused (use ``sample_rate``).
+    secure_aggregation : bool | SecAggParams (default: False)
+        Mask every share so that no single one, nor any sum short of all the round's
+        survivors, can be decrypted, even by a holder of the shared key (see
+        :class:`~lepton_flwr.strategies.HEFedAvg` and
+        :mod:`~lepton_flwr.strategies.secure_aggregation`). A round whose sum cannot be
+        unmasked releases nothing and is accounted as released.
     **fedavg_kwargs
         The rest of Flower's FedAvg arguments, honoured: ``fraction_evaluate`` (default
         0.0 here: federated evaluation sends each client's loss and accuracy on its own

@@ -139,7 +139,8 @@ class HEFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
         Mask every upload so that no single upload, nor any sum short of all the round's
         survivors, can be decrypted, even by a holder of the shared key
         (:mod:`~lepton_flwr.strategies.secure_aggregation`); ``True`` takes the default
-        :class:`~lepton_flwr.secagg.params.SecAggParams`. Costs two exchanges per round.
+        :class:`~lepton_flwr.secagg.params.SecAggParams`. Costs one extra exchange a
+        round once keys are shared (the next round's keys travel with this round's unmask).
     **fedavg_kwargs
         Every argument of Flower's FedAvg, honoured: ``fraction_train``,
         ``fraction_evaluate``, ``min_train_nodes``, ``min_evaluate_nodes``,
