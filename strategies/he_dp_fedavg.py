@@ -504,16 +504,8 @@ class HEDPFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
             self._withhold(server_round, reported, why)
             return None, self._metrics()
         if self.secure_aggregation is not None and accepted:
-            survivors = [m.metadata.src_node_id for m in accepted]
-            total = self.secure_aggregation.unmask(
-                server_round,
-                survivors,
-                total,
-                lambda: (
-                    self._sample_ahead(server_round + 1)
-                    if server_round != self.last_round
-                    else None
-                ),
+            total = self.secure_aggregation.unmask_replies(
+                server_round, accepted, total, self._sample_ahead, self.last_round
             )
             if total is None:  # whether it failed depends on who answered: account it
                 self._withhold(server_round, reported, "the sum could not be unmasked")

@@ -355,16 +355,8 @@ class HEFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
             )
             return None, None
         if self.secure_aggregation is not None:
-            survivors = [m.metadata.src_node_id for m in accepted]
-            total = self.secure_aggregation.unmask(
-                server_round,
-                survivors,
-                total,
-                lambda: (
-                    self._sample_ahead(server_round + 1)
-                    if server_round != self.last_round
-                    else None
-                ),
+            total = self.secure_aggregation.unmask_replies(
+                server_round, accepted, total, self._sample_ahead, self.last_round
             )
             if total is None:
                 return None, None

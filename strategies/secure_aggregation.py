@@ -267,6 +267,24 @@ class SecureAggregation:
             if m.metadata.dst_node_id in requests
         ]
 
+    def unmask_replies(
+        self,
+        server_round: int,
+        accepted: list[Message],
+        total: EncryptedModel,
+        sample_ahead: Callable[[int], list[int] | None],
+        last_round: int | None,
+    ) -> EncryptedModel | None:
+        """:meth:`unmask` for the senders of ``accepted`` (the replies in the sum).
+
+        Before the run's last round, ``sample_ahead(server_round + 1)`` draws the next
+        round's sample, whose keys are then shared in this unmask exchange.
+        """
+        survivors = [m.metadata.src_node_id for m in accepted]
+        if server_round == last_round:
+            return self.unmask(server_round, survivors, total)
+        return self.unmask(server_round, survivors, total, lambda: sample_ahead(server_round + 1))
+
     def unmask(
         self,
         server_round: int,
