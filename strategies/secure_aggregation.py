@@ -131,8 +131,16 @@ class SecureAggregation:
             messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
         answers: dict[str, dict[int, dict]] = {stage: {} for stage in by_stage}
         heard = set()
-        for reply in self._grid.send_and_receive(messages, timeout=self._timeout):
+        replies = list(self._grid.send_and_receive(messages, timeout=self._timeout))
+        # Flower's SuperLink answers for a node it lost with an error reply of its own:
+        # the message it replies to says which node that was.
+        sent_to = {
+            m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id
+        }
+        for reply in replies:
             node = reply.metadata.src_node_id
+            if reply.has_error():
+                node = sent_to.get(reply.metadata.reply_to_message_id, node)
             if node not in stages_for or node in heard:
                 continue  # not asked, or a second reply: ignored
             heard.add(node)
@@ -307,6 +315,8 @@ class SecureAggregation:
         try:
             secagg_round.set_survivors(survivors)
             by_stage["unmask"] = secagg_round.unmask_requests()
+            for node in secagg_round.dropped:
+                self._dropped(server_round, node, "masked input", "its upload is not in the sum")
         except RoundNotUnmaskedError as err:
             failure = err
         next_round = None
@@ -337,6 +347,16 @@ class SecureAggregation:
                 self.name,
                 server_round,
                 failure,
+            )
+        else:
+            log(
+                INFO,
+                "%s round %d: secure aggregation: the sum of %d uploads unmasked "
+                "(%d nodes dropped after sharing keys)",
+                self.name,
+                server_round,
+                len(secagg_round.survivors),
+                len(secagg_round.dropped),
             )
         self.book.forget_before(server_round + 1)
         self.seconds[server_round] = self.seconds.get(server_round, 0.0) + (
