@@ -8,15 +8,19 @@ re-worded with the config's key paths (``privacy.delta`` rather than ``delta``).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from flwr.clientapp.typing import Mod
-from flwr.serverapp.strategy import Strategy
 
 from lepton_flwr.config import HE_ARGUMENTS, PRIVACY_ARGUMENTS, ConfigError, reword
 from lepton_flwr.mods import dp_clip_mod, make_he_dp_mod, make_he_mod, privacy_floor_mod
 from lepton_flwr.secagg.params import SecAggParams, SecAggParamsError
-from lepton_flwr.strategies import CheckedFedAvg, DPFedAvg, HEDPFedAvg, HEFedAvg
-from lepton_flwr.strategies.metrics import aggregate_train_metrics
+
+if TYPE_CHECKING:
+    from flwr.serverapp.strategy import Strategy
+
+# The strategies (SciPy, the accountants) are imported by the builders below, on the
+# server: a ClientApp checks a config's strategy name against STRATEGIES without them.
 
 
 def _fedavg_arguments(strategy_cfg: dict, train_sampling: bool = True) -> dict:
@@ -25,6 +29,8 @@ def _fedavg_arguments(strategy_cfg: dict, train_sampling: bool = True) -> dict:
     DP strategies sample training clients themselves (``privacy.sample_rate``):
     ``train_sampling=False`` leaves out ``fraction_train``.
     """
+    from lepton_flwr.strategies.metrics import aggregate_train_metrics
+
     keys = ["fraction_evaluate", "min_evaluate_nodes", "min_available_nodes", "min_train_nodes"]
     if train_sampling:
         keys += ["fraction_train"]
@@ -52,6 +58,8 @@ def _public_context(cfg: dict) -> str:
 
 
 def _fedavg(cfg: dict) -> Strategy:
+    from lepton_flwr.strategies import CheckedFedAvg
+
     return CheckedFedAvg(**_fedavg_arguments(cfg["strategy"]))
 
 
@@ -71,6 +79,8 @@ def _secure_aggregation(he: dict) -> bool | SecAggParams:
 
 
 def _he_fedavg(cfg: dict) -> Strategy:
+    from lepton_flwr.strategies import HEFedAvg
+
     he = cfg["he"]
     return HEFedAvg(
         _public_context(cfg),
@@ -85,6 +95,8 @@ def _he_fedavg(cfg: dict) -> Strategy:
 
 
 def _dp_fedavg(cfg: dict) -> Strategy:
+    from lepton_flwr.strategies import DPFedAvg
+
     p = cfg["privacy"]
     return DPFedAvg(
         clipping_side=p["clipping_side"],
@@ -98,6 +110,8 @@ def _dp_fedavg(cfg: dict) -> Strategy:
 
 
 def _he_dp_fedavg(cfg: dict) -> Strategy:
+    from lepton_flwr.strategies import HEDPFedAvg
+
     he = cfg["he"]
     return HEDPFedAvg(
         _public_context(cfg),

@@ -1,4 +1,11 @@
-"""The ClientApp: local training and evaluation on the node's own partition."""
+"""The ClientApp: local training and evaluation on the node's own partition.
+
+A SuperNode starts a fresh process for every message, so this module imports what
+every message needs (Flower, the config, the mods) and each handler imports the rest
+when it runs: torch with the model, Opacus and the DP-SGD history with DP-SGD. A
+secure-aggregation stage, answered by ``he_mod`` before any handler, loads neither
+torch, nor data, nor a model.
+"""
 
 from __future__ import annotations
 
@@ -19,15 +26,7 @@ from lepton_flwr.apps.build import build_client_mods
 from lepton_flwr.apps.common import config_from_context, model_for
 from lepton_flwr.config import ConfigError
 from lepton_flwr.data import ClientData, load_client_data, load_dataset
-from lepton_flwr.dp.client_state import DPSGDHistory, LostHistoryError
-from lepton_flwr.dp.dpsgd import (
-    dpsgd_noise_multiplier,
-    dpsgd_settings,
-    epsilon_after_round,
-    train_dpsgd,
-)
 from lepton_flwr.dp.floor import BelowPrivacyFloorError, check_dpsgd_request, require_dpsgd
-from lepton_flwr.models import evaluate, resolve_device, train
 from lepton_flwr.mods.common import is_train
 
 PARTITION_ID_KEY = protocol.PARTITION_ID
@@ -52,6 +51,8 @@ def _node_partition(context: Context) -> tuple[int, int]:
 
 def node_device(context: Context, cfg: dict):
     """The torch device: the node config's ``device`` (cpu, cuda, auto), else the run's."""
+    from lepton_flwr.models import resolve_device
+
     return resolve_device(str(context.node_config.get(protocol.DEVICE) or cfg["device"]))
 
 
@@ -97,6 +98,8 @@ def handle_train(
     ``state_dir``: where DP-SGD histories go when the node config has no ``state-dir``
     (the simulation runner's nodes; see :func:`make_client_app`).
     """
+    from lepton_flwr.models import train
+
     partition_id, data, spec, model = _received_model(msg, context, cfg, client_data)
     server_round = int(msg.content["config"].get(protocol.SERVER_ROUND, 0))
     t = cfg["train"]
@@ -113,6 +116,7 @@ def handle_train(
         seed=seed,
     )
     metrics: dict = {}
+    refusals = _node_refusals(cfg["privacy"])
     try:
         if cfg["privacy"]["name"] == "dpsgd":
             train_config = msg.content["config"]
@@ -122,7 +126,7 @@ def handle_train(
         else:
             require_dpsgd(context.node_config, cfg["privacy"])  # refuses under a DP-SGD floor
             loss = train(model, data.x_train, data.y_train, **options)
-    except (BelowPrivacyFloorError, LostHistoryError) as err:
+    except refusals as err:
         # Both depend on the node's state, never on the model: marked so that he_mod sends them.
         marker = "" if isinstance(err, BelowPrivacyFloorError) else protocol.FLOOR_REFUSAL
         reason = f"dpsgd: {marker}{err}"
@@ -142,6 +146,26 @@ def handle_train(
     return Message(content, reply_to=msg)
 
 
+def _node_refusals(privacy: dict) -> tuple[type[Exception], ...]:
+    """The errors by which a node refuses to train for its own state, not the model's.
+
+    Its privacy floor; under DP-SGD also a history it cannot read (imported here:
+    :mod:`lepton_flwr.dp.client_state` brings SciPy, which other runs do not need).
+    """
+    if privacy["name"] != "dpsgd":
+        return (BelowPrivacyFloorError,)
+    from lepton_flwr.dp.client_state import LostHistoryError
+
+    return (BelowPrivacyFloorError, LostHistoryError)
+
+
+def train_dpsgd(*args, **kwargs):
+    """:func:`lepton_flwr.dp.dpsgd.train_dpsgd`, imported at the first DP-SGD round (Opacus)."""
+    from lepton_flwr.dp.dpsgd import train_dpsgd as dpsgd
+
+    return dpsgd(*args, **kwargs)
+
+
 def _train_dpsgd(
     model, data, context: Context, cfg: dict, options: dict, train_config, state_dir=None
 ) -> tuple[float, dict]:
@@ -153,6 +177,9 @@ def _train_dpsgd(
     this round included. The node's lock on that data is held from reading the
     histories to saving the new one.
     """
+    from lepton_flwr.dp.client_state import DPSGDHistory
+    from lepton_flwr.dp.dpsgd import dpsgd_noise_multiplier, dpsgd_settings, epsilon_after_round
+
     privacy = cfg["privacy"]
     node_delta = require_dpsgd(context.node_config, privacy)  # default deny, the node's δ
     if (
@@ -212,6 +239,8 @@ def handle_evaluate(
     A client with an empty test split reports zeros with weight 0, so that it
     leaves the weighted averages untouched.
     """
+    from lepton_flwr.models import evaluate
+
     _, data, spec, model = _received_model(msg, context, cfg, client_data)
     n_test = len(data.y_test)
     metrics = evaluate(

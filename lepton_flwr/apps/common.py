@@ -4,18 +4,20 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 from flwr.app import Context
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from torch import nn
 
 from lepton_flwr import protocol
 from lepton_flwr.config import ConfigError, _interpolation_in, load_run_config
 from lepton_flwr.data import CentralData, load_dataset
 from lepton_flwr.files import read_file
-from lepton_flwr.models import build_model
+
+if TYPE_CHECKING:
+    from torch import nn
 
 OVERRIDES_KEY = "hydra-overrides"
 
@@ -135,5 +137,7 @@ def _saved_config(path: Path, resume: str) -> dict:
 
 def model_for(cfg: dict, data: CentralData | None = None) -> nn.Module:
     """Build the config's model for the config's dataset (shapes from the data)."""
+    from lepton_flwr.models import build_model  # torch: only where a model is built
+
     data = data if data is not None else load_dataset(cfg["dataset"], cfg["seed"])
     return build_model(cfg["model"], data.input_shape, data.num_outputs)

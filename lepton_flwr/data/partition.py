@@ -1,4 +1,7 @@
-"""Split a training pool across clients with flwr-datasets partitioners, offline."""
+"""Split a training pool across clients with flwr-datasets partitioners, offline.
+
+IID shards are flwr-datasets' own, computed without importing it (:func:`iid_shards`).
+"""
 
 from __future__ import annotations
 
@@ -90,8 +93,6 @@ def partition_indices(
         More clients than training samples, a non-positive alpha, label partitioning
         of a regression target, or a partitioner that cannot meet its constraints.
     """
-    from datasets import Dataset
-
     name = partition_cfg["name"]
     n_rows = len(data.y_train)
     if num_partitions < 1:
@@ -108,6 +109,10 @@ def partition_indices(
             raise ConfigError(
                 "partition=dirichlet splits by class label; this dataset is a regression."
             )
+    if name == "iid":
+        return iid_shards(n_rows, num_partitions)
+    from datasets import Dataset  # with flwr-datasets: pandas, matplotlib (seconds)
+
     columns = {"row": np.arange(n_rows), "label": data.y_train}
     if name == "natural":
         if data.natural_ids is None:
@@ -124,6 +129,19 @@ def partition_indices(
     except ValueError as err:
         raise ConfigError(f"partition={name} failed for {num_partitions} clients: {err}") from err
     return parts
+
+
+def iid_shards(n_rows: int, num_partitions: int) -> list[np.ndarray]:
+    """flwr-datasets' ``IidPartitioner`` on rows ``0..n_rows-1``, without importing it.
+
+    Its partition i is ``Dataset.shard(num_partitions, i, contiguous=True)``: contiguous
+    shards in the pool's order, the first ``n_rows % num_partitions`` one row longer,
+    which is numpy's ``array_split``. Importing flwr-datasets (pandas, matplotlib, seaborn,
+    Hugging Face datasets: seconds of CPU) would cost a deployed node that much on every
+    message, since each starts a fresh process; ``tests/test_cold_start.py`` checks that
+    both give the same rows.
+    """
+    return np.array_split(np.arange(n_rows, dtype=np.int64), num_partitions)
 
 
 @lru_cache(maxsize=4)

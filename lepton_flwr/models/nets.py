@@ -8,6 +8,8 @@ from functools import lru_cache
 import torch
 from torch import nn
 
+from lepton_flwr.models.catalogue import MODELS, scatnet_shape_error, scattering_channels
+
 
 class LinearRegression(nn.Module):
     """One linear layer with a scalar output, trained with mean squared error."""
@@ -163,29 +165,6 @@ class ScatterNet(nn.Module):
         return self.head(self.fixed_features(x))
 
 
-def scattering_channels(J: int, L: int) -> int:  # noqa: N803
-    """Scattering coefficients per image channel: order 0, 1 and 2."""
-    return 1 + J * L + L * L * J * (J - 1) // 2
-
-
-def scatnet_shape_error(input_shape: tuple[int, ...], J: int, L: int, groups: int) -> str | None:  # noqa: N803
-    """Why a ScatterNet cannot be built for these images and options, or None."""
-    if len(input_shape) != 3:
-        return f"scatnet needs images (channels, height, width), got shape {input_shape}"
-    if J < 1 or L < 1:
-        return f"model.J and model.L must be >= 1, got J={J}, L={L}"
-    _, height, width = input_shape
-    if height % 2**J or width % 2**J or min(height, width) < 2 ** (J + 1):
-        return (
-            f"model.J={J}: image sides must be multiples of 2**J={2**J} and at least "
-            f"{2 ** (J + 1)}, got {height}x{width}"
-        )
-    channels = input_shape[0] * scattering_channels(J, L)
-    if groups < 1 or channels % groups:
-        return f"model.groups={groups} must divide the {channels} scattering channels"
-    return None
-
-
 @lru_cache(maxsize=4)
 def _scattering(height: int, width: int, J: int, L: int, device: str) -> nn.Module:  # noqa: N803
     """Kymatio's 2D scattering (its filters built once per shape and device)."""
@@ -197,26 +176,6 @@ def _scattering(height: int, width: int, J: int, L: int, device: str) -> nn.Modu
 
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh}
-
-
-MODELS: dict[str, type[nn.Module]] = {
-    "linreg": LinearRegression,
-    "logreg": LogisticRegression,
-    "mlp": MLP,
-    "cnn": CNN,
-    "scatnet": ScatterNet,
-}
-
-
-def model_supports(name: str, task: str, is_image: bool) -> str | None:
-    """Return why model ``name`` cannot train on a dataset, or None if it can."""
-    if name == "linreg" and task != "regression":
-        return "linreg is for regression targets; use logreg, mlp or cnn"
-    if name == "logreg" and task != "classification":
-        return "logreg is for class labels; use linreg or mlp"
-    if name in ("cnn", "scatnet") and not (is_image and task == "classification"):
-        return f"{name} needs image classification data (fashion_mnist, digits)"
-    return None
 
 
 def build_model(model_cfg: dict, input_shape: tuple[int, ...], num_outputs: int) -> nn.Module:
