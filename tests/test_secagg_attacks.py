@@ -1,31 +1,46 @@
-"""Secure aggregation (issue 20) under an adversarial review: the attacks that held.
+"""Secure aggregation (issue 20) under adversarial reviews: the defences the attacks met.
 
-Each test plays a hostile server against honest nodes and checks a defence that the
-attacks of the review ran into: stages answered once whatever order the rounds come in,
-a merged exchange that answers each stage on its own, a node that refuses a genuine
-token cut for another view of the round, and stage messages with hostile fields that
-end in a refusal, never an unexpected exception. The attacks that did not hold are in
-the review's report, not here: a test stays only for what passes.
+Each test plays a hostile server (or client) against honest nodes and checks a defence
+that the attacks of the reviews ran into: stages answered once whatever order the rounds
+come in, a merged exchange that answers each stage on its own, a node that refuses a
+genuine token cut for another view of the round, stage messages with hostile fields that
+end in a refusal, never an unexpected exception, and two findings of the second review
+turned into regressions: a server that shows nodes split views of a round (it read one
+upload with no colluder before tokens carried their sender's view), and a client that
+advertises keys that are not keys (it voided every round it joined).
 """
 
 import itertools
+import logging
 import random
 
+import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from conftest import flooding_atol
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
 from flwr.supercore.task_identity import TaskIdentity
+from lepton_flwr.strategies import HEFedAvg
 
+import lepton_flwr.secagg.client as client_module
 from lepton_flwr import protocol
+from lepton_flwr.apps.inprocess import InProcessGrid
+from lepton_flwr.he import CKKSParams, decrypt_arrays, write_keys
+from lepton_flwr.mods import make_he_mod
 from lepton_flwr.mods.common import ModError
 from lepton_flwr.mods.secagg_stages import answer_stage
 from lepton_flwr.secagg import (
     ClientState,
+    MaskSum,
     PublicKeyBook,
     SecAggClient,
     SecAggParams,
     SecAggRefusal,
     threshold,
 )
+from lepton_flwr.secagg.keys import commitment, pair_seed, public_bytes
+from lepton_flwr.secagg.shamir import combine
 from lepton_flwr.secagg.state import KEEP_ROUNDS, SHARE_KEYS, STOPPED, UNMASK
 from lepton_flwr.secagg.wire import EMPTY_LISTS, REFUSED, REPLY_KEY, as_config, fields
 
@@ -167,13 +182,12 @@ def _receiver_request(extra):
 
 
 def test_a_genuine_token_cut_for_another_view_of_the_round_is_refused():
-    """The server shows one sender a round with an extra participant (id 5) below the
-    receiver: the sender's honest token puts the receiver's shares at another x than
-    the receiver's own view does, so the receiver refuses it and stops the round. (A
-    server splitting views must pick node ids that leave every such place unchanged.)
-    Control: the same round with one view for all is taken."""
+    """The server shows one sender a round with an extra participant (id 5): the
+    sender's honest token carries the digest of that view, not the receiver's, so the
+    receiver refuses it naming the sender and stops the round. Control: the same round
+    with one view for all is taken."""
     receiver, request = _receiver_request(extra=5)
-    with pytest.raises(SecAggRefusal, match="tokens: the token from 20 does not hold a share"):
+    with pytest.raises(SecAggRefusal, match="tokens: the token from 20 was made for another view"):
         receiver.masked_input(request, PRIMES, DEGREE)
     assert STOPPED in receiver.state.rounds[9].stages
     receiver, request = _receiver_request(extra=None)
@@ -219,3 +233,183 @@ def test_hostile_stage_messages_end_in_a_refusal_or_a_mod_error(task_identity, f
                 "encryption_keys",
                 "mask_keys",
             }
+
+
+# -- split views (the second review's A1) ------------------------------------------------
+
+SPLIT_ROUND = 3
+
+
+def _split_views():
+    """The review's split views: 26 honest nodes, genuine keys, no colluder.
+
+    The victim u sees u and five peers v_1..v_5 (n = 6, t = 4, d = 1); each v_i sees u
+    and four nodes of its own A_i (n = 6); each a in A_i sees v_i and the rest of A_i
+    (n = 5, t = 4). The ids make each node's place (its x) the same in every view that
+    holds it, so the x-check of a token cannot tell the views apart.
+
+    Returns
+    -------
+    tuple
+        (victim, its peers, A by peer, view by node, clients, key book)
+    """
+    victim = 10**6
+    peers = [100 * i for i in range(1, 6)]
+    groups = {
+        v: [v - k for k in range(1, i)] + [v + k for k in range(1, 6 - i)]
+        for i, v in enumerate(peers, start=1)
+    }
+    view = {victim: peers}
+    for v in peers:
+        view[v] = [victim, *groups[v]]
+        for a in groups[v]:
+            view[a] = [v, *[b for b in groups[v] if b != a]]
+    clients, book = _nodes(list(view), (SPLIT_ROUND, SPLIT_ROUND))
+    return victim, peers, groups, view, clients, book
+
+
+def _split_view_round():
+    """Share-keys and masked input of the split views, each node in its own view.
+
+    Returns the attack's parts, and node -> its mask or its refusal's text.
+    """
+    victim, peers, groups, view, clients, book = parts = _split_views()
+    tokens, commitments = {}, {}
+    for node, neighbours in view.items():
+        reply = clients[node].share_keys(_share_keys_request(book, node, neighbours, SPLIT_ROUND))
+        commitments[node] = reply["commitment"]
+        for peer, token in zip(reply["recipients"], reply["tokens"], strict=True):
+            tokens[(node, peer)] = token
+    outcome = {}
+    for node, senders in view.items():
+        request = {
+            "round": SPLIT_ROUND,
+            "senders": senders,
+            "tokens": [tokens[(sender, node)] for sender in senders],
+            "dropped": [],
+        }
+        try:
+            outcome[node] = clients[node].masked_input(request, PRIMES, DEGREE)
+        except SecAggRefusal as refusal:
+            outcome[node] = str(refusal)
+    return parts, commitments, outcome
+
+
+def _unmask_for_the_victim(parts, commitments):
+    """The server's unmask requests of the attack, and the victim's mask they rebuild.
+
+    Each v_i is asked with S = {v_i, u, two of A_i} (its share of b_u); each a in A_i
+    with S = A_i and D = {v_i} (its share of sk_{v_i}). Returns the rebuilt mask.
+    """
+    victim, peers, groups, view, clients, book = parts
+    b_shares, key_shares = [], {v: [] for v in peers}
+    for v in peers:
+        request = {"round": SPLIT_ROUND, "survivors": [v, victim, *groups[v][:2]], "dropped": []}
+        reply = clients[v].unmask(request)
+        b_shares.append(reply["self_mask_shares"][reply["self_mask_owners"].index(victim)])
+        for a in groups[v]:
+            request = {"round": SPLIT_ROUND, "survivors": groups[v], "dropped": [v]}
+            reply = clients[a].unmask(request)
+            key_shares[v].append(reply["mask_key_shares"][reply["mask_key_owners"].index(v)])
+    seed = combine(b_shares)
+    assert commitment(victim, SPLIT_ROUND, seed) == commitments[victim]
+    terms = []
+    for v in peers:
+        key = X25519PrivateKey.from_private_bytes(combine(key_shares[v]))
+        assert public_bytes(key) == book.keys(v, SPLIT_ROUND)[1]
+        victim_key = X25519PublicKey.from_public_bytes(book.keys(victim, SPLIT_ROUND)[1])
+        terms.append((1 if victim < v else -1, pair_seed(key, victim_key, SPLIT_ROUND, v, victim)))
+    return MaskSum(SPLIT_ROUND, [seed], terms, PRIMES, DEGREE)
+
+
+def test_split_views_fail_at_the_first_token_from_another_view():
+    """Regression for the review's split views: every one of the 26 honest nodes
+    refuses its masked input at its first sender, whose view differs from its own, and
+    stops the round; so none uploads, and the attack's unmask requests are refused by
+    every node: the server gets no share."""
+    parts, commitments, outcome = _split_view_round()
+    victim, peers, groups, view, clients, book = parts
+    for node, senders in view.items():
+        assert outcome[node] == (
+            f"tokens: the token from {senders[0]} was made for another view of round "
+            f"{SPLIT_ROUND} (its participants, their keys or t are not the ones this node "
+            "was shown)"
+        ), node
+        assert STOPPED in clients[node].state.rounds[SPLIT_ROUND].stages
+    refused = f"round: the node did not answer masked-input of round {SPLIT_ROUND}"
+    with pytest.raises(SecAggRefusal, match=refused):
+        _unmask_for_the_victim(parts, commitments)
+    for node, client in clients.items():
+        with pytest.raises(SecAggRefusal, match=refused):
+            client.unmask({"round": SPLIT_ROUND, "survivors": [node, *view[node]], "dropped": []})
+
+
+def test_without_the_view_digest_the_split_views_read_the_victims_mask(monkeypatch):
+    """Control: with every view digest made equal (the binding off), all 26 nodes take
+    the tokens of the split views, and the attack's unmask replies rebuild the victim's
+    whole upload mask word for word, with no colluder."""
+    monkeypatch.setattr(client_module, "view_digest", lambda *args: bytes(32))
+    parts, commitments, outcome = _split_view_round()
+    victim = parts[0]
+    assert all(isinstance(mask, MaskSum) for mask in outcome.values())
+    rebuilt = _unmask_for_the_victim(parts, commitments)
+    for chunk in (0, 3):
+        np.testing.assert_array_equal(rebuilt(chunk), outcome[victim](chunk))
+
+
+# -- keys that are not keys (the second review's M1) -------------------------------------
+
+NODES = 6
+LOW_ORDER_CLIENT = 102
+
+
+@pytest.fixture(scope="module")
+def he_keys(tmp_path_factory):
+    return write_keys(CKKSParams(), tmp_path_factory.mktemp("keys"))
+
+
+def _low_order_keys(msg, context, call_next):
+    """Node 102 advertises 32 zero bytes (a low-order point) as every mask key."""
+    reply = call_next(msg, context)
+    record = None if reply.has_error() else reply.content.config_records.get(REPLY_KEY)
+    if context.node_id != LOW_ORDER_CLIENT or record is None:
+        return reply
+    changed = dict(record)
+    field = "lepton-secagg.advertise.mask_keys"
+    if field in changed:
+        changed[field] = [bytes(32)] * len(changed[field])
+    return Message(RecordDict({REPLY_KEY: ConfigRecord(changed)}), reply_to=msg)
+
+
+def test_a_client_advertising_a_low_order_key_is_dropped_and_the_round_goes_on(he_keys, caplog):
+    """Before, the server kept the key, and every honest peer refused share-keys: one
+    client voided each round it joined. Now the server drops it at advertise, naming the
+    node, the field and the round, and the other five release their mean."""
+    caplog.set_level(logging.WARNING, logger="flwr")
+    app = ClientApp(mods=[_low_order_keys, make_he_mod(he_keys[0], workers=1)])
+
+    @app.train()
+    def train(msg, context):
+        shift = np.float32((context.node_id - 99) / 100)
+        arrays = {k: Array(v.numpy() + shift) for k, v in msg.content["arrays"].items()}
+        content = {"arrays": ArrayRecord(arrays), "metrics": MetricRecord({"num-examples": 10})}
+        return Message(RecordDict(content), reply_to=msg)
+
+    strategy = HEFedAvg(
+        he_keys[1],
+        secure_aggregation=True,
+        min_available_nodes=NODES,
+        workers=1,
+        weight_scale=1.0,
+    )
+    start = ArrayRecord({"w": Array(np.zeros(40, dtype=np.float32))})
+    result = strategy.start(InProcessGrid(app, NODES), start, num_rounds=1)
+    model = decrypt_arrays(result.arrays, he_keys[0])["w"].numpy()
+    others = [n for n in range(100, 100 + NODES) if n != LOW_ORDER_CLIENT]
+    expected = np.mean([(n - 99) / 100 for n in others])
+    assert np.allclose(model, expected, atol=flooding_atol(result.arrays))
+    assert (
+        f"node {LOW_ORDER_CLIENT} dropped at advertise: node {LOW_ORDER_CLIENT}: mask_keys: "
+        "the public key is a low-order point (round 1)" in caplog.text
+    )
+    assert "refused" not in caplog.text

@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import encrypt
 
 import lepton_flwr.secagg.client as client_module
+import lepton_flwr.secagg.keys as keys_module
 import lepton_flwr.secagg.server as server_module
 from lepton_flwr.he.ring_masks import add_mod, sub_mod
 from lepton_flwr.secagg import (
@@ -33,21 +34,42 @@ from lepton_flwr.secagg import (
 from lepton_flwr.secagg.client import token_plaintext
 from lepton_flwr.secagg.keys import (
     ENCRYPTION,
+    FIELD_PRIME,
     MASK,
+    check_public_key,
     commitment,
+    load_public_key,
     pair_seed,
     public_bytes,
     round_private_key,
     round_public_keys,
     share_key,
+    view_digest,
 )
-from lepton_flwr.secagg.server import TOKEN_BYTES
+from lepton_flwr.secagg.server import TOKEN_BYTES, SecAggReplyError
 from lepton_flwr.secagg.shamir import PRIME, combine, decode_share, encode_share, holder_indices
 from lepton_flwr.secagg.state import STOPPED
 
 PRIMES = [1099511390209, 1099511480321]  # the default context's two 40-bit data primes
 DEGREE = 64
 ROUND = 7
+# The u-coordinates of Curve25519's points of order 8 (the tests below check the order).
+ORDER_8_U = (
+    325606250916557431795983626356110631294008115727848805560023387167927233504,
+    39382357235489614581723060781553021112529911719440698176882885853963445705823,
+)
+# Every low-order u: order 2 (0), order 4 on the curve or its twist (1, p − 1), order 8.
+LOW_ORDER_U = (0, 1, FIELD_PRIME - 1, *ORDER_8_U)
+
+
+def _u_bytes(u):
+    """An X25519 public key's wire form: u in 32 little-endian bytes."""
+    return u.to_bytes(32, "little")
+
+
+def _top_bit(key):
+    """The same u with the top bit set: a non-canonical encoding X25519 itself ignores."""
+    return key[:31] + bytes([key[31] | 0x80])
 
 
 def node_ids(n):
@@ -530,14 +552,21 @@ def test_a_token_under_the_right_key_but_bound_to_another_round_is_refused():
         u,
     )
     share = encode_share(holder_indices(round_.ids)[u], 1)  # at u's x: only the round is wrong
-    forged = encrypt(key, token_plaintext(sender, u, ROUND + 1, share, share))
+    forged = encrypt(key, token_plaintext(sender, u, ROUND + 1, _view(round_), share, share))
     request["tokens"] = [forged, *request["tokens"][1:]]
     with pytest.raises(SecAggRefusal, match="bound to another sender, receiver or round"):
         round_.clients[u].masked_input(request, PRIMES, DEGREE)
 
 
-def _forged_token(round_, sender, u, b_share, key_share):
-    """A token from ``sender`` to ``u`` under their real key, bound to the real round."""
+def _view(round_, server_round=ROUND):
+    """The view digest every node of a round run by the server has: all participants."""
+    keys = round_.book.round_keys(round_.ids, server_round)
+    return view_digest(server_round, round_.server.threshold, keys)
+
+
+def _forged_token(round_, sender, u, b_share, key_share, view=None):
+    """A token from ``sender`` to ``u`` under their real key, bound to the real round and
+    (unless ``view`` says otherwise) to the round's one view."""
     key = share_key(
         round_private_key(round_.clients[sender].state.master, ENCRYPTION, ROUND),
         X25519PublicKey.from_public_bytes(
@@ -547,7 +576,8 @@ def _forged_token(round_, sender, u, b_share, key_share):
         sender,
         u,
     )
-    return encrypt(key, token_plaintext(sender, u, ROUND, b_share, key_share))
+    view = _view(round_) if view is None else view
+    return encrypt(key, token_plaintext(sender, u, ROUND, view, b_share, key_share))
 
 
 def test_a_token_whose_shares_are_not_at_the_nodes_x_stops_the_round():
@@ -574,6 +604,76 @@ def test_a_token_whose_shares_are_not_at_the_nodes_x_stops_the_round():
         *request["tokens"][1:],
     ]
     round_.clients[u].masked_input(request, PRIMES, DEGREE)
+
+
+def _other_views(round_):
+    """View digests of round 7 that differ from the round's one view in one thing each."""
+    keys = round_.book.round_keys(round_.ids, ROUND)
+    t = round_.server.threshold
+    stranger = SecAggClient(99, ClientState.new())
+    last = round_.ids[-1]
+    return {
+        "another t": view_digest(ROUND, t + 1, keys),
+        "another round": view_digest(ROUND + 1, t, keys),
+        "one participant fewer": view_digest(
+            ROUND, t, {v: k for v, k in keys.items() if v != last}
+        ),
+        "one participant more": view_digest(
+            ROUND, t, {**keys, 99: round_public_keys(stranger.state.master, ROUND)}
+        ),
+        "another key for one participant": view_digest(
+            ROUND, t, {**keys, last: (keys[last][0], round_.book.keys(last, ROUND + 1)[1])}
+        ),
+    }
+
+
+def test_a_token_made_for_another_view_of_the_round_is_refused_naming_its_sender():
+    """A token that opens under the pair's real key, is bound to (sender, receiver,
+    round) and holds good shares at the receiver's x, but carries the digest of a view
+    that differs in t, the round, the participants or one key, is refused naming its
+    sender, and the round is stopped. Control: the same token with the receiver's own
+    view is taken."""
+    x = holder_indices(node_ids(6))
+    good = encode_share(x[node_ids(6)[0]], 5)
+    for what, other in _other_views(Round(6)).items():
+        round_, u, _, requests = _stage_requests()
+        request = dict(requests[u])
+        sender = request["senders"][1]
+        forged = _forged_token(round_, sender, u, good, good, view=_other_views(round_)[what])
+        request["tokens"] = [request["tokens"][0], forged, *request["tokens"][2:]]
+        with pytest.raises(
+            SecAggRefusal,
+            match=f"tokens: the token from {sender} was made for another view of round {ROUND}",
+        ):
+            round_.clients[u].masked_input(request, PRIMES, DEGREE)
+        record = round_.clients[u].state.rounds[ROUND]
+        assert STOPPED in record.stages and record.held == {} and record.self_seed is None, what
+        assert other != _view(round_)
+    round_, u, _, requests = _stage_requests()
+    request = dict(requests[u])
+    sender = request["senders"][1]
+    request["tokens"][1] = _forged_token(round_, sender, u, good, good, view=_view(round_))
+    round_.clients[u].masked_input(request, PRIMES, DEGREE)
+    assert round_.clients[u].state.rounds[ROUND].held[sender] == (good, good)
+
+
+def test_the_view_digest_is_a_function_of_the_whole_view_and_nothing_else():
+    """The same view, its members in any order, gives one digest; each field changes it;
+    a malformed view is refused."""
+    round_ = Round(6)
+    keys = round_.book.round_keys(round_.ids, ROUND)
+    t = round_.server.threshold
+    assert view_digest(ROUND, t, dict(reversed(list(keys.items())))) == _view(round_)
+    digests = {_view(round_), *_other_views(round_).values()}
+    assert len(digests) == 1 + len(_other_views(round_))
+    first = round_.ids[0]
+    for bad in (
+        {**keys, first: (keys[first][0], bytes(31))},
+        {**keys, first: (keys[first][0],)},
+        {**keys, -1: keys[first]},
+    ):
+        with pytest.raises(ValueError):
+            view_digest(ROUND, t, bad)
 
 
 def test_a_threshold_below_the_nodes_rule_or_too_few_neighbours_is_refused():
@@ -640,11 +740,27 @@ SHARE_KEYS_MUTATIONS = [
     ),
     (
         lambda q, u: _mutate(q, encryption_keys=[*q["encryption_keys"][:-1], bytes(32)]),
-        "encryption_keys: the public key is a low-order point",
+        rf"encryption_keys: the public key is a low-order point \(neighbour {node_ids(6)[-1]}\)",
     ),
     (
         lambda q, u: _mutate(q, mask_keys=[*q["mask_keys"][:-1], bytes(32)]),
-        "mask_keys: the public key is a low-order point",
+        rf"mask_keys: the public key is a low-order point \(neighbour {node_ids(6)[-1]}\)",
+    ),
+    (
+        lambda q, u: _mutate(
+            q, mask_keys=[q["mask_keys"][0], _u_bytes(ORDER_8_U[1]), *q["mask_keys"][2:]]
+        ),
+        rf"mask_keys: the public key is a low-order point \(neighbour {node_ids(6)[2]}\)",
+    ),
+    (
+        lambda q, u: _mutate(
+            q, encryption_keys=[_top_bit(q["encryption_keys"][0]), *q["encryption_keys"][1:]]
+        ),
+        rf"encryption_keys: the public key is not in canonical .*\(neighbour {node_ids(6)[1]}\)",
+    ),
+    (
+        lambda q, u: _mutate(q, mask_keys=[*q["mask_keys"][:-1], _u_bytes(FIELD_PRIME + 1)]),
+        rf"mask_keys: the public key is not in canonical form .*\(neighbour {node_ids(6)[-1]}\)",
     ),
 ]
 
@@ -793,6 +909,120 @@ def test_a_revealed_mask_key_opens_its_own_round_only():
         public_bytes(round_private_key(round_.clients[dropped].state.master, MASK, ROUND + 1))
         != revealed
     )
+
+
+# -- keys that are not keys ---------------------------------------------------------------
+
+
+def _small_order(u):
+    """The order of the point with x-coordinate u (curve or twist) if it divides 8, else None.
+
+    Affine x-only doubling on the Montgomery curve y² = x³ + 486662 x² + x:
+    x(2P) = (x² − 1)² / (4 x (x² + A x + 1)); a zero denominator is the point at infinity.
+    """
+    p, a = FIELD_PRIME, 486662
+    x = u % p
+    for doublings in range(1, 4):
+        denominator = 4 * x * (x * x + a * x + 1) % p
+        if denominator == 0:
+            return 2**doublings
+        x = (x * x - 1) ** 2 * pow(denominator, -1, p) % p
+    return None
+
+
+def test_low_order_points_are_refused_by_x25519_and_by_the_key_check():
+    """The five low-order u-coordinates (each checked to be of order 2, 4 or 8) give
+    an all-zero agreement, which ``cryptography`` refuses for any private key; the key
+    check refuses each, naming the field. Genuine keys pass and are of large order."""
+    assert [_small_order(u) for u in LOW_ORDER_U] == [2, 4, 4, 8, 8]
+    for u in LOW_ORDER_U:
+        for _ in range(3):
+            with pytest.raises(ValueError):
+                X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(_u_bytes(u)))
+        with pytest.raises(ValueError, match="mask_keys: the public key is a low-order point"):
+            check_public_key(_u_bytes(u), "mask_keys")
+    for _ in range(200):
+        genuine = public_bytes(X25519PrivateKey.generate())
+        assert _small_order(int.from_bytes(genuine, "little")) is None
+        check_public_key(genuine, "mask_keys")
+
+
+def test_non_canonical_keys_are_refused_even_where_x25519_would_take_them():
+    """u ≥ 2^255 − 19 or the top bit set: another encoding of some u below p, which
+    X25519 reduces or masks (so a dropped node's rebuilt key would never match the
+    bytes it advertised). Refused by loading, naming the field."""
+    genuine = public_bytes(X25519PrivateKey.generate())
+    X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(_top_bit(genuine)))
+    for bad in (
+        _u_bytes(FIELD_PRIME),
+        _u_bytes(FIELD_PRIME + 1),
+        _u_bytes(2**255 - 1),
+        _top_bit(genuine),
+        _top_bit(bytes(32)),
+    ):
+        for load in (load_public_key, check_public_key):
+            with pytest.raises(ValueError, match="encryption_keys: .* not in canonical form"):
+                load(bad, "encryption_keys")
+    with pytest.raises(ValueError, match="a public key is 32 bytes"):
+        load_public_key(genuine[:31], "mask_keys")
+
+
+def test_the_low_order_probe_finds_every_low_order_point_and_only_those():
+    """One agreement with the fixed probe key is zero exactly for low-order points: its
+    clamped scalar is a multiple of 8 (the curve's cofactor; the twist's is 4) and of
+    neither large prime order, ℓ of the curve's group nor ℓ' of the twist's."""
+    scalar = bytearray(keys_module._LOW_ORDER_PROBE.private_bytes_raw())
+    scalar[0] &= 248
+    scalar[31] = (scalar[31] & 127) | 64
+    k = int.from_bytes(scalar, "little")
+    order = 2**252 + 27742317777372353535851937790883648493
+    twist_order, remainder = divmod(2 * (FIELD_PRIME + 1) - 8 * order, 4)
+    assert remainder == 0
+    for prime in (order, twist_order):
+        assert pow(2, prime - 1, prime) == 1 and k % prime != 0
+    assert k % 8 == 0
+
+
+def test_the_key_book_refuses_an_advertised_reply_holding_a_key_that_is_not_a_key():
+    """A low-order or non-canonical key, in either field and any round of the reply,
+    refuses the reply whole (node, field and round named): a node that had keys keeps
+    them, a new node gets none, so the server never sends such a key to a peer."""
+    book = PublicKeyBook()
+    request = book.advertise_request(3, 3)
+    had, new = SecAggClient(5, ClientState.new()), SecAggClient(6, ClientState.new())
+    book.record_advertised(5, request, had.advertise(request))
+    kept = [book.keys(5, r) for r in (3, 4, 5)]
+    genuine = had.advertise(request)["mask_keys"][0]
+    bad_keys = [_u_bytes(u) for u in LOW_ORDER_U] + [_u_bytes(FIELD_PRIME), _top_bit(genuine)]
+    for node, client in ((5, had), (6, new)):
+        for field in ("encryption_keys", "mask_keys"):
+            for bad in bad_keys:
+                reply = client.advertise(request)
+                reply[field] = [reply[field][0], bad, reply[field][2]]
+                with pytest.raises(
+                    SecAggReplyError,
+                    match=rf"node {node}: {field}: the public key is (a low-order point|not in "
+                    r"canonical form).* \(round 4\)",
+                ):
+                    book.record_advertised(node, request, reply)
+    assert [book.keys(5, r) for r in (3, 4, 5)] == kept
+    assert book.missing([5, 6], 4) == [6]
+    book.record_advertised(6, request, new.advertise(request))
+    assert book.missing([5, 6], 4) == []
+
+
+def test_a_server_round_refuses_a_key_that_is_not_a_key():
+    round_ = Round(6)
+    keys = round_.book.round_keys(round_.ids, ROUND)
+    node = round_.ids[3]
+    for bad, field in (
+        ((bytes(32), keys[node][1]), "encryption key"),
+        ((keys[node][0], _u_bytes(1)), "mask key"),
+    ):
+        with pytest.raises(
+            ValueError, match=f"public_keys: node {node}: {field}: the public key is a low-order"
+        ):
+            SecAggServerRound(ROUND, {**keys, node: bad})
 
 
 # -- the server checks every reply -------------------------------------------------------

@@ -7,7 +7,8 @@ the Flower wiring lives elsewhere.
 - :mod:`~lepton_flwr.secagg.params`: the threshold t, the colluders and dropouts it
   tolerates, and the adversary it holds against;
 - :mod:`~lepton_flwr.secagg.keys`: per-round X25519 keys from a node's master secret,
-  share-token keys, pairwise seeds, commitments;
+  the check that a public key is one, share-token keys, pairwise seeds, commitments,
+  the digest of a node's view of a round;
 - :mod:`~lepton_flwr.secagg.shamir`: Shamir sharing of 32-byte secrets over
   GF(2^521 − 1), each holder at one x-coordinate for the whole round;
 - :mod:`~lepton_flwr.secagg.state`: what a node keeps between messages, as bytes;

@@ -14,14 +14,16 @@ stages, as plain dicts (the lead carries them in Flower messages):
     polynomial (:mod:`lepton_flwr.secagg.shamir`; neighbour v's share at v's place among
     the round's sorted participants, plus one; the node's own x is skipped, so it keeps
     no share), and encrypts both shares for each neighbour v in a Fernet token bound to
-    (sender, v, round); the commitment is SHA-256 of b.
+    (sender, v, round) and to the sender's view of the round: a digest of the round, t
+    and the id and public keys of every participant it was shown, itself included
+    (:func:`~lepton_flwr.secagg.keys.view_digest`); the commitment is SHA-256 of b.
 ``masked-input``
     ``{"round", "senders", "tokens", "dropped"}`` -> a :class:`MaskSum` (chunk ->
     ring element) to add to the upload. The senders must be the neighbours less the
     ``dropped`` (at most d of them); every token must open, name (sender, this node,
-    round) and hold two shares at the node's x, else the node stops the round
-    (:class:`SecAggRefusal`; the server counts it dropped; it never masks with part of
-    its peers).
+    round), carry this node's own view digest and hold two shares at the node's x, else
+    the node stops the round (:class:`SecAggRefusal` naming the sender; the server
+    counts it dropped; it never masks with part of its peers).
 ``unmask``
     ``{"round", "survivors", "dropped"}`` -> ``{"round", "self_mask_owners",
     "self_mask_shares", "mask_key_owners", "mask_key_shares"}``: the share of b_v for
@@ -29,10 +31,15 @@ stages, as plain dicts (the lead carries them in Flower messages):
     the node in S, |S| ≥ t, |D| ≤ d, every id one it masked with.
 
 Every stage is answered at most once per round, ever (:mod:`lepton_flwr.secagg.state`),
-so a peer's two secrets never both leave a node in one round. A request is refused
-with :class:`SecAggRefusal`, naming the field, before anything changes in the state;
-only a token that fails to open also closes the round. The adversary the thresholds
-hold against, and what is not covered, are in :mod:`lepton_flwr.secagg.params`.
+so a peer's two secrets never both leave a node in one round. Because a node takes a
+token only from a sender that saw exactly its view, every peer it masks with, and every
+holder of its shares that answers an unmask (it took the node's token), saw the same
+participants, keys and t: a server that shows nodes different neighbour lists splits
+them into views that refuse each other's tokens. A request is refused with
+:class:`SecAggRefusal`, naming the field, before anything changes in the state; only a
+token that fails one of the masked input's checks also closes the round. The adversary
+the thresholds hold against, and what is not covered, are in
+:mod:`lepton_flwr.secagg.params`.
 
 The caller keeps :attr:`SecAggClient.state` (``state.to_bytes()``) before it sends any
 reply: a reply sent from a state that is then lost could be asked for again.
@@ -52,6 +59,7 @@ from lepton_flwr.secagg.keys import (
     MASK,
     MAX_ROUND,
     SECRET_BYTES,
+    VIEW_DIGEST_BYTES,
     check_node_id,
     check_round,
     commitment,
@@ -61,6 +69,7 @@ from lepton_flwr.secagg.keys import (
     round_private_key,
     round_public_keys,
     share_key,
+    view_digest,
 )
 from lepton_flwr.secagg.masks import MaskSum, check_ring
 from lepton_flwr.secagg.params import SecAggParams, SecAggParamsError, max_dropouts, threshold
@@ -75,8 +84,8 @@ from lepton_flwr.secagg.state import (
 )
 
 MAX_ADVERTISED_ROUNDS = 256
-TOKEN_MAGIC = b"LFSA2"  # 2: shares over GF(2^521 − 1) at global x-coordinates
-_TOKEN_HEADER = struct.Struct(">QQQ")  # sender, receiver, round
+TOKEN_MAGIC = b"LFSA3"  # 3: the sender's view digest (2: shares over GF(2^521 − 1))
+_TOKEN_HEADER = struct.Struct(f">QQQ{VIEW_DIGEST_BYTES}s")  # sender, receiver, round, view
 TOKEN_PLAINTEXT_BYTES = len(TOKEN_MAGIC) + _TOKEN_HEADER.size + 2 * SHARE_BYTES
 MAX_TOKEN_BYTES = 1024
 
@@ -86,10 +95,16 @@ class SecAggRefusal(ValueError):  # noqa: N818 (a refusal, the name the mods use
 
 
 def token_plaintext(
-    sender: int, receiver: int, server_round: int, b_share: bytes, key_share: bytes
+    sender: int, receiver: int, server_round: int, view: bytes, b_share: bytes, key_share: bytes
 ) -> bytes:
-    """What one token carries: the binding (sender, receiver, round), then both shares."""
-    return TOKEN_MAGIC + _TOKEN_HEADER.pack(sender, receiver, server_round) + b_share + key_share
+    """What one token carries: its binding, then both shares.
+
+    The binding is (sender, receiver, round, the sender's view digest).
+    """
+    if not isinstance(view, bytes) or len(view) != VIEW_DIGEST_BYTES:
+        raise ValueError(f"a view digest is {VIEW_DIGEST_BYTES} bytes")
+    header = _TOKEN_HEADER.pack(sender, receiver, server_round, view)
+    return TOKEN_MAGIC + header + b_share + key_share
 
 
 def _fields(request: object, names: tuple[str, ...], stage: str) -> dict:
@@ -182,7 +197,8 @@ class SecAggClient:
         SecAggRefusal
             If the round was opened before (or closed), or any field is malformed, the
             threshold is below the node's rule, there are fewer than ``min_neighbours``
-            neighbours, the node is among them, or a key is bad or repeated.
+            neighbours, the node is among them, or a key is repeated, not in canonical
+            form or a low-order point (the message names the neighbour).
         """
         names = ("round", "threshold", "neighbours", "encryption_keys", "mask_keys")
         request = _fields(request, names, "share-keys")
@@ -247,6 +263,7 @@ class SecAggClient:
             except ValueError as error:
                 raise SecAggRefusal(f"{error} (neighbour {peer})") from None
 
+        view = view_digest(server_round, t, {**by_peer, self.node_id: (own_enc, own_mask)})
         self_seed = os.urandom(SECRET_BYTES)
         index = holder_indices([self.node_id, *recipients])
         xs = [index[peer] for peer in recipients]
@@ -255,7 +272,7 @@ class SecAggClient:
         tokens = [
             encrypt(
                 key,
-                token_plaintext(self.node_id, peer, server_round, b_shares[i], key_shares[i]),
+                token_plaintext(self.node_id, peer, server_round, view, b_shares[i], key_shares[i]),
             )
             for i, (peer, key) in enumerate(zip(recipients, fernet_keys, strict=True))
         ]
@@ -297,7 +314,9 @@ class SecAggClient:
         SecAggRefusal
             If the stage is out of order or repeated, a field is malformed, the senders
             are not the neighbours less ``dropped``, more than d neighbours dropped, or a
-            token fails (then the round is stopped for good).
+            token fails: it does not open, is bound to another sender, receiver or round,
+            was made for another view of the round, or holds no share at the node's x
+            (then the round is stopped for good; the message names the first such sender).
         """
         names = ("round", "senders", "tokens", "dropped")
         request = _fields(request, names, "masked-input")
@@ -328,11 +347,15 @@ class SecAggClient:
 
         enc_private = round_private_key(self.state.master, ENCRYPTION, server_round)
         own_x = holder_indices([self.node_id, *record.neighbours])[self.node_id]
+        own_keys = round_public_keys(self.state.master, server_round)
+        view = view_digest(
+            server_round, record.threshold, {**record.neighbours, self.node_id: own_keys}
+        )
         held = {}
         for sender, token in zip(senders, tokens, strict=True):
             try:
                 held[sender] = self._open_token(
-                    enc_private, record, server_round, sender, token, own_x
+                    enc_private, record, server_round, sender, token, own_x, view
                 )
             except SecAggRefusal:
                 self._stop(record)
@@ -368,6 +391,7 @@ class SecAggClient:
         sender: int,
         token: bytes,
         own_x: int,
+        view: bytes,
     ) -> tuple[bytes, bytes]:
         enc_public = load_public_key(record.neighbours[sender][0], "encryption_keys")
         key = share_key(enc_private, enc_public, server_round, self.node_id, sender)
@@ -380,9 +404,16 @@ class SecAggClient:
         if len(plaintext) != TOKEN_PLAINTEXT_BYTES or not plaintext.startswith(TOKEN_MAGIC):
             raise SecAggRefusal(f"tokens: the token from {sender} is not a share token")
         header = plaintext[len(TOKEN_MAGIC) : len(TOKEN_MAGIC) + _TOKEN_HEADER.size]
-        if _TOKEN_HEADER.unpack(header) != (sender, self.node_id, server_round):
+        *binding, sender_view = _TOKEN_HEADER.unpack(header)
+        if tuple(binding) != (sender, self.node_id, server_round):
             raise SecAggRefusal(
                 f"tokens: the token from {sender} is bound to another sender, receiver or round"
+            )
+        if sender_view != view:
+            raise SecAggRefusal(
+                f"tokens: the token from {sender} was made for another view of round "
+                f"{server_round} (its participants, their keys or t are not the ones this "
+                "node was shown)"
             )
         shares = plaintext[len(TOKEN_MAGIC) + _TOKEN_HEADER.size :]
         b_share, key_share = shares[:SHARE_BYTES], shares[SHARE_BYTES:]

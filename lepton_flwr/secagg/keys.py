@@ -12,6 +12,18 @@ the two node ids, smaller first) a Fernet key for the share tokens of two nodes,
 32-byte seed of their pairwise mask (:func:`lepton_flwr.he.ring_masks.ring_mask`).
 Fernet comes from Flower (``flwr.common.secure_aggregation.crypto``), X25519 and HKDF
 from ``cryptography``; the Shamir sharing is :mod:`lepton_flwr.secagg.shamir`.
+
+Keys that are not keys. A public key is accepted only in canonical form (u < 2^255 − 19,
+so the top bit is clear) and of large order: X25519 agreement with a low-order point
+(u = 0, 1, p − 1, or either u of order 8; on the curve or its twist) gives the all-zero
+secret whatever the private key, which ``cryptography`` refuses. :func:`check_public_key`
+finds such a point by one agreement with a fixed private key: its clamped scalar is a
+multiple of 8 and of neither large prime order (of the curve's and the twist's groups),
+so the result is zero exactly when the point has no large-order part.
+
+A node's view of a round (:func:`view_digest`): SHA-256 of the round, t, and the id and
+two public keys of every participant it was shown, itself included, sorted by id. Each
+share token carries its sender's view digest (:mod:`lepton_flwr.secagg.client`).
 """
 
 from __future__ import annotations
@@ -19,6 +31,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import struct
+from collections.abc import Mapping
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
@@ -35,6 +48,8 @@ from lepton_flwr.numbers import is_int
 SECRET_BYTES = 32  # master secret, self-mask seed, private key, pairwise seed
 PUBLIC_KEY_BYTES = 32
 COMMITMENT_BYTES = 32
+VIEW_DIGEST_BYTES = 32
+FIELD_PRIME = (1 << 255) - 19  # Curve25519's field; a canonical u is below it
 MAX_NODE_ID = (1 << 64) - 1
 MAX_ROUND = (1 << 63) - 1
 
@@ -99,10 +114,38 @@ def round_public_keys(master: bytes, server_round: int) -> tuple[bytes, bytes]:
 
 
 def load_public_key(data: object, field: str) -> X25519PublicKey:
-    """A peer's public key from 32 bytes; ValueError naming ``field`` otherwise."""
+    """A peer's public key from 32 bytes in canonical form; ValueError naming ``field``.
+
+    A low-order point passes here and fails at the first agreement with it
+    (:func:`share_key`, :func:`pair_seed`); :func:`check_public_key` refuses it at once.
+    """
     if not isinstance(data, bytes) or len(data) != PUBLIC_KEY_BYTES:
         raise ValueError(f"{field}: a public key is {PUBLIC_KEY_BYTES} bytes")
+    if int.from_bytes(data, "little") >= FIELD_PRIME:
+        raise ValueError(
+            f"{field}: the public key is not in canonical form (u ≥ 2^255 − 19 or its top bit set)"
+        )
     return X25519PublicKey.from_public_bytes(data)
+
+
+# Any fixed private key: clamped, its scalar is a multiple of 8 (it kills the low-order
+# part of a point, on the curve or its twist) and, for this one, of neither large prime
+# order (tests/test_secagg_protocol.py checks both).
+_LOW_ORDER_PROBE = X25519PrivateKey.from_private_bytes(
+    hashlib.sha256(_DOMAIN + b"low-order probe").digest()
+)
+
+
+def check_public_key(data: object, field: str) -> X25519PublicKey:
+    """:func:`load_public_key`, and a ValueError naming ``field`` for a low-order point.
+
+    One X25519 agreement with a fixed private key: it is all zeros (``cryptography``
+    raises) exactly when the point has no large-order part, that is, when every peer's
+    agreement with it would be all zeros too.
+    """
+    key = load_public_key(data, field)
+    _agree(_LOW_ORDER_PROBE, key, field)
+    return key
 
 
 def _agree(private: X25519PrivateKey, public: X25519PublicKey, field: str) -> bytes:
@@ -145,3 +188,39 @@ def commitment(node: int, server_round: int, self_seed: bytes) -> bytes:
     return hashlib.sha256(
         _DOMAIN + b"self-mask commitment" + struct.pack(">QQ", node, server_round) + self_seed
     ).digest()
+
+
+def view_digest(
+    server_round: int, threshold: int, members: Mapping[int, tuple[bytes, bytes]]
+) -> bytes:
+    """SHA-256 of one node's view of a round: the round, t, and each participant's keys.
+
+    Parameters
+    ----------
+    server_round, threshold
+        The round and its t, as the node was asked.
+    members
+        Every participant the node was shown, itself included: id -> (encryption public
+        key, mask public key), 32 bytes each. Hashed sorted by id, each entry of fixed
+        length, so two views give one digest only if they are the same.
+
+    Raises
+    ------
+    ValueError
+        If an id, the round, t or a key is malformed.
+    """
+    check_round(server_round)
+    if not is_int(threshold) or not 0 <= threshold <= MAX_NODE_ID:
+        raise ValueError(f"threshold: an integer in [0, 2^64), not {threshold!r}")
+    digest = hashlib.sha256(
+        _DOMAIN + b"round view" + struct.pack(">QQQ", server_round, threshold, len(members))
+    )
+    for node in sorted(members):
+        check_node_id(node, "members")
+        keys = members[node]
+        if len(keys) != 2 or not all(
+            isinstance(key, bytes) and len(key) == PUBLIC_KEY_BYTES for key in keys
+        ):
+            raise ValueError(f"members: node {node} needs two {PUBLIC_KEY_BYTES}-byte keys")
+        digest.update(struct.pack(">Q", node) + keys[0] + keys[1])
+    return digest.digest()

@@ -18,6 +18,20 @@ its mask key (peer among the dropped D), never both; it answers only with itself
 |S| ≥ t, and at most d = ceil(δ n) peers in D; it masks only after at most d of its
 neighbours were declared dropped before the masked input.
 
+Views are bound. The server may also show different nodes different neighbour lists
+(of genuine nodes and keys) and thresholds. But a node answers share-keys once per
+round, so it has one view of each round, and its share tokens carry a digest of that
+view: SHA-256 of the round, t, and the id and two public keys of every participant it
+was shown, itself included (:func:`~lepton_flwr.secagg.keys.view_digest`). A node takes
+a token only if the digest in it is its own; at the first that is not, it refuses
+naming the sender and stops the round. So every holder of u's shares that answers an
+unmask (it took u's token) and every peer u masks with (u took its token) saw exactly
+u's round: the same n participants with the same keys, and the same t, and the rules
+below count within that one view. (Without the digest, the attack review's server read
+one upload of 26 honest nodes with no colluder: it showed the victim five peers, each
+peer the victim and four nodes the victim never saw, and collected the victim's seed
+from its peers and each peer's mask key from that peer's own holders.)
+
 Rule 1 (the victim's own secrets). To read an upload x_u + b_u + Σ ±s_uv, the server
 needs b_u and either sk_u or the key of every honest peer u masked with. For b_u and
 sk_u together it needs t shares of each; the c colluders give both, each honest holder

@@ -1,6 +1,9 @@
 """The server's side of secure aggregation: one round's requests, checks and correction.
 
-:class:`PublicKeyBook` holds the public keys nodes advertised, per node and round.
+:class:`PublicKeyBook` holds the public keys nodes advertised, per node and round; a
+reply with a key that is not a key (not in canonical form, or a low-order point, which
+would void every round the node joins: each honest peer refuses its share-keys) is
+refused whole, naming the node, the field and the round.
 :class:`SecAggServerRound` runs one round over the participants whose keys it was given
 (the complete graph: each one's neighbours are all the others):
 
@@ -41,6 +44,7 @@ from lepton_flwr.secagg.keys import (
     MAX_ROUND,
     PUBLIC_KEY_BYTES,
     check_node_id,
+    check_public_key,
     check_round,
     commitment,
     load_public_key,
@@ -118,7 +122,9 @@ class PublicKeyBook:
         Raises
         ------
         SecAggReplyError
-            If the reply is not the keys asked for (node and field named).
+            If the reply is not the keys asked for, or one of them is not in canonical
+            form or is a low-order point (node, field and round named); nothing of the
+            reply is kept then.
         """
         check_node_id(node, "node")
         reply = _exact_fields(reply, {"first_round", "encryption_keys", "mask_keys"}, node)
@@ -127,6 +133,14 @@ class PublicKeyBook:
         count = request["rounds"]
         enc = _byte_list(reply, "encryption_keys", count, PUBLIC_KEY_BYTES, node)
         mask = _byte_list(reply, "mask_keys", count, PUBLIC_KEY_BYTES, node)
+        for field, keys in (("encryption_keys", enc), ("mask_keys", mask)):
+            for offset, key in enumerate(keys):
+                try:
+                    check_public_key(key, field)
+                except ValueError as error:
+                    raise SecAggReplyError(
+                        f"node {node}: {error} (round {request['first_round'] + offset})"
+                    ) from None
         book = self._keys.setdefault(node, {})
         for offset in range(count):
             book[request["first_round"] + offset] = (enc[offset], mask[offset])
@@ -161,7 +175,9 @@ class SecAggServerRound:
     server_round
         The round number.
     public_keys
-        Participant id -> (encryption public key, mask public key) for this round.
+        Participant id -> (encryption public key, mask public key) for this round
+        (ValueError naming the node if one is not a key: :class:`PublicKeyBook` keeps
+        none such).
     params
         The server's γ and δ; t is :func:`~lepton_flwr.secagg.params.threshold` of the
         number of participants (SecAggParamsError if none holds).
@@ -190,6 +206,8 @@ class SecAggServerRound:
                 or not all(isinstance(k, bytes) and len(k) == PUBLIC_KEY_BYTES for k in keys)
             ):
                 raise ValueError(f"public_keys: node {node} needs two 32-byte public keys")
+            for field, key in zip(("encryption key", "mask key"), keys, strict=True):
+                check_public_key(key, f"public_keys: node {node}: {field}")
         self.public_keys = {node: tuple(keys) for node, keys in public_keys.items()}
         self.participants = sorted(self.public_keys)
         self.threshold = threshold(len(self.participants), self.params)

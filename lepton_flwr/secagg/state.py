@@ -64,7 +64,9 @@ class RoundRecord:
         The stages answered (``SHARE_KEYS``, ``MASKED_INPUT``, ``UNMASK``), and
         ``STOPPED`` once the node gave the round up.
     neighbours
-        Peer id -> (encryption public key, mask public key), until the masked input.
+        Peer id -> (encryption public key, mask public key), until the masked input:
+        with the round, t and the node's own keys, its view of the round, whose digest
+        the masked input recomputes to check each token against.
     self_seed
         The seed b of the node's self-mask, until the masked input.
     senders
