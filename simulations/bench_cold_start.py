@@ -5,7 +5,11 @@ every message pays the interpreter's start, the imports and the first handling. 
 benchmark times, side by side in one run (each case in turn, repeated, median):
 
 - ``torch``: ``python -c "import torch"``, the floor any training process pays;
-- ``flwr``: ``python -c "import flwr.app, flwr.clientapp"``, what Flower's process pays;
+- ``torch+optim``: torch and one ``torch.optim.SGD``, whose construction imports
+  ``torch._dynamo`` (about as long again): what any training with torch.optim pays;
+- ``flwr``: ``python -c "import flwr.app, flwr.clientapp"``, what Flower's process pays
+  before it loads an app;
+- ``flwr+torch+optim``: both, the floor of any Flower ClientApp training with torch.optim;
 - ``import``: ``python -c "import lepton_flwr.apps.client"``, our ClientApp's module;
 - ``train``: import, then one training message of the digits / logistic-regression
   config (``+experiment=digits_smoke model=logreg``, config read from the run config as
@@ -49,6 +53,7 @@ ADVERTISE = {
     "lepton-secagg.advertise.rounds": 64,
 }
 REPO_ROOT = Path(__file__).resolve().parent.parent
+ONE_OPTIMIZER = "torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=0.1)"
 # Libraries that only some configs need: each handled message reports which it imported.
 ON_DEMAND = (
     "torch",
@@ -181,7 +186,9 @@ def main(repeats: int = 7) -> None:
         write_stage_message(tmp / "stage", write_stage_keys(tmp / "keys"))
         cases = {
             "torch": ["-c", "import torch"],
+            "torch+optim": ["-c", f"import torch\n{ONE_OPTIMIZER}"],
             "flwr": ["-c", "import flwr.app, flwr.clientapp"],
+            "flwr+torch+optim": ["-c", f"import flwr.app, flwr.clientapp, torch\n{ONE_OPTIMIZER}"],
             "import": ["-c", "import lepton_flwr.apps.client"],
             "train": ["-m", module, "--handle", str(tmp / "train")],
             "stage": ["-m", module, "--handle", str(tmp / "stage")],
@@ -201,10 +208,10 @@ def _report(runs: dict[str, list], repeats: int) -> None:
         f"Cold start in fresh processes, median of {repeats} ({os.cpu_count()} cores, "
         f"load average {os.getloadavg()[0]:.1f}); beyond = seconds more than import torch"
     )
-    print(f"{'case':8} {'wall s':>8} {'x torch':>8} {'beyond':>8} {'cpu s':>8} {'beyond':>8}")
+    print(f"{'case':16} {'wall s':>8} {'x torch':>8} {'beyond':>8} {'cpu s':>8} {'beyond':>8}")
     for name in runs:
         print(
-            f"{name:8} {wall[name]:8.2f} {wall[name] / wall['torch']:8.2f} "
+            f"{name:16} {wall[name]:8.2f} {wall[name] / wall['torch']:8.2f} "
             f"{wall[name] - wall['torch']:+8.2f} {cpu[name]:8.2f} {cpu[name] - cpu['torch']:+8.2f}"
         )
     for name in ("train", "stage"):
@@ -215,6 +222,11 @@ def _report(runs: dict[str, list], repeats: int) -> None:
             f"process, median); imported: {', '.join(inside[0]['imported']) or 'none of'} "
             f"({', '.join(ON_DEMAND)})"
         )
+    floor = "flwr+torch+optim"
+    print(
+        f"train beyond {floor} (what any Flower ClientApp training with torch.optim pays): "
+        f"{wall['train'] - wall[floor]:+.2f} s wall, {cpu['train'] - cpu[floor]:+.2f} s CPU"
+    )
 
 
 if __name__ == "__main__":

@@ -110,6 +110,12 @@ def test_the_model_catalogue_looks_classes_up_in_nets():
         MODELS["resnet"]
 
 
+def test_the_catalogue_names_the_cnn_activations_nets_has():
+    from lepton_flwr.models import catalogue, nets
+
+    assert tuple(nets.ACTIVATIONS) == catalogue.ACTIVATION_NAMES
+
+
 @pytest.mark.parametrize(
     ("rows", "partitions"),
     [(1, 1), (2, 2), (7, 3), (10, 10), (100, 7), (383, 4), (1437, 3), (1437, 100), (5000, 9)],

@@ -3,8 +3,9 @@
 A SuperNode starts a fresh process for every message, so this module imports what
 every message needs (Flower, the config, the mods) and each handler imports the rest
 when it runs: torch with the model, Opacus and the DP-SGD history with DP-SGD. A
-secure-aggregation stage, answered by ``he_mod`` before any handler, loads neither
-torch, nor data, nor a model.
+secure-aggregation stage is answered by ``he_mod`` before any handler: it loads no data
+and no model, and imports torch only where checking the run's config does (a cnn or
+scatnet model, DP-SGD, a noise multiplier calibrated from a target epsilon).
 """
 
 from __future__ import annotations

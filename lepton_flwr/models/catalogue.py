@@ -50,6 +50,7 @@ class ModelZoo(Mapping):
 
 
 MODELS = ModelZoo()
+ACTIVATION_NAMES = ("relu", "tanh")  # the cnn's model.activation choices (nets.ACTIVATIONS)
 
 
 def model_supports(name: str, task: str, is_image: bool) -> str | None:
