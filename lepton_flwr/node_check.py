@@ -136,6 +136,31 @@ def _floor(node_config: dict, key: str) -> str | None:
     return None
 
 
+def _secagg_keys(node_config: dict) -> list[str]:
+    """The secure-aggregation signing key and trusted keys: readable, and fit together."""
+    from lepton_flwr.secagg.signatures import RoundKeySigner, SignatureError, TrustedKeys
+
+    signing, trusted = protocol.SECAGG_SIGNING_KEY, protocol.SECAGG_TRUSTED_KEYS
+    loaded, problems = {}, []
+    for key, load in ((signing, RoundKeySigner.from_file), (trusted, TrustedKeys.from_file)):
+        if key in node_config:
+            try:
+                loaded[key] = load(str(node_config[key]))
+            except SignatureError as err:
+                problems.append(f"{key}: {err}")
+    if trusted in node_config and signing not in node_config:
+        problems.append(
+            f"{trusted} without {signing}: nodes that trust a list refuse this node's "
+            "unsigned keys; sign with this node's own key (its SuperNode auth key serves)"
+        )
+    if len(loaded) == 2 and loaded[signing].key_id not in loaded[trusted]:
+        problems.append(
+            f"{signing}: its public key is not in {trusted}; peers holding the same list "
+            "would refuse this node"
+        )
+    return problems
+
+
 def check_node(
     node_config: dict, root_certificates: str | None = None, auth_key: str | None = None
 ) -> list[str]:
@@ -150,6 +175,7 @@ def check_node(
     if node_config.get(protocol.DEVICE):
         problems.append(_device(str(node_config[protocol.DEVICE])))
     problems.extend(_floor(node_config, key) for key in RANGES)
+    problems.extend(_secagg_keys(node_config))
     if root_certificates:
         problems.append(_certificate(root_certificates))
     if auth_key:

@@ -42,6 +42,8 @@ NUM_PARTITIONS = "num-partitions"  # (Flower's simulation sets both the same way
 DATA_ROOT = "data-root"  # our ClientApp: the node's data folder (node config only)
 DEVICE = "device"  # our ClientApp: cpu | cuda | auto, this node's own (node config)
 STATE_DIR = "state-dir"  # a folder for node-local state that must survive restarts
+SECAGG_SIGNING_KEY = "secagg-signing-key"  # the node's EC private key: signs its round keys
+SECAGG_TRUSTED_KEYS = "secagg-trusted-keys"  # OpenSSH public keys whose signatures it takes
 # A client's local privacy floor (node config only): requests below it are refused.
 MIN_SHARE_NOISE = "dp-min-share-noise-multiplier"  # HE + DP: least σ_share / C accepted
 MAX_CLIP_NORM = "dp-max-clip-norm"  # HE + DP: largest C accepted

@@ -203,7 +203,9 @@ class SecureAggregation:
         self._advertised(server_round, nodes)
         keys = self.book.round_keys(nodes, server_round)
         try:
-            return SecAggServerRound(server_round, keys, self.params)
+            return SecAggServerRound(
+                server_round, keys, self.params, self.book.signatures(keys, server_round)
+            )
         except SecAggParamsError as err:
             log(
                 WARNING,

@@ -66,6 +66,8 @@ def _share_keys_request(book, node, neighbours, server_round):
         "neighbours": list(neighbours),
         "encryption_keys": [book.keys(v, server_round)[0] for v in neighbours],
         "mask_keys": [book.keys(v, server_round)[1] for v in neighbours],
+        "signers": [book.signatures([v], server_round)[v][0] for v in neighbours],
+        "signatures": [book.signatures([v], server_round)[v][1] for v in neighbours],
     }
 
 
@@ -232,6 +234,8 @@ def test_hostile_stage_messages_end_in_a_refusal_or_a_mod_error(task_identity, f
                 "first_round",
                 "encryption_keys",
                 "mask_keys",
+                "signer",
+                "signatures",
             }
 
 

@@ -19,7 +19,12 @@ not masked.
 
 Node settings (node config), each at least the default: ``secagg-colluding-fraction``
 (γ), ``secagg-dropout-fraction`` (δ), ``secagg-min-neighbours``; the node refuses a
-threshold below what they require for the round's size.
+threshold below what they require for the round's size. Against a malicious server:
+``secagg-signing-key`` (absolute path of an elliptic-curve private key, the SuperNode's
+authentication key serves) signs the node's advertised keys, and ``secagg-trusted-keys``
+(absolute path of a file of OpenSSH public keys, one a line, from the node operators)
+makes the node refuse a round in which a peer's keys are not signed by one of them
+(:mod:`lepton_flwr.secagg.signatures`).
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from lepton_flwr.mods.common import ModError, train_config
 from lepton_flwr.secagg.client import SecAggClient
 from lepton_flwr.secagg.masks import MaskSum
 from lepton_flwr.secagg.params import SecAggParams, SecAggParamsError
+from lepton_flwr.secagg.signatures import RoundKeySigner, SignatureError, TrustedKeys
 from lepton_flwr.secagg.state import MAX_STATE_BYTES, ClientState, SecAggStateError
 from lepton_flwr.secagg.wire import MASKED_INPUT, REFUSED, REPLY_KEY, as_config, fields, stages_of
 
@@ -47,6 +53,8 @@ REQUIRED = "secure-aggregation"  # node config: "required" = never upload unmask
 COLLUDING_FRACTION = "secagg-colluding-fraction"
 DROPOUT_FRACTION = "secagg-dropout-fraction"
 MIN_NEIGHBOURS = "secagg-min-neighbours"
+SIGNING_KEY = protocol.SECAGG_SIGNING_KEY
+TRUSTED_KEYS = protocol.SECAGG_TRUSTED_KEYS
 _STATE_FIELD = "state"
 
 
@@ -115,7 +123,7 @@ def node_client(context: Context) -> Iterator[SecAggClient]:
         _warn_without_state_dir()
         record = context.state.config_records.get(protocol.SECAGG_STATE)
         state = ClientState.new() if record is None else _parsed(record.get(_STATE_FIELD))
-        client = SecAggClient(context.node_id, state, node_params(context))
+        client = _client(context, state)
         try:
             yield client
         finally:
@@ -137,13 +145,31 @@ def node_client(context: Context) -> Iterator[SecAggClient]:
             state = _parsed(read_private(path, MAX_STATE_BYTES)) if exists else ClientState.new()
         except (OSError, ValueError) as err:
             raise ModError(f"the node's secure-aggregation state {path}: {err}") from None
-        client = SecAggClient(context.node_id, state, node_params(context))
+        client = _client(context, state)
         try:
             yield client
         finally:
             write_atomically(path, client.state.to_bytes())
     finally:
         os.close(lock)  # releases the lock
+
+
+def _client(context: Context, state: ClientState) -> SecAggClient:
+    """The protocol side with the node's γ, δ, run, signing key and trusted keys."""
+    config = context.node_config
+    try:
+        signer = RoundKeySigner.from_file(config[SIGNING_KEY]) if SIGNING_KEY in config else None
+        trusted = TrustedKeys.from_file(config[TRUSTED_KEYS]) if TRUSTED_KEYS in config else None
+    except SignatureError as err:
+        raise ModError(f"node config: {err}") from None
+    return SecAggClient(
+        context.node_id,
+        state,
+        node_params(context),
+        run_id=int(context.run_id),
+        signer=signer,
+        trusted=trusted,
+    )
 
 
 _warned_without_state_dir = False

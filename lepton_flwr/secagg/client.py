@@ -6,10 +6,16 @@ stages, as plain dicts (the lead carries them in Flower messages):
 
 ``advertise``
     ``{"first_round", "rounds"}`` -> ``{"first_round", "encryption_keys",
-    "mask_keys"}``: the node's public keys for up to ``MAX_ADVERTISED_ROUNDS`` rounds.
+    "mask_keys", "signer", "signatures"}``: the node's public keys for up to
+    ``MAX_ADVERTISED_ROUNDS`` rounds, each round's pair signed with the node's signing
+    key if it has one (``signer``: the key's fingerprint, else empty; see
+    :mod:`lepton_flwr.secagg.signatures`).
 ``share-keys``
-    ``{"round", "threshold", "neighbours", "encryption_keys", "mask_keys"}`` ->
-    ``{"round", "recipients", "tokens", "commitment"}``. The node draws a fresh self-mask
+    ``{"round", "threshold", "neighbours", "encryption_keys", "mask_keys", "signers",
+    "signatures"}`` -> ``{"round", "recipients", "tokens", "commitment"}``. A node with
+    trusted keys first checks that each neighbour's keys are signed by a trusted key,
+    for that neighbour, run and round, and that no key signs for two participants; a
+    server that shows it keys of its own making is refused. The node draws a fresh self-mask
     seed b, Shamir-shares b and its round mask key t-of-|neighbours|, each on its own
     polynomial (:mod:`lepton_flwr.secagg.shamir`; neighbour v's share at v's place among
     the round's sorted participants, plus one; the node's own x is skipped, so it keeps
@@ -74,6 +80,14 @@ from lepton_flwr.secagg.keys import (
 from lepton_flwr.secagg.masks import MaskSum, check_ring
 from lepton_flwr.secagg.params import SecAggParams, SecAggParamsError, max_dropouts, threshold
 from lepton_flwr.secagg.shamir import SHARE_BYTES, decode_share, holder_indices, split
+from lepton_flwr.secagg.signatures import (
+    KEY_ID_BYTES,
+    MAX_SIGNATURE_BYTES,
+    RoundKeySigner,
+    SignatureError,
+    TrustedKeys,
+    round_keys_message,
+)
 from lepton_flwr.secagg.state import (
     MASKED_INPUT,
     SHARE_KEYS,
@@ -160,16 +174,36 @@ class SecAggClient:
     params
         The node's own γ, δ and ``min_neighbours``: it refuses a threshold below the
         rule for its neighbour count under these, whatever the server asks.
+    run_id
+        Flower's run id: signatures bind it (:mod:`lepton_flwr.secagg.signatures`).
+    signer
+        The node's signing key: it signs each advertised round's keys. None: unsigned.
+    trusted
+        The keys whose signatures the node accepts: with them it refuses share-keys
+        unless every neighbour's keys for the round are signed, for that neighbour's
+        id, run and round, by a trusted key, no key signs for two of the round's
+        participants (itself included). None: it takes the keys the server shows.
     """
 
     def __init__(
-        self, node_id: int, state: ClientState, params: SecAggParams | None = None
+        self,
+        node_id: int,
+        state: ClientState,
+        params: SecAggParams | None = None,
+        *,
+        run_id: int = 0,
+        signer: RoundKeySigner | None = None,
+        trusted: TrustedKeys | None = None,
     ) -> None:
         self.node_id = check_node_id(node_id, "node_id")
         if not isinstance(state, ClientState):
             raise TypeError("state must be a ClientState")
         self.state = state
         self.params = params if params is not None else SecAggParams()
+        round_keys_message(run_id, self.node_id, 0, bytes(32), bytes(32))  # checks run_id
+        self.run_id = run_id
+        self.signer = signer
+        self.trusted = trusted
 
     # -- advertise -------------------------------------------------------------------
     def advertise(self, request: dict) -> dict:
@@ -182,10 +216,18 @@ class SecAggClient:
         if first + count - 1 > MAX_ROUND:
             raise SecAggRefusal("rounds: the range passes the last round number")
         keys = [round_public_keys(self.state.master, first + i) for i in range(count)]
+        signer = self.signer
         return {
             "first_round": first,
             "encryption_keys": [enc for enc, _ in keys],
             "mask_keys": [mask for _, mask in keys],
+            "signer": b"" if signer is None else signer.key_id,
+            "signatures": []
+            if signer is None
+            else [
+                signer.sign(self.run_id, self.node_id, first + i, enc, mask)
+                for i, (enc, mask) in enumerate(keys)
+            ],
         }
 
     # -- share-keys ------------------------------------------------------------------
@@ -200,7 +242,15 @@ class SecAggClient:
             neighbours, the node is among them, or a key is repeated, not in canonical
             form or a low-order point (the message names the neighbour).
         """
-        names = ("round", "threshold", "neighbours", "encryption_keys", "mask_keys")
+        names = (
+            "round",
+            "threshold",
+            "neighbours",
+            "encryption_keys",
+            "mask_keys",
+            "signers",
+            "signatures",
+        )
         request = _fields(request, names, "share-keys")
         server_round = _round(request["round"])
         self._refuse_closed(server_round)
@@ -233,6 +283,9 @@ class SecAggClient:
         ):
             if len(set(keys)) != len(keys) or own in keys:
                 raise SecAggRefusal(f"{field}: a public key is repeated or is the node's own")
+        signers = _byte_strings(request["signers"], "signers", len(neighbours))
+        signatures = _byte_strings(request["signatures"], "signatures", len(neighbours))
+        self._check_signed(server_round, neighbours, enc_keys, mask_keys, signers, signatures)
 
         enc_private = round_private_key(self.state.master, ENCRYPTION, server_round)
         mask_private = round_private_key(self.state.master, MASK, server_round)
@@ -286,6 +339,35 @@ class SecAggClient:
             "tokens": tokens,
             "commitment": commitment(self.node_id, server_round, self_seed),
         }
+
+    def _check_signed(
+        self,
+        server_round: int,
+        neighbours: list[int],
+        enc_keys: list[bytes],
+        mask_keys: list[bytes],
+        signers: list[bytes],
+        signatures: list[bytes],
+    ) -> None:
+        """With trusted keys: every neighbour's keys signed by a trusted key of its own."""
+        for field, values, most in (
+            ("signers", signers, KEY_ID_BYTES),
+            ("signatures", signatures, MAX_SIGNATURE_BYTES),
+        ):
+            if any(len(value) > most for value in values):
+                raise SecAggRefusal(f"{field}: an item is longer than {most} bytes")
+        if self.trusted is None:
+            return
+        for peer, enc, mask, signer, signature in zip(
+            neighbours, enc_keys, mask_keys, signers, signatures, strict=True
+        ):
+            try:
+                self.trusted.verify(signer, signature, self.run_id, peer, server_round, enc, mask)
+            except SignatureError as error:
+                raise SecAggRefusal(f"signatures: {error}") from None
+        own = [] if self.signer is None else [self.signer.key_id]
+        if len(set(signers + own)) != len(signers) + len(own):
+            raise SecAggRefusal("signers: one key signs for two of the round's participants")
 
     # -- masked input ----------------------------------------------------------------
     def _refuse_closed(self, server_round: int) -> None:

@@ -61,6 +61,7 @@ from lepton_flwr.secagg.shamir import (
     interpolate_at_zero,
     secret_bytes,
 )
+from lepton_flwr.secagg.signatures import KEY_ID_BYTES, MAX_SIGNATURE_BYTES
 
 TOKEN_BYTES = len(Fernet(Fernet.generate_key()).encrypt(bytes(TOKEN_PLAINTEXT_BYTES)))
 
@@ -105,6 +106,7 @@ class PublicKeyBook:
 
     def __init__(self) -> None:
         self._keys: dict[int, dict[int, tuple[bytes, bytes]]] = {}
+        self._signed: dict[int, dict[int, tuple[bytes, bytes]]] = {}
 
     @staticmethod
     def advertise_request(first_round: int, rounds: int) -> dict:
@@ -127,12 +129,14 @@ class PublicKeyBook:
             reply is kept then.
         """
         check_node_id(node, "node")
-        reply = _exact_fields(reply, {"first_round", "encryption_keys", "mask_keys"}, node)
+        names = {"first_round", "encryption_keys", "mask_keys", "signer", "signatures"}
+        reply = _exact_fields(reply, names, node)
         if reply["first_round"] != request["first_round"] or not is_int(reply["first_round"]):
             raise SecAggReplyError(f"node {node}: first_round: not the round asked for")
         count = request["rounds"]
         enc = _byte_list(reply, "encryption_keys", count, PUBLIC_KEY_BYTES, node)
         mask = _byte_list(reply, "mask_keys", count, PUBLIC_KEY_BYTES, node)
+        signer, signatures = self._signatures_of(reply, count, node)
         for field, keys in (("encryption_keys", enc), ("mask_keys", mask)):
             for offset, key in enumerate(keys):
                 try:
@@ -142,8 +146,42 @@ class PublicKeyBook:
                         f"node {node}: {error} (round {request['first_round'] + offset})"
                     ) from None
         book = self._keys.setdefault(node, {})
+        signed = self._signed.setdefault(node, {})
         for offset in range(count):
             book[request["first_round"] + offset] = (enc[offset], mask[offset])
+            signed[request["first_round"] + offset] = (signer, signatures[offset])
+
+    @staticmethod
+    def _signatures_of(reply: dict, count: int, node: int) -> tuple[bytes, list[bytes]]:
+        """(signer, one signature a round): the key's fingerprint, or b"" and b"" each."""
+        signer, signatures = reply["signer"], reply["signatures"]
+        if signer == b"" and isinstance(signatures, list | tuple) and not signatures:
+            return b"", [b""] * count
+        if not isinstance(signer, bytes) or len(signer) != KEY_ID_BYTES:
+            raise SecAggReplyError(
+                f"node {node}: signer: a {KEY_ID_BYTES}-byte key fingerprint, or empty"
+            )
+        if (
+            not isinstance(signatures, list | tuple)
+            or len(signatures) != count
+            or not all(
+                isinstance(item, bytes) and 0 < len(item) <= MAX_SIGNATURE_BYTES
+                for item in signatures
+            )
+        ):
+            raise SecAggReplyError(
+                f"node {node}: signatures: {count} signatures of at most "
+                f"{MAX_SIGNATURE_BYTES} bytes expected"
+            )
+        return signer, list(signatures)
+
+    def signatures(self, nodes: Iterable[int], server_round: int) -> dict[int, tuple[bytes, bytes]]:
+        """Node -> (signer, signature) of its keys for the round (b"", b"" if unsigned)."""
+        return {
+            node: signed
+            for node in nodes
+            if (signed := self._signed.get(node, {}).get(server_round)) is not None
+        }
 
     def keys(self, node: int, server_round: int) -> tuple[bytes, bytes] | None:
         """The node's (encryption, mask) public keys for the round, if advertised."""
@@ -159,12 +197,13 @@ class PublicKeyBook:
 
     def forget_before(self, server_round: int) -> None:
         """Drop the keys of rounds before ``server_round``."""
-        for node in list(self._keys):
-            book = {r: k for r, k in self._keys[node].items() if r >= server_round}
-            if book:
-                self._keys[node] = book
-            else:
-                del self._keys[node]
+        for books in (self._keys, self._signed):
+            for node in list(books):
+                book = {r: k for r, k in books[node].items() if r >= server_round}
+                if book:
+                    books[node] = book
+                else:
+                    del books[node]
 
 
 class SecAggServerRound:
@@ -181,6 +220,9 @@ class SecAggServerRound:
     params
         The server's γ and δ; t is :func:`~lepton_flwr.secagg.params.threshold` of the
         number of participants (SecAggParamsError if none holds).
+    signatures
+        Participant id -> (signer, signature) of its keys for the round, passed on to
+        its neighbours (:meth:`PublicKeyBook.signatures`); absent: unsigned (b"", b"").
 
     Attributes
     ----------
@@ -195,9 +237,12 @@ class SecAggServerRound:
         server_round: int,
         public_keys: Mapping[int, tuple[bytes, bytes]],
         params: SecAggParams | None = None,
+        signatures: Mapping[int, tuple[bytes, bytes]] | None = None,
     ) -> None:
         self.server_round = check_round(server_round)
         self.params = params if params is not None else SecAggParams()
+        signatures = signatures or {}
+        self.signatures = {node: tuple(signatures.get(node, (b"", b""))) for node in public_keys}
         for node, keys in public_keys.items():
             check_node_id(node, "public_keys")
             if (
@@ -234,6 +279,8 @@ class SecAggServerRound:
                 "neighbours": list(peers),
                 "encryption_keys": [self.public_keys[peer][0] for peer in peers],
                 "mask_keys": [self.public_keys[peer][1] for peer in peers],
+                "signers": [self.signatures[peer][0] for peer in peers],
+                "signatures": [self.signatures[peer][1] for peer in peers],
             }
             for node, peers in self.neighbours.items()
         }
