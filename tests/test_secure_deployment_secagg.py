@@ -2,8 +2,10 @@
 
 The deployment of ``tests/test_secure_deployment.py`` (its helpers, imported) with six
 registered SuperNodes, the fewest for which the default parameters tolerate a dropout
-(n = 6: t = 4, one dropout). ``flwr run`` over TLS runs HE + DP with
-``he.secure_aggregation=true`` twice, two rounds each, every node sampled:
+(n = 6: t = 4, one dropout), each signing its round keys with its SuperNode auth key and
+trusting the six nodes' public keys (``secagg-signing-key``, ``secagg-trusted-keys``).
+``flwr run`` over TLS runs HE + DP with ``he.secure_aggregation=true`` twice, two rounds
+each, every node sampled:
 
 1. all six take part: both rounds are released with six shares, ε is the accountant's
    for the run's noise (what the same run without secure aggregation spends), no node is
@@ -165,6 +167,11 @@ def _all_six_mask_and_both_rounds_are_released(tmp_path, keys, cli_env) -> tuple
     runs = [log[len(old) :] for old, log in zip(before, _node_logs(tmp_path), strict=True)]
     received = {log.count(TRAIN_MESSAGE) for log in runs}
     assert len(received) == 1 and min(received) >= 5, received
+    # Each node signed its keys with its auth key and checked its neighbours' signatures
+    # against the trusted list, in both rounds.
+    for log in runs:
+        assert re.search(r"node \d+ signed its keys for rounds 1-64 with key SHA256:", log)
+        assert len(re.findall(r"round \d: the keys of its 5 neighbours are signed", log)) == 2
     # Round 2's training message is the first to carry an encrypted global model: he_mod
     # logs its first decryption of the run (no state-dir), and nothing else decrypts.
     positions = {log[: log.index(FIRST_DECRYPTION)].count(TRAIN_MESSAGE) for log in runs}
@@ -235,9 +242,15 @@ def test_secure_aggregation_in_the_tls_deployment_survives_a_killed_node(tmp_pat
         )  # fmt: skip
         _wait_for_port(port)
         node_ids = _register(node_keys, cli_env)
+        trusted = node_keys / "trusted.pub"  # every node signs with its auth key, trusts all
+        trusted.write_bytes(
+            b"".join((node_keys / f"node-{i}.pub").read_bytes() for i in range(NODES))
+        )
         for i in range(NODES):
             node_config = (
                 f'partition-id={i} num-partitions={NODES} he-secret-context="{keys / "secret.ctx"}"'
+                f' secagg-signing-key="{node_keys / f"node-{i}.key"}"'
+                f' secagg-trusted-keys="{trusted}"'
             )
             _spawn(
                 ["bash", str(REPO_ROOT / "deploy" / "supernode.sh"), f"127.0.0.1:{port}",

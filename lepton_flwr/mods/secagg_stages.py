@@ -29,11 +29,12 @@ makes the node refuse a round in which a peer's keys are not signed by one of th
 
 from __future__ import annotations
 
+import base64
 import fcntl
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from logging import WARNING
+from logging import INFO, WARNING
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
@@ -226,7 +227,31 @@ def _answers(client: SecAggClient, stages: list[str], config: ConfigRecord, node
         except ValueError as err:  # SecAggRefusal, or the fields' own wrapping
             log(WARNING, "secure aggregation: node %d refused %s: %s", node, stage, err)
             answers[stage] = {REFUSED: str(err)[:500]}
+            continue
+        _log_signing(client, stage, answers[stage], node)
     return answers
+
+
+def _log_signing(client: SecAggClient, stage: str, answer: dict, node: int) -> None:
+    """Say that the node signed its keys, or checked its neighbours' signatures."""
+    if stage == "advertise" and client.signer is not None:
+        log(
+            INFO,
+            "secure aggregation: node %d signed its keys for rounds %d-%d with key SHA256:%s",
+            node,
+            answer["first_round"],
+            answer["first_round"] + len(answer["signatures"]) - 1,
+            base64.b64encode(client.signer.key_id).decode().rstrip("="),
+        )
+    if stage == "share-keys" and client.trusted is not None:
+        log(
+            INFO,
+            "secure aggregation: node %d, round %d: the keys of its %d neighbours are signed "
+            "by trusted keys",
+            node,
+            answer["round"],
+            len(answer["recipients"]),
+        )
 
 
 def requires_secure_aggregation(context: Context) -> bool:
