@@ -234,8 +234,6 @@ def test_hostile_stage_messages_end_in_a_refusal_or_a_mod_error(task_identity, f
                 "first_round",
                 "encryption_keys",
                 "mask_keys",
-                "signer",
-                "signatures",
             }
 
 

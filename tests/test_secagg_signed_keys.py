@@ -21,6 +21,7 @@ from flwr.clientapp import ClientApp
 from lepton_flwr.strategies import HEFedAvg
 
 from lepton_flwr.apps.inprocess import InProcessGrid
+from lepton_flwr.apps.recording import message_bytes
 from lepton_flwr.deploy import make_node_key
 from lepton_flwr.he import CKKSParams, decrypt_arrays, write_keys
 from lepton_flwr.he.ring_masks import add_mod, sub_mod
@@ -239,6 +240,7 @@ def test_the_server_refuses_a_malformed_signed_advertisement(node_keys):
         {"signatures": [b"", b""]},
         {"signatures": [bytes(161), bytes(161)]},
         {"signer": b"", "signatures": reply["signatures"]},
+        {"signer": reply["signer"], "signatures": []},
     ):
         with pytest.raises(ValueError, match=f"node {VICTIM}: signer|signatures"):
             book.record_advertised(VICTIM, request, reply | bad)
@@ -385,3 +387,29 @@ def test_check_node_reads_the_signing_and_trusted_keys(node_keys, tmp_path):
     public_only.chmod(0o600)
     (problem,) = check_node({SIGNING_KEY: str(public_only)})
     assert "not an unencrypted private key" in problem
+
+
+@pytest.mark.parametrize("signing_nodes", [0, 3, 6])
+def test_every_stage_message_can_be_counted_by_flower(he_keys, node_keys, signing_nodes):
+    """Flower's ``count_bytes`` (``message_size_mod``, our byte counts) refuses an empty
+    bytes value: no message of the protocol holds one, signed, unsigned or mixed."""
+    counted, sent = [], []
+    grid = _signed_grid(he_keys, node_keys)
+    grid.observe = lambda reply: reply.has_error() or counted.append(message_bytes(reply))
+    deliver = grid.send_and_receive
+
+    def send_and_receive(messages, **kwargs):
+        messages = list(messages)
+        sent.extend(message_bytes(m) for m in messages)
+        return deliver(messages, **kwargs)
+
+    grid.send_and_receive = send_and_receive
+    for i, context in enumerate(grid.contexts.values()):
+        context.node_config.pop(TRUSTED_KEYS)
+        if i >= signing_nodes:
+            context.node_config.pop(SIGNING_KEY)
+    start = ArrayRecord({"w": Array(np.zeros(SIZE, dtype=np.float32))})
+    _strategy(he_keys).start(grid, start, num_rounds=2)
+    replies = [m for m in grid.received if not m.has_error()]
+    assert len(counted) == len(replies) >= 6 * 5 and min(counted) > 0
+    assert len(sent) >= 6 * 5 and min(sent) > 0

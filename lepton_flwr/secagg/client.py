@@ -6,13 +6,13 @@ stages, as plain dicts (the lead carries them in Flower messages):
 
 ``advertise``
     ``{"first_round", "rounds"}`` -> ``{"first_round", "encryption_keys",
-    "mask_keys", "signer", "signatures"}``: the node's public keys for up to
-    ``MAX_ADVERTISED_ROUNDS`` rounds, each round's pair signed with the node's signing
-    key if it has one (``signer``: the key's fingerprint, else empty; see
-    :mod:`lepton_flwr.secagg.signatures`).
+    "mask_keys"[, "signer", "signatures"]}``: the node's public keys for up to
+    ``MAX_ADVERTISED_ROUNDS`` rounds, and, if it has a signing key, the key's
+    fingerprint and each round's pair signed (:mod:`lepton_flwr.secagg.signatures`).
 ``share-keys``
     ``{"round", "threshold", "neighbours", "encryption_keys", "mask_keys", "signers",
-    "signatures"}`` -> ``{"round", "recipients", "tokens", "commitment"}``. A node with
+    "signatures"}`` (``b""`` for an unsigned neighbour) -> ``{"round", "recipients",
+    "tokens", "commitment"}``. A node with
     trusted keys first checks that each neighbour's keys are signed by a trusted key,
     for that neighbour, run and round, and that no key signs for two participants; a
     server that shows it keys of its own making is refused. The node draws a fresh self-mask
@@ -216,19 +216,18 @@ class SecAggClient:
         if first + count - 1 > MAX_ROUND:
             raise SecAggRefusal("rounds: the range passes the last round number")
         keys = [round_public_keys(self.state.master, first + i) for i in range(count)]
-        signer = self.signer
-        return {
+        reply = {
             "first_round": first,
             "encryption_keys": [enc for enc, _ in keys],
             "mask_keys": [mask for _, mask in keys],
-            "signer": b"" if signer is None else signer.key_id,
-            "signatures": []
-            if signer is None
-            else [
-                signer.sign(self.run_id, self.node_id, first + i, enc, mask)
-                for i, (enc, mask) in enumerate(keys)
-            ],
         }
+        if self.signer is not None:
+            reply["signer"] = self.signer.key_id
+            reply["signatures"] = [
+                self.signer.sign(self.run_id, self.node_id, first + i, enc, mask)
+                for i, (enc, mask) in enumerate(keys)
+            ]
+        return reply
 
     # -- share-keys ------------------------------------------------------------------
     def share_keys(self, request: dict) -> dict:

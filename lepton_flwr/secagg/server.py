@@ -129,14 +129,17 @@ class PublicKeyBook:
             reply is kept then.
         """
         check_node_id(node, "node")
-        names = {"first_round", "encryption_keys", "mask_keys", "signer", "signatures"}
-        reply = _exact_fields(reply, names, node)
+        names = {"first_round", "encryption_keys", "mask_keys"}
+        signed = isinstance(reply, dict) and "signer" in reply
+        reply = _exact_fields(reply, names | ({"signer", "signatures"} if signed else set()), node)
         if reply["first_round"] != request["first_round"] or not is_int(reply["first_round"]):
             raise SecAggReplyError(f"node {node}: first_round: not the round asked for")
         count = request["rounds"]
         enc = _byte_list(reply, "encryption_keys", count, PUBLIC_KEY_BYTES, node)
         mask = _byte_list(reply, "mask_keys", count, PUBLIC_KEY_BYTES, node)
-        signer, signatures = self._signatures_of(reply, count, node)
+        signer, signatures = (
+            self._signatures_of(reply, count, node) if signed else (b"", [b""] * count)
+        )
         for field, keys in (("encryption_keys", enc), ("mask_keys", mask)):
             for offset, key in enumerate(keys):
                 try:
@@ -153,14 +156,10 @@ class PublicKeyBook:
 
     @staticmethod
     def _signatures_of(reply: dict, count: int, node: int) -> tuple[bytes, list[bytes]]:
-        """(signer, one signature a round): the key's fingerprint, or b"" and b"" each."""
+        """(signer, one signature a round) of a signed advertisement."""
         signer, signatures = reply["signer"], reply["signatures"]
-        if signer == b"" and isinstance(signatures, list | tuple) and not signatures:
-            return b"", [b""] * count
         if not isinstance(signer, bytes) or len(signer) != KEY_ID_BYTES:
-            raise SecAggReplyError(
-                f"node {node}: signer: a {KEY_ID_BYTES}-byte key fingerprint, or empty"
-            )
+            raise SecAggReplyError(f"node {node}: signer: a {KEY_ID_BYTES}-byte key fingerprint")
         if (
             not isinstance(signatures, list | tuple)
             or len(signatures) != count
