@@ -47,13 +47,40 @@ def uniform_mod(seed: bytes, label: bytes, prime: int, count: int) -> np.ndarray
     if not 2 <= prime < 1 << MAX_PRIME_BITS:
         raise ValueError(f"prime {prime} is outside [2, 2^{MAX_PRIME_BITS})")
     cut = np.uint64((1 << prime.bit_length()) - 1)
+    bound = np.uint64(prime)
+    # First the count words themselves: for a prime just below a power of two (the CKKS
+    # data primes) none is rejected but about once in a thousand rows, and the row is them.
+    words = np.frombuffer(_stream(seed, label, 8 * count), dtype="<u8") & cut
+    if not (words >= bound).any():
+        return words
     wanted = count + 64 + count // 32  # room for rejections (fewer than 1 in 2 words)
     while True:
         words = np.frombuffer(_stream(seed, label, 8 * wanted), dtype="<u8") & cut
-        kept = words[words < np.uint64(prime)]
+        kept = words[words < bound]
         if len(kept) >= count:
             return kept[:count].copy()
         wanted *= 2  # a longer prefix of the same stream: the same first values
+
+
+def sum_mod(elements, primes: list[int], degree: int) -> np.ndarray:
+    """Σ elements mod q_j, row by row, each element already reduced (uint64).
+
+    Adds without reducing while the sum cannot pass 2^64, then reduces once: about 30 times
+    faster than one :func:`add_mod` per element for 40-bit primes.
+    """
+    q = _moduli(primes)
+    per_batch = max(1, ((1 << 64) - 1) // (max(primes) - 1) - 1)
+    total = np.zeros((len(primes), degree), dtype=np.uint64)
+    batch = np.zeros_like(total)
+    pending = 0
+    for element in elements:
+        batch += element
+        pending += 1
+        if pending == per_batch:
+            total = add_mod(total, batch % q, primes)
+            batch[:] = 0
+            pending = 0
+    return add_mod(total, batch % q, primes)
 
 
 def ring_mask(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lepton_flwr.he.ring_masks import MAX_PRIME_BITS, add_mod, ring_mask, sub_mod
+from lepton_flwr.he.ring_masks import MAX_PRIME_BITS, add_mod, ring_mask, sub_mod, sum_mod
 from lepton_flwr.numbers import is_int
 from lepton_flwr.secagg.keys import SECRET_BYTES, check_round
 
@@ -72,11 +72,11 @@ class MaskSum:
         return len(self._self_seeds) + len(self._added) + len(self._subtracted)
 
     def _sum(self, seeds: list[bytes], purpose: bytes, chunk: int) -> np.ndarray:
-        total = np.zeros((len(self.primes), self.degree), dtype=np.uint64)
-        for seed in seeds:
-            mask = ring_mask(seed, purpose, self.server_round, chunk, self.primes, self.degree)
-            total = add_mod(total, mask, self.primes)
-        return total
+        masks = (
+            ring_mask(seed, purpose, self.server_round, chunk, self.primes, self.degree)
+            for seed in seeds
+        )
+        return sum_mod(masks, self.primes, self.degree)
 
     def __call__(self, chunk_index: int) -> np.ndarray:
         """The ring element for ciphertext chunk ``chunk_index``."""
