@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from lepton_flwr.he.ring_masks import add_mod, ring_mask, sub_mod, uniform_mod
+from lepton_flwr.he.ring_masks import add_mod, ring_mask, sub_mod, sum_mod, uniform_mod
 
 PRIMES = [1099511390209, 1099511480321]  # the default context's two 40-bit data primes
 SEED = bytes(range(32))
@@ -78,3 +78,22 @@ def test_a_bad_seed_or_prime_is_refused():
         uniform_mod(b"short", b"x", PRIMES[0], 4)
     with pytest.raises(ValueError, match="outside"):
         uniform_mod(SEED, b"x", 1 << 62, 4)
+
+
+@pytest.mark.parametrize("primes", [[1099511390209, 1099511480321], [(1 << 62) - 57, 97]])
+@pytest.mark.parametrize("count", [0, 1, 3, 4, 7, 40])
+def test_sum_mod_is_the_sum_mod_each_prime(primes, count):
+    """Lazy reduction (a batch of 3 for a 62-bit prime) equals Python's exact sum."""
+    rng = np.random.default_rng(count)
+    elements = [
+        np.stack([rng.integers(0, q, size=16, dtype=np.uint64) for q in primes])
+        for _ in range(count)
+    ]
+    exact = [
+        [sum(int(e[j, i]) for e in elements) % q for i in range(16)] for j, q in enumerate(primes)
+    ]
+    assert np.array_equal(sum_mod(elements, primes, 16), np.array(exact, dtype=np.uint64))
+    # the largest words: every batch at its limit
+    top = [np.array([[q - 1] * 16 for q in primes], dtype=np.uint64)] * count
+    expected = np.array([[(count * (q - 1)) % q] * 16 for q in primes], dtype=np.uint64)
+    assert np.array_equal(sum_mod(top, primes, 16), expected)
