@@ -1,0 +1,1 @@
+"""Deployment example app: HE + DP with checkpoints, for TLS and SuperNode authentication."""

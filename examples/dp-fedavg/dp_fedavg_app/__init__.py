@@ -1,0 +1,1 @@
+"""DP-FedAvg example app: a quickstart-style Flower app with lepton-flwr added."""

@@ -1,0 +1,1 @@
+"""DP-SGD example app: a quickstart-style Flower app with lepton-flwr added."""

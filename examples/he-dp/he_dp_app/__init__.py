@@ -1,0 +1,1 @@
+"""HE + DP example app: a quickstart-style Flower app with lepton-flwr added."""
