@@ -72,6 +72,7 @@ def run_simulation_from_config(cfg: dict, output_dir: str | Path) -> Path:
     from lepton_flwr.config import validate_config
     from lepton_flwr.data import load_dataset, partition_indices, resolve_num_partitions
     from lepton_flwr.results import SUMMARY_FILE
+    from lepton_flwr.sim_linkstate import population_flat_engine
 
     cfg = resumed_config(cfg, take_saved=True)
     cfg = {**cfg, "output_dir": str(Path(cfg["output_dir"] or output_dir).resolve())}
@@ -85,14 +86,17 @@ def run_simulation_from_config(cfg: dict, output_dir: str | Path) -> Path:
     )
 
     os.environ.update(actor_threads(cfg))
-    run_simulation(
-        # Every party is this machine: the runner also plays the key holder and tests each
-        # decrypted model on the global test set (a deployment's server cannot).
-        server_app=make_server_app(cfg, keyholder_secret=cfg["he"].get("secret_context_path")),
-        client_app=make_client_app(cfg),
-        num_supernodes=num_nodes,
-        backend_config=backend_config(cfg),
-    )
+    # Flower's link state, indexed by destination node: rounds stop growing with the
+    # number of nodes (lepton_flwr.sim_linkstate says which Flower versions it covers).
+    with population_flat_engine():
+        run_simulation(
+            # Every party is this machine: the runner also plays the key holder and tests
+            # each decrypted model on the global test set (a deployment's server cannot).
+            server_app=make_server_app(cfg, keyholder_secret=cfg["he"].get("secret_context_path")),
+            client_app=make_client_app(cfg),
+            num_supernodes=num_nodes,
+            backend_config=backend_config(cfg),
+        )
     out = Path(cfg["output_dir"])
     if not (out / SUMMARY_FILE).is_file():
         raise RuntimeError(
