@@ -21,7 +21,7 @@ from lepton_flwr.strategies.dp_fedavg import DPFedAvg
 from lepton_flwr.strategies.he_dp_fedavg import HEDPFedAvg
 from lepton_flwr.strategies.he_fedavg import HEFedAvg
 from lepton_flwr.strategies.metrics import aggregate_train_metrics
-from lepton_flwr.strategies.round_loop import NoModelTrainedError
+from lepton_flwr.strategies.round_loop import MisconfiguredRunError, NoModelTrainedError
 
 from lepton_flwr.dp.accounting import PrivacyBudgetExhausted
 
@@ -30,6 +30,7 @@ __all__ = [
     "DPFedAvg",
     "HEDPFedAvg",
     "HEFedAvg",
+    "MisconfiguredRunError",
     "NoModelTrainedError",
     "PrivacyBudgetExhausted",
     "aggregate_train_metrics",

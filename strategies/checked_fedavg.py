@@ -79,6 +79,7 @@ class CheckedFedAvg(FlowerLoop, FedAvg):
                 try:
                     self._check_train(msg)
                 except Exception as err:  # noqa: BLE001 - one reply, one verdict
+                    self.note_rejected(msg, err)
                     log(
                         WARNING,
                         "CheckedFedAvg: rejected the training reply of node %d: %s",

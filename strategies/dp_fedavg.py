@@ -381,6 +381,7 @@ class DPFedAvg(FlowerLoop, FedAvg):
             try:
                 update, bit = self._update_of(msg)
             except (ValueError, KeyError, TypeError, CiphertextError) as err:
+                self.note_rejected(msg, err)
                 log(
                     WARNING,
                     "DPFedAvg round %d: rejected the reply of node %d: %s",

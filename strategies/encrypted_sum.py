@@ -17,6 +17,7 @@ from lepton_flwr.he.codec import CiphertextError, CkksAdder, TensorSpec, flatten
 from lepton_flwr.he.keys import fingerprint, load_context
 from lepton_flwr.he.params import headroom
 from lepton_flwr.he.records import EncryptedModel, is_encrypted
+from lepton_flwr.mistakes import NO_HE_MOD, RELATIVE_KEY_PATH
 
 ReplyCheck = Callable[[Message, EncryptedModel], None]
 
@@ -29,6 +30,39 @@ def the_arrays(msg: Message) -> ArrayRecord:
 def the_metrics(msg: Message) -> MetricRecord:
     """A reply's one MetricRecord (raises ``ReplyError`` otherwise)."""
     return the_record(msg, MetricRecord)
+
+
+def public_key_path(path: str | Path, name: str) -> Path:
+    """The public context's path, if it is a usable one: set, and absolute.
+
+    A ServerApp usually passes ``context.run_config["he-public-context"]``, empty until
+    the run config sets it. A relative path would be read from the ServerApp's working
+    folder, which under ``flwr run`` is where the SuperLink was first started: it works
+    or fails depending on that, so it is refused, naming the path it would read.
+
+    Raises
+    ------
+    ValueError
+        If the path is empty or relative, saying how to give it.
+    """
+    how = (
+        "pass the absolute path of the public.ctx that `lepton-flwr keygen --out <folder>` "
+        "wrote, e.g. flwr run . --run-config \"he-public-context='/abs/keys/public.ctx'\" "
+        "(or he-public-context under [tool.flwr.app.config] in pyproject.toml)"
+    )
+    if not str(path).strip():
+        raise ValueError(
+            f"{name}: the public context path is empty (the run config key "
+            f"he-public-context is empty unless you set it): {how}"
+        )
+    given = Path(path).expanduser()
+    if not given.is_absolute():
+        raise ValueError(
+            f"{name}: the public context path {str(path)!r} {RELATIVE_KEY_PATH.phrase}: this "
+            f"ServerApp runs in {Path.cwd()}, so it would read {Path.cwd() / given}, and "
+            f"under flwr run that folder is wherever the SuperLink was first started; {how}"
+        )
+    return given
 
 
 class EncryptedSum:
@@ -47,8 +81,9 @@ class EncryptedSum:
     Parameters
     ----------
     public_context : ts.Context | str | Path
-        The server's CKKS context (or the path of ``public.ctx``); refused if it holds
-        a secret key.
+        The server's CKKS context (or the absolute path of ``public.ctx``: an empty or
+        relative one is refused, :func:`public_key_path`); refused if it holds a secret
+        key.
     headroom_fraction : float
         Largest share of the CKKS headroom the bound on the summed values may use.
     workers : int | None
@@ -65,7 +100,8 @@ class EncryptedSum:
         name: str = "HEFedAvg",
     ):
         if isinstance(public_context, str | Path):
-            public_context = load_context(public_context, expect_secret=False)
+            path = public_key_path(public_context, name)
+            public_context = load_context(path, expect_secret=False)
         if public_context.has_secret_key():
             raise ValueError(f"{name} must not hold a secret key: pass the public context.")
         if not 0 < headroom_fraction <= 1:
@@ -80,6 +116,9 @@ class EncryptedSum:
             * headroom_fraction
         )
         self.manifest: list[TensorSpec] | None = None
+        self.client_mod = "he_dp_mod" if name == "HEDPFedAvg" else "he_mod"
+        # Called with each rejected reply and the reason (the strategy's note_rejected).
+        self.on_reject: Callable[[Message, object], None] | None = None
 
     def encrypted(self, arrays: ArrayRecord) -> EncryptedModel:
         """The global model as an encrypted model (a plaintext one is encrypted, weight 1).
@@ -112,12 +151,14 @@ class EncryptedSum:
         CiphertextError, ReplyError
             Saying what is wrong with it.
         """
-        try:
-            update = EncryptedModel.from_record(the_arrays(msg))
-        except CiphertextError as err:
-            if "plaintext" in str(err):
-                raise CiphertextError(f"{err}; is he_mod on the client?") from err
-            raise
+        arrays = the_arrays(msg)
+        if not is_encrypted(arrays):  # the client's update in the clear: refused, not kept
+            raise CiphertextError(
+                f"plaintext reply where a ciphertext is expected: {NO_HE_MOD.phrase}? Its "
+                f"tensors came in the clear; none was added. {self.name} pairs with "
+                f"ClientApp(mods=[{self.client_mod}]) on every client"
+            )
+        update = EncryptedModel.from_record(arrays)
         if update.fingerprint != self.fingerprint:
             raise CiphertextError(
                 f"encrypted under key {update.fingerprint}, the server's key is {self.fingerprint}"
@@ -170,7 +211,9 @@ class EncryptedSum:
         return sorted(kept, key=lambda pair: order[id(pair[0])])
 
     def reject(self, server_round: int, msg: Message, reason: object) -> None:
-        """Log one rejected reply."""
+        """Log one rejected reply (and tell ``on_reject``, when set)."""
+        if self.on_reject is not None:
+            self.on_reject(msg, reason)
         log(
             WARNING,
             "%s round %d: rejected the reply of node %d: %s",

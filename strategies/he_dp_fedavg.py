@@ -208,6 +208,7 @@ class HEDPFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
             raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}.")
         self.clip_norm, self.dropout_rate = clip_norm, dropout_rate
         self.encrypted_sum = EncryptedSum(public_context, headroom_fraction, workers, "HEDPFedAvg")
+        self.encrypted_sum.on_reject = self.note_rejected
         self.rounds = DPRounds(
             noise_multiplier=noise_multiplier,
             delta=delta,

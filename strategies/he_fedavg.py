@@ -9,6 +9,7 @@ from pathlib import Path
 
 import tenseal as ts
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
@@ -25,22 +26,59 @@ from lepton_flwr.he.codec import CiphertextError
 from lepton_flwr.he.records import EncryptedModel, is_encrypted
 from lepton_flwr.secagg.params import SecAggParams
 
+OUR_MODS = ("he_mod:", "he_dp_mod:", "dp_share_mod:", "privacy_floor_mod:", "dp_clip_mod:")
+EVALUATION_REFUSED = "does not answer federated evaluation"  # he_mod's refusal (dp.floor)
+
+
+def _last_line(reason: str, width: int = 200) -> str:
+    """The last non-empty line of a failure reason (a traceback's is the exception)."""
+    lines = [line.strip() for line in reason.splitlines() if line.strip(" '>")]
+    return (lines[-1] if lines else reason)[:width]
+
+
+def _handler_failed(msg: Message) -> bool:
+    """Whether the evaluate handler itself raised (no mod of ours answered)."""
+    return not msg.error.reason.startswith(OUR_MODS) and msg.error.code in (
+        ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+        ErrorCode.UNKNOWN,
+    )
+
 
 class ExplainsEncryptedEvaluation:
-    """Federated evaluation, each reply checked alone, with a log line when clients fail.
+    """Federated evaluation, each reply checked alone; failures on the encrypted model explained.
 
-    For HE strategies (put it before ``FedAvg`` among the bases): the usual cause is an
-    HE mod attached to ``@app.train`` only, so the evaluate handler gets ciphertexts.
+    For HE strategies (put it before ``FedAvg`` among the bases). When every node fails
+    to evaluate the encrypted global model, one log line says why, once, before any
+    detail: an evaluate handler that raised on ciphertexts means the HE mod runs on
+    ``@app.train`` only; a refusal by ``he_mod`` means the nodes do not evaluate
+    encrypted models (their default). Handlers that raised on ciphertexts will raise
+    again in every round, each with a traceback in the log: when every node the round's
+    evaluation went to replied so (at least two nodes, or every node of a smaller
+    federation) and no node has evaluated an encrypted model in this run, federated
+    evaluation is skipped for the rest of the run (logged once).
     """
 
     _evaluated: ArrayRecord | None = None
 
+    @property
+    def _evaluation(self) -> dict:
+        """What this run's federated evaluation has shown so far (per instance)."""
+        return self.__dict__.setdefault(
+            "_evaluation_state", {"sent": set(), "worked": False, "told": False, "off": False}
+        )
+
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """FedAvg's; the model sent is kept to explain failed evaluations."""
+        """FedAvg's (none once evaluation is off); the model sent is kept to explain failures."""
+        state = self._evaluation
+        if state["off"]:
+            return []
         self._evaluated = arrays
-        return super().configure_evaluate(server_round, arrays, config, grid)
+        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        state["sent"] = {m.metadata.dst_node_id for m in messages}
+        state["known"] = lambda: len(list(grid.get_node_ids()))
+        return messages
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
@@ -52,21 +90,55 @@ class ExplainsEncryptedEvaluation:
         one reply with another metric key than the rest cannot end the run.
         """
         replies = list(replies)
-        failed = [m for m in replies if m.has_error()]
-        if failed and self._evaluated is not None and is_encrypted(self._evaluated):
+        if replies and self._evaluated is not None and is_encrypted(self._evaluated):
+            if all(m.has_error() for m in replies):
+                self._explain_failed_evaluation(server_round, replies)
+            else:
+                self._evaluation["worked"] = True
+        return checked_evaluation(self, server_round, replies)
+
+    def _explain_failed_evaluation(self, server_round: int, replies: list[Message]) -> None:
+        """Say once why every node failed; stop evaluating when handlers cannot read ciphertexts."""
+        state, name = self._evaluation, type(self).__name__
+        handler_failed = all(_handler_failed(m) for m in replies)
+        if not state["told"]:
+            state["told"] = True
+            if handler_failed:
+                why = (
+                    "the evaluate handler cannot read it, so the HE mod runs on training "
+                    "only: attach it to the whole ClientApp, ClientApp(mods=[he_mod]) or "
+                    "ClientApp(mods=[he_dp_mod]), not @app.train(mods=[...])"
+                )
+            elif all(EVALUATION_REFUSED in m.error.reason for m in replies):
+                why = (
+                    "the nodes do not evaluate encrypted models (he_mod's default): set "
+                    "fraction_evaluate=0.0, or, where the server is trusted to follow the "
+                    "protocol, make_he_mod(allow_evaluation=True) or allow-evaluation=true "
+                    "in a node's config"
+                )
+            else:
+                why = "see the nodes' replies below"
+            first = replies[0]
             log(
                 WARNING,
-                "%s: %d of %d nodes failed to evaluate the encrypted global model (node %d: "
-                "%s). If the evaluate handler cannot read it, the HE mod runs on training "
-                "only: attach it to the whole ClientApp, ClientApp(mods=[he_mod]) or "
-                "ClientApp(mods=[he_dp_mod])",
-                type(self).__name__,
-                len(failed),
-                len(replies),
-                failed[0].metadata.src_node_id,
-                failed[0].error.reason,
+                "%s round %d: every node failed to evaluate the encrypted global model: %s. "
+                "(node %d: %s)",
+                name,
+                server_round,
+                why,
+                first.metadata.src_node_id,
+                _last_line(first.error.reason),
             )
-        return checked_evaluation(self, server_round, replies)
+        nodes = {m.metadata.src_node_id for m in replies}
+        decided = len(nodes) >= 2 or state.get("known", lambda: 0)() <= len(nodes)
+        if handler_failed and not state["worked"] and state["sent"] <= nodes and decided:
+            state["off"] = True
+            log(
+                WARNING,
+                "%s: federated evaluation is skipped for the rest of this run: every node's "
+                "evaluate handler raised on the encrypted model, and would in every round",
+                name,
+            )
 
 
 class HEFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
@@ -179,6 +251,7 @@ class HEFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
         self.weight_scale, self.max_examples = float(weight_scale), max_examples
         self.value_bound = float(value_bound)
         self.encrypted_sum = EncryptedSum(public_context, headroom_fraction, workers, "HEFedAvg")
+        self.encrypted_sum.on_reject = self.note_rejected
         self.last_good = LastGoodModel("HEFedAvg")
         self.secure_aggregation = secure_aggregation_for(
             secure_aggregation, self.encrypted_sum.adder, "HEFedAvg"

@@ -12,6 +12,7 @@ import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 
 from lepton_flwr.arrays import check_payload
+from lepton_flwr.mistakes import NO_WEIGHT
 from lepton_flwr.numbers import is_count
 
 MAX_EXAMPLES = 10_000_000  # default largest example count a reply may claim
@@ -46,7 +47,10 @@ def example_count(metrics: MetricRecord, key: str, max_examples: int, minimum: i
     """
     count = metrics.get(key)
     if count is None:
-        raise ReplyError(f"no '{key}' in the reply's metrics")
+        raise ReplyError(
+            f"no '{key}' {NO_WEIGHT.phrase} (the handler must report it, e.g. "
+            f"MetricRecord({{'{key}': len(data), ...}}))"
+        )
     if not is_count(count):
         raise ReplyError(f"'{key}' must be a whole number, got {str(count)[:40]}")
     if not minimum <= count <= max_examples:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import AggregationError
@@ -32,6 +32,7 @@ from lepton_flwr.strategies.checkpoint import (
     new_run_id,
     save_checkpoint,
 )
+from lepton_flwr.strategies.config_stop import ConfigurationStop, reply_failure
 from lepton_flwr.strategies.last_good import TrainingHeldBackError
 from lepton_flwr.strategies.resume_settings import check_same_run, run_settings, start_fresh
 
@@ -39,6 +40,7 @@ from lepton_flwr import protocol
 from lepton_flwr.dp.accounting import PrivacyBudgetExhausted
 from lepton_flwr.dp.rounds import NodesUnavailableError
 from lepton_flwr.he.records import is_encrypted
+from lepton_flwr.mistakes import Mistake
 
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
 OBSERVED = ("configure_train", "aggregate_train", "aggregate_evaluate")
@@ -59,10 +61,22 @@ class RoundObserver:
         The strategy to observe.
     on_round_start : Callable[[int], None] | None
         Called with the round number before ``configure_train`` runs.
+    stop : ConfigurationStop | None
+        Judges each round's training replies
+        (:class:`~lepton_flwr.strategies.config_stop.ConfigurationStop`); when it finds
+        the run misconfigured, ``aggregate_train`` raises :class:`MisconfiguredRunError`
+        once the round is recorded. None: no such check.
     """
 
-    def __init__(self, strategy: Strategy, on_round_start: Callable[[int], None] | None = None):
-        self.strategy, self.on_round_start = strategy, on_round_start
+    def __init__(
+        self,
+        strategy: Strategy,
+        on_round_start: Callable[[int], None] | None = None,
+        stop: ConfigurationStop | None = None,
+    ):
+        self.strategy, self.on_round_start, self.stop = strategy, on_round_start, stop
+        self._sent_to: set[int] = set()  # the nodes of the current round's training messages
+        self._grid: Grid | None = None
         self.result = Result()
         self.train_seconds: dict[int, float] = {}
         self.configured: set[int] = set()  # rounds whose configure_train returned
@@ -83,8 +97,10 @@ class RoundObserver:
             if self.on_round_start is not None:
                 self.on_round_start(server_round)
             self._started[server_round] = time.monotonic()
-            messages = configure_train(server_round, arrays, config, grid)
+            messages = list(configure_train(server_round, arrays, config, grid))
             self.configured.add(server_round)
+            self._sent_to = {m.metadata.dst_node_id for m in messages}
+            self._grid = grid
             return messages
 
         def observed_aggregate_train(server_round, replies):
@@ -94,6 +110,9 @@ class RoundObserver:
             if failed and self.first_failure is None:
                 node, reason = failed[0].metadata.src_node_id, failed[0].error.reason
                 self.first_failure = f"node {node}: {reason}"
+            rejected = getattr(strategy, "rejected_replies", None)
+            if self.stop is not None and rejected is not None:
+                rejected.clear()
             arrays, metrics = aggregate_train(server_round, replies)
             if arrays is not None:
                 self.aggregated.add(server_round)
@@ -104,6 +123,8 @@ class RoundObserver:
                 result.arrays = arrays
             if metrics is not None:
                 result.train_metrics_clientapp[server_round] = metrics
+            if self.stop is not None:
+                self._judge(server_round, replies, rejected or {})
             return arrays, metrics
 
         def observed_aggregate_evaluate(server_round, replies):
@@ -119,6 +140,20 @@ class RoundObserver:
 
     def __exit__(self, *exc) -> None:
         _restore(self.strategy, self._saved)
+
+    def _judge(self, server_round: int, replies: list, rejected: dict[int, str]) -> None:
+        """Raise :class:`MisconfiguredRunError` if the round shows a configuration mistake."""
+        outcomes = {r.metadata.src_node_id: reply_failure(r, rejected) for r in replies}
+        grid = self._grid
+
+        def known_nodes() -> int:
+            return len(list(grid.get_node_ids())) if grid is not None else 0
+
+        if self.stop.after_round(self._sent_to, outcomes, known_nodes) is None:
+            return
+        message = self.stop.reason(type(self.strategy).__name__, server_round)
+        log(ERROR, message)
+        raise MisconfiguredRunError(message, self.result, self.stop.mistake)
 
 
 def _restore(strategy: Strategy, saved: dict[str, object]) -> None:
@@ -215,6 +250,19 @@ class FlowerLoop:
 
     node_wait_timeout: float | None = None  # set by ``start``: how long to wait for nodes
     last_round: int | None = None  # set by ``start``: the run's last round number
+
+    @property
+    def rejected_replies(self) -> dict[int, str]:
+        """The round's rejected training replies: each one's reason, by node."""
+        return self.__dict__.setdefault("_rejected_replies", {})
+
+    def note_rejected(self, msg: Message, reason: object) -> None:
+        """Remember why the strategy rejected a training reply (beside its log line).
+
+        ``start`` reads them after each round to tell a configuration mistake from other
+        failures (:mod:`~lepton_flwr.strategies.config_stop`).
+        """
+        self.rejected_replies[msg.metadata.src_node_id] = str(reason)
 
     def state(self) -> dict:
         """What the next round needs besides the global model (checkpoints); none here."""
@@ -375,7 +423,9 @@ class FlowerLoop:
             {**(train_config or {}), protocol.RUN_ID: run_id, protocol.RESUMED_AFTER: done}
         )
         nodes_missing = False
-        with RoundObserver(self) as observed:
+        # A resumed run worked before: only a fresh run can stop for its configuration.
+        stop = ConfigurationStop(worked=bool(done))
+        with RoundObserver(self, stop=stop) as observed:
             if saved is not None:
                 for key in METRICS:
                     getattr(observed.result, key).update(getattr(saved.result, key))
@@ -469,6 +519,18 @@ class NoModelTrainedError(AggregationError):
     def __init__(self, reason: str, result: Result):
         super().__init__(reason)
         self.result = result
+
+
+class MisconfiguredRunError(NoModelTrainedError):
+    """A run stopped after a round whose every reply failed for one configuration mistake.
+
+    ``mistake`` (:class:`~lepton_flwr.mistakes.Mistake`) names it, ``result`` holds the
+    rounds that ran (:mod:`~lepton_flwr.strategies.config_stop` says when a run stops).
+    """
+
+    def __init__(self, reason: str, result: Result, mistake: Mistake):
+        super().__init__(reason, result)
+        self.mistake = mistake
 
 
 def _no_model(name: str, observed: RoundObserver) -> None:

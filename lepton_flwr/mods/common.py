@@ -27,6 +27,7 @@ from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 
 from lepton_flwr.he.records import is_encrypted
+from lepton_flwr.mistakes import MODS_IN_WRONG_ORDER
 
 
 class ModError(Exception):
@@ -96,8 +97,9 @@ def train_and_diff(
     _, sent = the_record(msg.content, ArrayRecord)
     if is_encrypted(sent):
         raise ModError(
-            "received an encrypted model: this mod must run inside he_mod, e.g. "
-            "ClientApp(mods=[he_dp_mod]) or ClientApp(mods=[he_mod, dp_share_mod])"
+            f"received an encrypted model: the {MODS_IN_WRONG_ORDER.phrase} (this mod "
+            "must run inside he_mod): use ClientApp(mods=[he_dp_mod]), or "
+            "ClientApp(mods=[he_mod, dp_share_mod]); nothing was trained or sent"
         )
     received = {k: v.numpy() for k, v in sent.items()}
     reply = call_next(msg, context)

@@ -13,6 +13,8 @@ noise-free update: use ``he_dp_mod`` (both, in that order) rather than the two b
 
 from __future__ import annotations
 
+from contextvars import ContextVar
+
 import numpy as np
 from flwr.app import Array, Context, Message
 from flwr.clientapp.typing import ClientAppCallable
@@ -33,6 +35,19 @@ from lepton_flwr.mods.common import (
     train_and_diff,
     train_config,
 )
+
+# Set while dp_share_mod waits for the mods and handler inside it to return a trained
+# reply: he_mod, finding it set, knows it runs inside dp_share_mod (the wrong order).
+_MAKING_A_SHARE: ContextVar[bool] = ContextVar("dp_share_mod_making_a_share", default=False)
+
+
+def share_mod_outside() -> bool:
+    """Whether the caller runs inside ``dp_share_mod`` (which then waits for its reply).
+
+    ``he_mod`` asks this when a request for a noise share comes back without one: the
+    mods are then in the wrong order (``[dp_share_mod, he_mod]``), not missing.
+    """
+    return _MAKING_A_SHARE.get()
 
 
 def check_share_floor(msg: Message, context: Context) -> tuple[float, float, float, float]:
@@ -89,7 +104,11 @@ def dp_share_mod(msg: Message, context: Context, call_next: ClientAppCallable) -
             raise ModError(str(err)) from err
         return call_next(msg, context)
     clip_norm, share_std, scale, bound = check_share_floor(msg, context)
-    reply, received, update = train_and_diff(msg, context, call_next)
+    waiting = _MAKING_A_SHARE.set(True)
+    try:
+        reply, received, update = train_and_diff(msg, context, call_next)
+    finally:
+        _MAKING_A_SHARE.reset(waiting)
     if update is None:
         return reply
     if all(np.isfinite(u).all() for u in update):

@@ -34,6 +34,15 @@ from lepton_flwr.dp.floor import BelowPrivacyFloorError, require_evaluation, req
 from lepton_flwr.he.codec import CiphertextError, CkksEncoder, TensorSpec, flatten, manifest_of
 from lepton_flwr.he.keyholder import ModelOutOfBoundError, decrypt_model, encoder_for
 from lepton_flwr.he.records import EncryptedModel, is_encrypted
+from lepton_flwr.mistakes import (
+    MOD_OF_ANOTHER_STRATEGY,
+    MODS_IN_WRONG_ORDER,
+    NO_DP_SHARE_MOD,
+    NO_SECRET_CONTEXT,
+    NO_WEIGHT,
+    OTHER_WEIGHT,
+    RELATIVE_KEY_PATH,
+)
 from lepton_flwr.mods.common import (
     ModError,
     is_train,
@@ -42,7 +51,7 @@ from lepton_flwr.mods.common import (
     train_config,
 )
 from lepton_flwr.mods.decryptions import RefusedModelError, decrypt_once
-from lepton_flwr.mods.dp_share_mod import check_share_floor, dp_share_mod
+from lepton_flwr.mods.dp_share_mod import check_share_floor, dp_share_mod, share_mod_outside
 from lepton_flwr.mods.secagg_stages import answer_stage, is_stage, upload_mask
 from lepton_flwr.numbers import is_count, positive
 
@@ -56,21 +65,53 @@ def find_secret_context(context: Context, default: str | Path | None) -> str:
     Raises
     ------
     ModError
-        If none of the three gives one, naming all three.
+        If none of the three gives one, naming all three, or the one found is a relative
+        path (naming it; the folder it would be read from goes to the node's log only).
     """
-    for source in (context.node_config, context.run_config):
-        if source.get(protocol.SECRET_CONTEXT):
-            return str(source[protocol.SECRET_CONTEXT])
-    if default:
-        return str(default)
     key = protocol.SECRET_CONTEXT
+    for source, name in ((context.node_config, "node config"), (context.run_config, "run config")):
+        if source.get(key):
+            return _absolute(str(source[key]), f"{key}={str(source[key])!r} (the {name})")
+    if default:
+        return _absolute(str(default), f"make_he_mod({str(default)!r})")
     raise ModError(
-        "no CKKS secret context given. Give its absolute path in one of: the node config "
+        f"{NO_SECRET_CONTEXT.phrase}. Give its absolute path in one of: the node config "
         f"(flower-supernode --node-config \"{key}='/path/secret.ctx'\"), the run config "
         f'({key} = "/path/secret.ctx" under [tool.flwr.app.config], or flwr run '
         f"--run-config \"{key}='/path/secret.ctx'\"; in a simulation this reaches every "
         f"client), or the mod itself (make_he_mod('/path/secret.ctx')). Create keys with "
         f"`lepton-flwr keygen --out <folder>`."
+    )
+
+
+def _absolute(path: str, where: str) -> str:
+    """``path`` if it is absolute; a relative one is refused, whoever gave it.
+
+    Flower runs the ClientApp from the SuperNode's (or the simulation's) working folder,
+    so a relative path would work or fail depending on where that process started. The
+    error reply names the path as given; the folder it was tried in (this process's
+    working folder) stays in the node's log.
+
+    Raises
+    ------
+    ModError
+        If ``path`` is relative.
+    """
+    if Path(path).expanduser().is_absolute():
+        return path
+    log(
+        ERROR,
+        "he_mod: %s %s: this ClientApp runs in %s, so it would read %s",
+        where,
+        RELATIVE_KEY_PATH.phrase,
+        Path.cwd(),
+        Path.cwd() / path,
+    )
+    raise ModError(
+        f"{where} {RELATIVE_KEY_PATH.phrase}: Flower runs the ClientApp from its own working "
+        f"folder (the node's log says which), not from your app's folder, so a relative "
+        f"key path works or fails depending on where the SuperNode or simulation started: "
+        f"give an absolute path. Nothing was trained or sent."
     )
 
 
@@ -180,20 +221,29 @@ def _reply_weight(
     if protocol.HE_WEIGHT in metrics:
         return float(metrics[protocol.HE_WEIGHT])
     if protocol.NOISE_SHARE_STD in train_config(msg):
+        if share_mod_outside():
+            raise ModError(
+                f"the {MODS_IN_WRONG_ORDER.phrase}: dp_share_mod runs outside he_mod "
+                f"(mods=[dp_share_mod, he_mod]), so he_mod got the update before it was "
+                f"clipped and noised. Use ClientApp(mods=[he_dp_mod]), which runs both in "
+                f"the right order. Nothing was sent."
+            )
         raise ModError(
-            "the server (HEDPFedAvg) asks for a DP noise share, but no dp_share_mod ran: "
+            f"the server (HEDPFedAvg) asks for a DP noise share, {NO_DP_SHARE_MOD.phrase}: "
             "use ClientApp(mods=[he_dp_mod]) so that the update is clipped and noised "
             "before it is encrypted. Nothing was sent."
         )
     asked = str(train_config(msg).get(protocol.WEIGHTED_BY, weighted_by))
     if asked != weighted_by:  # the weight travels in the clear: the client chooses it
         raise ModError(
-            f"the server asks for updates weighted by '{asked}'; this client weights by "
+            f"{OTHER_WEIGHT.phrase} '{asked}'; this client weights by "
             f"'{weighted_by}' (make_he_mod(weighted_by=...)); nothing was sent"
         )
     if weighted_by not in metrics:
         raise ModError(
-            f"the training reply's metrics lack '{weighted_by}', the weight of the update"
+            f"no '{weighted_by}' {NO_WEIGHT.phrase}: the weight of the update, which the "
+            f"train handler must report (MetricRecord({{'{weighted_by}': len(train_data), "
+            f"...}})); nothing was sent"
         )
     count = metrics[weighted_by]
     if not (is_count(count) and count >= 0):
@@ -317,9 +367,9 @@ def apply_he(
         if value_bound is None:
             raise ModError(
                 f"the training request has no public value bound ({protocol.VALUE_BOUND}, "
-                f"a finite number > 0), so it does not come from HEFedAvg, which he_mod "
-                f"pairs with (HEDPFedAvg pairs with he_dp_mod; DPFedAvg needs no HE mod); "
-                f"nothing was sent"
+                f"a finite number > 0), so it does not come from HEFedAvg: it comes from a "
+                f"strategy {MOD_OF_ANOTHER_STRATEGY.phrase} (he_mod pairs with HEFedAvg, "
+                f"he_dp_mod with HEDPFedAvg; DPFedAvg needs no HE mod); nothing was sent"
             )
         record = clamped(record, value_bound)
         bound = weight * value_bound
@@ -448,8 +498,10 @@ def make_he_dp_mod(
         if is_train(msg) and not is_stage(msg):
             if protocol.NOISE_SHARE_STD not in train_config(msg):
                 raise ModError(
-                    "the training request asks for no DP noise share (not HEDPFedAvg's): "
-                    "he_dp_mod never encrypts an update without one; nothing was trained or sent"
+                    "the training request asks for no DP noise share, so it does not come "
+                    f"from HEDPFedAvg: it comes from a strategy {MOD_OF_ANOTHER_STRATEGY.phrase} "
+                    "(he_dp_mod pairs with HEDPFedAvg, he_mod with HEFedAvg). he_dp_mod never "
+                    "encrypts an update without a noise share; nothing was trained or sent"
                 )
             check_share_floor(msg, context)  # before anything is decrypted
         return he(msg, context, lambda m, c: dp_share_mod(m, c, call_next))
