@@ -342,6 +342,16 @@ class SecureAggregation:
                 unmasked = dataclasses.replace(total, chunks=chunks)
             except RoundNotUnmaskedError as err:
                 failure = err
+            for node in sorted(secagg_round.liars):
+                log(
+                    WARNING,
+                    "%s round %d: secure aggregation: node %d sent unmask shares that disagree "
+                    "with secrets that pass their checks; its shares were left out and the "
+                    "secrets rebuilt from the others'",
+                    self.name,
+                    server_round,
+                    node,
+                )
         if failure is not None:
             log(
                 WARNING,

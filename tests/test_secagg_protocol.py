@@ -47,7 +47,14 @@ from lepton_flwr.secagg.keys import (
     view_digest,
 )
 from lepton_flwr.secagg.server import TOKEN_BYTES, SecAggReplyError
-from lepton_flwr.secagg.shamir import PRIME, combine, decode_share, encode_share, holder_indices
+from lepton_flwr.secagg.shamir import (
+    PRIME,
+    combine,
+    decode_share,
+    encode_share,
+    holder_indices,
+    interpolate_at,
+)
 from lepton_flwr.secagg.state import STOPPED
 
 PRIMES = [1099511390209, 1099511480321]  # the default context's two 40-bit data primes
@@ -1195,3 +1202,59 @@ def test_print_the_cost_of_share_keys_and_unmask(n):
         f"reconstructed and checked) {server_unmask:.2f} s, one chunk's correction "
         f"{server_chunk * 1e3:.1f} ms"
     )
+
+
+def _lie_everywhere(reply, seed):
+    """Every share of the reply changed to another field element at the same x."""
+    rng = np.random.default_rng(seed)
+    lied = dict(reply)
+    for field in ("self_mask_shares", "mask_key_shares"):
+        shares = []
+        for share in reply[field]:
+            x, value = decode_share(share)
+            shares.append(encode_share(x, (value + int(rng.integers(1, 2**62))) % PRIME))
+        lied[field] = shares
+    return lied
+
+
+@pytest.mark.parametrize(("n", "liars", "dropped"), [(12, 1, 0), (12, 2, 1), (20, 3, 1)])
+def test_holders_lying_on_every_share_are_found_and_the_sum_is_exact(n, liars, dropped):
+    """M3 of the attack review: wrong shares, well formed, from a few survivors. The
+    server corrects them (a random set of t honest shares checks) and names the liars;
+    before, one such holder voided the round."""
+    round_ = Round(n)
+    round_.share_keys()
+    gone = round_.ids[-dropped:] if dropped else []
+    round_.masked_input(drop=gone)
+    replies = _unmask_replies(round_)
+    lying = round_.ids[:liars]
+    for i, u in enumerate(lying):
+        replies[u] = _lie_everywhere(replies[u], i)
+    assert round_.server.receive_unmask(replies) == {}
+    assert_exact(round_, round_.server.correction(PRIMES, DEGREE))
+    assert round_.server.liars == set(lying)
+    assert round_.server.dropped == gone
+
+
+def test_without_the_search_one_lying_holder_voids_the_round(monkeypatch):
+    """The control: with no random sets tried, the same single liar voids the round."""
+    monkeypatch.setattr(server_module, "SUBSET_SEARCHES", 0)
+    round_ = Round(12)
+    round_.share_keys()
+    round_.masked_input()
+    replies = _unmask_replies(round_)
+    replies[round_.ids[0]] = _lie_everywhere(replies[round_.ids[0]], 0)
+    round_.server.receive_unmask(replies)
+    with pytest.raises(RoundNotUnmaskedError, match="do not reconstruct"):
+        round_.server.correction(PRIMES, DEGREE)
+
+
+def test_interpolate_at_passes_through_the_points_and_predicts_the_next():
+    rng = np.random.default_rng(3)
+    coefficients = [int(c) for c in rng.integers(1, 2**62, size=4)]
+    f = lambda x: sum(c * x**k for k, c in enumerate(coefficients)) % PRIME  # noqa: E731
+    points = {x: f(x) for x in (2, 5, 9, 11)}
+    assert [interpolate_at(points, x) for x in (2, 5, 9, 11, 17)] == [
+        *points.values(),
+        f(17),
+    ]

@@ -19,6 +19,8 @@ from lepton_flwr.apps.inprocess import InProcessGrid
 from lepton_flwr.he import CKKSParams, EncryptedModel, decrypt_arrays, write_keys
 from lepton_flwr.he.keyholder import encoder_for
 from lepton_flwr.mods import make_he_dp_mod, make_he_mod
+from lepton_flwr.secagg.shamir import PRIME, decode_share, encode_share
+from lepton_flwr.secagg.wire import FIELD_PREFIX, REPLY_KEY
 
 NODES, SIZE = 6, 40
 
@@ -123,6 +125,39 @@ def test_a_node_that_drops_after_sharing_keys_leaves_the_others_sum(keys, caplog
     counted = [n for n in range(100, 100 + NODES) if stage == "unmask" or n != gone]
     assert np.allclose(model, _mean_shift(counted), atol=flooding_atol(result.arrays))
     assert f"node {gone}" in caplog.text
+
+
+def _lying_shares(node):
+    """A mod outside he_mod: ``node`` changes every share of its unmask replies."""
+
+    def mod(msg, context, call_next):
+        reply = call_next(msg, context)
+        if context.node_id != node or reply.has_error() or REPLY_KEY not in reply.content:
+            return reply
+        answers = reply.content.config_records[REPLY_KEY]
+        for field in ("self_mask_shares", "mask_key_shares"):
+            key = f"{FIELD_PREFIX}unmask.{field}"
+            if key in answers:
+                shares = [decode_share(share) for share in answers[key]]
+                answers[key] = [encode_share(x, (v + 1) % PRIME) for x, v in shares]
+        return reply
+
+    return mod
+
+
+def test_a_node_lying_in_its_unmask_shares_is_outvoted_and_named(keys, caplog):
+    """Before, one holder's wrong shares voided the round; now its shares are corrected
+    by the spare ones (6 nodes, t = 4: each secret has 5 holders) and it is named."""
+    caplog.set_level(logging.WARNING, logger="flwr")
+    mods = [_lying_shares(101), make_he_mod(keys[0], workers=1)]
+    grid = InProcessGrid(_app(mods), NODES)
+    result = _he_fedavg(keys).start(grid, _start(), num_rounds=2)
+    model = decrypt_arrays(result.arrays, keys[0])["w"].numpy()
+    every = range(100, 100 + NODES)
+    assert np.allclose(model, 2 * _mean_shift(every), atol=flooding_atol(result.arrays, 2))
+    named = [r for r in caplog.records if "node 101 sent unmask shares that disagree" in r.message]
+    assert len(named) == 2  # once a round
+    assert "cannot be unmasked" not in caplog.text
 
 
 def test_too_few_survivors_release_nothing(keys, caplog):

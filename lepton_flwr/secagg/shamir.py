@@ -184,6 +184,24 @@ def interpolate_at_zero(
     return sum(coefficients[x] * value for x, value in points.items()) % prime
 
 
+def interpolate_at(points: Mapping[int, int], z: int, prime: int = PRIME) -> int:
+    """f(z) for the polynomial of degree below len(points) through the points (x -> f(x)).
+
+    Lagrange's form, O(m²) multiplications and m inverses for m points: used to find which
+    spare shares disagree with a set of t that reconstructs a checked secret.
+    """
+    xs = list(points)
+    total = 0
+    for x_i in xs:
+        numerator, denominator = 1, 1
+        for x_j in xs:
+            if x_j != x_i:
+                numerator = numerator * (z - x_j) % prime
+                denominator = denominator * (x_i - x_j) % prime
+        total += points[x_i] * numerator * pow(denominator, -1, prime)
+    return total % prime
+
+
 def secret_bytes(value: int) -> bytes | None:
     """The 32-byte secret a reconstructed field element stands for (None if ≥ 2^256)."""
     if value >> (8 * SECRET_BYTES):
