@@ -488,6 +488,8 @@ class HEDPFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Add the encrypted shares and the top-up to the encrypted global model; account."""
         replies = list(replies)
+        if self.secure_aggregation is not None:
+            self.secure_aggregation.note_refusals(server_round, replies)
         if self._withheld is not None:
             self._withhold(server_round, 0, self._withheld)
             return None, self._metrics()

@@ -402,6 +402,8 @@ class HEFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Add the valid encrypted updates; return the encrypted weighted sum."""
         replies = list(replies)
+        if self.secure_aggregation is not None:
+            self.secure_aggregation.note_refusals(server_round, replies)
         verdict = self.last_good.judge(server_round, replies)
         if verdict is Verdict.REFUSED:
             return self.last_good.model, None

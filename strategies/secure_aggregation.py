@@ -15,7 +15,10 @@ plaintext ring (``docs/design_secure_aggregation.md``, :mod:`lepton_flwr.secagg`
    subtracts them with its public context: the sum is the one without masks.
 
 A round whose sum cannot be unmasked (fewer than t survivors or shares, a share that
-fails its check) releases nothing. Every stage exchange is bounded by the run's
+fails its check) releases nothing. A node whose share tokens more than c of a round's
+participants could not open (each names the sender in its refusal) is left out of
+secure aggregation for the rest of the run: one node sending bad tokens voids one round,
+not every round it is sampled in. Every stage exchange is bounded by the run's
 ``timeout``; a node that does not answer, or answers malformed fields, counts as dropped
 (one log line naming node and reason).
 """
@@ -23,6 +26,7 @@ fails its check) releases nothing. Every stage exchange is bounded by the run's
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from collections.abc import Callable
 from logging import INFO, WARNING
@@ -34,6 +38,8 @@ from flwr.serverapp import Grid
 from lepton_flwr import protocol
 from lepton_flwr.he.codec import CkksAdder
 from lepton_flwr.he.records import EncryptedModel
+from lepton_flwr.mods.secagg_stages import MASKED_INPUT_REFUSAL
+from lepton_flwr.secagg.client import TOKEN_REFUSAL
 from lepton_flwr.secagg.params import (
     SecAggParams,
     SecAggParamsError,
@@ -47,6 +53,11 @@ from lepton_flwr.secagg.server import (
     SecAggServerRound,
 )
 from lepton_flwr.secagg.wire import MASKED_INPUT, REFUSED, REPLY_KEY, as_config, fields
+
+# A node's refusal of a peer's token, as its training error reply carries it.
+_TOKEN_REFUSED = re.compile(
+    re.escape(MASKED_INPUT_REFUSAL) + re.escape(TOKEN_REFUSAL).replace(r"\{sender\}", r"(\d+)")
+)
 
 ADVERTISED_ROUNDS = 64
 
@@ -81,6 +92,46 @@ class SecureAggregation:
         self._timeout: float | None = None
         self.seconds: dict[int, float] = {}  # server time in the stages, per round
         self._described = False
+        self.blocked: dict[int, int] = {}  # node -> the round its tokens were refused in
+
+    def note_refusals(self, server_round: int, replies: list[Message]) -> None:
+        """Leave out, for the rest of the run, a node whose tokens its peers refused.
+
+        A training reply that is an error naming a token's sender (the node stopped the
+        round before training) accuses that sender. More than c = ⌈γ n⌉ accusers of one
+        node in one round include an honest one, so colluding clients cannot have an
+        honest node left out (a malicious server can leave out anyone anyway).
+        """
+        current = self._current
+        if current is None or current.server_round != server_round:
+            return
+        participants = set(current.participants)
+        accusers: dict[int, set[int]] = {}
+        for reply in replies:
+            if not reply.has_error():
+                continue
+            found = _TOKEN_REFUSED.search(reply.error.reason or "")
+            accuser = reply.metadata.src_node_id
+            if found and accuser in participants:
+                accused = int(found.group(1))
+                if accused in participants and accused != accuser:
+                    accusers.setdefault(accused, set()).add(accuser)
+        tolerated = colluders(len(participants), self.params)
+        for node, by in sorted(accusers.items()):
+            if len(by) > tolerated and node not in self.blocked:
+                self.blocked[node] = server_round
+                log(
+                    WARNING,
+                    "%s round %d: secure aggregation: %d peers of node %d (more than the %d "
+                    "colluders tolerated) could not open its share tokens: node %d is left out "
+                    "of secure aggregation for the rest of the run",
+                    self.name,
+                    server_round,
+                    len(by),
+                    node,
+                    tolerated,
+                    node,
+                )
 
     def describe(self, expected_n: int) -> None:
         """Log the parameters and what they guarantee for rounds of ``expected_n`` clients."""
@@ -200,6 +251,7 @@ class SecureAggregation:
         if not self._described:
             self.describe(len(nodes))
             self._described = True
+        nodes = [node for node in nodes if node not in self.blocked]
         self._advertised(server_round, nodes)
         keys = self.book.round_keys(nodes, server_round)
         try:

@@ -10,9 +10,11 @@ import logging
 import numpy as np
 import pytest
 from conftest import flooding_atol
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 from lepton_flwr.strategies import HEDPFedAvg, HEFedAvg
+from lepton_flwr.strategies.secure_aggregation import SecureAggregation
 
 from lepton_flwr import protocol
 from lepton_flwr.apps.inprocess import InProcessGrid
@@ -158,6 +160,72 @@ def test_a_node_lying_in_its_unmask_shares_is_outvoted_and_named(keys, caplog):
     named = [r for r in caplog.records if "node 101 sent unmask shares that disagree" in r.message]
     assert len(named) == 2  # once a round
     assert "cannot be unmasked" not in caplog.text
+
+
+def _bad_tokens(node):
+    """A mod outside he_mod: ``node`` sends share tokens that do not open (M1)."""
+
+    def mod(msg, context, call_next):
+        reply = call_next(msg, context)
+        if context.node_id != node or reply.has_error() or REPLY_KEY not in reply.content:
+            return reply
+        answers = reply.content.config_records[REPLY_KEY]
+        key = f"{FIELD_PREFIX}share-keys.tokens"
+        if key in answers:
+            answers[key] = [token[:-4] + b"AAAA" for token in answers[key]]
+        return reply
+
+    return mod
+
+
+@pytest.mark.parametrize("block", [True, False])
+def test_a_node_sending_bad_tokens_voids_one_round_then_is_left_out(
+    keys, caplog, monkeypatch, block
+):
+    """M1 of the attack review: node 103's tokens do not open, so every peer stops round
+    1 naming it. Five accusers, more than c = 1: node 103 is left out from round 2 on,
+    which releases the others' mean. The control (no leaving out) voids every round."""
+    caplog.set_level(logging.WARNING, logger="flwr")
+    if not block:
+        monkeypatch.setattr(SecureAggregation, "note_refusals", lambda *args: None)
+    mods = [_bad_tokens(103), make_he_mod(keys[0], workers=1)]
+    grid = InProcessGrid(_app(mods), NODES)
+    strategy = _he_fedavg(keys, min_available_nodes=5)
+    if not block:
+        with pytest.raises(Exception, match="no round produced a model|NoModelTrained|produced"):
+            strategy.start(grid, _start(), num_rounds=3)
+        return
+    result = strategy.start(grid, _start(), num_rounds=3)
+    model = decrypt_arrays(result.arrays, keys[0])["w"].numpy()
+    others = [n for n in range(100, 100 + NODES) if n != 103]
+    # Round 1 released nothing; rounds 2 and 3 each the mean over the other five.
+    assert np.allclose(model, 2 * _mean_shift(others), atol=flooding_atol(result.arrays, 2))
+    assert "node 103 is left out of secure aggregation for the rest of the run" in caplog.text
+    assert strategy.secure_aggregation.blocked == {103: 1}
+
+
+def test_one_false_accuser_cannot_have_an_honest_node_left_out(keys, caplog):
+    """Node 101 claims node 104's tokens do not open: one accuser, not more than c = 1."""
+    caplog.set_level(logging.WARNING, logger="flwr")
+
+    def accuse(msg, context, call_next):
+        config = next(iter(msg.content.config_records.values()), {})
+        if context.node_id == 101 and config.get(protocol.SECAGG_MASKED):
+            reason = (
+                "he_mod: secure aggregation, masked input: tokens: the token from 104 does not open"
+            )
+            return Message(
+                Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=reason), reply_to=msg
+            )
+        return call_next(msg, context)
+
+    grid = InProcessGrid(_app([accuse, make_he_mod(keys[0], workers=1)]), NODES)
+    strategy = _he_fedavg(keys, min_available_nodes=5)
+    result = strategy.start(grid, _start(), num_rounds=2)
+    model = decrypt_arrays(result.arrays, keys[0])["w"].numpy()
+    others = [n for n in range(100, 100 + NODES) if n != 101]
+    assert np.allclose(model, 2 * _mean_shift(others), atol=flooding_atol(result.arrays, 2))
+    assert strategy.secure_aggregation.blocked == {}
 
 
 def test_too_few_survivors_release_nothing(keys, caplog):

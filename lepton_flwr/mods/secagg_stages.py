@@ -57,6 +57,7 @@ MIN_NEIGHBOURS = "secagg-min-neighbours"
 SIGNING_KEY = protocol.SECAGG_SIGNING_KEY
 TRUSTED_KEYS = protocol.SECAGG_TRUSTED_KEYS
 _STATE_FIELD = "state"
+MASKED_INPUT_REFUSAL = "secure aggregation, masked input: "  # what a refusal's reason starts with
 
 
 def is_stage(msg: Message) -> bool:
@@ -305,4 +306,4 @@ def upload_mask(msg: Message, context: Context, primes: list[int], degree: int) 
         try:
             return client.masked_input(fields(config, MASKED_INPUT), primes, degree)
         except ValueError as err:  # SecAggRefusal, or the fields' own wrapping
-            raise ModError(f"secure aggregation, masked input: {err}") from None
+            raise ModError(f"{MASKED_INPUT_REFUSAL}{err}") from None

@@ -104,6 +104,9 @@ TOKEN_PLAINTEXT_BYTES = len(TOKEN_MAGIC) + _TOKEN_HEADER.size + 2 * SHARE_BYTES
 MAX_TOKEN_BYTES = 1024
 
 
+TOKEN_REFUSAL = "tokens: the token from {sender} "  # each token refusal starts so
+
+
 class SecAggRefusal(ValueError):  # noqa: N818 (a refusal, the name the mods use)
     """The node refuses a secure-aggregation request; the message names the field."""
 
@@ -480,19 +483,20 @@ class SecAggClient:
             plaintext = decrypt(key, token)
         except (InvalidToken, ValueError, TypeError):
             raise SecAggRefusal(
-                f"tokens: the token from {sender} does not open under the round's key"
+                TOKEN_REFUSAL.format(sender=sender) + "does not open under the round's key"
             ) from None
         if len(plaintext) != TOKEN_PLAINTEXT_BYTES or not plaintext.startswith(TOKEN_MAGIC):
-            raise SecAggRefusal(f"tokens: the token from {sender} is not a share token")
+            raise SecAggRefusal(TOKEN_REFUSAL.format(sender=sender) + "is not a share token")
         header = plaintext[len(TOKEN_MAGIC) : len(TOKEN_MAGIC) + _TOKEN_HEADER.size]
         *binding, sender_view = _TOKEN_HEADER.unpack(header)
         if tuple(binding) != (sender, self.node_id, server_round):
             raise SecAggRefusal(
-                f"tokens: the token from {sender} is bound to another sender, receiver or round"
+                TOKEN_REFUSAL.format(sender=sender)
+                + "is bound to another sender, receiver or round"
             )
         if sender_view != view:
             raise SecAggRefusal(
-                f"tokens: the token from {sender} was made for another view of round "
+                TOKEN_REFUSAL.format(sender=sender) + f"was made for another view of round "
                 f"{server_round} (its participants, their keys or t are not the ones this "
                 "node was shown)"
             )
@@ -505,7 +509,7 @@ class SecAggClient:
                 x = None
             if x != own_x:
                 raise SecAggRefusal(
-                    f"tokens: the token from {sender} does not hold a share at this node's "
+                    TOKEN_REFUSAL.format(sender=sender) + "does not hold a share at this node's "
                     f"x = {own_x}"
                 )
         return b_share, key_share
