@@ -3,14 +3,14 @@
 Each drops into any Flower ``ServerApp`` in place of Flower's ``FedAvg``, and pairs with
 one client mod (``lepton_flwr.mods``):
 
-=================  =========================================  ===========================
-strategy           protects                                   client mod
-=================  =========================================  ===========================
-``HEFedAvg``       updates from the server (CKKS)             ``he_mod``
-``DPFedAvg``       clients, in the released model (DP)        none, or ``dp_clip_mod``
-``HEDPFedAvg``     both: noise shares added under encryption  ``he_dp_mod``
+=================  ==========================================  ===========================
+strategy           protects                                    client mod
+=================  ==========================================  ===========================
+``HEFedAvg``       updates from the server (CKKS)              ``he_mod``
+``DPFedAvg``       clients, in the released model (DP)         none, or ``dp_clip_mod``
+``HEDPFedAvg``     both: noise shares added under encryption   ``he_dp_mod``
 ``CheckedFedAvg``  nothing (plain FedAvg, each reply checked)  none
-=================  =========================================  ===========================
+=================  ==========================================  ===========================
 
 ``strategy.start(...)`` is Flower's round loop; for DP strategies the ``Result`` holds ε
 per round in ``train_metrics_clientapp`` and training stops cleanly at ``max_epsilon``.
