@@ -2,6 +2,7 @@
 #   make run                                            HE + DP on Fashion-MNIST, 1,000 clients (+experiment=main)
 #   make run ARGS="partition=dirichlet num_rounds=5"    Hydra overrides for the run
 #   make test PYTEST_ARGS="-m 'not slow'"               pytest options
+#   make docs                                           the documentation site, docs/_build/html
 #   TORCH_SPEC="torch==2.13.0"                          the torch build to install first
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,7 +12,7 @@ STAMP := $(VENV)/.lepton-installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test lint venv data
+.PHONY: run test lint venv data docs
 
 venv: $(STAMP)
 
@@ -22,7 +23,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	# setuptools tells every editable install of a flat layout to mind same-named folders in
 	# the working directory: informational, and this repository is that folder.
-	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install -q -e ".[dev]"
+	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install -q -e ".[dev,docs]"
 	touch $(STAMP)
 
 data:
@@ -36,3 +37,7 @@ test: $(STAMP) data
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+# Warnings are errors, as in tests/test_docs.py, which also checks every link of the site.
+docs: $(STAMP)
+	FLWR_TELEMETRY_ENABLED=0 $(PY) -m sphinx -W --keep-going -b html docs docs/_build/html

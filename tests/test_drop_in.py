@@ -1,9 +1,9 @@
-"""A stock Flower app adds HE, DP or HE + DP with the README's few lines, under `flwr run`.
+"""A stock Flower app adds HE, DP or HE + DP with the own-app guide's few lines, under `flwr run`.
 
 The test writes a quickstart-style Flower 1.42 app (its own model, data from
 ``load_digits``, ``strategy.start`` with an ``evaluate_fn`` in the ServerApp,
 ``@app.train``/``@app.evaluate`` handlers) into a temporary folder, applies the lines
-that README.md's "Use it in your own Flower app" changes for each variant, and runs it.
+that docs/guides/own-app.md changes for each variant, and runs it.
 It uses only the public API.
 """
 
@@ -156,7 +156,7 @@ def main(grid: Grid, context: Context) -> None:
     (out / "train_metrics.json").write_text(json.dumps(train_metrics))
 '''
 
-# The lines README.md's "Use it in your own Flower app" changes, per variant:
+# The lines docs/guides/own-app.md changes, per variant (README.md shows HE + DP's):
 # (file, old text, new text).
 CLIENT_IMPORT = "from flwr.clientapp import ClientApp"
 SERVER_IMPORT = "from flwr.serverapp.strategy import FedAvg"
@@ -251,16 +251,30 @@ def _accuracy(state_dict) -> float:
     return float((logits.argmax(1) == torch.tensor(y[1400:])).float().mean())
 
 
-def test_the_readme_shows_the_lines_this_test_applies():
+def _shown_lines(variant: str) -> list[str]:
+    """A variant's added lines as a guide shows them: the strategies by name only."""
+    shown = []
+    for _, old, new in CHANGES[variant]:
+        for line in new.splitlines():
+            if line in old.splitlines() or "out-dir" in line:
+                continue  # the app's own lines, kept
+            shown.append(line.split("(")[0] if line.startswith("strategy = ") else line)
+    return shown
+
+
+@pytest.mark.parametrize("variant", sorted(CHANGES))
+def test_the_own_app_guide_shows_the_lines_this_test_applies(variant):
     """Imports, mods and saving verbatim; the strategies by name (the values differ)."""
+    guide = (REPO_ROOT / "docs" / "guides" / "own-app.md").read_text()
+    for line in _shown_lines(variant):
+        assert line.strip() in guide, line
+
+
+def test_the_readme_shows_the_lines_this_test_applies_for_he_dp():
+    """The README's minimal drop-in is the HE + DP variant, line for line."""
     readme = (REPO_ROOT / "README.md").read_text()
-    for changes in CHANGES.values():
-        for _, old, new in changes:
-            for line in new.splitlines():
-                if line in old.splitlines() or "out-dir" in line:
-                    continue  # the app's own lines, kept
-                shown = line.split("(")[0] if line.startswith("strategy = ") else line
-                assert shown.strip() in readme, line
+    for line in _shown_lines("he_dp"):
+        assert line.strip() in readme, line
 
 
 @pytest.mark.slow
