@@ -62,6 +62,7 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
     ]
     for module in patched:
         monkeypatch.setattr(module, "now", fake.now)
+    monkeypatch.setattr(sim_linkstate, "seconds_now", lambda: fake.seconds)
     assert flower_in_memory.now == fake.now
     return fake
 
@@ -78,7 +79,7 @@ def new_state(state_class: type, monkeypatch: pytest.MonkeyPatch) -> object:
     ids = itertools.count(1)
     monkeypatch.setattr(flower_in_memory, "generate_rand_int_from_bytes", lambda *a, **k: next(ids))
     for i in range(NODES):
-        node_id = state.create_node("owner", "name", bytes([i]) * 32, heartbeat_interval=1e6)
+        node_id = state.create_node("owner", "name", i.to_bytes(32, "big"), heartbeat_interval=1e6)
         state.acknowledge_node_heartbeat(node_id, heartbeat_interval=1e6)
     return state
 
@@ -281,6 +282,14 @@ def test_unchecked_flower_version_falls_back_with_a_warning(caplog: pytest.LogCa
             assert not indexed
             assert module.LinkStateFactory is flower_factory.LinkStateFactory
     assert "9.9.9" in caplog.text and "InMemoryLinkState" in caplog.text
+
+
+def test_seconds_now_is_flowers_clock():
+    """The adapter's clock reads what Flower's ``now().timestamp()`` reads."""
+    before = flower_date.now().timestamp()
+    ours = sim_linkstate.seconds_now()
+    after = flower_date.now().timestamp()
+    assert before <= ours <= after
 
 
 def test_installed_flower_is_covered():
