@@ -13,7 +13,9 @@ existing path, so a link planted there is not followed) and removes it.
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
 import secrets
 from pathlib import Path
 
@@ -25,8 +27,11 @@ from lepton_flwr.dp.floor import RANGES, BelowPrivacyFloorError, node_setting
 def _secret_context(path: str) -> str | None:
     from lepton_flwr.he.keys import load_context
 
-    if not Path(path).is_absolute():
-        return f"{protocol.SECRET_CONTEXT}={path}: give an absolute path"
+    if not Path(path).expanduser().is_absolute():
+        return (
+            f"{protocol.SECRET_CONTEXT}={path}: give an absolute path (a relative one is read "
+            f"from the SuperNode's working folder; started here, that is {Path.cwd() / path})"
+        )
     try:
         open_private_file(path, protocol.SECRET_CONTEXT).close()
     except ValueError as err:
@@ -128,6 +133,57 @@ def _auth_key(path: str) -> str | None:
     return None
 
 
+# The node config keys lepton-flwr reads; a key of one of our prefixes that is none of
+# them (a typo, underscores for hyphens) is refused: a misspelt floor is no floor.
+OUR_KEYS = (
+    protocol.SECRET_CONTEXT,
+    protocol.PARTITION_ID,
+    protocol.NUM_PARTITIONS,
+    protocol.DATA_ROOT,
+    protocol.DEVICE,
+    protocol.STATE_DIR,
+    protocol.SECAGG_SIGNING_KEY,
+    protocol.SECAGG_TRUSTED_KEYS,
+    protocol.MIN_SHARE_NOISE,
+    protocol.MAX_CLIP_NORM,
+    protocol.DPSGD_MAX_EPSILON,
+    protocol.DPSGD_MIN_NOISE,
+    protocol.DPSGD_DELTA,
+    protocol.HE_MAX_DECRYPTIONS,
+    protocol.ALLOW_EVALUATION,
+)
+OUR_PREFIXES = ("dp-", "dpsgd-", "he-", "secagg-", "lepton-")
+
+
+def _unknown_settings(node_config: dict) -> list[str]:
+    """Keys that look like ours (by prefix, hyphens or underscores) but are none of ours."""
+    problems = []
+    for key in node_config:
+        spelt = str(key).replace("_", "-")
+        if spelt.startswith(OUR_PREFIXES) and key not in OUR_KEYS:
+            close = difflib.get_close_matches(spelt, OUR_KEYS, n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            problems.append(f"{key}: not a lepton-flwr setting, so it would be ignored{hint}")
+    return problems
+
+
+def ignored_text(node_config_text: str) -> list[str]:
+    """The parts of a ``--node-config`` string that Flower's parser drops without a word.
+
+    Flower reads ``key=value`` pairs with nothing around the ``=``; in
+    ``"dp-max-clip-norm = 1"`` it finds no pair, so the floor would be off on the
+    SuperNode as well. What it drops is named, in one line.
+    """
+    left = " ".join(NODE_CONFIG_PAIR.sub(" ", node_config_text).split())
+    if not left:
+        return []
+    return [f"{left!r} in the node config: not key=value (no spaces around '='); Flower ignores it"]
+
+
+# Flower's own pattern for one key=value pair (flwr.common.config.parse_config_args).
+NODE_CONFIG_PAIR = re.compile(r"(\S+?)=(\'[^\']*\'|\"[^\"]*\"|\S+)")
+
+
 def _floor(node_config: dict, key: str) -> str | None:
     try:
         node_setting(node_config, key)
@@ -175,6 +231,7 @@ def check_node(
     if node_config.get(protocol.DEVICE):
         problems.append(_device(str(node_config[protocol.DEVICE])))
     problems.extend(_floor(node_config, key) for key in RANGES)
+    problems.extend(_unknown_settings(node_config))
     problems.extend(_secagg_keys(node_config))
     if root_certificates:
         problems.append(_certificate(root_certificates))

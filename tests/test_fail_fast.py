@@ -480,3 +480,54 @@ def test_one_node_whose_handler_fails_does_not_stop_the_others_evaluation(keys, 
     _he(keys).start(grid, _start(), num_rounds=ROUNDS)
     assert grid.evaluate_messages == NODES * ROUNDS
     assert "every node failed to evaluate" not in caplog.text
+
+
+# ---- check-node: floors named, misspelt settings, what Flower's parser drops ---------------
+
+
+def _check_node_cli(node_config: str) -> str:
+    from lepton_flwr.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["check-node", "--node-config", node_config])
+    return str(stop.value)
+
+
+@pytest.mark.parametrize("written", ["dp-max-clip-norm=-1", "dp-max-clip-norm='-1'"])
+def test_check_node_refuses_a_negative_clip_norm_floor_naming_the_field(written):
+    message = _check_node_cli(written)
+    assert "dp-max-clip-norm=-1 is not in (0, inf)" in message
+
+
+def test_check_node_refuses_a_misspelt_floor_and_names_the_setting_meant():
+    """A floor under another name is no floor: the node would train for any request."""
+    from lepton_flwr.node_check import check_node
+
+    problems = check_node({"dp_max_clip_norm": 1.0, "dpsgd-max-epsilon ": 3, "my-app-lr": 0.1})
+    assert problems[0] == (
+        "dp_max_clip_norm: not a lepton-flwr setting, so it would be ignored; did you mean "
+        "dp-max-clip-norm?"
+    )
+    assert len(problems) == 2 and "did you mean dpsgd-max-epsilon?" in problems[1]
+    assert check_node({"my-app-lr": 0.1, "batch-size": 32}) == []  # another app's keys
+
+
+def test_the_node_config_text_flower_ignores_is_named():
+    """Flower's parser drops 'dp-max-clip-norm = -1' (spaces around '='): no floor at all."""
+    from flwr.common.config import parse_config_args
+
+    from lepton_flwr.node_check import ignored_text
+
+    text = "partition-id=0 dp-max-clip-norm = -1 he-secret-context='/keys/a b.ctx'"
+    assert protocol.MAX_CLIP_NORM not in parse_config_args([text])  # what the SuperNode gets
+    assert ignored_text(text) == [
+        "'dp-max-clip-norm = -1' in the node config: not key=value (no spaces around '='); "
+        "Flower ignores it"
+    ]
+    assert ignored_text("partition-id=0 he-secret-context='/keys/a b.ctx' x=\"q r\"") == []
+
+
+def test_check_node_shows_where_a_relative_key_path_would_be_read():
+    message = _check_node_cli("he-secret-context='keys/secret.ctx'")
+    assert "he-secret-context=keys/secret.ctx: give an absolute path" in message
+    assert str(Path.cwd() / "keys" / "secret.ctx") in message
