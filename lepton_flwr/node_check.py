@@ -133,8 +133,8 @@ def _auth_key(path: str) -> str | None:
     return None
 
 
-# The node config keys lepton-flwr reads; a key of one of our prefixes that is none of
-# them (a typo, underscores for hyphens) is refused: a misspelt floor is no floor.
+# The node config keys lepton-flwr reads; a key with the prefix of a floor or HE key that
+# is none of them (a typo, underscores for hyphens) is refused: a misspelt floor is no floor.
 OUR_KEYS = (
     protocol.SECRET_CONTEXT,
     protocol.PARTITION_ID,
@@ -152,7 +152,7 @@ OUR_KEYS = (
     protocol.HE_MAX_DECRYPTIONS,
     protocol.ALLOW_EVALUATION,
 )
-OUR_PREFIXES = ("dp-", "dpsgd-", "he-", "secagg-", "lepton-")
+OUR_PREFIXES = ("dp-", "dpsgd-", "he-")  # the floors' and the HE keys' prefixes
 
 
 def _unknown_settings(node_config: dict) -> list[str]:
