@@ -6,7 +6,8 @@ encrypted, so the server cannot evaluate it; and a run in which every round fail
 no client has its key) has trained nothing. :class:`FlowerLoop` gives each of our
 strategies a ``start`` that returns a ``Result`` with every round that ran when the
 budget stops training, skips server-side evaluation of encrypted models with one log
-line, and ends a run that produced no model with :class:`NoModelTrainedError`.
+line, and ends a run that produced no model with :class:`NoModelTrainedError` (after
+the first round that shows a configuration mistake: :class:`MisconfiguredRunError`).
 :class:`RoundObserver` records the rounds as they happen; the simulation runner uses it
 too.
 """
@@ -364,7 +365,12 @@ class FlowerLoop:
         called on encrypted models (one log line says so). A run in which no round
         produced a model (every client failed, e.g. without its key) ends with Flower's
         ``AggregationError`` (:class:`NoModelTrainedError`, whose ``result`` holds the rounds)
-        naming the first failure, instead of a quiet success. Waiting for
+        naming the first failure, instead of a quiet success; when a round shows a
+        configuration mistake (every reply failed for the same one: no key, no ``he_mod``,
+        the mods in the wrong order...), the run stops after that round with
+        :class:`MisconfiguredRunError`, a ``NoModelTrainedError`` naming the mistake
+        (:mod:`~lepton_flwr.strategies.config_stop` says when, and why one node cannot
+        make it happen; a resumed run never stops so). Waiting for
         ``min_available_nodes`` (DP strategies) is bounded by ``timeout`` as well: when
         too few nodes connect in that time, training stops as at the budget, with an
         error line saying how many came. So does an HE run whose refused models one

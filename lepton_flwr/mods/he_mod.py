@@ -15,7 +15,8 @@ The clients' secret context is found, first match wins, in the node config
 (``--node-config "he-secret-context='/keys/secret.ctx'"``, per SuperNode), the run config
 (``he-secret-context`` in ``[tool.flwr.app.config]``), or the path given to
 :func:`make_he_mod`. Give an absolute path: Flower runs the ClientApp from the
-SuperNode's (or simulation's) working folder, not from your app's folder.
+SuperNode's (or simulation's) working folder, not from your app's folder, so a relative
+one is refused with an error reply naming it (the node's log names the folder).
 """
 
 from __future__ import annotations
