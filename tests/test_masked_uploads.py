@@ -34,6 +34,7 @@ from lepton_flwr.he.keys import create_secret_context, fingerprint, public_conte
 from lepton_flwr.he.params import CKKSParams
 from lepton_flwr.he.ring_masks import add_mod, ring_mask, sub_mod
 from lepton_flwr.he.seal_words import (
+    _unframed,
     ciphertext_from_words,
     ciphertext_words,
     plaintext_from_words,
@@ -423,6 +424,20 @@ def test_words_are_built_under_the_librarys_own_serialization_version():
     header = sealapi.Serialization.SEALHeader()
     assert seal_version() == (header.version_major, header.version_minor)
     assert saved(sealapi.Plaintext())[3:5] == bytes(seal_version())
+
+
+def test_a_plaintexts_words_read_in_bulk_are_its_words_one_by_one():
+    """plaintext_words reads SEAL's own (zstd) save: the same words as the slow read."""
+    context = ts.context(ts.SCHEME_TYPE.CKKS, 4096, coeff_mod_bit_sizes=[40, 20, 40])
+    encoder = sealapi.CKKSEncoder(context.seal_context().data)
+    for values in (np.zeros(2048), np.random.default_rng(0).normal(size=2048)):
+        plain = sealapi.Plaintext()
+        encoder.encode(list(values), 2.0**20, plain)
+        count = plain.coeff_count()
+        one_by_one = np.fromiter(map(plain.__getitem__, range(count)), np.uint64, count)
+        assert np.array_equal(plaintext_words(plain, 4096), one_by_one.reshape(-1, 4096))
+    with pytest.raises(ValueError, match="not a SEAL serialization"):
+        _unframed(bytes(32))
 
 
 # ---- cost (printed, run with -s) -------------------------------------------------------------

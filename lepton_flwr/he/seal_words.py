@@ -24,15 +24,17 @@ from __future__ import annotations
 
 import os
 import struct
+import zlib
 from itertools import count
 
 import numpy as np
 import tenseal.sealapi as sealapi
+import zstandard
 
 from lepton_flwr.he.keys import scratch_dir
 
 _HEADER = struct.Struct("<HBBBBHQ")
-_COMPRESSION_NONE = 0
+_COMPRESSION_NONE, _COMPRESSION_ZLIB, _COMPRESSION_ZSTD = 0, 1, 2
 _names = count()
 
 
@@ -116,13 +118,42 @@ def ciphertext_from_words(
 def plaintext_words(plain: sealapi.Plaintext, degree: int) -> np.ndarray:
     """A plaintext's words as (coeff_count / degree, degree) uint64 (a copy).
 
-    About 1.4 ms for 8192 words: ``sealapi`` has no bulk read.
+    ``sealapi`` has no bulk read, and reading word by word costs about 0.35 µs a word
+    (8.5 ms for a plaintext of three 8192-word rows); SEAL's own ``save``, read back and
+    decompressed, about a quarter of that. The words are checked against the count the
+    plaintext reports.
     """
     total = plain.coeff_count()
     if total % degree:
         raise ValueError(f"a plaintext of {total} words is not rows of {degree}")
-    words = np.fromiter(map(plain.__getitem__, range(total)), dtype=np.uint64, count=total)
-    return words.reshape(total // degree, degree)
+    path = str(scratch_dir() / f"words-{next(_names)}")
+    try:
+        plain.save(path)
+        with open(path, "rb") as handle:
+            body = _unframed(handle.read())
+    finally:
+        if os.path.exists(path):
+            os.unlink(path)
+    # parms_id (4 x u64), coefficient count (u64), scale (f64), then the DynArray
+    words = np.frombuffer(_unframed(body[48:]), dtype="<u8", offset=8)
+    if words.size != total or int.from_bytes(body[32:40], "little") != total:
+        raise ValueError(f"the saved plaintext holds {words.size} words, not {total}")
+    return words.astype(np.uint64).reshape(total // degree, degree)
+
+
+def _unframed(blob: bytes) -> bytes:
+    """The body behind a SEAL header, decompressed (SEAL saves with zstd or zlib)."""
+    magic, header_size, _, _, mode, _, size = _HEADER.unpack_from(blob)
+    if magic != int(sealapi.Serialization.SEALHeader().magic) or size > len(blob):
+        raise ValueError("not a SEAL serialization")
+    body = blob[header_size:size]
+    if mode == _COMPRESSION_NONE:
+        return body
+    if mode == _COMPRESSION_ZLIB:
+        return zlib.decompress(body)
+    if mode == _COMPRESSION_ZSTD:
+        return zstandard.ZstdDecompressor().decompressobj().decompress(body)
+    raise ValueError(f"unknown SEAL compression mode {mode}")
 
 
 def ciphertext_words(ciphertext: sealapi.Ciphertext) -> np.ndarray:
