@@ -71,13 +71,17 @@ def broken_local_links(site: Path) -> list[str]:
 
 
 def remote_assets(site: Path) -> list[str]:
-    """Scripts, stylesheets and images that a browser would fetch from another host."""
+    """Scripts, stylesheets, images and CSS `url()`s a browser would fetch from another host."""
     found = []
     for page in site.rglob("*.html"):
         for tag, attribute, value in _read(page).links:
             remote = urlsplit(value).scheme in ("http", "https") or value.startswith("//")
             if remote and (attribute == "src" or tag == "link"):
                 found.append(f"{page.relative_to(site)}: <{tag} {attribute}={value}>")
+    for sheet in site.rglob("*.css"):
+        for value in re.findall(r"url\(\s*['\"]?([^'\")]+)", sheet.read_text(encoding="utf-8")):
+            if urlsplit(value).scheme in ("http", "https") or value.startswith("//"):
+                found.append(f"{sheet.relative_to(site)}: url({value})")
     return found
 
 
@@ -148,4 +152,8 @@ def test_the_link_check_finds_a_missing_file_and_a_missing_anchor(tmp_path):
         "a.html: img/none.png (no such file)",
     ]
     (tmp_path / "b.html").write_text('<script src="https://cdn.example/x.js"></script>')
-    assert remote_assets(tmp_path) == ["b.html: <script src=https://cdn.example/x.js>"]
+    (tmp_path / "c.css").write_text('a{background:url("data:x")} b{src:url(//f.example/a)}')
+    assert remote_assets(tmp_path) == [
+        "b.html: <script src=https://cdn.example/x.js>",
+        "c.css: url(//f.example/a)",
+    ]
