@@ -73,6 +73,26 @@ def test_pairwise_masks_cancel_in_the_sum_and_self_masks_come_off():
     np.testing.assert_array_equal(masked_sum, plain_sum)
 
 
+def test_every_row_of_a_ring_element_is_uniform_below_its_prime():
+    """All rows come from one stream; a row with a word to reject (always for 65537 and
+    97, about one in a thousand for a data prime) is drawn again on its own stream: no
+    value reaches its prime, and each prime's values pass a chi-square test."""
+    primes = [65537, PRIMES[0], 97]
+    elements = np.stack([ring_mask(SEED, b"pair", 2, chunk, primes, 4096) for chunk in range(40)])
+    for row, prime in enumerate(primes):
+        values = elements[:, row, :].ravel()
+        assert values.max() < prime
+        if prime < 1000:  # every value its own bucket
+            buckets = np.bincount(values.astype(np.int64), minlength=prime)
+        else:
+            buckets = np.bincount(
+                (values.astype(np.float64) * 32 / prime).astype(int), minlength=32
+            )
+        assert stats.chisquare(buckets).pvalue > 1e-3, prime
+    with pytest.raises(ValueError, match="primes"):
+        ring_mask(SEED, b"pair", 2, 0, [1 << 62], 16)
+
+
 def test_a_bad_seed_or_prime_is_refused():
     with pytest.raises(ValueError, match="32 bytes"):
         uniform_mod(b"short", b"x", PRIMES[0], 4)

@@ -7,10 +7,12 @@ bijection mod each prime, so a mask uniform in NTT form is uniform). Pairwise ma
 cancel in a sum, self-masks are removed by whoever learns their seeds.
 
 Each row is exactly uniform in [0, q_j): AES-256-CTR (``cryptography``) keyed by the
-seed, with a nonce derived from a label (purpose, round, prime, chunk), read as 64-bit
-words cut to bit_length(q_j) bits, and words >= q_j rejected (reducing a 64-bit word
-mod q_j instead would be biased by about 2^-24 for 40-bit primes). The output is a
-deterministic function of (seed, label): more words extend the same stream.
+seed, read as 64-bit words cut to bit_length(q_j) bits, words >= q_j rejected (reducing a
+64-bit word mod q_j instead would be biased by about 2^-24 for 40-bit primes). A ring
+element takes all its rows from one stream (nonce from purpose, round and chunk); a row
+in which a word would be rejected is replaced by a row rejection-sampled from a stream of
+its own (nonce from purpose, round, prime and chunk). The output is a deterministic
+function of the seed and the label.
 
 Not Flower's ``pseudo_rand_gen``: it folds its seed to 32 bits and draws from numpy's
 MT19937, neither of which hides a mask.
@@ -28,9 +30,13 @@ SEED_BYTES = 32
 MAX_PRIME_BITS = 62  # a + b of two residues stays below 2^63: no uint64 overflow
 
 
-def _stream(seed: bytes, label: bytes, size: int) -> bytes:
-    """``size`` bytes of AES-256-CTR keyed by ``seed``, nonce from ``label``."""
-    nonce = hashlib.sha256(b"lepton-flwr ring mask nonce" + label).digest()[:16]
+_ROW_NONCE = b"lepton-flwr ring mask nonce"  # one row, rejection-sampled
+_ELEMENT_NONCE = b"lepton-flwr ring element nonce"  # every row of an element at once
+
+
+def _stream(seed: bytes, label: bytes, size: int, domain: bytes = _ROW_NONCE) -> bytes:
+    """``size`` bytes of AES-256-CTR keyed by ``seed``, nonce from ``domain`` and ``label``."""
+    nonce = hashlib.sha256(domain + label).digest()[:16]
     return Cipher(algorithms.AES(seed), modes.CTR(nonce)).encryptor().update(bytes(size))
 
 
@@ -91,11 +97,23 @@ def ring_mask(
     ``purpose`` names the mask's role (e.g. b"self", b"pair"), so that one seed never
     gives the same mask for two roles, rounds or chunks.
     """
-    rows = []
-    for index, prime in enumerate(primes):
-        label = purpose + struct.pack("<QQQ", server_round, index, chunk)
-        rows.append(uniform_mod(seed, label, prime, degree))
-    return np.stack(rows)
+    if not isinstance(seed, bytes) or len(seed) != SEED_BYTES:
+        raise ValueError(f"a mask seed is {SEED_BYTES} bytes")
+    if not primes or any(not 2 <= q < 1 << MAX_PRIME_BITS for q in primes):
+        raise ValueError(f"primes must be in [2, 2^{MAX_PRIME_BITS})")
+    # One stream for every row, each row cut to its prime's bits. A row with a word >=
+    # its prime (about one in a thousand for the CKKS data primes) is replaced by a row
+    # rejection-sampled from its own stream: a row kept is uniform given that none of its
+    # words was rejected, a row replaced is uniform, and the rows are independent.
+    label = bytes([len(purpose)]) + purpose + struct.pack("<QQ", server_round, chunk)
+    stream = _stream(seed, label, 8 * degree * len(primes), _ELEMENT_NONCE)
+    words = np.frombuffer(stream, dtype="<u8").reshape(len(primes), degree)
+    cuts = np.array([(1 << q.bit_length()) - 1 for q in primes], dtype=np.uint64)[:, None]
+    words = words & cuts
+    for index in np.nonzero((words >= _moduli(primes)).any(axis=1))[0]:
+        row_label = purpose + struct.pack("<QQQ", server_round, index, chunk)
+        words[index] = uniform_mod(seed, row_label, primes[index], degree)
+    return words
 
 
 def _moduli(primes: list[int]) -> np.ndarray:
