@@ -346,13 +346,16 @@ def test_the_readme_lines_add_he_dp_and_he_dp_to_a_stock_flower_app(tmp_path):
                 accuracy = _accuracy(state.to_torch_state_dict())
             assert accuracy > (0.85 if variant == "he" else 0.5), (variant, accuracy)
             assert np.isfinite(accuracy)
-        # The HE app without its secret context: the run fails and says why (Flower's
-        # `flwr run --stream` itself exits 0 for a failed run; its log says so).
+        # The HE app without its secret context: the run stops after round 1 and says why
+        # (issue 21: it used to run all 3 rounds first; Flower's `flwr run --stream` itself
+        # exits 0 for a failed run; its log says so).
         out = tmp_path / "no-key-out"
         out.mkdir()
         run_config = f"out-dir='{out}' he-public-context='{keys / 'public.ctx'}'"
         log = flwr_run(tmp_path / "he", run_config)[1]
-        assert "none of the 3 rounds produced a model" in log, log[-4000:]
+        stopped = "stopped after round 1: every reply failed for the same configuration "
+        assert stopped in log, log[-4000:]
+        assert "mistake (no secret context" in log and "[ROUND 2/3]" not in log
         assert "no CKKS secret context given" in log and "--node-config" in log
         assert not (out / "model.ckks.zip").exists()
     finally:
