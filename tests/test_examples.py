@@ -34,8 +34,12 @@ EXAMPLES = {
 }
 CHANCE = 0.1  # ten digits
 # A run-config read in an app: ``context.run_config["x"]`` or ``config["x"]`` with
-# ``config = context.run_config`` (not ``node_config``, not the message's "config").
-RUN_CONFIG_READ = re.compile(r'(?<![\w.])(?:context\.run_config|config)\["([\w-]+)"\]')
+# ``config = context.run_config`` (not ``node_config``, not the message's "config"), or
+# the key an output folder is read from (``output_folder(config, "x", ...)``).
+RUN_CONFIG_READ = re.compile(
+    r'(?<![\w.])(?:context\.run_config|config)\["([\w-]+)"\]'
+    r'|output_folder\([\w.]+, "([\w-]+)"'
+)
 
 
 def _pyproject(name: str) -> dict:
@@ -84,11 +88,24 @@ def test_every_run_config_key_an_example_reads_is_declared(name):
     declared = set(_pyproject(name)["tool"]["flwr"]["app"]["config"])
     read = set()
     for module in ("client_app", "server_app"):
-        read |= set(
-            RUN_CONFIG_READ.findall((EXAMPLES_ROOT / name / package / f"{module}.py").read_text())
-        )
-    assert read, "the pattern found no run-config read: check RUN_CONFIG_READ"
+        text = (EXAMPLES_ROOT / name / package / f"{module}.py").read_text()
+        read |= {a or b for a, b in RUN_CONFIG_READ.findall(text)}
+    assert {"out-dir", "checkpoint-dir"} & read, "the output folder's key was not found"
     assert read <= declared, read - declared
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_each_example_refuses_a_relative_output_folder(name, tmp_path, monkeypatch):
+    """A relative path would put the files in the detached SuperLink's working folder."""
+    package = EXAMPLES[name][0]
+    monkeypatch.syspath_prepend(str(EXAMPLES_ROOT / name))
+    output_folder = importlib.import_module(f"{package}.server_app").output_folder
+    with pytest.raises(ValueError, match="out must be an absolute path, got 'run-1'"):
+        output_folder({"out": "run-1"}, "out", name)
+    assert output_folder({"out": str(tmp_path / "a")}, "out", name) == tmp_path / "a"
+    assert (tmp_path / "a").is_dir()
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert output_folder({"out": ""}, "out", name) == tmp_path / "lepton-flwr-examples" / name
 
 
 @pytest.mark.parametrize("name", sorted(EXAMPLES))

@@ -23,6 +23,20 @@ def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
     return MetricRecord({"loss": loss, "accuracy": accuracy})
 
 
+def output_folder(run_config, key: str, example: str) -> Path:
+    """The folder named by ``run_config[key]``, made if missing; absolute paths only.
+
+    The ServerApp runs in the SuperLink's working folder, not yours: a relative path would
+    put the files there, so it is refused. Empty: ``~/lepton-flwr-examples/<example>``.
+    """
+    configured = str(run_config[key])
+    folder = Path(configured) if configured else Path.home() / "lepton-flwr-examples" / example
+    if not folder.is_absolute():
+        raise ValueError(f"{key} must be an absolute path, got '{configured}'")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run (or resume) the rounds; save the encrypted model and epsilon next to the checkpoint."""
@@ -30,8 +44,7 @@ def main(grid: Grid, context: Context) -> None:
     # On the SuperLink's machine; an absolute path (the ServerApp runs in the SuperLink's
     # working folder). The run's checkpoint.zip goes here: start the same run again with
     # the same folder and it continues after the last checkpointed round.
-    run_dir = Path(config["checkpoint-dir"] or Path.home() / "lepton-flwr-examples" / "deployment")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = output_folder(config, "checkpoint-dir", "deployment")
     strategy = HEDPFedAvg(
         config["he-public-context"],
         noise_multiplier=config["noise-multiplier"],

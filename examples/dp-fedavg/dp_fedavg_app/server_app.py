@@ -23,12 +23,25 @@ def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
     return MetricRecord({"loss": loss, "accuracy": accuracy})
 
 
+def output_folder(run_config, key: str, example: str) -> Path:
+    """The folder named by ``run_config[key]``, made if missing; absolute paths only.
+
+    The ServerApp runs in the SuperLink's working folder, not yours: a relative path would
+    put the files there, so it is refused. Empty: ``~/lepton-flwr-examples/<example>``.
+    """
+    configured = str(run_config[key])
+    folder = Path(configured) if configured else Path.home() / "lepton-flwr-examples" / example
+    if not folder.is_absolute():
+        raise ValueError(f"{key} must be an absolute path, got '{configured}'")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run the rounds; save the model, epsilon per round and test accuracy per round."""
     config = context.run_config
-    out = Path(config["out-dir"] or Path.home() / "lepton-flwr-examples" / "dp-fedavg")
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(config, "out-dir", "dp-fedavg")
     # The pack: DPFedAvg samples the clients itself (Poisson, rate sample-rate), clips each
     # update to clip-norm and adds Gaussian noise; the accountant tracks epsilon at delta.
     strategy = DPFedAvg(

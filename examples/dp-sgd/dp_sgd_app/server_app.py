@@ -25,11 +25,24 @@ def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
     return MetricRecord({"loss": loss, "accuracy": accuracy})
 
 
+def output_folder(run_config, key: str, example: str) -> Path:
+    """The folder named by ``run_config[key]``, made if missing; absolute paths only.
+
+    The ServerApp runs in the SuperLink's working folder, not yours: a relative path would
+    put the files there, so it is refused. Empty: ``~/lepton-flwr-examples/<example>``.
+    """
+    configured = str(run_config[key])
+    folder = Path(configured) if configured else Path.home() / "lepton-flwr-examples" / example
+    if not folder.is_absolute():
+        raise ValueError(f"{key} must be an absolute path, got '{configured}'")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run the rounds; save the model, the clients' largest epsilon and the test accuracy."""
-    out = Path(context.run_config["out-dir"] or Path.home() / "lepton-flwr-examples" / "dp-sgd")
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(context.run_config, "out-dir", "dp-sgd")
     strategy = CheckedFedAvg(
         fraction_train=1.0,
         fraction_evaluate=0.0,

@@ -23,11 +23,24 @@ def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
     return MetricRecord({"loss": loss, "accuracy": accuracy})
 
 
+def output_folder(run_config, key: str, example: str) -> Path:
+    """The folder named by ``run_config[key]``, made if missing; absolute paths only.
+
+    The ServerApp runs in the SuperLink's working folder, not yours: a relative path would
+    put the files there, so it is refused. Empty: ``~/lepton-flwr-examples/<example>``.
+    """
+    configured = str(run_config[key])
+    folder = Path(configured) if configured else Path.home() / "lepton-flwr-examples" / example
+    if not folder.is_absolute():
+        raise ValueError(f"{key} must be an absolute path, got '{configured}'")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run the rounds, then save the encrypted model for the key holders."""
-    out = Path(context.run_config["out-dir"] or Path.home() / "lepton-flwr-examples" / "he-fedavg")
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(context.run_config, "out-dir", "he-fedavg")
     # The pack: the public key (no secret key) replaces nothing else of FedAvg's arguments;
     # fraction_evaluate=0: clients do not evaluate an encrypted model unless they opt in.
     strategy = HEFedAvg(
