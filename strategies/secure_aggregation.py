@@ -151,7 +151,8 @@ class SecureAggregation:
             "%s: secure aggregation (SecAgg, complete graph): a round of %d clients needs "
             "t = %d shares per secret, tolerates %d dropped clients and the server with up to %d "
             "colluding clients (colluding_fraction=%g, dropout_fraction=%g); a server that "
-            "substitutes public keys is not covered (no signed keys yet)",
+            "substitutes public keys is stopped by the nodes that check their peers' signatures "
+            "(node config secagg-trusted-keys), and only by them",
             self.name,
             expected_n,
             t,
@@ -240,11 +241,25 @@ class SecureAggregation:
         missing = self.book.missing(everyone, server_round)
         request = PublicKeyBook.advertise_request(server_round, ADVERTISED_ROUNDS)
         answers = self._exchange({"advertise": {n: request for n in missing}}, server_round)
+        recorded = signed = 0
         for node, answer in answers["advertise"].items():
             try:
                 self.book.record_advertised(node, request, answer)
             except SecAggReplyError as err:
                 self._dropped(server_round, node, "advertise", err)
+                continue
+            recorded += 1
+            signed += bool(self.book.signatures([node], server_round)[node][0])
+        log(
+            INFO,
+            "%s round %d: secure aggregation: %d nodes advertised keys for %d rounds, %d of "
+            "them signed",
+            self.name,
+            server_round,
+            recorded,
+            ADVERTISED_ROUNDS,
+            signed,
+        )
 
     def _new_round(self, server_round: int, nodes: list[int]) -> SecAggServerRound | None:
         """The round's bookkeeping for ``nodes`` (advertising first if keys are missing)."""

@@ -333,12 +333,14 @@ def _strategy(he_keys):
     )
 
 
-def test_signed_rounds_over_flower_messages_release_the_mean(he_keys, node_keys):
+def test_signed_rounds_over_flower_messages_release_the_mean(he_keys, node_keys, caplog):
+    caplog.set_level(logging.INFO, logger="flwr")
     grid = _signed_grid(he_keys, node_keys)
     start = ArrayRecord({"w": Array(np.zeros(SIZE, dtype=np.float32))})
     result = _strategy(he_keys).start(grid, start, num_rounds=1)
     model = decrypt_arrays(result.arrays, he_keys[0])["w"].numpy()
     assert np.allclose(model, np.mean([(n - 99) / 100 for n in range(100, 106)]), atol=1e-3)
+    assert "6 nodes advertised keys for 64 rounds, 6 of them signed" in caplog.text
 
 
 def test_a_server_substituting_one_nodes_keys_trains_nothing(
