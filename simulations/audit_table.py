@@ -1,4 +1,4 @@
-"""The README's audit table: every strategy audited on Fashion-MNIST, one row each.
+"""The audit table of docs/guides/audit.md: every strategy audited on Fashion-MNIST, one row each.
 
 ``python -m simulations.audit_table`` runs :mod:`simulations.audit` for each row below
 on the same base setup (Fashion-MNIST, a small CNN of 55,000 weights, clients that train

@@ -1,6 +1,6 @@
 """What the server reads in each training reply, per strategy, from real messages.
 
-The README's "what the server reads" list is a promise: each strategy's replies carry
+The "what the server reads" list (docs/guides/audit.md) is a promise: each strategy's replies carry
 exactly these things (our ClientApp and mods, Flower's loop, 3 digits clients).
 """
 

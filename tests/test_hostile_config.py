@@ -242,8 +242,8 @@ DEPLOYED = (
 )
 LEGITIMATE = [
     "",  # pyproject.toml's [tool.flwr.app.config] default
-    "+experiment=digits_smoke num_rounds=5",  # README
-    f"strategy=he_dp_fedavg {KEYS}",  # README, deployment
+    "+experiment=digits_smoke num_rounds=5",  # docs/guides/running.md
+    f"strategy=he_dp_fedavg {KEYS}",  # docs/guides/deployment.md
     f"{DEPLOYED} output_dir=/abs/runs/fault",  # tests/test_secure_deployment.py
     f"{DEPLOYED} output_dir=/abs/runs/restart checkpoint=true",
     f"{DEPLOYED} resume=/abs/runs/restart",

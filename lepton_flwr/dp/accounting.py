@@ -3,7 +3,7 @@
 Each round releases a Gaussian mechanism applied to a sample of clients: the sum of
 updates clipped to norm C, plus noise of std z·C. The guarantee is stated under one
 neighbouring relation per sampling, named in :data:`NEIGHBOURING` (the one place the
-README, the logs and ``summary.json`` take it from):
+documentation, the logs and ``summary.json`` take it from):
 
 - Poisson sampling (each client independently with probability q), accounted with
   Opacus' accountants (RDP or PRV) or dp-accounting's PLD: **zero-out** neighbours, the
