@@ -229,7 +229,7 @@ def test_the_right_order_by_hand_still_trains(keys):
     assert not any(r.has_error() for r in grid.received)
 
 
-def test_a_mistake_in_a_dp_fedavg_round_is_accounted_and_reported(keys):
+def test_a_stopped_he_dp_round_is_accounted_and_in_the_result(keys):
     """HE + DP: the stopped round was accounted as withheld; its epsilon is in the Result."""
     grid = CountingGrid(_app([make_he_mod(keys[0], workers=1)]))
     stop = _stopped(_he_dp(keys), grid)
