@@ -129,22 +129,31 @@ def test_a_node_that_drops_after_sharing_keys_leaves_the_others_sum(keys, caplog
     assert f"node {gone}" in caplog.text
 
 
-def _lying_shares(node):
-    """A mod outside he_mod: ``node`` changes every share of its unmask replies."""
+def _tampering(node, fields, change):
+    """A mod outside he_mod: ``node`` rewrites each item of these stage reply fields."""
 
     def mod(msg, context, call_next):
         reply = call_next(msg, context)
         if context.node_id != node or reply.has_error() or REPLY_KEY not in reply.content:
             return reply
         answers = reply.content.config_records[REPLY_KEY]
-        for field in ("self_mask_shares", "mask_key_shares"):
-            key = f"{FIELD_PREFIX}unmask.{field}"
+        for field in fields:
+            key = f"{FIELD_PREFIX}{field}"
             if key in answers:
-                shares = [decode_share(share) for share in answers[key]]
-                answers[key] = [encode_share(x, (v + 1) % PRIME) for x, v in shares]
+                answers[key] = [change(item) for item in answers[key]]
         return reply
 
     return mod
+
+
+def _lying_shares(node):
+    """``node`` changes every share of its unmask replies (still field elements at its x)."""
+
+    def lie(share):
+        x, value = decode_share(share)
+        return encode_share(x, (value + 1) % PRIME)
+
+    return _tampering(node, ["unmask.self_mask_shares", "unmask.mask_key_shares"], lie)
 
 
 def test_a_node_lying_in_its_unmask_shares_is_outvoted_and_named(keys, caplog):
@@ -163,19 +172,8 @@ def test_a_node_lying_in_its_unmask_shares_is_outvoted_and_named(keys, caplog):
 
 
 def _bad_tokens(node):
-    """A mod outside he_mod: ``node`` sends share tokens that do not open (M1)."""
-
-    def mod(msg, context, call_next):
-        reply = call_next(msg, context)
-        if context.node_id != node or reply.has_error() or REPLY_KEY not in reply.content:
-            return reply
-        answers = reply.content.config_records[REPLY_KEY]
-        key = f"{FIELD_PREFIX}share-keys.tokens"
-        if key in answers:
-            answers[key] = [token[:-4] + b"AAAA" for token in answers[key]]
-        return reply
-
-    return mod
+    """``node`` sends share tokens that do not open (M1)."""
+    return _tampering(node, ["share-keys.tokens"], lambda token: token[:-4] + b"AAAA")
 
 
 @pytest.mark.parametrize("block", [True, False])
