@@ -439,7 +439,7 @@ class DPFedAvg(FlowerLoop, FedAvg):
             "counted (server-side figures, not in the metrics)",
             server_round,
             epsilon,
-            rounds.delta,
+            rounds.reported_delta("DPFedAvg", epsilon),
             clip_norm,
             len(accepted),
             self._sampled,

@@ -517,7 +517,7 @@ class HEDPFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
         epsilon = self.rounds.record(self.rounds.noise_multiplier)
         self.last_good.produced(m.metadata.src_node_id for m in accepted)
         self._counts(server_round, reported, "released")
-        delta = self.rounds.delta
+        delta = self.rounds.reported_delta("HEDPFedAvg", epsilon)
         log(INFO, "HEDPFedAvg round %d: epsilon=%.4f (delta=%g)", server_round, epsilon, delta)
         # The shares are already divided by d: the released model has weight 1. The
         # replies carry no client metrics (dp_share_mod sends public values only).

@@ -388,3 +388,24 @@ def test_the_run_folder_keeps_counts_bytes_and_time_in_an_owner_only_file(tmp_pa
     for name in ("server_only.jsonl", "run.log"):
         assert stat.S_IMODE((out / name).stat().st_mode) == 0o600, name
     assert "sampled" in (out / "run.log").read_text()  # the counts are there, privately
+
+
+def test_a_reported_delta_far_above_the_configured_one_is_said_loudly(caplog):
+    """Issue 21 (found with the examples): 3 nodes at q = 0.5 withhold a round with
+    probability 1/8, so the reported δ soon passes 10x δ, then 1; each round's log line
+    shows the reported δ, and a warning says so once per level, the last 'NO guarantee'."""
+    caplog.set_level(logging.INFO, logger="flwr")
+    strategy = DPFedAvg(noise_multiplier=0.5, sample_rate=0.5, delta=1e-3, seed=3)
+    grid = InProcessGrid(_echo(shift=0.01), num_nodes=3)
+    start = ArrayRecord({"w": Array(np.zeros(SIZE, dtype=np.float32))})
+    reported = []
+    for server_round in range(1, 5):
+        messages = list(strategy.configure_train(server_round, start, ConfigRecord(), grid))
+        _, metrics = strategy.aggregate_train(server_round, grid.send_and_receive(messages))
+        reported.append(metrics["delta"])
+    assert reported[-1] >= 1
+    lines = [r.getMessage() for r in caplog.records if "DPFedAvg round" in r.getMessage()]
+    assert any(f"(delta={reported[-1]:g})" in line for line in lines), lines
+    warnings = [r.getMessage() for r in caplog.records if "the reported delta is" in r.getMessage()]
+    assert 1 <= len(warnings) <= 2  # once per level, not once per round
+    assert "NO guarantee" in warnings[-1] and all("over 10x" in w for w in warnings[:-1])

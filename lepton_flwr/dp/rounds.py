@@ -190,6 +190,7 @@ class DPRounds:
         self.population = 0
         self.withheld_mass = 0.0  # Σ p_t: see withhold_at
         self._withholding_logged = False  # per process: a resume logs the figure again
+        self._delta_warned = 0  # 1: reported δ over 10x δ logged; 2: δ >= 1 logged
 
     @property
     def round_rate(self) -> float:
@@ -365,6 +366,30 @@ class DPRounds:
         """(1 + e^ε)·p: what the rounds withheld for their counts add to δ (ε: spent so far)."""
         epsilon = self.epsilon() if epsilon is None else epsilon
         return self.withheld_mass * (1 + math.exp(min(epsilon, 700.0)))
+
+    def reported_delta(self, name: str, epsilon: float | None = None) -> float:
+        """δ as reported (:meth:`privacy_metrics`), logged when it grows large.
+
+        A warning the first time it passes 10x the configured δ, and again when it
+        reaches 1 (then nothing is guaranteed).
+        """
+        reported = self.delta + self.delta_addition(epsilon)
+        level = 2 if reported >= 1 else 1 if reported > 10 * self.delta else 0
+        if level > self._delta_warned:
+            self._delta_warned = level
+            log(
+                WARNING,
+                "%s: the reported delta is %.3g, %s the configured %g: rounds that can be "
+                "withheld for their counts add (1 + e^eps) x %.3g; sample more clients per round "
+                "(a larger q or N), use fixed-size sampling, or lower min_train_nodes where the "
+                "strategy allows 0",
+                name,
+                reported,
+                "at least 1, so NO guarantee holds, against" if level == 2 else "over 10x",
+                self.delta,
+                self.withheld_mass,
+            )
+        return reported
 
     def gaussian(self, shape: tuple[int, ...] | int, std: float) -> np.ndarray:
         """Noise for a release: from the OS's secure randomness, or the seed (tests)."""
