@@ -124,6 +124,11 @@ NAME = Kind(
 )
 INTS = Kind("a list of integers", lambda v: isinstance(v, list) and all(map(is_int, v)))
 PATH = Kind("a path", lambda v: isinstance(v, str))
+# A key file: read by a process whose working folder is not the user's (a SuperLink's).
+ABSOLUTE_PATH = Kind(
+    "an absolute path (a relative one is read from wherever the process started)",
+    lambda v: isinstance(v, str) and Path(v).expanduser().is_absolute(),
+)
 
 # What a run may set on every node and on the server: settings of the packaged groups.
 RUN_KEYS: dict[str, Kind] = {
@@ -193,7 +198,7 @@ SERVER_KEYS: dict[str, Kind] = {
     "output_dir": PATH | NULL,
     "resume": PATH | NULL,
     "checkpoint": BOOL,
-    "he.public_context_path": PATH | NULL,
+    "he.public_context_path": ABSOLUTE_PATH | NULL,
     "he.workers": INT | NULL,
 }
 # Paths on a node: each node sets them in its own node config, never a run.

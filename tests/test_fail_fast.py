@@ -531,3 +531,15 @@ def test_check_node_shows_where_a_relative_key_path_would_be_read():
     message = _check_node_cli("he-secret-context='keys/secret.ctx'")
     assert "he-secret-context=keys/secret.ctx: give an absolute path" in message
     assert str(Path.cwd() / "keys" / "secret.ctx") in message
+
+
+def test_a_run_config_naming_a_relative_public_context_is_refused_before_any_round():
+    """Our ServerApp's hydra-overrides: refused as the config is read, naming the key."""
+    from lepton_flwr.config import ConfigError, load_run_config
+
+    overrides = "strategy=he_fedavg he=ckks he.public_context_path=keys/public.ctx"
+    with pytest.raises(ConfigError, match="he.public_context_path takes an absolute path"):
+        load_run_config(overrides, on_server=True)
+    absolute = overrides.replace("=keys/", "=/keys/")
+    config = load_run_config(absolute, on_server=True)
+    assert config["he"]["public_context_path"] == "/keys/public.ctx"
