@@ -174,6 +174,8 @@ def ignored_text(node_config_text: str) -> list[str]:
     ``"dp-max-clip-norm = 1"`` it finds no pair, so the floor would be off on the
     SuperNode as well. What it drops is named, in one line.
     """
+    if node_config_text.strip().endswith(".toml"):  # a file, which Flower reads whole
+        return []
     left = " ".join(NODE_CONFIG_PAIR.sub(" ", node_config_text).split())
     if not left:
         return []

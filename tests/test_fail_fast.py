@@ -525,6 +525,7 @@ def test_the_node_config_text_flower_ignores_is_named():
         "Flower ignores it"
     ]
     assert ignored_text("partition-id=0 he-secret-context='/keys/a b.ctx' x=\"q r\"") == []
+    assert ignored_text("/etc/lepton/node.toml") == []  # a TOML file: Flower reads it whole
 
 
 def test_check_node_shows_where_a_relative_key_path_would_be_read():
