@@ -144,7 +144,14 @@ class MessagesByDestination(dict):
         destination = self._destination_of.pop(message_id, None)
         if destination is not None:
             self._forget_destination(message_id, destination)
-        # Heap entries of deleted ids are skipped when they come up.
+        # Entries of deleted ids are skipped when they come up; rebuilt from the live ones
+        # when they outnumber them, so a long run's heap stays the size of its store.
+        if len(self.expiry_heap) > 2 * len(self) + 1024:
+            self.expiry_heap = [
+                (message.metadata.created_at + message.metadata.ttl, message_id)
+                for message_id, message in self.items()
+            ]
+            heapq.heapify(self.expiry_heap)
 
     def _forget_destination(self, message_id: str, destination: int) -> None:
         ids = self._by_destination[destination]
@@ -185,9 +192,15 @@ class IndexedInMemoryLinkState(flower_in_memory.InMemoryLinkState):
             raise AssertionError("`limit` must be >= 1")
 
         store = self.message_ins_store
+        if self._expiry_due():
+            with self.lock:
+                self._drop_expired()
+        if not store.has_destination(node_id):
+            # Most polls: nothing stored for this node, so Flower's answer is []. One dict
+            # lookup, atomic under the GIL, stands for the scan under the lock.
+            return []
         found: list[Message] = []
         with self.lock:
-            self._drop_expired()
             for message_id in store.for_destination(node_id):
                 self._check_stored_messages({message_id})
                 message = store.get(message_id)
@@ -205,6 +218,13 @@ class IndexedInMemoryLinkState(flower_in_memory.InMemoryLinkState):
             for message in found:
                 message.metadata.delivered_at = delivered_at
         return found
+
+    def _expiry_due(self) -> bool:
+        """Whether the earliest stored expiry has passed (read without the lock)."""
+        try:
+            return self.message_ins_store.expiry_heap[0][0] <= seconds_now()
+        except IndexError:  # empty, or emptied by another thread meanwhile
+            return False
 
     def _drop_expired(self) -> None:
         """Check, with Flower's check, every stored message whose TTL has run out."""
