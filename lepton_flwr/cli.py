@@ -86,9 +86,11 @@ def check_node_command(node_config: str, root_certificates: str | None, auth_key
     """Check a SuperNode's settings; exit with the list of problems if there are any."""
     from flwr.common.config import parse_config_args
 
-    from lepton_flwr.node_check import check_node
+    from lepton_flwr.node_check import check_node, ignored_text
 
-    problems = check_node(parse_config_args([node_config]), root_certificates, auth_key)
+    problems = ignored_text(node_config) + check_node(
+        parse_config_args([node_config]), root_certificates, auth_key
+    )
     if problems:
         raise ValueError("this SuperNode's settings are wrong:\n  " + "\n  ".join(problems))
     print("node settings: ok")

@@ -544,3 +544,9 @@ def test_a_run_config_naming_a_relative_public_context_is_refused_before_any_rou
     absolute = overrides.replace("=keys/", "=/keys/")
     config = load_run_config(absolute, on_server=True)
     assert config["he"]["public_context_path"] == "/keys/public.ctx"
+
+
+def test_check_node_names_the_text_flowers_parser_would_drop():
+    """The CLI reports it: a floor written with spaces around '=' is no floor at all."""
+    message = _check_node_cli("partition-id=0 num-partitions=2 dp-max-clip-norm = -1")
+    assert "'dp-max-clip-norm = -1' in the node config: not key=value" in message
