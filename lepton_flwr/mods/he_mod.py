@@ -423,9 +423,9 @@ def make_he_mod(
         Answer federated evaluation of encrypted models. Off by default: evaluation
         metrics of a model a malicious server built from ciphertexts read the clients'
         key and uploads (docs/guides/guarantees.md, "A client is not a decryption
-        service"). Turn it on where the server is trusted to follow the protocol (a simulation on one machine);
-        a node's ``allow-evaluation`` node config takes precedence, and a node with a
-        privacy floor never evaluates without it.
+        service"). Turn it on where the server is trusted to follow the protocol (a
+        simulation on one machine); a node's ``allow-evaluation`` node config takes
+        precedence, and a node with a privacy floor never evaluates without it.
 
     Returns
     -------
