@@ -258,7 +258,7 @@ def main() -> None:
     print(report(results, args.nodes))
     title = (
         f"{args.workload} workload, {args.clients} clients/round, "
-        f"median of rounds 2-{args.rounds}, {os.cpu_count()} cores"
+        f"median of rounds 2-{args.rounds} (bars: quartiles), {os.cpu_count()} cores"
     )
     plot(results, args.nodes, args.plot, title)
     print(f"plot: {args.plot}")
