@@ -54,6 +54,8 @@ from lepton_flwr.secagg.server import (
 )
 from lepton_flwr.secagg.wire import MASKED_INPUT, REFUSED, REPLY_KEY, as_config, fields
 
+# A node's refusal of a peer's keys for want of a trusted signature (share-keys).
+_SIGNATURE_REFUSED = re.compile(r"^signatures: node (\d+): ")
 # A node's refusal of a peer's token, as its training error reply carries it.
 _TOKEN_REFUSED = re.compile(
     re.escape(MASKED_INPUT_REFUSAL) + re.escape(TOKEN_REFUSAL).replace(r"\{sender\}", r"(\d+)")
@@ -90,48 +92,76 @@ class SecureAggregation:
         self._next: SecAggServerRound | None = None  # the next one, keys already shared
         self._grid: Grid | None = None
         self._timeout: float | None = None
+        self._refusals: dict[str, dict[int, str]] = {}  # the last exchange's, stage -> node
         self.seconds: dict[int, float] = {}  # server time in the stages, per round
         self._described = False
-        self.blocked: dict[int, int] = {}  # node -> the round its tokens were refused in
+        self.blocked: dict[int, int] = {}  # node -> the round of its second strike
+        self._struck: dict[int, int] = {}  # node -> the round of its last strike
 
     def note_refusals(self, server_round: int, replies: list[Message]) -> None:
-        """Leave out, for the rest of the run, a node whose tokens its peers refused.
+        """Accuse the senders of tokens that the round's training replies refused.
 
         A training reply that is an error naming a token's sender (the node stopped the
-        round before training) accuses that sender. More than c = ⌈γ n⌉ accusers of one
-        node in one round include an honest one, so colluding clients cannot have an
-        honest node left out (a malicious server can leave out anyone anyway).
+        round before training) accuses that sender (:meth:`_accuse`).
         """
         current = self._current
         if current is None or current.server_round != server_round:
             return
-        participants = set(current.participants)
+        reasons = {
+            reply.metadata.src_node_id: reply.error.reason or ""
+            for reply in replies
+            if reply.has_error()
+        }
+        self._accuse(current, reasons, _TOKEN_REFUSED, "could not open its share tokens")
+
+    def _accuse(
+        self, secagg_round: SecAggServerRound, reasons: dict[int, str], pattern, what: str
+    ) -> None:
+        """Two strikes for a node more than c of a round's participants accuse.
+
+        More than c = ⌈γ n⌉ accusers in one round include an honest one, so colluding
+        clients cannot strike an honest node (a malicious server can leave out anyone
+        anyway). First strike: the server forgets the node's keys, so it is asked to
+        advertise again (an honest node that restarted without ``state-dir`` holds new
+        keys); second strike, in a later round: the node is left out of secure
+        aggregation for the rest of the run. A node that sends bad tokens, or keys its
+        peers' trusted lists do not sign, voids two rounds, not every round.
+        """
+        participants = set(secagg_round.participants)
         accusers: dict[int, set[int]] = {}
-        for reply in replies:
-            if not reply.has_error():
-                continue
-            found = _TOKEN_REFUSED.search(reply.error.reason or "")
-            accuser = reply.metadata.src_node_id
+        for accuser, reason in reasons.items():
+            found = pattern.search(reason)
             if found and accuser in participants:
                 accused = int(found.group(1))
                 if accused in participants and accused != accuser:
                     accusers.setdefault(accused, set()).add(accuser)
         tolerated = colluders(len(participants), self.params)
         for node, by in sorted(accusers.items()):
-            if len(by) > tolerated and node not in self.blocked:
-                self.blocked[node] = server_round
-                log(
-                    WARNING,
-                    "%s round %d: secure aggregation: %d peers of node %d (more than the %d "
-                    "colluders tolerated) could not open its share tokens: node %d is left out "
-                    "of secure aggregation for the rest of the run",
-                    self.name,
-                    server_round,
-                    len(by),
-                    node,
-                    tolerated,
-                    node,
-                )
+            if len(by) <= tolerated or node in self.blocked:
+                continue
+            if self._struck.get(node) == secagg_round.server_round:
+                continue  # one strike a round
+            second = node in self._struck
+            self._struck[node] = secagg_round.server_round
+            if second:
+                self.blocked[node] = secagg_round.server_round
+            else:
+                self.book.forget(node)
+            log(
+                WARNING,
+                "%s round %d: secure aggregation: %d peers of node %d (more than the %d "
+                "colluders tolerated) %s: %s",
+                self.name,
+                secagg_round.server_round,
+                len(by),
+                node,
+                tolerated,
+                what,
+                f"node {node} is left out of secure aggregation for the rest of the run"
+                if second
+                else f"its keys are forgotten and it will be asked to advertise again (a second "
+                f"time leaves node {node} out for the rest of the run)",
+            )
 
     def describe(self, expected_n: int) -> None:
         """Log the parameters and what they guarantee for rounds of ``expected_n`` clients."""
@@ -182,6 +212,7 @@ class SecureAggregation:
             content = RecordDict({"config": ConfigRecord(config)})
             messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
         answers: dict[str, dict[int, dict]] = {stage: {} for stage in by_stage}
+        self._refusals: dict[str, dict[int, str]] = {}  # this exchange's, stage -> node
         heard = set()
         replies = list(self._grid.send_and_receive(messages, timeout=self._timeout))
         # Flower's SuperLink answers for a node it lost with an error reply of its own:
@@ -212,6 +243,7 @@ class SecureAggregation:
                     continue
                 if REFUSED in answer:
                     self._dropped(server_round, node, stage, f"refused: {answer[REFUSED]}")
+                    self._refusals.setdefault(stage, {})[node] = str(answer[REFUSED])
                     continue
                 answers[stage][node] = answer
         for node in sorted(set(stages_for) - heard):
@@ -288,6 +320,8 @@ class SecureAggregation:
 
     def _take_share_keys(self, secagg_round: SecAggServerRound, answers: dict) -> bool:
         """Check the share-keys answers; whether enough nodes shared keys to go on."""
+        refused = self._refusals.get("share-keys", {})
+        self._accuse(secagg_round, refused, _SIGNATURE_REFUSED, "refused its unsigned keys")
         for node, reason in secagg_round.receive_share_keys(answers).items():
             if node in answers:
                 self._dropped(secagg_round.server_round, node, "share-keys", reason)
@@ -413,8 +447,8 @@ class SecureAggregation:
                 log(
                     WARNING,
                     "%s round %d: secure aggregation: node %d sent unmask shares that disagree "
-                    "with secrets that pass their checks; its shares were left out and the "
-                    "secrets rebuilt from the others'",
+                    "with secrets that pass their checks (it lied, or a secret's owner dealt it "
+                    "a wrong share); the secrets were rebuilt from other shares",
                     self.name,
                     server_round,
                     node,

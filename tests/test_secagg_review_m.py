@@ -1,8 +1,8 @@
 """Attack review M (issue 20): what the M1 blocklist and the M3 share correction let through.
 
-Each test states a property the review expects and is marked ``xfail(strict=True)``
-while the attack it plays still works: it passes (and the mark must go) once the fix
-proposed in the review is in. The attacks:
+Each test states a property the review expects; both were marked ``xfail(strict=True)``
+while the attack worked and pass with the fixes (two strikes, keys forgotten at the
+first; each secret corrected on its own shares). The attacks:
 
 - an honest node that restarts without ``state-dir`` answers share-keys with keys of a
   new master while the server still holds its old ones: every peer refuses its token and
@@ -32,11 +32,6 @@ def keys(tmp_path_factory):
     return write_keys(CKKSParams(), tmp_path_factory.mktemp("keys"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review M: the server keeps the restarted node's old advertised keys, its peers "
-    "refuse its tokens, and five accusers leave it out for the rest of the run",
-)
 def test_an_honest_node_restarting_without_state_dir_is_not_left_out(keys):
     restarted, done = 102, []
 
@@ -92,11 +87,6 @@ def _framing_round():
     return round_
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review M: the honest holder the colluder framed is taken for a liar and its "
-    "shares left out of the next seed, which then has t shares with the colluder's wrong one",
-)
 def test_an_owner_framing_an_honest_holder_cannot_void_the_round():
     round_ = _framing_round()
     correction = round_.server.correction(PRIMES, DEGREE)  # RoundNotUnmaskedError today

@@ -415,3 +415,24 @@ def test_every_stage_message_can_be_counted_by_flower(he_keys, node_keys, signin
     replies = [m for m in grid.received if not m.has_error()]
     assert len(counted) == len(replies) >= 6 * 5 and min(counted) > 0
     assert len(sent) >= 6 * 5 and min(sent) > 0
+
+
+def test_a_node_without_a_trusted_signature_voids_two_rounds_then_is_left_out(
+    he_keys, node_keys, caplog
+):
+    """Review M, F3: node 103 has no signing key, its five peers trust a list: each
+    refuses share-keys naming it. Two strikes (its keys forgotten in between, in case it
+    restarted): rounds 1 and 2 release nothing, round 3 the other five's mean."""
+    caplog.set_level(logging.WARNING, logger="flwr")
+    grid = _signed_grid(he_keys, node_keys)
+    grid.contexts[103].node_config.pop(SIGNING_KEY)
+    strategy = HEFedAvg(
+        he_keys[1], secure_aggregation=True, min_available_nodes=5, workers=1, weight_scale=1.0
+    )
+    start = ArrayRecord({"w": Array(np.zeros(SIZE, dtype=np.float32))})
+    result = strategy.start(grid, start, num_rounds=3)
+    model = decrypt_arrays(result.arrays, he_keys[0])["w"].numpy()
+    others = [(n - 99) / 100 for n in range(100, 106) if n != 103]
+    assert np.allclose(model, np.mean(others), atol=1e-3)
+    assert strategy.secure_aggregation.blocked == {103: 2}
+    assert "refused its unsigned keys" in caplog.text

@@ -181,25 +181,27 @@ def test_a_node_sending_bad_tokens_voids_one_round_then_is_left_out(
     keys, caplog, monkeypatch, block
 ):
     """M1 of the attack review: node 103's tokens do not open, so every peer stops round
-    1 naming it. Five accusers, more than c = 1: node 103 is left out from round 2 on,
-    which releases the others' mean. The control (no leaving out) voids every round."""
+    1 naming it. Five accusers, more than c = 1: its keys are forgotten (it advertises
+    again), round 2 fails the same way and it is left out from round 3 on, which releases
+    the others' mean. The control (no accusations) voids every round."""
     caplog.set_level(logging.WARNING, logger="flwr")
     if not block:
-        monkeypatch.setattr(SecureAggregation, "note_refusals", lambda *args: None)
+        monkeypatch.setattr(SecureAggregation, "_accuse", lambda *args: None)
     mods = [_bad_tokens(103), make_he_mod(keys[0], workers=1)]
     grid = InProcessGrid(_app(mods), NODES)
     strategy = _he_fedavg(keys, min_available_nodes=5)
     if not block:
         with pytest.raises(Exception, match="no round produced a model|NoModelTrained|produced"):
-            strategy.start(grid, _start(), num_rounds=3)
+            strategy.start(grid, _start(), num_rounds=4)
         return
-    result = strategy.start(grid, _start(), num_rounds=3)
+    result = strategy.start(grid, _start(), num_rounds=4)
     model = decrypt_arrays(result.arrays, keys[0])["w"].numpy()
     others = [n for n in range(100, 100 + NODES) if n != 103]
-    # Round 1 released nothing; rounds 2 and 3 each the mean over the other five.
+    # Rounds 1 and 2 released nothing; rounds 3 and 4 each the mean over the other five.
     assert np.allclose(model, 2 * _mean_shift(others), atol=flooding_atol(result.arrays, 2))
+    assert "its keys are forgotten and it will be asked to advertise again" in caplog.text
     assert "node 103 is left out of secure aggregation for the rest of the run" in caplog.text
-    assert strategy.secure_aggregation.blocked == {103: 1}
+    assert strategy.secure_aggregation.blocked == {103: 2}
 
 
 def test_one_false_accuser_cannot_have_an_honest_node_left_out(keys, caplog):

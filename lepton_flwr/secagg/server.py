@@ -25,10 +25,10 @@ refused whole, naming the node, the field and the round.
    (:class:`~lepton_flwr.secagg.shamir.LagrangeAtZero`); if that fails its check (a
    holder sent a wrong share), from random t-subsets of them until one passes
    (``SUBSET_SEARCHES`` at most): the spare shares that disagree with it name their
-   holders in :attr:`~SecAggServerRound.liars`, whose shares are left out of the
-   round's later secrets. A secret with fewer than t valid shares, or none of whose
-   tried sets passes its check, raises :class:`RoundNotUnmaskedError`: the round
-   releases nothing.
+   holders in :attr:`~SecAggServerRound.liars` (liars, or holders whose owner dealt
+   them a wrong share), whose shares later secrets try first to do without. A secret
+   with fewer than t valid shares, or none of whose tried sets passes its check, raises
+   :class:`RoundNotUnmaskedError`: the round releases nothing.
 
 Request and reply shapes are those of :mod:`lepton_flwr.secagg.client`.
 """
@@ -199,6 +199,11 @@ class PublicKeyBook:
     def round_keys(self, nodes: Iterable[int], server_round: int) -> dict[int, tuple[bytes, bytes]]:
         """Node -> keys for the round, for the nodes that advertised them."""
         return {node: keys for node in nodes if (keys := self.keys(node, server_round)) is not None}
+
+    def forget(self, node: int) -> None:
+        """Drop every key and signature the node advertised (it will be asked again)."""
+        self._keys.pop(node, None)
+        self._signed.pop(node, None)
 
     def forget_before(self, server_round: int) -> None:
         """Drop the keys of rounds before ``server_round``."""
@@ -441,30 +446,36 @@ class SecAggServerRound:
     ) -> bytes:
         """The owner's secret from the holders' shares in ``field``, checked; see above."""
         t = self.threshold
-        points = {
+        every = {
             self._x[holder]: reply[field][owner]
             for holder, reply in self._unmask_replies.items()
-            if owner in reply[field] and holder not in self.liars
+            if owner in reply[field]
         }
-        if len(points) < t:
+        if len(every) < t:
             raise RoundNotUnmaskedError(
-                f"round {self.server_round}: {what}: {len(points)} valid shares, fewer than t = {t}"
+                f"round {self.server_round}: {what}: {len(every)} valid shares, fewer than t = {t}"
             )
-
-        shared = basis.without(self._x[owner]) if basis is not None else {}
-        coefficients = (
-            shared if shared.keys() == points.keys() else LagrangeAtZero(points).coefficients
-        )
-        secret = secret_bytes(interpolate_at_zero(coefficients, points))
-        if secret is not None and check(secret):
-            return secret
-        secret = self._search(points, check) if len(points) > t else None
+        # First without the holders whose shares disagreed with an earlier secret; then,
+        # if that fails, a search over all of this secret's shares: a holder named for
+        # one secret may be honest (its owner dealt it a wrong share), so no share is
+        # left out of a secret for what happened to another.
+        liars_x = {self._x[holder] for holder in self.liars}
+        points = {x: value for x, value in every.items() if x not in liars_x}
+        if len(points) >= t:
+            shared = basis.without(self._x[owner]) if basis is not None else {}
+            coefficients = (
+                shared if shared.keys() == points.keys() else LagrangeAtZero(points).coefficients
+            )
+            secret = secret_bytes(interpolate_at_zero(coefficients, points))
+            if secret is not None and check(secret):
+                return secret
+        secret = self._search(every, check) if len(every) > t else None
         if secret is not None:
             return secret
         raise RoundNotUnmaskedError(
             f"round {self.server_round}: {what}: the shares do not reconstruct a secret that "
-            f"passes its check ({len(points)} shares, t = {t}, "
-            f"{SUBSET_SEARCHES if len(points) > t else 0} sets of t tried)"
+            f"passes its check ({len(every)} shares, t = {t}, "
+            f"{SUBSET_SEARCHES if len(every) > t else 0} sets of t tried)"
         )
 
     def _search(self, points: dict[int, int], check) -> bytes | None:
@@ -473,8 +484,9 @@ class SecAggServerRound:
         A set of t honest shares reconstructs the secret; with e wrong shares among m,
         one random set is honest with probability C(m − e, t) / C(m, t) (m = 90, t = 53:
         0.41 for one wrong share, 0.07 for three). The shares that disagree with the
-        secret's polynomial are those of liars (:attr:`liars`, holder ids): their shares
-        are left out of every later secret of the round.
+        secret's polynomial name their holders in :attr:`liars`: the holder lied, or the
+        secret's owner dealt it a wrong share. Later secrets are tried first without
+        them, then searched over all their shares.
         """
         t = self.threshold
         xs = sorted(points)
