@@ -50,10 +50,11 @@ from lepton_flwr.secagg.server import TOKEN_BYTES, SecAggReplyError
 from lepton_flwr.secagg.shamir import (
     PRIME,
     combine,
+    decode,
     decode_share,
     encode_share,
+    evaluate,
     holder_indices,
-    interpolate_at,
 )
 from lepton_flwr.secagg.state import STOPPED
 
@@ -1236,9 +1237,9 @@ def test_holders_lying_on_every_share_are_found_and_the_sum_is_exact(n, liars, d
     assert round_.server.dropped == gone
 
 
-def test_without_the_search_one_lying_holder_voids_the_round(monkeypatch):
-    """The control: with no random sets tried, the same single liar voids the round."""
-    monkeypatch.setattr(server_module, "SUBSET_SEARCHES", 0)
+def test_without_decoding_one_lying_holder_voids_the_round(monkeypatch):
+    """The control: without Reed–Solomon decoding, the same single liar voids the round."""
+    monkeypatch.setattr(server_module, "decode", lambda points, t: None)
     round_ = Round(12)
     round_.share_keys()
     round_.masked_input()
@@ -1249,12 +1250,21 @@ def test_without_the_search_one_lying_holder_voids_the_round(monkeypatch):
         round_.server.correction(PRIMES, DEGREE)
 
 
-def test_interpolate_at_passes_through_the_points_and_predicts_the_next():
-    rng = np.random.default_rng(3)
-    coefficients = [int(c) for c in rng.integers(1, 2**62, size=4)]
-    f = lambda x: sum(c * x**k for k, c in enumerate(coefficients)) % PRIME  # noqa: E731
-    points = {x: f(x) for x in (2, 5, 9, 11)}
-    assert [interpolate_at(points, x) for x in (2, 5, 9, 11, 17)] == [
-        *points.values(),
-        f(17),
-    ]
+@pytest.mark.parametrize(
+    ("m", "t", "wrong"),
+    [(6, 4, 1), (12, 7, 2), (94, 53, 5), (94, 53, 20), (189, 105, 10), (189, 105, 42)],
+)
+def test_decoding_corrects_up_to_half_the_spare_shares(m, t, wrong):
+    """Attack review M, F1: the random search failed with c = 10 liars at n = 200 (m = 189,
+    t = 105); decoding corrects up to ⌊(m − t)/2⌋ wrong shares, and says None beyond."""
+    rng = np.random.default_rng(m + wrong)
+    coefficients = [int(c) for c in rng.integers(1, 2**62, size=t)]
+    xs = [int(x) for x in rng.choice(np.arange(1, 10_000), size=m, replace=False)]
+    points = {x: evaluate(coefficients, x) for x in xs}
+    for x in xs[:wrong]:
+        points[x] = (points[x] + int(rng.integers(1, 2**62))) % PRIME
+    assert decode(points, t) == coefficients
+    for x in xs[wrong : (m - t) // 2 + 1]:  # one wrong share more than the bound
+        points[x] = (points[x] + 1) % PRIME
+    assert decode(points, t) != coefficients
+    assert decode(dict(list(points.items())[: t - 1]), t) is None

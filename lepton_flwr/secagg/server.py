@@ -23,11 +23,11 @@ refused whole, naming the node, the field and the round.
    Each secret is interpolated from all its valid shares, with the Lagrange
    coefficients of the answering holders computed once for the round
    (:class:`~lepton_flwr.secagg.shamir.LagrangeAtZero`); if that fails its check (a
-   holder sent a wrong share), from random t-subsets of them until one passes
-   (``SUBSET_SEARCHES`` at most): the spare shares that disagree with it name their
+   holder sent a wrong share), by Reed–Solomon decoding of all of them (up to
+   ⌊(m − t)/2⌋ wrong shares among m): the shares off the decoded polynomial name their
    holders in :attr:`~SecAggServerRound.liars` (liars, or holders whose owner dealt
    them a wrong share), whose shares later secrets try first to do without. A secret
-   with fewer than t valid shares, or none of whose tried sets passes its check, raises
+   with fewer than t valid shares, or more wrong ones than decoding corrects, raises
    :class:`RoundNotUnmaskedError`: the round releases nothing.
 
 Request and reply shapes are those of :mod:`lepton_flwr.secagg.client`.
@@ -35,6 +35,8 @@ Request and reply shapes are those of :mod:`lepton_flwr.secagg.client`.
 
 from __future__ import annotations
 
+import itertools
+import math
 import random
 from collections.abc import Iterable, Mapping
 
@@ -60,15 +62,16 @@ from lepton_flwr.secagg.params import SecAggParams, threshold
 from lepton_flwr.secagg.shamir import (
     SHARE_BYTES,
     LagrangeAtZero,
+    decode,
     decode_share,
+    evaluate,
     holder_indices,
-    interpolate_at,
     interpolate_at_zero,
     secret_bytes,
 )
 from lepton_flwr.secagg.signatures import KEY_ID_BYTES, MAX_SIGNATURE_BYTES
 
-SUBSET_SEARCHES = 200  # random sets of t tried for a secret whose shares do not check
+SUBSET_SEARCHES = 200  # sets of t tried when decoding cannot correct a secret's shares
 TOKEN_BYTES = len(Fernet(Fernet.generate_key()).encrypt(bytes(TOKEN_PLAINTEXT_BYTES)))
 
 
@@ -456,7 +459,7 @@ class SecAggServerRound:
                 f"round {self.server_round}: {what}: {len(every)} valid shares, fewer than t = {t}"
             )
         # First without the holders whose shares disagreed with an earlier secret; then,
-        # if that fails, a search over all of this secret's shares: a holder named for
+        # if that fails, decoding over all of this secret's shares: a holder named for
         # one secret may be honest (its owner dealt it a wrong share), so no share is
         # left out of a secret for what happened to another.
         liars_x = {self._x[holder] for holder in self.liars}
@@ -469,40 +472,61 @@ class SecAggServerRound:
             secret = secret_bytes(interpolate_at_zero(coefficients, points))
             if secret is not None and check(secret):
                 return secret
-        secret = self._search(every, check) if len(every) > t else None
+        secret = self._correct(every, check) if len(every) > t else None
         if secret is not None:
             return secret
         raise RoundNotUnmaskedError(
             f"round {self.server_round}: {what}: the shares do not reconstruct a secret that "
-            f"passes its check ({len(every)} shares, t = {t}, "
-            f"{SUBSET_SEARCHES if len(every) > t else 0} sets of t tried)"
+            f"passes its check ({len(every)} shares, t = {t}: decoding corrects at most "
+            f"{(len(every) - t) // 2} wrong ones, and no set of t tried checks)"
         )
 
-    def _search(self, points: dict[int, int], check) -> bytes | None:
-        """Correct wrong shares: random sets of t until one passes the check.
+    def _correct(self, points: dict[int, int], check) -> bytes | None:
+        """Correct wrong shares: Reed–Solomon decoding of the secret's polynomial.
 
-        A set of t honest shares reconstructs the secret; with e wrong shares among m,
-        one random set is honest with probability C(m − e, t) / C(m, t) (m = 90, t = 53:
-        0.41 for one wrong share, 0.07 for three). The shares that disagree with the
-        secret's polynomial name their holders in :attr:`liars`: the holder lied, or the
-        secret's owner dealt it a wrong share. Later secrets are tried first without
-        them, then searched over all their shares.
+        With m shares of which e are wrong, :func:`~lepton_flwr.secagg.shamir.decode`
+        finds the polynomial whenever e ≤ ⌊(m − t)/2⌋ (m = 94, t = 53: 20 wrong shares),
+        in O(m²); beyond that, :meth:`_search` lets the secret's check decide. The shares
+        off the polynomial name their holders in :attr:`liars`: the holder lied,
+        or the secret's owner dealt it a wrong share. Later secrets are tried first
+        without them, then decoded over all their shares.
         """
         t = self.threshold
-        xs = sorted(points)
-        chooser = random.SystemRandom()
-        for _ in range(SUBSET_SEARCHES):
-            subset = sorted(chooser.sample(xs, t))
+        coefficients = decode(points, t)
+        if coefficients is None or not self._checks(coefficients[0], check):
+            coefficients = self._search(points, check)
+        if coefficients is None:
+            return None
+        holder_of = {x: holder for holder, x in self._x.items()}
+        for x, value in points.items():
+            if evaluate(coefficients, x) != value:
+                self.liars.add(holder_of[x])
+        return secret_bytes(coefficients[0])
+
+    @staticmethod
+    def _checks(value: int, check) -> bool:
+        secret = secret_bytes(value)
+        return secret is not None and check(secret)
+
+    def _search(self, points: dict[int, int], check) -> list[int] | None:
+        """Sets of t shares until one gives a secret that passes its check.
+
+        Every set when there are at most ``SUBSET_SEARCHES``, else that many at random;
+        returns that polynomial's coefficients, or None. With one spare share (m = t + 1)
+        decoding corrects nothing, yet one wrong share is found this way: the set without
+        it is the one that checks.
+        """
+        t, xs = self.threshold, sorted(points)
+        if math.comb(len(xs), t) <= SUBSET_SEARCHES:
+            subsets = itertools.combinations(xs, t)
+        else:
+            chooser = random.SystemRandom()
+            subsets = (sorted(chooser.sample(xs, t)) for _ in range(SUBSET_SEARCHES))
+        for subset in subsets:
             chosen = {x: points[x] for x in subset}
-            value = interpolate_at_zero(LagrangeAtZero(subset).coefficients, chosen)
-            secret = secret_bytes(value)
-            if secret is None or not check(secret):
-                continue
-            holder_of = {x: holder for holder, x in self._x.items()}
-            for x in set(xs) - set(subset):
-                if interpolate_at(chosen, x) != points[x]:
-                    self.liars.add(holder_of[x])
-            return secret
+            coefficients = decode(chosen, t)  # no error to correct: the interpolant
+            if coefficients is not None and self._checks(coefficients[0], check):
+                return coefficients
         return None
 
     def _basis(self) -> LagrangeAtZero | None:

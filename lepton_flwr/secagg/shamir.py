@@ -184,22 +184,95 @@ def interpolate_at_zero(
     return sum(coefficients[x] * value for x, value in points.items()) % prime
 
 
-def interpolate_at(points: Mapping[int, int], z: int, prime: int = PRIME) -> int:
-    """f(z) for the polynomial of degree below len(points) through the points (x -> f(x)).
+def _trim(poly: list[int]) -> list[int]:
+    while poly and poly[-1] == 0:
+        poly.pop()
+    return poly
 
-    Lagrange's form, O(m²) multiplications and m inverses for m points: used to find which
-    spare shares disagree with a set of t that reconstructs a checked secret.
+
+def _divmod(num: list[int], den: list[int], prime: int) -> tuple[list[int], list[int]]:
+    """Polynomial division (coefficients low to high, ``den`` trimmed and non-zero)."""
+    num = list(num)
+    inverse = pow(den[-1], -1, prime)
+    quotient = [0] * max(len(num) - len(den) + 1, 0)
+    for shift in range(len(num) - len(den), -1, -1):
+        factor = num[shift + len(den) - 1] * inverse % prime
+        quotient[shift] = factor
+        if factor:
+            for i, c in enumerate(den):
+                num[shift + i] = (num[shift + i] - factor * c) % prime
+    return _trim(quotient), _trim(num[: len(den) - 1])
+
+
+def _mul(a: list[int], b: list[int], prime: int) -> list[int]:
+    if not a or not b:
+        return []
+    out = [0] * (len(a) + len(b) - 1)
+    for i, x in enumerate(a):
+        if x:
+            for j, y in enumerate(b):
+                out[i + j] = (out[i + j] + x * y) % prime
+    return _trim(out)
+
+
+def decode(points: Mapping[int, int], threshold: int, prime: int = PRIME) -> list[int] | None:
+    """The polynomial of degree below ``threshold`` that all but a few points lie on.
+
+    Reed–Solomon decoding (Gao's algorithm): with m points of which e are wrong, it
+    finds the polynomial whenever e ≤ ⌊(m − t)/2⌋, in O(m²) field operations, and
+    returns its coefficients (low to high); None when no such polynomial exists. A
+    result is unique within that bound, but beyond it may be another polynomial: check
+    the secret it gives.
     """
     xs = list(points)
-    total = 0
+    m, k = len(xs), threshold
+    if m < k or k < 1:
+        return None
+    g0 = [1]  # Π (X − x_i)
+    for x in xs:
+        g0 = _mul(g0, [(-x) % prime, 1], prime)
+    g1 = [0] * m  # the interpolant of every point: Σ y_i w_i g0 / (X − x_i)
     for x_i in xs:
-        numerator, denominator = 1, 1
+        weight = 1
         for x_j in xs:
             if x_j != x_i:
-                numerator = numerator * (z - x_j) % prime
-                denominator = denominator * (x_i - x_j) % prime
-        total += points[x_i] * numerator * pow(denominator, -1, prime)
-    return total % prime
+                weight = weight * (x_i - x_j) % prime
+        factor = points[x_i] * pow(weight, -1, prime) % prime
+        carry = 0  # g0 / (X − x_i) by synthetic division, high to low
+        for degree in range(m, 0, -1):
+            carry = (g0[degree] + carry * x_i) % prime
+            g1[degree - 1] = (g1[degree - 1] + factor * carry) % prime
+    r0, r1 = g0, _trim(g1)
+    v0, v1 = [], [1]
+    while len(r1) - 1 >= (m + k) / 2:  # partial extended Euclid on (g0, g1)
+        quotient, remainder = _divmod(r0, r1, prime)
+        r0, r1 = r1, remainder
+        product = _mul(quotient, v1, prime)
+        size = max(len(v0), len(product))
+        v0, v1 = (
+            v1,
+            _trim(
+                [
+                    ((v0[i] if i < len(v0) else 0) - (product[i] if i < len(product) else 0))
+                    % prime
+                    for i in range(size)
+                ]
+            ),
+        )
+    if not v1:
+        return None
+    f, remainder = _divmod(r1, v1, prime)
+    if remainder or len(f) > k:
+        return None
+    return f + [0] * (k - len(f))
+
+
+def evaluate(coefficients: Sequence[int], x: int, prime: int = PRIME) -> int:
+    """f(x) by Horner's rule (coefficients low to high)."""
+    value = 0
+    for c in reversed(coefficients):
+        value = (value * x + c) % prime
+    return value
 
 
 def secret_bytes(value: int) -> bytes | None:
