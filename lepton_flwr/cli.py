@@ -1,12 +1,24 @@
-"""Command line: ``lepton-flwr keygen``, ``decrypt``, ``certs`` and ``node-key``."""
+"""Command line: ``lepton-flwr keygen``, ``decrypt``, ``certs``, ``node-key``, and more.
+
+``check-node`` checks a SuperNode's settings; ``superlink`` and ``supernode`` check, then
+start Flower's own (``lepton_flwr.launch``).
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 import torch
+
+from lepton_flwr.launch import (
+    SUPERLINK_PORT,
+    SUPERNODE_PORT,
+    prepare_superlink,
+    prepare_supernode,
+)
 
 
 def keygen(out: Path, overrides: list[str]) -> None:
@@ -66,7 +78,8 @@ def certs(out: Path, hosts: list[str], days: int, ca_dir: Path | None) -> None:
     print(
         f"CA certificate (give it to every SuperNode and to the flwr CLI): {files['ca.crt']}\n"
         f"CA key (keep offline, never on the SuperLink): {files['ca.key']}\n"
-        f"SuperLink certificate and key (the SuperLink only: deploy/superlink.sh {out}): "
+        f"SuperLink certificate and key (the SuperLink only: lepton-flwr superlink {out} "
+        "<state-dir>): "
         f"{files['superlink.crt']}, {files['superlink.key']}"
     )
 
@@ -84,16 +97,20 @@ def node_key(out: Path, name: str, force: bool) -> None:
 
 def check_node_command(node_config: str, root_certificates: str | None, auth_key: str | None):
     """Check a SuperNode's settings; exit with the list of problems if there are any."""
-    from flwr.common.config import parse_config_args
+    from lepton_flwr.node_check import app_keys_note, node_config_problems
 
-    from lepton_flwr.node_check import check_node, ignored_text
-
-    problems = ignored_text(node_config) + check_node(
-        parse_config_args([node_config]), root_certificates, auth_key
-    )
+    problems = node_config_problems(node_config, root_certificates, auth_key)
     if problems:
         raise ValueError("this SuperNode's settings are wrong:\n  " + "\n  ".join(problems))
+    if note := app_keys_note(node_config):
+        print(note)
     print("node settings: ok")
+
+
+def start(argv: list[str]) -> None:
+    """Replace this process with Flower's (same process id); print the command first."""
+    print("starting: " + " ".join(argv), flush=True)
+    os.execvp(argv[0], argv)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -138,6 +155,43 @@ def main(argv: list[str] | None = None) -> None:
     check.add_argument("--node-config", required=True, help="as given to flower-supernode")
     check.add_argument("--root-certificates", help="the CA certificate for TLS")
     check.add_argument("--auth-key", help="the SuperNode's authentication private key")
+    link = sub.add_parser(
+        "superlink",
+        help="check and start flower-superlink (TLS, SuperNode auth, a database)",
+        description="Refuse a SuperLink folder holding the CA key or lacking a file, or a "
+        "port in use; then run flower-superlink with TLS, --enable-supernode-auth and "
+        "<state-dir>/superlink.db. ServerApps run in this command's working folder: an "
+        "app's relative output paths land there. Flags after -- go to flower-superlink.",
+    )
+    link.add_argument("certs_dir", type=Path, help="the --out folder of lepton-flwr certs")
+    link.add_argument("state_dir", type=Path, help="the SuperLink's database folder")
+    link.add_argument("--port", type=int, default=SUPERLINK_PORT, help="default %(default)s")
+    node_start = sub.add_parser(
+        "supernode",
+        help="check and start flower-supernode (TLS, its own auth key)",
+        description="Run check-node, refuse a --port in use, then run flower-supernode. "
+        "Each SuperNode on one host needs its own --port (Flower's default is 9094). "
+        "Flags after -- go to flower-supernode.",
+    )
+    node_start.add_argument("--superlink", required=True, help="the SuperLink's HOST:PORT")
+    node_start.add_argument(
+        "--root-certificates", type=Path, required=True, help="the CA certificate (ca.crt)"
+    )
+    node_start.add_argument(
+        "--auth-key", type=Path, required=True, help="this SuperNode's private key"
+    )
+    node_start.add_argument("--node-config", required=True, help="key=value ..., or a .toml")
+    node_start.add_argument(
+        "--port",
+        type=int,
+        default=SUPERNODE_PORT,
+        help="this SuperNode's Runtime API port, one per SuperNode on a host (default %(default)s)",
+    )
+    node_start.add_argument("flower_args", nargs="*", help="after --: more flower-supernode flags")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    flower_args = []  # after --: passed on to flower-superlink / flower-supernode
+    if argv[:1] in (["superlink"], ["supernode"]) and "--" in argv:
+        argv, flower_args = argv[: argv.index("--")], argv[argv.index("--") + 1 :]
     args = parser.parse_args(argv)
     try:
         if args.command == "keygen":
@@ -146,6 +200,19 @@ def main(argv: list[str] | None = None) -> None:
             decrypt(args.secret_context, args.model, args.out, args.like, args.count_in)
         elif args.command == "check-node":
             check_node_command(args.node_config, args.root_certificates, args.auth_key)
+        elif args.command == "superlink":
+            start(prepare_superlink(args.certs_dir, args.state_dir, args.port, flower_args))
+        elif args.command == "supernode":
+            start(
+                prepare_supernode(
+                    args.superlink,
+                    args.root_certificates,
+                    args.auth_key,
+                    args.node_config,
+                    args.port,
+                    flower_args,
+                )
+            )
         elif args.command == "certs":
             certs(args.out, args.host, args.days, args.ca_dir)
         else:

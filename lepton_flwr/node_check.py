@@ -2,8 +2,9 @@
 
 Flower reads a SuperNode's node config only when a ClientApp runs, so a wrong key path
 would surface at the first round, on the server's side. ``lepton-flwr check-node`` (which
-``deploy/supernode.sh`` runs first) reads everything a node will need, the way the
-ClientApp and Flower will, and refuses to start with a list of what is wrong.
+``lepton-flwr supernode`` and ``deploy/supernode.sh`` run first) reads what the node config
+names, the way the ClientApp and Flower will, and refuses to start with a list of what is
+wrong. It checks only lepton-flwr's keys; another app's own keys are left to that app.
 
 Private keys (``he-secret-context``, the auth key) must be files only their owner has
 access to, never symbolic links; a privacy floor must be a number in its range. The
@@ -13,7 +14,6 @@ existing path, so a link planted there is not followed) and removes it.
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 import secrets
@@ -133,8 +133,10 @@ def _auth_key(path: str) -> str | None:
     return None
 
 
-# The node config keys lepton-flwr reads; a key with the prefix of a floor or HE key that
-# is none of them (a typo, underscores for hyphens) is refused: a misspelt floor is no floor.
+# The node config keys lepton-flwr reads. A key that is one of them written otherwise
+# (underscores for hyphens, capitals, spaces), or at most two edits from a privacy key
+# (a typo), is refused: a misspelt floor is no floor. Any other key is the app's own and
+# left alone, even with a prefix of ours (another app's `dp-epsilon` or `he-scheme`).
 OUR_KEYS = (
     protocol.SECRET_CONTEXT,
     protocol.PARTITION_ID,
@@ -152,19 +154,58 @@ OUR_KEYS = (
     protocol.HE_MAX_DECRYPTIONS,
     protocol.ALLOW_EVALUATION,
 )
-OUR_PREFIXES = ("dp-", "dpsgd-", "he-")  # the floors' and the HE keys' prefixes
+OUR_PREFIXES = ("dp-", "dpsgd-", "he-", "secagg-")  # the prefixes of our floors and keys
+TYPO_EDITS = 2  # a key this many edits from a privacy key is taken for a misspelling
+# The keys whose loss would lower a node's protection: floors, HE, secure aggregation.
+PRIVACY_KEYS = tuple(
+    key for key in OUR_KEYS if key.startswith(OUR_PREFIXES) or key == protocol.ALLOW_EVALUATION
+)
+
+
+def _edits(first: str, second: str) -> int:
+    """Levenshtein distance: insertions, deletions and substitutions from one to the other."""
+    previous = list(range(len(second) + 1))
+    for i, a in enumerate(first, 1):
+        current = [i]
+        for j, b in enumerate(second, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (a != b)))
+        previous = current
+    return previous[-1]
+
+
+def _meant(key: str) -> str | None:
+    """The key of ours that ``key`` misspells, if it misspells one."""
+    spelt = str(key).strip().lower().replace("_", "-")
+    if key in OUR_KEYS:
+        return None
+    if spelt in OUR_KEYS:
+        return spelt
+    close = [ours for ours in PRIVACY_KEYS if _edits(spelt, ours) <= TYPO_EDITS]
+    return min(close, key=lambda ours: _edits(spelt, ours)) if close else None
 
 
 def _unknown_settings(node_config: dict) -> list[str]:
-    """Keys that look like ours (by prefix, hyphens or underscores) but are none of ours."""
-    problems = []
-    for key in node_config:
-        spelt = str(key).replace("_", "-")
-        if spelt.startswith(OUR_PREFIXES) and key not in OUR_KEYS:
-            close = difflib.get_close_matches(spelt, OUR_KEYS, n=1)
-            hint = f"; did you mean {close[0]}?" if close else ""
-            problems.append(f"{key}: not a lepton-flwr setting, so it would be ignored{hint}")
-    return problems
+    """Keys that misspell one of ours (written otherwise, or a typo), with the key meant."""
+    return [
+        f"{key}: not a lepton-flwr setting, so it would be ignored; did you mean {meant}?"
+        for key in node_config
+        if (meant := _meant(key)) is not None
+    ]
+
+
+def app_keys(node_config: dict) -> list[str]:
+    """Keys with a prefix of ours that are neither ours nor a misspelling: the app's own.
+
+    ``lepton-flwr check-node`` names them so that a misspelling beyond the typo rule is
+    still seen, without refusing another app's settings.
+    """
+    return [
+        str(key)
+        for key in node_config
+        if str(key).replace("_", "-").startswith(OUR_PREFIXES)
+        and key not in OUR_KEYS
+        and _meant(key) is None
+    ]
 
 
 def ignored_text(node_config_text: str) -> list[str]:
@@ -240,3 +281,24 @@ def check_node(
     if auth_key:
         problems.append(_auth_key(auth_key))
     return [p for p in problems if p]
+
+
+def app_keys_note(node_config_text: str) -> str | None:
+    """One line naming the keys left to the app (see :func:`app_keys`), or None."""
+    from flwr.common.config import parse_config_args
+
+    own = app_keys(parse_config_args([node_config_text]))
+    if not own:
+        return None
+    return f"not lepton-flwr settings, left to the app as they are: {', '.join(own)}"
+
+
+def node_config_problems(
+    node_config_text: str, root_certificates: str | None = None, auth_key: str | None = None
+) -> list[str]:
+    """Everything wrong with a ``--node-config`` string and the node's files, one line each."""
+    from flwr.common.config import parse_config_args
+
+    return ignored_text(node_config_text) + check_node(
+        parse_config_args([node_config_text]), root_certificates, auth_key
+    )
