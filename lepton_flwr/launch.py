@@ -13,6 +13,7 @@ node config names (``lepton_flwr.node_check``), so any Flower app's SuperNodes c
 from __future__ import annotations
 
 import errno
+import os
 import socket
 from pathlib import Path
 
@@ -72,6 +73,11 @@ def check_port_free(host: str, port: int, who: str) -> None:
             ) from None
 
 
+def _absolute(path: Path) -> Path:
+    """``path`` from the root, ``..`` folded, links kept (``os.path.abspath``)."""
+    return Path(os.path.abspath(path))
+
+
 def superlink_argv(
     certs: Path, state: Path, port: int = SUPERLINK_PORT, extra: list[str] | None = None
 ) -> list[str]:
@@ -80,7 +86,7 @@ def superlink_argv(
     Paths are made absolute: the SuperLink's ServerApps run in its working folder, which
     need not be where it was started from a script.
     """
-    certs, state = certs.absolute(), state.absolute()
+    certs, state = _absolute(certs), _absolute(state)
     return [
         "flower-superlink",
         "--ssl-ca-certfile", str(certs / "ca.crt"),
@@ -106,8 +112,8 @@ def supernode_argv(
     return [
         "flower-supernode",
         "--superlink", superlink,
-        "--root-certificates", str(root_certificates.absolute()),
-        "--auth-supernode-private-key", str(auth_key.absolute()),
+        "--root-certificates", str(_absolute(root_certificates)),
+        "--auth-supernode-private-key", str(_absolute(auth_key)),
         "--node-config", node_config,
         "--port", str(port),
         *(extra or []),

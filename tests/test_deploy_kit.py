@@ -62,7 +62,7 @@ def _supernode(kit, node_config: str, *more: str) -> list[str]:
 
 def test_the_superlink_argv_has_tls_auth_a_database_and_absolute_paths(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
-    argv = superlink_argv(Path("certs"), Path("state"), 9500, ["--isolation", "process"])
+    argv = superlink_argv(Path("x/../certs"), Path("state"), 9500, ["--isolation", "process"])
     certs = tmp_path / "certs"
     assert argv == [
         "flower-superlink",
