@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO_ROOT
+from test_end_to_end import _env
 
 from lepton_flwr import protocol
 from lepton_flwr.cli import main
@@ -200,6 +201,7 @@ def test_the_ca_key_never_goes_into_the_superlink_folder(tmp_path):
         ["bash", str(REPO_ROOT / "deploy" / "superlink.sh"), str(link), str(tmp_path / "db")],
         capture_output=True,
         text=True,
+        env=_env(),  # the script runs the installed lepton-flwr command, as a user's would
     )
     assert proc.returncode == 1 and "must not be on the SuperLink" in proc.stderr
     assert not (tmp_path / "db").exists()
