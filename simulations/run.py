@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 import hydra
@@ -58,6 +59,39 @@ def actor_threads(cfg: dict) -> dict[str, str]:
     return {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
 
 
+def store_fixed_features(cfg: dict, data) -> None:
+    """Compute the model's fixed features of the whole dataset once, for every process.
+
+    Only for a model with a fixed stage (the ScatterNet's scattering). The store is
+    the folder ``LEPTON_FLWR_FEATURE_CACHE`` names, set here to
+    :func:`lepton_flwr.models.feature_store.default_folder` unless it is set already
+    (empty: no store); the Ray actors inherit it, so that every client's partition and
+    the global test set are looked up, not computed, in every round and every later run.
+    It holds the features of this dataset only, which this process holds already.
+    """
+    from lepton_flwr.models import feature_store
+
+    os.environ.setdefault(feature_store.FEATURE_CACHE_ENV, str(feature_store.default_folder()))
+    if feature_store.configured_folder() is None:
+        return
+    from lepton_flwr.apps.common import model_for
+    from lepton_flwr.models.training import resolve_device
+    from lepton_flwr.models.training import store_fixed_features as store
+
+    model = model_for(cfg, data)
+    if getattr(model, "fixed_features_shape", None) is None:
+        return
+    started = time.perf_counter()
+    device = resolve_device(cfg["device"])
+    computed = sum(store(model, x, device) for x in (data.x_train, data.x_test))
+    print(
+        f"Fixed features ({type(model).__name__}) of {len(data.x_train) + len(data.x_test):,} "
+        f"examples: {computed:,} computed in {time.perf_counter() - started:.1f} s, the rest "
+        f"found in {feature_store.configured_folder()}",
+        file=sys.stderr,
+    )
+
+
 def run_simulation_from_config(cfg: dict, output_dir: str | Path) -> Path:
     """Validate ``cfg``, split the data, then run the simulation; return the output folder.
 
@@ -81,9 +115,9 @@ def run_simulation_from_config(cfg: dict, output_dir: str | Path) -> Path:
         cfg["he"] = with_run_keys(cfg["he"], Path(cfg["output_dir"]) / "keys")
     num_nodes = resolve_num_partitions(cfg)
     cfg["simulation"] = {**cfg["simulation"], "num_supernodes": num_nodes}
-    partition_indices(
-        load_dataset(cfg["dataset"], cfg["seed"]), cfg["partition"], num_nodes, cfg["seed"]
-    )
+    data = load_dataset(cfg["dataset"], cfg["seed"])
+    partition_indices(data, cfg["partition"], num_nodes, cfg["seed"])
+    store_fixed_features(cfg, data)
 
     os.environ.update(actor_threads(cfg))
     # Flower's link state, indexed by destination node: rounds stop growing with the

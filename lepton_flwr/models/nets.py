@@ -150,11 +150,15 @@ class ScatterNet(nn.Module):
         in_channels, height, width = input_shape
         self.fixed_features_options = (height, width, J, L)
         channels = in_channels * scattering_channels(J, L)
+        self.fixed_features_shape = (channels, height >> J, width >> J)
         self.head = nn.Sequential(
             nn.GroupNorm(groups, channels, affine=False),
             nn.Flatten(),
             nn.Linear(channels * (height >> J) * (width >> J), num_outputs),
         )
+
+    fixed_features_libraries = ("kymatio",)
+    """Libraries the fixed features depend on besides torch (keys of the disk store)."""
 
     def fixed_features(self, x: torch.Tensor) -> torch.Tensor:
         """Scattering coefficients of a batch of images: (N, C, H, W) -> (N, C*K, H/2^J, W/2^J)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 import torch
@@ -37,6 +38,8 @@ def loss_fn(num_outputs: int) -> nn.Module:
 # Fixed features of recently used datasets (clients' partitions, the test set), so that a
 # weightless front (ScatterNet's scattering) runs once per dataset, not once per round.
 # Least recently used first out beyond 2 GiB (Fashion-MNIST's 70,000 images: 1.1 GB).
+# Behind it, where LEPTON_FLWR_FEATURE_CACHE names a folder, the disk store that every
+# process shares (lepton_flwr.models.feature_store).
 _FEATURES: OrderedDict[tuple, np.ndarray] = OrderedDict()
 _FEATURES_MAX_BYTES = 2 << 30
 
@@ -49,27 +52,76 @@ def learning_part(
     A model whose first stage is fixed (it defines ``fixed_features``, the options that
     determine them as ``fixed_features_options``, and ``head``) is trained and tested as
     its ``head`` on the precomputed features: the same function, the same per-example
-    gradients, the fixed stage computed once per dataset (cached). Any other model is
-    returned with ``x`` as is.
+    gradients, the fixed stage computed once per dataset (kept in this process) and, where
+    ``LEPTON_FLWR_FEATURE_CACHE`` names a folder and the model declares
+    ``fixed_features_shape``, once per image for every process
+    (:mod:`lepton_flwr.models.feature_store`). Any other model is returned with ``x`` as is.
     """
     fixed = getattr(model, "fixed_features", None)
     if fixed is None:
         return model, x
-    digest = hashlib.blake2b(np.ascontiguousarray(x).data, digest_size=16).hexdigest()
-    key = (type(model).__name__, model.fixed_features_options, x.shape, digest)
+    from lepton_flwr.models import feature_store
+
+    x = np.ascontiguousarray(x)
+    digests = feature_store.image_digests(x)
+    digest = hashlib.blake2b(b"".join(digests), digest_size=16).hexdigest()
+    key = (type(model).__name__, model.fixed_features_options, x.shape, x.dtype.str, digest)
     if key not in _FEATURES:
-        with torch.no_grad():
-            parts = [
-                fixed(torch.from_numpy(x[i : i + 1000]).to(device)).cpu().numpy()
-                for i in range(0, len(x), 1000)
-            ]
-        _FEATURES[key] = np.concatenate(parts) if parts else np.empty((0,), np.float32)
+        store = feature_store.store_for(model, x, str(device))
+        compute = partial(_compute_fixed, fixed, device=device)
+        if store is None:
+            _FEATURES[key] = compute(x)
+        else:
+            _FEATURES[key] = feature_store.features_through(store, x, digests, compute)
         while (
             len(_FEATURES) > 1 and sum(f.nbytes for f in _FEATURES.values()) > _FEATURES_MAX_BYTES
         ):
             _FEATURES.popitem(last=False)
     _FEATURES.move_to_end(key)
     return model.head, _FEATURES[key]
+
+
+def _compute_fixed(fixed: Callable, x: np.ndarray, *, device: torch.device | str) -> np.ndarray:
+    """``fixed`` applied to ``x`` in batches of 1,000 examples, as a numpy array."""
+    with torch.no_grad():
+        parts = [
+            fixed(torch.from_numpy(x[i : i + 1000]).to(device)).cpu().numpy()
+            for i in range(0, len(x), 1000)
+        ]
+    return np.concatenate(parts) if parts else np.empty((0,), np.float32)
+
+
+def store_fixed_features(
+    model: nn.Module, x: np.ndarray, device: torch.device | str = "cpu", chunk: int = 10_000
+) -> int | None:
+    """Put ``model``'s fixed features of every example of ``x`` in the shared disk store.
+
+    What :func:`learning_part` would compute for any subset of ``x``, computed once for
+    all of it, ``chunk`` examples a shard, and not kept in this process.
+
+    Returns
+    -------
+    int | None
+        How many examples were computed (0: all were stored already); None when there is
+        no store (``LEPTON_FLWR_FEATURE_CACHE`` unset or empty, or no fixed stage whose
+        ``fixed_features_shape`` the model declares).
+    """
+    from lepton_flwr.models import feature_store
+
+    fixed = getattr(model, "fixed_features", None)
+    store = None if fixed is None else feature_store.store_for(model, x, str(device))
+    if store is None:
+        return None
+    computed = 0
+    for start in range(0, len(x), chunk):
+        part = np.ascontiguousarray(x[start : start + chunk])
+        digests = feature_store.image_digests(part)
+        _, missing = store.read(digests)
+        if len(missing):
+            fresh = _compute_fixed(fixed, part[missing], device=device)
+            store.add([digests[i] for i in missing], fresh)
+            computed += len(missing)
+    return computed
 
 
 def make_loader(
