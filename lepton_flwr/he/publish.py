@@ -15,7 +15,19 @@ client's view of the global model, the key holder's evaluation, ``decrypt_arrays
    :func:`coefficient_std` scales the bound with it), a sum of K of them sqrt(K) times
    that, and each published value carries ``σ_v = std * sqrt(K * N / 2) / Δ`` of it
    (:func:`value_error_std`;
-   K = ``MAX_SUMMED`` = 2^16 ciphertexts summed, clients × rounds). The n values of a
+   K = ``MAX_SUMMED`` = 2^16 ciphertexts summed, clients × rounds). Packed ciphertexts
+   (:mod:`lepton_flwr.he.packed`) add rounding terms, each a function of c0, which is
+   uniform mod Q (c0 hides the message under -a·s, a uniform), so each term is uniform
+   on [-2^(d-1), 2^(d-1)] and independent of the encryption's error (mean 0, variance
+   :func:`rounding_variance`). An upload's c0 loses its d <= ``MAX_UPLOAD_DROP`` = 4
+   low bits: the error becomes e + r with r bounded by 2^(d-1), hence 2^(d-1)-sub-Gaussian
+   (Hoeffding), and even at that parameter sqrt(3.2² + 4^(d-1)) = 8.6 <= ``COEFF_STD``
+   at d = 4 (:func:`upload_coefficient_std`; d = 5 would give 16.3). The server keeps
+   its sum exact and rounds only the copy it sends, once, at d_down <=
+   ``MAX_DOWNLOAD_DROP`` = 12: std 1,182 a coefficient (:func:`rounding_variance`), the
+   variance of 5,462 fresh ciphertexts at ``COEFF_STD``, so a downloaded sum may hold at
+   most ``summed_limit(12)`` = 2^16 - 5,462 = 60,074 uploads (:func:`check_summed`),
+   and K·COEFF_STD² plus that rounding stays within MAX_SUMMED·COEFF_STD². The n values of a
    model are orthogonal projections of the ciphertexts' independent errors, so the L2
    norm of their error vector is at most E = σ_v (sqrt(n) + ``TAIL``) but with
    probability e^(-TAIL² / 2) = 2^-104, TAIL = 12 (:func:`error_bound`; Gaussian
@@ -72,6 +84,9 @@ DECRYPTIONS = 1024
 # refused (CKKSParams.validate) and such keys cannot publish.
 MAX_FLOODING_STD = 1e-3
 REFERENCE_VALUES = 2048
+SECRET_KEY_STD = 3.2  # SEAL's error std for secret-key encryption (clients' uploads)
+MAX_UPLOAD_DROP = 4  # low bits of an upload's c0 the bound covers (upload_coefficient_std)
+MAX_DOWNLOAD_DROP = 12  # low bits of a sent sum's c0: costs 1/12 of MAX_SUMMED (summed_limit)
 
 
 class TooCoarseError(ValueError):
@@ -184,3 +199,58 @@ def publishable(
     flooded = (decrypted + secure_gaussian(decrypted.shape, std)) / weight
     quantum = precision(std / weight)
     return np.round(flooded / quantum) * quantum
+
+
+def rounding_variance(drop: int) -> float:
+    """Variance of the error of rounding a uniform integer to a multiple of 2^drop.
+
+    Ties go to even (:mod:`lepton_flwr.he.packed`), so the error of a word uniform mod
+    2^drop takes the values -(a-1)..(a-1) with probability 1/(2a) each and ±a with
+    1/(4a) each, a = 2^(drop-1): mean 0, variance (2a² + 1) / 6 (about 4^drop / 12).
+    """
+    if drop == 0:
+        return 0.0
+    half = 2.0 ** (drop - 1)
+    return (2 * half * half + 1) / 6
+
+
+def upload_coefficient_std(drop: int) -> float:
+    """A bound on the error of a packed upload's coefficient: sqrt(σ² + 4^(drop-1)).
+
+    σ = ``SECRET_KEY_STD``; the rounding error is bounded by 2^(drop-1), so it is
+    2^(drop-1)-sub-Gaussian (Hoeffding) whatever its distribution, and independent of the
+    encryption's error. ``MAX_UPLOAD_DROP`` is the largest drop for which this stays
+    within ``COEFF_STD``.
+    """
+    rounding = 0.0 if drop == 0 else 4.0 ** (drop - 1)
+    return math.sqrt(SECRET_KEY_STD**2 + rounding)
+
+
+def summed_limit(download_drop: int) -> int:
+    """Uploads a downloaded sum may hold when the copy sent loses ``download_drop`` bits.
+
+    The bound covers MAX_SUMMED·COEFF_STD² of variance a coefficient; one rounding of the
+    sum takes ceil(rounding_variance / COEFF_STD²) uploads' worth of it (5,462 at 12).
+    """
+    return MAX_SUMMED - math.ceil(rounding_variance(download_drop) / COEFF_STD**2)
+
+
+class TooManySummedError(ValueError):
+    """A sum of more ciphertexts than the flooding covers (``summed_limit``)."""
+
+
+def check_summed(count: int, download_drop: int = 0) -> int:
+    """``count`` if a sum of that many uploads, rounded at ``download_drop``, is covered.
+
+    Raises
+    ------
+    TooManySummedError
+        If ``count`` passes :func:`summed_limit` (or is negative).
+    """
+    limit = summed_limit(download_drop)
+    if not 0 <= count <= limit:
+        raise TooManySummedError(
+            f"a sum of {count} uploads, sent with {download_drop} low bits dropped: the "
+            f"flooding covers at most {limit} (MAX_SUMMED = {MAX_SUMMED})"
+        )
+    return count
