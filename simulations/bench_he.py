@@ -7,7 +7,8 @@
    FLARE's default parameters (N=8192, [60, 40, 40], public-key encryption);
 2. client encryption time of a 1M-parameter update, one core against all cores;
 3. server aggregation of 10 encrypted 1M-parameter updates, deserialization included;
-4. round time of HE-FedAvg and of HE + DP over FedAvg, simulations with the same seeds.
+4. decryption of the sum of 10 such updates, flooding included (one core);
+5. round time of HE-FedAvg and of HE + DP over FedAvg, simulations with the same seeds.
 
 Results also go to ``outputs/bench_he/results.json``. Times are medians of repeats.
 """
@@ -121,6 +122,17 @@ def aggregation_times(context: ts.Context, public: ts.Context, repeats: int) -> 
     return out
 
 
+def decryption_time(context: ts.Context, public: ts.Context, repeats: int) -> dict[str, float]:
+    """Seconds for a key holder to decrypt the sum of 10 1M-parameter updates (one core).
+
+    Loading and checking the chunks, decrypting and flooding (:meth:`CkksEncoder.decrypt`).
+    """
+    encoder, adder = CkksEncoder(context, workers=1), CkksAdder(public)
+    upload = encoder.encrypt(np.random.default_rng(2).normal(size=1_000_000))
+    sums, _ = adder.sum_updates([upload] * 10, 1)
+    return {"one_core_s": _median_time(lambda: encoder.decrypt(sums, 1_000_000, 10.0), repeats)}
+
+
 def round_times(rounds: int) -> dict[str, dict]:
     """Median round seconds of FedAvg and HE-FedAvg.
 
@@ -169,6 +181,7 @@ def main() -> None:
     results["bytes_per_param"] = wire_bytes(vector, context, public)
     results["encrypt_1M"] = encryption_times(context, args.repeats)
     results["aggregate_10x1M"] = aggregation_times(context, public, args.repeats)
+    results["decrypt_sum_1M"] = decryption_time(context, public, args.repeats)
     if not args.skip_simulation:
         results["simulation"] = round_times(args.rounds)
 
@@ -185,6 +198,10 @@ def main() -> None:
     print("server aggregation of 10 x 1M encrypted parameters, deserialization included:")
     for name, value in results["aggregate_10x1M"].items():
         print(f"  {name:22s} {value:.3f} s")
+    print(
+        f"decryption of the sum of 10 x 1M (flooding included): "
+        f"{results['decrypt_sum_1M']['one_core_s']:.3f} s on one core"
+    )
     if "simulation" in results:
         sim = results["simulation"]
         ratio = sim["he_fedavg"]["median_round_s"] / sim["fedavg"]["median_round_s"]

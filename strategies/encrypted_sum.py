@@ -76,7 +76,9 @@ class EncryptedSum:
     tensors than the global model's, or fail the strategy's own check. CKKS raises no
     error on overflow: the bounds of the added values (public bounds, which the strategy
     checks each header against) must stay within ``headroom_fraction`` of the headroom,
-    and the largest replies are rejected until they do.
+    and the largest replies are rejected until they do. The headroom is that of values
+    carried two to a complex slot (:func:`lepton_flwr.he.params.headroom`): sqrt(2)
+    below the real-slot bound, since a slot's modulus reaches sqrt(2) times its values.
 
     Parameters
     ----------
@@ -111,6 +113,7 @@ class EncryptedSum:
         self.adder = CkksAdder(public_context)
         data_level = public_context.seal_context().data.first_context_data()
         scale_bits = round(public_context.global_scale).bit_length() - 1
+        # Complex slots: params.headroom is already divided by sqrt(2).
         self.headroom = (
             headroom([q.bit_count() for q in data_level.parms().coeff_modulus()], scale_bits)
             * headroom_fraction

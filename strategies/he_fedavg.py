@@ -293,7 +293,7 @@ class HEFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
         super().summary()
         log(
             INFO,
-            "\t├──> HE: CKKS, %d slots per ciphertext, key %s",
+            "\t├──> HE: CKKS, %d values per ciphertext, key %s",
             self.encrypted_sum.adder.slots,
             self.fingerprint,
         )

@@ -36,6 +36,7 @@ from lepton_flwr.he import CKKSParams
 from lepton_flwr.he.codec import CiphertextError, CkksAdder, CkksEncoder, TensorSpec
 from lepton_flwr.he.keys import create_secret_context, fingerprint
 from lepton_flwr.he.records import (
+    FORMAT_VERSION,
     META_KEY,
     EncryptedModel,
     load_encrypted,
@@ -332,7 +333,7 @@ def _header() -> dict:
     manifest = [["conv.weight", [4, 1, 3, 3], "float32"], ["conv.bias", [4], "float32"]]
     manifest.append(["fc.weight", [2, 16], "float64"])
     return {
-        "version": 1,
+        "version": FORMAT_VERSION,
         "fingerprint": "ab" * 8,
         "weight": 12.5,
         "max_abs": 1250.0,

@@ -114,17 +114,17 @@ def test_encrypt_add_decrypt_precision_and_size(secret_ctx, public_ctx):
     updates = [rng.normal(0, 3, 5000) for _ in range(4)]
     encoder, adder = CkksEncoder(secret_ctx, workers=1), CkksAdder(public_ctx)
     uploads = [encoder.encrypt(u) for u in updates]
-    assert len(uploads[0]) == 3  # 5000 values / 2048 slots
-    per_slot = sum(map(len, uploads[0])) / (3 * 2048)
-    assert per_slot < 25  # seeded ciphertexts: about 24.1 B per value, 6.0x float32
+    assert len(uploads[0]) == 2  # 5000 values / 4096 per ciphertext (2,048 complex slots)
+    per_value = sum(map(len, uploads[0])) / (2 * 4096)
+    assert per_value < 12.5  # seeded ciphertexts: about 12.0 B per value, 3.0x float32
     sums, failed = adder.sum_updates(uploads, workers=1)
-    assert failed == {} and len(sums) == 3
+    assert failed == {} and len(sums) == 2
     result = encoder._decrypt_exact(sums, 5000)
     assert np.abs(result - np.sum(updates, axis=0)).max() < 1e-12  # exact: never published
 
 
 def test_parallel_encryption_decrypts_to_the_same_values(secret_ctx):
-    vector = np.random.default_rng(1).normal(size=2048 * 70)  # over the parallel threshold
+    vector = np.random.default_rng(1).normal(size=4096 * 70)  # over the parallel threshold
     encoder = CkksEncoder(secret_ctx, workers=2)
     chunks = encoder.encrypt(vector)
     assert len(chunks) == 70
@@ -150,7 +150,8 @@ def test_adder_rejects_garbage_and_foreign_parameters(secret_ctx, public_ctx):
 def test_full_size_ciphertexts_work_too(secret_ctx, public_ctx):
     encoder = CkksEncoder(secret_ctx, workers=1, seeded=False)
     chunks = encoder.encrypt(np.arange(3000.0))
-    assert sum(map(len, chunks)) / (2 * 2048) > 29  # about twice the seeded size
+    assert len(chunks) == 1  # 3000 values fit one ciphertext of 4096
+    assert sum(map(len, chunks)) / 4096 > 23  # about twice the seeded size (12 B a value)
     sums, failed = CkksAdder(public_ctx).sum_updates([chunks, chunks], workers=1)
     assert failed == {}
     assert np.abs(encoder._decrypt_exact(sums, 3000) - 2 * np.arange(3000.0)).max() < 1e-6
@@ -340,7 +341,7 @@ def test_nan_update_is_never_encrypted(tmp_path, keys):
 
 def test_parallel_sum_leaves_out_an_upload_with_a_bad_chunk(secret_ctx, public_ctx):
     rng = np.random.default_rng(2)
-    updates = [rng.normal(size=2048 * 40) for _ in range(8)]
+    updates = [rng.normal(size=4096 * 40) for _ in range(8)]
     encoder, adder = CkksEncoder(secret_ctx, workers=1), CkksAdder(public_ctx)
     uploads = [encoder.encrypt(u) for u in updates]
     uploads[5][33] = b"garbage"  # in the second worker's range only

@@ -12,7 +12,7 @@ import pytest
 from flwr.app import Array, ArrayRecord
 
 from lepton_flwr.he import CiphertextError, CKKSParams, EncryptedModel, load_encrypted, write_keys
-from lepton_flwr.he.records import MAX_HEADER_BYTES, META_KEY, META_STYPE
+from lepton_flwr.he.records import FORMAT_VERSION, MAX_HEADER_BYTES, META_KEY, META_STYPE
 
 
 def _record_with_header(text: bytes) -> ArrayRecord:
@@ -28,7 +28,7 @@ def _record_with_header(text: bytes) -> ArrayRecord:
         (
             json.dumps(
                 {
-                    "version": 1,
+                    "version": FORMAT_VERSION,
                     "fingerprint": "f",
                     "weight": 1e400,
                     "max_abs": 0,
@@ -41,7 +41,7 @@ def _record_with_header(text: bytes) -> ArrayRecord:
         (
             json.dumps(
                 {
-                    "version": 1,
+                    "version": FORMAT_VERSION,
                     "fingerprint": "f",
                     "weight": 1,
                     "max_abs": 0,
@@ -69,7 +69,7 @@ def _zip(path: Path, members: dict[str, bytes]) -> Path:
 
 def test_model_files_that_lie_or_expand_are_refused(tmp_path):
     header = {
-        "version": 1,
+        "version": FORMAT_VERSION,
         "fingerprint": "f",
         "weight": 1.0,
         "max_abs": 0.0,

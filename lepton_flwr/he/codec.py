@@ -1,7 +1,10 @@
 """Pack model tensors into CKKS ciphertexts and back; add ciphertexts without a secret key.
 
 A model's tensors are flattened, in a fixed order, into one float64 vector cut into
-chunks of N/2 values, one CKKS ciphertext each. Clients encrypt with the secret key
+chunks of N values, one CKKS ciphertext each: a chunk's first N/2 values are the real
+parts of the ciphertext's N/2 complex slots, the next N/2 their imaginary parts
+(:func:`complex_slots`), so a ciphertext carries as many values as its polynomial has
+coefficients. Clients encrypt with the secret key
 (SEAL's symmetric encryption), which lets a ciphertext travel *seeded*: its second
 polynomial is replaced by the seed that regenerates it, halving the upload. The server
 loads a client's chunks in one TenSEAL vector (its loader checks each ciphertext against
@@ -40,6 +43,27 @@ _names = count()
 
 RingMask = Callable[[int], np.ndarray]
 """A mask: chunk index -> ring element, uint64 (len(primes), N), row j below q_j."""
+
+
+def complex_slots(piece: np.ndarray, degree: int) -> np.ndarray:
+    """The N/2 complex slot values that carry a chunk of at most N real values.
+
+    ``piece`` is zero-padded to N = ``degree`` values; slot k holds
+    ``piece[k] + 1j * piece[N/2 + k]``. A slot's modulus can reach sqrt(2) times the
+    largest value, which is why :func:`lepton_flwr.he.params.headroom` divides by sqrt(2).
+    """
+    if len(piece) > degree:
+        raise ValueError(f"a chunk holds at most {degree} values, got {len(piece)}")
+    padded = np.zeros(degree)
+    padded[: len(piece)] = piece
+    half = degree // 2
+    return padded[:half] + 1j * padded[half:]
+
+
+def real_values(slots: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`complex_slots`: the N real values (real parts, then imaginary)."""
+    slots = np.asarray(slots)
+    return np.concatenate([slots.real, slots.imag])
 
 
 class CiphertextError(ValueError):
@@ -182,14 +206,16 @@ class _SymmetricEncryptor:
         self.primes, self.degree = ring_of(context)
 
     def encrypt(self, values: np.ndarray, mask_words: np.ndarray | None = None) -> bytes:
-        """Encode, add ``mask_words`` (a checked ring element) if given, encrypt, save.
+        """Encode in complex slots, add ``mask_words`` (a checked ring element), encrypt.
+
+        The values go two to a slot (:func:`complex_slots`); the result is saved.
 
         The mask goes into the plaintext, not the ciphertext: Enc(pt + m) is the
         ciphertext (c0 + m, c1), and a seeded c1 survives (masking a saved ciphertext
         would have to expand its seed, doubling the upload).
         """
         plain = sealapi.Plaintext()
-        self.encoder.encode(values.tolist(), self.scale, plain)
+        self.encoder.encode(complex_slots(values, self.degree).tolist(), self.scale, plain)
         if mask_words is not None:
             masked = add_mod(plaintext_words(plain, self.degree), mask_words, self.primes)
             plain = plaintext_from_words(self.seal_context, masked, plain.parms_id(), plain.scale)
@@ -252,14 +278,16 @@ class CkksEncoder:
         self._context = context
         self._secret_bytes: bytes | None = None
         self._encryptor = _SymmetricEncryptor(context, seeded)
+        self._decryptor = sealapi.Decryptor(context.seal_context().data, context.secret_key().data)
         self.seeded = seeded
         self.workers = default_workers() if workers is None else max(1, workers)
-        self.slots = self._encryptor.encoder.slot_count()
-        self.poly_modulus_degree, self.scale = 2 * self.slots, context.global_scale
         self.primes, self.degree = ring_of(context)
+        # Values per ciphertext: N, the real and imaginary parts of N/2 complex slots.
+        self.slots = self.degree
+        self.poly_modulus_degree, self.scale = self.degree, context.global_scale
 
     def encrypt(self, vector: np.ndarray, mask: RingMask | None = None) -> list[bytes]:
-        """Encrypt a float vector as ceil(len / slots) ciphertexts, each masked if asked.
+        """Encrypt a float vector as ceil(len / N) ciphertexts, each masked if asked.
 
         Parameters
         ----------
@@ -299,15 +327,17 @@ class CkksEncoder:
     def decrypt(self, chunks: list[bytes], length: int, weight: float = 1.0) -> np.ndarray:
         """Decrypt a sum for release: flooded with noise, divided by ``weight``, rounded.
 
-        Only ciphertexts that can be a sum of fresh uploads are decrypted (one per N/2
+        Only ciphertexts that can be a sum of fresh uploads are decrypted (one per N
         values, first data level, this key's scale: :func:`load_fresh`); the result goes
         through :func:`lepton_flwr.he.publish.publishable`, as every decryption that may
-        leave the key holder must.
+        leave the key holder must. Both parts of every complex slot that holds one of
+        the ``length`` values are released, and so flooded; a last chunk's unused tail
+        is dropped before flooding, never released.
 
         Raises
         ------
         CiphertextError
-            If the chunks are not ``ceil(length / slots)`` fresh-looking ciphertexts of
+            If the chunks are not ``ceil(length / N)`` fresh-looking ciphertexts of
             this context, or the key's parameters are too coarse to flood.
         """
         exact = self._decrypt_exact(chunks, length)
@@ -327,11 +357,25 @@ class CkksEncoder:
             raise CiphertextError(
                 f"{len(chunks)} ciphertext chunks for {length} values, expected {expected}"
             )
-        vector = load_fresh(self._context, chunks, self.slots)
-        return np.asarray(vector.decrypt())[:length]
+        vector = load_fresh(self._context, chunks)
+        encoder, parts = self._encryptor.encoder, []
+        for ciphertext in vector.ciphertext():
+            plain = sealapi.Plaintext()
+            self._decryptor.decrypt(ciphertext, plain)
+            parts.append(real_values(encoder.decode_complex(plain)))
+        return np.concatenate(parts)[:length] if parts else np.zeros(0)
 
 
-def load_fresh(context: ts.Context, chunks: list[bytes], slots: int) -> ts.CKKSVector:
+def container_size(context: ts.Context) -> int:
+    """The per-chunk size TenSEAL's vector container records: its slot count, N/2.
+
+    TenSEAL's loader and its addition read it; our codec ignores it (a chunk holds N
+    values, :func:`complex_slots`).
+    """
+    return context.seal_context().data.first_context_data().parms().poly_modulus_degree() // 2
+
+
+def load_fresh(context: ts.Context, chunks: list[bytes], slots: int | None = None) -> ts.CKKSVector:
     """Load chunks into one CKKS vector, refusing what cannot be a sum of fresh uploads.
 
     The server applies it to every upload and each client to every model it decrypts:
@@ -339,6 +383,7 @@ def load_fresh(context: ts.Context, chunks: list[bytes], slots: int) -> ts.CKKSV
     first data level and carry the key's scale. (These fields are metadata a sender can
     forge; the checks keep out malformed input and the easy transformations of a
     ciphertext, such as a product with a plaintext, not a determined adversary.)
+    ``slots`` is the container's per-chunk size field, :func:`container_size` if None.
 
     Raises
     ------
@@ -346,6 +391,7 @@ def load_fresh(context: ts.Context, chunks: list[bytes], slots: int) -> ts.CKKSV
         Naming the chunk and the field; never another exception, whatever the bytes.
     """
     scale = context.global_scale
+    slots = container_size(context) if slots is None else slots
     try:
         vector = ts.ckks_vector_from(context, vector_proto(chunks, slots, scale))
     except Exception as err:  # TenSEAL raises ValueError/RuntimeError variants
@@ -385,19 +431,34 @@ class CkksAdder:
 
     def __init__(self, context: ts.Context):
         self.context = context
-        data_level = context.seal_context().data.first_context_data()
-        self.slots = data_level.parms().poly_modulus_degree() // 2
         self.scale = context.global_scale
         self.primes, self.degree = ring_of(context)
+        self.slots = self.degree  # values per ciphertext, as CkksEncoder.slots
         self._evaluator: sealapi.Evaluator | None = None
+        self._public_encryptor: tuple[sealapi.CKKSEncoder, sealapi.Encryptor] | None = None
 
     def encrypt_public(self, vector: np.ndarray) -> list[bytes]:
-        """Encrypt with the public key (full-size ciphertexts): the server's initial model."""
+        """Encrypt with the public key (full-size ciphertexts, N values each, as uploads).
+
+        The server's initial model and HE + DP's noise top-ups; values are laid out in
+        complex slots as :class:`CkksEncoder` lays them (:func:`complex_slots`).
+        """
         vector = np.asarray(vector, dtype=np.float64)
+        if self._public_encryptor is None:
+            seal_context = self.context.seal_context().data
+            self._public_encryptor = (
+                sealapi.CKKSEncoder(seal_context),
+                sealapi.Encryptor(seal_context, self.context.public_key().data),
+            )
+        encoder, encryptor = self._public_encryptor
         chunks = []
         for start in range(0, len(vector), self.slots):
-            piece = ts.ckks_vector(self.context, vector[start : start + self.slots].tolist())
-            chunks.extend(proto_ciphertexts(piece.serialize()))
+            plain = sealapi.Plaintext()
+            piece = complex_slots(vector[start : start + self.slots], self.degree)
+            encoder.encode(piece.tolist(), self.scale, plain)
+            ciphertext = sealapi.Ciphertext(self.context.seal_context().data)
+            encryptor.encrypt(plain, ciphertext)
+            chunks.append(_save(ciphertext))
         return chunks
 
     def load(self, chunks: list[bytes]) -> ts.CKKSVector:
@@ -409,7 +470,7 @@ class CkksAdder:
             If a chunk does not parse, or its level, size or scale are not those of a
             fresh ciphertext under these parameters.
         """
-        return load_fresh(self.context, chunks, self.slots)
+        return load_fresh(self.context, chunks)
 
     def remove_mask(self, chunks: list[bytes], mask: RingMask) -> list[bytes]:
         """Subtract ring element ``mask(i)`` from ciphertext i, with the public context.

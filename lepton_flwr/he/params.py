@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -17,12 +18,15 @@ MAX_PRIME_BITS = 60
 def headroom(data_prime_bits: Sequence[int], scale_bits: int) -> float:
     """Largest magnitude a (summed) value may reach before CKKS wraps it around silently.
 
-    A value v is encoded as v * 2**scale_bits and decodes correctly while that stays
-    below half the data modulus Q, the product of the data primes; a b-bit prime is
-    above 2**(b-1), so |v| < 2**(sum(b - 1) - 1 - scale) is safe. CKKS raises no error
-    when it is not.
+    Values travel in complex slots, two to a slot (:func:`lepton_flwr.he.codec.complex_slots`).
+    The encoded polynomial's coefficients are bounded by the largest slot modulus times
+    the scale, and a slot holding two values of magnitude at most v has modulus up to
+    sqrt(2) v. A sum decodes correctly while its coefficients stay below half the data
+    modulus Q, the product of the data primes; a b-bit prime is above 2**(b-1), so
+    |v| < 2**(sum(b - 1) - 1 - scale) / sqrt(2) is safe (half a bit less than with real
+    slots). CKKS raises no error when it is not.
     """
-    return 2.0 ** (sum(b - 1 for b in data_prime_bits) - 1 - scale_bits)
+    return 2.0 ** (sum(b - 1 for b in data_prime_bits) - 1 - scale_bits) / math.sqrt(2)
 
 
 class HEParamsError(ValueError):
@@ -36,7 +40,8 @@ class CKKSParams:
     Parameters
     ----------
     poly_modulus_degree : int
-        N, a power of two; a ciphertext holds N/2 values (slots).
+        N, a power of two; a ciphertext holds N values (the real and imaginary parts of
+        its N/2 complex slots).
     coeff_mod_bit_sizes : tuple[int, ...]
         Bit sizes of the coefficient-modulus primes. The last one is SEAL's special
         prime (key switching, which sums never do; public-key encryption divides its
@@ -45,7 +50,8 @@ class CKKSParams:
     scale_bits : int
         log2 of the encoding scale Δ. Decryption error is about 5e-16 per fresh value
         at 2^58: small enough that published decryptions can be flooded with noise
-        (:mod:`lepton_flwr.he.publish`) at no cost in accuracy, with 2^19 of headroom.
+        (:mod:`lepton_flwr.he.publish`) at no cost in accuracy, with 2^18.5 of headroom
+        (:func:`headroom`).
     """
 
     poly_modulus_degree: int = 4096
@@ -54,8 +60,8 @@ class CKKSParams:
 
     @property
     def slots(self) -> int:
-        """Values per ciphertext (N/2)."""
-        return self.poly_modulus_degree // 2
+        """Values per ciphertext: N (two to each of the N/2 complex slots)."""
+        return self.poly_modulus_degree
 
     @property
     def headroom(self) -> float:

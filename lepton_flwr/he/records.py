@@ -18,7 +18,13 @@ from lepton_flwr.numbers import is_int, real
 CKKS_STYPE = "lepton.ckks"  # one serialized CKKS ciphertext (seeded or full)
 META_STYPE = "lepton.ckks-meta"  # the JSON header of an encrypted model
 META_KEY = "ckks-meta"
-FORMAT_VERSION = 1
+# 2: N values per ciphertext, two to each complex slot (lepton_flwr.he.codec.complex_slots).
+# 1: N/2 values per ciphertext, in the slots' real parts: read otherwise, refused.
+FORMAT_VERSION = 2
+FORMATS = {
+    1: "N/2 values per ciphertext, in the real parts of the CKKS slots",
+    2: "N values per ciphertext, two to each complex CKKS slot",
+}
 MAX_HEADER_BYTES = 1 << 20  # 1 MiB: a manifest of ~20,000 tensors; refused unparsed beyond
 MAX_CHUNK_BYTES = 1 << 24  # 16 MiB: far above a ciphertext at N = 32768 (about 4 MiB)
 MAX_CHUNKS = 1 << 20  # a billion values at N = 4096
@@ -55,7 +61,7 @@ class EncryptedModel:
     manifest : list[TensorSpec]
         Names, shapes and dtypes of the tensors, in packing order.
     chunks : list[bytes]
-        Serialized ciphertexts, N/2 values each.
+        Serialized ciphertexts, N values each (format version 2).
     weight : float
         The weight the values are multiplied by (a client's own, or the sum of them):
         the model is ``decrypt(chunks) / weight``.
@@ -112,7 +118,7 @@ class EncryptedModel:
             raise _malformed(f"no {', '.join(missing)}")
         version = header["version"]
         if not (is_int(version) and version == FORMAT_VERSION):
-            raise CiphertextError(f"unsupported format version {str(version)[:30]}")
+            raise CiphertextError(_unsupported(version))
         fingerprint = header["fingerprint"]
         if not isinstance(fingerprint, str):
             raise _malformed(_wrong_type("fingerprint", "a string", fingerprint))
@@ -161,6 +167,18 @@ class EncryptedModel:
                 f"arrays {wrong[:3]} are not ciphertexts (stype '{record[wrong[0]].stype}')"
             )
         return cls.from_header(header, [record[k].data for k in expected])
+
+
+def _unsupported(version: object) -> str:
+    """Why an encrypted model of another format version is refused, naming both formats."""
+    ours = f"this lepton-flwr reads format {FORMAT_VERSION} only ({FORMATS[FORMAT_VERSION]})"
+    if is_int(version) and version in FORMATS:
+        return (
+            f"encrypted model of format version {version} ({FORMATS[version]}): {ours}, "
+            f"and would misread it; decrypt it with the lepton-flwr release that wrote it, "
+            f"or start the run again"
+        )
+    return f"unsupported format version {str(version)[:30]}: {ours}"
 
 
 def _malformed(reason: str) -> CiphertextError:
