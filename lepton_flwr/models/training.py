@@ -124,13 +124,63 @@ def store_fixed_features(
     return computed
 
 
+class _BatchedTensors(TensorDataset):
+    """A TensorDataset that gives the loader a whole batch at once: one indexing per tensor.
+
+    The loader's sampler, and so its batches and their order, are the DataLoader's own;
+    only the fetch changes (``x[batch]`` rather than stacking the batch's examples one by
+    one: the same values). :func:`_whole_batch` is its collate function.
+    """
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, ...]:
+        batch = torch.as_tensor(indices, dtype=torch.long)
+        return tuple(tensor[batch] for tensor in self.tensors)
+
+
+def _whole_batch(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    return batch
+
+
 def make_loader(
-    x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool, seed: int = 0
+    x: np.ndarray,
+    y: np.ndarray,
+    batch_size: int,
+    shuffle: bool,
+    seed: int = 0,
+    fetch_batches: bool = False,
 ) -> DataLoader:
-    """Wrap numpy arrays in a DataLoader (seeded shuffling)."""
-    dataset = TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
+    """Wrap numpy arrays in a DataLoader (seeded shuffling).
+
+    With ``fetch_batches``, each batch is taken from the arrays in one indexing rather than
+    example by example: the same batches, in the same order, with less work per step
+    (training and evaluation; DP-SGD's loader, which Opacus rebuilds, keeps the default).
+    """
+    tensors = (torch.from_numpy(x), torch.from_numpy(y))
     generator = torch.Generator().manual_seed(seed)
+    if fetch_batches:
+        return DataLoader(
+            _BatchedTensors(*tensors),
+            batch_size=batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            collate_fn=_whole_batch,
+        )
+    dataset = TensorDataset(*tensors)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
+
+
+def seed_torch(seed: int, device: torch.device | str) -> None:
+    """``torch.manual_seed(seed)``; on the CPU, the CPU generator's alone.
+
+    ``torch.manual_seed`` also queues a seeding of every accelerator torch knows for when
+    one starts, recording the caller's stack each time (about 1.4 ms a call on a CPU
+    run); on the CPU the generator it seeds, the only one a CPU run draws from, is seeded
+    the same.
+    """
+    if torch.device(device).type == "cpu":
+        torch.random.default_generator.manual_seed(seed)
+    else:
+        torch.manual_seed(seed)
 
 
 def train(
@@ -150,7 +200,16 @@ def train(
     """Train ``model`` in place with SGD; return the mean training loss of the last epoch."""
     model, x = learning_part(model, x, device)
     loader, optimizer = prepare_sgd(
-        model, x, y, batch_size, lr, momentum, weight_decay, device=device, seed=seed
+        model,
+        x,
+        y,
+        batch_size,
+        lr,
+        momentum,
+        weight_decay,
+        device=device,
+        seed=seed,
+        fetch_batches=True,
     )
     return run_epochs(model, loader, optimizer, loss_fn(num_outputs), epochs, device)
 
@@ -166,14 +225,16 @@ def prepare_sgd(
     *,
     device: torch.device | str,
     seed: int,
+    fetch_batches: bool = False,
 ) -> tuple[DataLoader, torch.optim.SGD]:
     """Seed torch, move ``model`` to ``device`` in train mode; its shuffled loader and SGD.
 
-    What plain training and DP-SGD (before Opacus wraps them) both start from.
+    What plain training and DP-SGD (before Opacus wraps them) both start from;
+    ``fetch_batches`` as in :func:`make_loader`.
     """
-    torch.manual_seed(seed)
+    seed_torch(seed, device)
     model.to(device).train()
-    loader = make_loader(x, y, batch_size, shuffle=True, seed=seed)
+    loader = make_loader(x, y, batch_size, shuffle=True, seed=seed, fetch_batches=fetch_batches)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
     )
@@ -237,7 +298,7 @@ def evaluate(
         return {"loss": float("nan"), "accuracy" if num_outputs > 1 else "r2": float("nan")}
     criterion = loss_fn(num_outputs)
     outputs = []
-    for xb, _ in make_loader(x, y, batch_size, shuffle=False):
+    for xb, _ in make_loader(x, y, batch_size, shuffle=False, fetch_batches=True):
         outputs.append(model(xb.to(device)).cpu())
     pred = torch.cat(outputs)
     target = torch.from_numpy(y)
