@@ -106,16 +106,19 @@ def engine_round_times(
     return seconds, indexed
 
 
-def main_job_round_times(nodes: int, rounds: int, clients: int) -> tuple[list[float], bool]:
+def main_job_round_times(
+    nodes: int, rounds: int, clients: int
+) -> tuple[list[float], bool, dict[str, float]]:
     """Run the main job for ``rounds`` rounds at ``nodes`` nodes.
 
     Returns
     -------
-    tuple[list[float], bool]
-        Its seconds per round, and whether the indexed link state ran.
+    tuple[list[float], bool, dict[str, float]]
+        Its seconds per round, whether the indexed link state ran, and the run's ε and
+        key holder's accuracy (what a faster round must leave as they were).
     """
     from lepton_flwr.config import load_config
-    from lepton_flwr.results import SERVER_ONLY_JSONL
+    from lepton_flwr.results import SERVER_ONLY_JSONL, SUMMARY_FILE
     from lepton_flwr.sim_linkstate import population_flat_engine
     from simulations.run import run_simulation_from_config
 
@@ -129,27 +132,31 @@ def main_job_round_times(nodes: int, rounds: int, clients: int) -> tuple[list[fl
     )
     run_simulation_from_config(cfg, folder)
     rows = [json.loads(line) for line in (folder / SERVER_ONLY_JSONL).read_text().splitlines()]
-    return [row["round_seconds"] for row in rows], indexed
+    summary = json.loads((folder / SUMMARY_FILE).read_text())
+    outcome = {k: summary[k] for k in ("epsilon", "keyholder_accuracy") if k in summary}
+    return [row["round_seconds"] for row in rows], indexed, outcome
 
 
 def run_one(args: argparse.Namespace) -> None:
     """Child process: one population, one link state; write the round seconds as JSON."""
     nodes, state = args.one
     nodes = int(nodes)
+    outcome: dict[str, float] = {}
     if args.workload == "engine":
         seconds, indexed = engine_round_times(nodes, args.rounds, args.clients, args.work)
     else:
-        seconds, indexed = main_job_round_times(nodes, args.rounds, args.clients)
+        seconds, indexed, outcome = main_job_round_times(nodes, args.rounds, args.clients)
     if indexed != (state == "indexed"):
         raise RuntimeError(f"asked for the {state} link state, the other one ran")
-    Path(args.json).write_text(json.dumps({"nodes": nodes, "state": state, "seconds": seconds}))
+    result = {"nodes": nodes, "state": state, "seconds": seconds, "outcome": outcome}
+    Path(args.json).write_text(json.dumps(result))
 
 
 def run_all(args: argparse.Namespace) -> dict[tuple[int, str], list[float]]:
     """Run every (population, link state) in its own process, side by side."""
     results: dict[tuple[int, str], list[float]] = {}
     for nodes in args.nodes:
-        for state in LINK_STATES:
+        for state in args.states:
             env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
             env.pop("LEPTON_FLOWER_LINK_STATE", None)
             if state == "flower":
@@ -169,12 +176,13 @@ def run_all(args: argparse.Namespace) -> dict[tuple[int, str], list[float]]:
                 if done.returncode:
                     sys.stderr.write(Path(log.name).read_text()[-6000:])
                     raise SystemExit(f"{nodes} nodes, {state}: exit status {done.returncode}")
-                seconds = json.loads(Path(out.name).read_text())["seconds"]
-            results[nodes, state] = seconds
+                written = json.loads(Path(out.name).read_text())
+            seconds = results[nodes, state] = written["seconds"]
             shown = " ".join(f"{s:.2f}" for s in seconds)
+            outcome = "".join(f", {k} {v:.4f}" for k, v in written.get("outcome", {}).items())
             print(
                 f"  {nodes:>6} nodes, {state:>7}: rounds {shown} s "
-                f"({time.perf_counter() - started:.0f} s with start-up)",
+                f"({time.perf_counter() - started:.0f} s with start-up){outcome}",
                 flush=True,
             )
     return results
@@ -241,6 +249,10 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=100, help="clients per round")
     parser.add_argument("--workload", choices=("engine", "main"), default="engine")
     parser.add_argument("--work", type=int, default=40, help="engine: matmuls per client")
+    parser.add_argument(
+        "--states", nargs="+", choices=LINK_STATES, default=list(LINK_STATES),
+        help="link states to run (the table and plot need both)",
+    )  # fmt: skip
     parser.add_argument("--plot", type=Path, default=Path("docs/population_round_time.png"))
     parser.add_argument("--one", nargs=2, metavar=("NODES", "STATE"), help=argparse.SUPPRESS)
     parser.add_argument("--json", help=argparse.SUPPRESS)
@@ -255,6 +267,10 @@ def main() -> None:
         flush=True,
     )
     results = run_all(args)
+    if set(args.states) != set(LINK_STATES):
+        for (nodes, state), seconds in results.items():
+            print(f"{nodes:>7,} nodes, {state}: median round {median_after_first(seconds):.2f} s")
+        return
     print(report(results, args.nodes))
     title = (
         f"{args.workload} workload, {args.clients} clients/round, "

@@ -232,6 +232,12 @@ class FeatureStore:
         missing = [i for i, d in enumerate(digests) if not self._fill(d, features, i)]
         return features, np.array(missing, dtype=np.int64)
 
+    def lacking(self, digests: Sequence[bytes]) -> np.ndarray:
+        """The positions of the images no shard indexes (their rows are checked when read)."""
+        if any(d not in self._where for d in digests):
+            self._scan()
+        return np.array([i for i, d in enumerate(digests) if d not in self._where], np.int64)
+
     def _fill(self, digest: bytes, out: np.ndarray, i: int) -> bool:
         """Copy the image's stored row into ``out[i]`` if one passes its check."""
         while (where := self._where.get(digest)) is not None:

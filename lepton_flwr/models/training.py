@@ -97,7 +97,8 @@ def store_fixed_features(
     """Put ``model``'s fixed features of every example of ``x`` in the shared disk store.
 
     What :func:`learning_part` would compute for any subset of ``x``, computed once for
-    all of it, ``chunk`` examples a shard, and not kept in this process.
+    all of it, ``chunk`` examples a shard, and not kept in this process. Examples a shard
+    holds already are left as they are (a damaged row is computed afresh when it is read).
 
     Returns
     -------
@@ -116,7 +117,7 @@ def store_fixed_features(
     for start in range(0, len(x), chunk):
         part = np.ascontiguousarray(x[start : start + chunk])
         digests = feature_store.image_digests(part)
-        _, missing = store.read(digests)
+        missing = store.lacking(digests)
         if len(missing):
             fresh = _compute_fixed(fixed, part[missing], device=device)
             store.add([digests[i] for i in missing], fresh)
