@@ -10,6 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
+from lepton_flwr.data.dataset_cache import ARRAYS as SPLIT_ARRAYS
+from lepton_flwr.data.dataset_cache import Layout, configured_folder, load_through_cache
+
 FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
 FASHION_MNIST_FILES = (
     "train-images-idx3-ubyte.gz",
@@ -212,13 +215,41 @@ DATASETS: dict[str, DatasetSpec] = {
 }
 
 
+# scikit-learn's bundled sets, kept split on disk (lepton_flwr.data.dataset_cache): a
+# process that trains on one need not import scikit-learn (about a second per message
+# that a SuperNode's fresh process handles).
+_DISK_CACHED: dict[str, tuple[Callable[..., CentralData], Layout]] = {
+    "digits": (load_digits, Layout(1797, (1, 8, 8), 10, (0.0, 1.0))),
+    "breast_cancer": (load_breast_cancer, Layout(569, (30,), 2)),
+    "diabetes": (load_diabetes, Layout(442, (10,), 1)),
+}
+
+
 @lru_cache(maxsize=4)
 def _load_cached(name: str, options: tuple[tuple[str, object], ...], seed: int) -> CentralData:
-    return DATASETS[name].loader(seed=seed, **dict(options))
+    loader = DATASETS[name].loader
+    test_fraction = dict(options).get("test_fraction")
+    packaged = _DISK_CACHED.get(name)
+    if (
+        packaged is None
+        or loader is not packaged[0]  # a loader put in DATASETS by hand is always called
+        or not (isinstance(test_fraction, float) and 0.0 < test_fraction < 1.0)
+    ):
+        return loader(seed=seed, **dict(options))
+    layout = packaged[1]
+
+    def load() -> dict[str, np.ndarray]:
+        data = loader(seed=seed, **dict(options))
+        return {name: getattr(data, name) for name in SPLIT_ARRAYS}
+
+    arrays = load_through_cache(
+        name, options, seed, test_fraction, layout, load, configured_folder()
+    )
+    return CentralData(**arrays, natural_ids=None, num_outputs=layout.num_outputs)
 
 
 def load_dataset(dataset_cfg: dict, seed: int = 0) -> CentralData:
-    """Load the dataset a config names (cached per process).
+    """Load the dataset a config names (cached per process; scikit-learn's sets on disk too).
 
     Parameters
     ----------
