@@ -457,9 +457,9 @@ def validate_config(cfg: dict[str, Any]) -> None:
             f"the chosen model cannot train on the chosen dataset: {reason}",
         )
     if model == "cnn":
-        from lepton_flwr.models.nets import ACTIVATIONS
+        from lepton_flwr.models.catalogue import ACTIVATION_NAMES  # nets' names, no torch
 
-        _check_choice("model.activation", cfg["model"]["activation"], list(ACTIVATIONS))
+        _check_choice("model.activation", cfg["model"]["activation"], ACTIVATION_NAMES)
         channels, hidden = list(cfg["model"]["channels"]), cfg["model"]["hidden"]
         _require(
             len(channels) == 2
@@ -478,7 +478,7 @@ def validate_config(cfg: dict[str, Any]) -> None:
             hidden,
         )
     if model == "scatnet":
-        from lepton_flwr.models.nets import scatnet_shape_error
+        from lepton_flwr.models.catalogue import scatnet_shape_error
 
         m = cfg["model"]
         shape = DATASETS[dataset].image_shape
@@ -627,10 +627,13 @@ def _validate_privacy(cfg: dict[str, Any]) -> None:
         _require(p["accountant"] == "rdp", "privacy.sampling=fixed is accounted with rdp only")
 
 
-def _validate_dpsgd(p: dict[str, Any]) -> None:
-    from lepton_flwr.dp.dpsgd import MODES
+# Opacus' gradient sample modes DP-SGD takes (lepton_flwr.dp.dpsgd.MODES, which imports
+# torch): named here so that checking a config imports neither.
+DPSGD_MODES = ("ghost", "hooks", "functorch", "ew")
 
-    _check_choice("privacy.mode", p["mode"], MODES)
+
+def _validate_dpsgd(p: dict[str, Any]) -> None:
+    _check_choice("privacy.mode", p["mode"], DPSGD_MODES)
     _check_choice("privacy.accountant", p["accountant"], ("rdp", "prv"))
     _require(p["max_grad_norm"] > 0, "privacy.max_grad_norm must be > 0", p["max_grad_norm"])
     z, target = p["noise_multiplier"], p["target_epsilon"]

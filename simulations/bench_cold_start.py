@@ -10,10 +10,16 @@ benchmark times, side by side in one run (each case in turn, repeated, median):
 - ``flwr``: ``python -c "import flwr.app, flwr.clientapp"``, what Flower's process pays
   before it loads an app;
 - ``flwr+torch+optim``: both, the floor of any Flower ClientApp training with torch.optim;
+- ``flwr+torch``: Flower and torch, the floor of a ClientApp training without torch.optim;
 - ``import``: ``python -c "import lepton_flwr.apps.client"``, our ClientApp's module;
 - ``train``: import, then one training message of the digits / logistic-regression
   config (``+experiment=digits_smoke model=logreg``, config read from the run config as
-  under ``flwr run``), handled to its reply;
+  under ``flwr run``), handled to its reply, its digits split read from a dataset cache
+  (:mod:`lepton_flwr.data.dataset_cache`) that a warm-up message filled;
+- ``train-before``: the same message the way it was handled before: no dataset cache
+  (``LEPTON_FLWR_DATA_CACHE`` empty: scikit-learn loads and splits the digits) and
+  ``torch.optim.SGD`` in place of :class:`~lepton_flwr.models.sgd.EagerSGD` (patched in
+  the process), which imports ``torch._dynamo``;
 - ``stage``: import, then one secure-aggregation ``advertise`` message of the CI
   deployment's HE + DP config (``strategy=he_dp_fedavg he.secure_aggregation=true``),
   handled to its reply.
@@ -53,6 +59,7 @@ ADVERTISE = {
     "lepton-secagg.advertise.rounds": 64,
 }
 REPO_ROOT = Path(__file__).resolve().parent.parent
+DATA_CACHE_ENV = "LEPTON_FLWR_DATA_CACHE"  # lepton_flwr.data.dataset_cache.DATA_CACHE_ENV
 ONE_OPTIMIZER = "torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=0.1)"
 # Libraries that only some configs need: each handled message reports which it imported.
 ON_DEMAND = (
@@ -110,12 +117,14 @@ def write_stage_keys(folder: Path) -> Path:
     return secret
 
 
-def handle(folder: Path) -> dict:
+def handle(folder: Path, before: bool = False) -> dict:
     """In a fresh process: import our ClientApp and handle the message in ``folder``.
 
     Returns the seconds the import and the handling took, which of ``ON_DEMAND`` the
-    process imported, and the reply's record names; raises if the reply is an error (a
-    benchmark of an error path is no benchmark).
+    process imported, the reply's record names, whether training went through
+    ``EagerSGD``, and a digest of the reply's arrays (if any); raises if the reply is an
+    error (a benchmark of an error path is no benchmark). ``before``: train with
+    ``torch.optim.SGD`` (the dataset cache is turned off by the caller's environment).
     """
     start = time.perf_counter()
     from lepton_flwr.apps.client import app
@@ -143,6 +152,8 @@ def handle(folder: Path) -> dict:
         run_config=spec["run_config"],
     )
     built = time.perf_counter()
+    if before:
+        _train_with_torch_optim()
     reply = app(msg, context)
     handled = time.perf_counter()
     if reply.has_error():
@@ -152,7 +163,37 @@ def handle(folder: Path) -> dict:
         "handle_s": handled - built,
         "imported": [name for name in ON_DEMAND if name in sys.modules],
         "reply": sorted(reply.content.keys()),
+        "eager_sgd": not before and _trains_with_eager_sgd(),
+        "arrays_digest": _digest(reply.content["arrays"]) if "arrays" in reply.content else None,
     }
+
+
+def _digest(arrays) -> str:
+    """A digest of a reply's arrays (names, dtypes, shapes and bytes): equal iff bit for bit."""
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=16)
+    for name, array in sorted(arrays.items()):
+        value = array.numpy()
+        digest.update(f"{name}:{value.dtype.str}:{value.shape}".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
+
+
+def _trains_with_eager_sgd() -> bool:
+    """Whether ``models.train`` (imported by the handled message) builds EagerSGD."""
+    training = sys.modules.get("lepton_flwr.models.training")
+    return training is not None and "EagerSGD" in vars(training)
+
+
+def _train_with_torch_optim() -> None:
+    """Make ``models.train`` build ``torch.optim.SGD`` again, as before EagerSGD."""
+    import torch
+
+    from lepton_flwr.models import training
+
+    if hasattr(training, "EagerSGD"):
+        training.EagerSGD = torch.optim.SGD
 
 
 def _run(argv: list[str], env: dict) -> tuple[float, float, dict]:
@@ -176,7 +217,7 @@ def main(repeats: int = 7) -> None:
     """Print each case's median wall and CPU time, and its ratio to ``import torch``."""
     if repeats < 5:
         raise ValueError("repeats: at least 5")
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "OMP_NUM_THREADS": "1"}
+    base = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "OMP_NUM_THREADS": "1"}
     module = "simulations.bench_cold_start"
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -184,20 +225,30 @@ def main(repeats: int = 7) -> None:
         (tmp / "stage").mkdir()
         write_train_message(tmp / "train")
         write_stage_message(tmp / "stage", write_stage_keys(tmp / "keys"))
+        env = {**base, DATA_CACHE_ENV: str(tmp / "data-cache")}  # filled by the warm-up
+        without_cache = {**base, DATA_CACHE_ENV: ""}
+        train = ["-m", module, "--handle", str(tmp / "train")]
         cases = {
-            "torch": ["-c", "import torch"],
-            "torch+optim": ["-c", f"import torch\n{ONE_OPTIMIZER}"],
-            "flwr": ["-c", "import flwr.app, flwr.clientapp"],
-            "flwr+torch+optim": ["-c", f"import flwr.app, flwr.clientapp, torch\n{ONE_OPTIMIZER}"],
-            "import": ["-c", "import lepton_flwr.apps.client"],
-            "train": ["-m", module, "--handle", str(tmp / "train")],
-            "stage": ["-m", module, "--handle", str(tmp / "stage")],
+            "torch": (["-c", "import torch"], env),
+            "torch+optim": (["-c", f"import torch\n{ONE_OPTIMIZER}"], env),
+            "flwr": (["-c", "import flwr.app, flwr.clientapp"], env),
+            "flwr+torch": (["-c", "import flwr.app, flwr.clientapp, torch"], env),
+            "flwr+torch+optim": (
+                ["-c", f"import flwr.app, flwr.clientapp, torch\n{ONE_OPTIMIZER}"],
+                env,
+            ),
+            "import": (["-c", "import lepton_flwr.apps.client"], env),
+            "train-before": ([*train, "--before"], without_cache),
+            "train": (train, env),
+            "stage": (["-m", module, "--handle", str(tmp / "stage")], env),
         }
         runs: dict[str, list] = {name: [] for name in cases}
-        _run(cases["import"], env)  # warm the file cache and bytecode once
+        # Warm the file cache and bytecode; the first train message writes the digits split.
+        first = _run(*cases["train"])
         for _ in range(repeats):
-            for name, argv in cases.items():  # interleaved: a load change hits every case
-                runs[name].append(_run(argv, env))
+            for name, (argv, case_env) in cases.items():  # interleaved: load hits every case
+                runs[name].append(_run(argv, case_env))
+    print(f"first train message (dataset cache empty, written): {first[0]:.2f} s wall")
     _report(runs, repeats)
 
 
@@ -214,7 +265,7 @@ def _report(runs: dict[str, list], repeats: int) -> None:
             f"{name:16} {wall[name]:8.2f} {wall[name] / wall['torch']:8.2f} "
             f"{wall[name] - wall['torch']:+8.2f} {cpu[name]:8.2f} {cpu[name] - cpu['torch']:+8.2f}"
         )
-    for name in ("train", "stage"):
+    for name in ("train-before", "train", "stage"):
         inside = [r[2] for r in runs[name]]
         print(
             f"{name}: import {statistics.median(i['import_s'] for i in inside):.2f} s, "
@@ -222,15 +273,21 @@ def _report(runs: dict[str, list], repeats: int) -> None:
             f"process, median); imported: {', '.join(inside[0]['imported']) or 'none of'} "
             f"({', '.join(ON_DEMAND)})"
         )
-    floor = "flwr+torch+optim"
     print(
-        f"train beyond {floor} (what any Flower ClientApp training with torch.optim pays): "
-        f"{wall['train'] - wall[floor]:+.2f} s wall, {cpu['train'] - cpu[floor]:+.2f} s CPU"
+        f"train: {wall['train-before']:.2f} s before -> {wall['train']:.2f} s "
+        f"({wall['train-before'] / wall['train']:.2f}x); beyond torch's import "
+        f"{wall['train-before'] - wall['torch']:+.2f} s -> {wall['train'] - wall['torch']:+.2f} s "
+        f"(goal: at most +1.50 s); trained with EagerSGD: {runs['train'][0][2]['eager_sgd']}"
     )
+    for floor in ("flwr+torch", "flwr+torch+optim"):
+        print(
+            f"train beyond {floor}: {wall['train'] - wall[floor]:+.2f} s wall, "
+            f"{cpu['train'] - cpu[floor]:+.2f} s CPU"
+        )
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--handle":
-        print(json.dumps(handle(Path(sys.argv[2]))))
+    if len(sys.argv) in (3, 4) and sys.argv[1] == "--handle":
+        print(json.dumps(handle(Path(sys.argv[2]), before=sys.argv[3:] == ["--before"])))
     else:
         main(int(sys.argv[1]) if len(sys.argv) > 1 else 7)

@@ -2,10 +2,13 @@
 
 A SuperNode starts a fresh process for every message, so this module imports what
 every message needs (Flower, the config, the mods) and each handler imports the rest
-when it runs: torch with the model, Opacus and the DP-SGD history with DP-SGD. A
+when it runs: torch with the model, Opacus and the DP-SGD history with DP-SGD. Training
+steps go through :class:`~lepton_flwr.models.sgd.EagerSGD` (``torch.optim.SGD``'s update
+without the ``torch._dynamo`` import), and scikit-learn's datasets are read split from a
+disk cache (:mod:`lepton_flwr.data.dataset_cache`) once a process has written it. A
 secure-aggregation stage is answered by ``he_mod`` before any handler: it loads no data
-and no model, and imports torch only where checking the run's config does (a cnn or
-scatnet model, DP-SGD, a noise multiplier calibrated from a target epsilon).
+and no model, and imports torch only where checking the run's config does (a noise
+multiplier calibrated from a target epsilon: Opacus' accountants).
 """
 
 from __future__ import annotations
