@@ -517,3 +517,27 @@ def test_max_summed_is_enforced_with_the_download_rounding_counted(secret, publi
     total.count = summed_limit(12) + 1
     with pytest.raises(TooManySummedError, match="covers at most 60074"):
         total.download()
+
+
+def test_an_exact_sum_carries_over_and_folding_changes_nothing(secret, public, hundred_uploads):
+    """exact() then add_exact() (the running sum of HE + DP) and the early reduction of the
+    uploads' words (_fold, reached after 2^44 uploads) give the sum word for word."""
+    _, _, chunks, _ = hundred_uploads
+    client, server = PackedFormat(secret), PackedFormat(public)
+    uploads = [client.pack_upload([chunk]) for chunk in chunks[:4]]
+    whole, first, folding = PackedSum(server, 1), PackedSum(server, 1), PackedSum(server, 1)
+    folding._max_unreduced = 1
+    for upload in uploads:
+        whole.add(upload)
+        folding.add(upload)
+    for upload in uploads[:2]:
+        first.add(upload)
+    carried = PackedSum(server, 1)
+    carried.add_exact(*first.exact(), first.count)
+    for upload in uploads[2:]:
+        carried.add(upload)
+    assert carried.count == folding.count == whole.count == 4
+    for other in (carried, folding):
+        for got, expected in zip(other.exact(), whole.exact(), strict=True):
+            np.testing.assert_array_equal(got, expected)
+    assert carried.download() == whole.download()
