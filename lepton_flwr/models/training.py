@@ -63,15 +63,15 @@ def learning_part(
     from lepton_flwr.models import feature_store
 
     x = np.ascontiguousarray(x)
-    digests = feature_store.image_digests(x)
-    digest = hashlib.blake2b(b"".join(digests), digest_size=16).hexdigest()
+    digest = hashlib.blake2b(x.data, digest_size=16).hexdigest()
     key = (type(model).__name__, model.fixed_features_options, x.shape, x.dtype.str, digest)
     if key not in _FEATURES:
         store = feature_store.store_for(model, x, str(device))
         compute = partial(_compute_fixed, fixed, device=device)
         if store is None:
             _FEATURES[key] = compute(x)
-        else:
+        else:  # each image by its own digest
+            digests = feature_store.image_digests(x)
             _FEATURES[key] = feature_store.features_through(store, x, digests, compute)
         while (
             len(_FEATURES) > 1 and sum(f.nbytes for f in _FEATURES.values()) > _FEATURES_MAX_BYTES
