@@ -18,16 +18,21 @@ never seen is computed afresh.
 
 A shard is written to a temporary file in the same folder and renamed into place: a
 reader sees a whole shard or none. A shard read from disk is untrusted input: one that is
-a link, not a regular file, has another dtype, shape or size than its key implies, or a
-malformed header is ignored (and its images computed afresh); each row served is checked
-against its digest, and a row that differs is computed afresh too.
+a link, not a regular file, another user's or writable by others, has another dtype,
+shape or size than its key implies, or a malformed header is ignored (and its images
+computed afresh); each row served is checked against its digest, and a row that differs
+is computed afresh too. A key folder that is a link, another user's or open to others is
+neither read nor written. A disk that refuses a write costs speed, not the training.
 
 Where it lives: the folder named by the environment variable ``LEPTON_FLWR_FEATURE_CACHE``
 (``FEATURE_CACHE_ENV``); unset or empty, nothing is stored. The simulation runner sets it
 to :func:`default_folder` unless it is set already (empty turns the store off), and its
 Ray actors inherit it; a deployed node uses a store when its SuperNode's environment sets
-the variable. A process stores the features only of images it was given to train or test
-on, in a folder only its user may open (mode 700, shards 600): data it already holds.
+the variable (Flower 1.42 starts each ``flwr-clientapp`` process with the SuperNode's
+environment). A process stores the features only of images it was given to train or test
+on, in a key folder only its user may open (mode 700, shards 600): data it already holds.
+Nothing is ever deleted: Fashion-MNIST's 70,000 images take 1.1 GB per key (the
+ScatterNet's defaults); remove the folder to reclaim the space.
 """
 
 from __future__ import annotations
