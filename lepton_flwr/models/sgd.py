@@ -5,11 +5,12 @@ Constructing any ``torch.optim`` optimizer, and each of its steps, goes through 
 process pays that once; a SuperNode's ``flwr-clientapp`` process, started afresh for
 each message, pays it on every message. :class:`EagerSGD` calls the same update that
 ``torch.optim.SGD.step`` calls, torch's public functional ``torch.optim.sgd.sgd``, with the
-same arguments (single-tensor, foreach or fused kernel chosen by torch as the class
-would), so its parameters after any number of steps are those of ``torch.optim.SGD``, bit
-for bit. It does not support what it does not need: closures, hooks, state dicts,
-parameter groups, sparse gradients, ``torch.compile``; DP-SGD keeps ``torch.optim.SGD``,
-which Opacus wraps.
+same arguments (the single-tensor or foreach kernel chosen by torch as the class would),
+so its parameters after any number of steps are those of ``torch.optim.SGD``, bit for bit
+(``tests/test_eager_sgd.py`` checks it on the CPU; a CUDA run, with torch's foreach
+kernels, is checked there where a GPU is present). It does not support what it does not
+need: closures, hooks, state dicts, parameter groups, sparse gradients,
+``torch.compile``; DP-SGD keeps ``torch.optim.SGD``, which Opacus wraps.
 """
 
 from __future__ import annotations
