@@ -16,6 +16,8 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
@@ -59,19 +61,40 @@ def actor_threads(cfg: dict) -> dict[str, str]:
     return {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
 
 
-def store_fixed_features(cfg: dict, data) -> None:
-    """Compute the model's fixed features of the whole dataset once, for every process.
+@contextmanager
+def fixed_features_stored(cfg: dict, data) -> Iterator[None]:
+    """Within: the model's fixed features of the whole dataset, computed once, for every process.
 
-    Only for a model with a fixed stage (the ScatterNet's scattering). The store is
-    the folder ``LEPTON_FLWR_FEATURE_CACHE`` names, set here to
+    Only for a model with a fixed stage (the ScatterNet's scattering). The store is the
+    folder ``LEPTON_FLWR_FEATURE_CACHE`` names, set here, for the block only, to
     :func:`lepton_flwr.models.feature_store.default_folder` unless it is set already
-    (empty: no store); the Ray actors inherit it, so that every client's partition and
-    the global test set are looked up, not computed, in every round and every later run.
-    It holds the features of this dataset only, which this process holds already.
+    (empty: no store). The Ray actors started within inherit it, so that every client's
+    partition and the global test set are looked up, not computed, in every round and
+    every later run; it holds the features of this dataset only, which this process
+    holds already. Afterwards the process's environment is as it was (a test that runs
+    the runner leaves no store behind for the next).
     """
     from lepton_flwr.models import feature_store
 
-    os.environ.setdefault(feature_store.FEATURE_CACHE_ENV, str(feature_store.default_folder()))
+    variable = feature_store.FEATURE_CACHE_ENV
+    before = os.environ.get(variable)
+    os.environ.setdefault(variable, str(feature_store.default_folder()))
+    try:
+        store_fixed_features(cfg, data)
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(variable, None)
+
+
+def store_fixed_features(cfg: dict, data) -> None:
+    """Put the fixed features of ``data``'s training pool and test set in the store, if any.
+
+    Nothing without a store (``LEPTON_FLWR_FEATURE_CACHE`` unset or empty) or for a model
+    without a fixed stage; prints how many were computed and where they are.
+    """
+    from lepton_flwr.models import feature_store
+
     if feature_store.configured_folder() is None:
         return
     from lepton_flwr.apps.common import model_for
@@ -117,27 +140,30 @@ def run_simulation_from_config(cfg: dict, output_dir: str | Path) -> Path:
     cfg["simulation"] = {**cfg["simulation"], "num_supernodes": num_nodes}
     data = load_dataset(cfg["dataset"], cfg["seed"])
     partition_indices(data, cfg["partition"], num_nodes, cfg["seed"])
-    store_fixed_features(cfg, data)
 
     os.environ.update(actor_threads(cfg))
     # Flower's link state, indexed by destination node: rounds stop growing with the
     # number of nodes (lepton_flwr.sim_linkstate says which Flower versions it covers).
-    with population_flat_engine():
-        run_simulation(
-            # Every party is this machine: the runner also plays the key holder and tests
-            # each decrypted model on the global test set (a deployment's server cannot).
-            server_app=make_server_app(cfg, keyholder_secret=cfg["he"].get("secret_context_path")),
-            client_app=make_client_app(cfg),
-            num_supernodes=num_nodes,
-            backend_config=backend_config(cfg),
-        )
-    out = Path(cfg["output_dir"])
-    if not (out / SUMMARY_FILE).is_file():
-        raise RuntimeError(
-            f"The run did not finish: no {SUMMARY_FILE} in {out}; see the log above."
-        )
-    if (out / ENCRYPTED_MODEL_FILE).is_file():
-        add_keyholder_evaluation(cfg, out)
+    with fixed_features_stored(cfg, data):
+        with population_flat_engine():
+            run_simulation(
+                # Every party is this machine: the runner also plays the key holder and
+                # tests each decrypted model on the global test set (a deployment's server
+                # cannot).
+                server_app=make_server_app(
+                    cfg, keyholder_secret=cfg["he"].get("secret_context_path")
+                ),
+                client_app=make_client_app(cfg),
+                num_supernodes=num_nodes,
+                backend_config=backend_config(cfg),
+            )
+        out = Path(cfg["output_dir"])
+        if not (out / SUMMARY_FILE).is_file():
+            raise RuntimeError(
+                f"The run did not finish: no {SUMMARY_FILE} in {out}; see the log above."
+            )
+        if (out / ENCRYPTED_MODEL_FILE).is_file():
+            add_keyholder_evaluation(cfg, out)
     return out
 
 

@@ -353,3 +353,25 @@ def test_a_disk_that_refuses_the_write_costs_speed_not_the_training(store_folder
     model, calls, fixed = counting_model()
     _, features = training.learning_part(model, x)
     assert calls == [10] and np.array_equal(features, fresh(fixed, x))
+
+
+def test_the_runner_sets_the_default_folder_for_its_run_only(tmp_path, monkeypatch):
+    from lepton_flwr.config import load_config
+    from lepton_flwr.data import load_dataset
+    from simulations.run import fixed_features_stored
+
+    monkeypatch.delenv(FEATURE_CACHE_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    forget_in_memory(monkeypatch)
+    cfg = load_config("+experiment=digits_smoke model=scatnet model.J=1 model.groups=9")
+    data = load_dataset(cfg["dataset"], cfg["seed"])
+    default = tmp_path / "lepton-flwr" / "features"
+    with fixed_features_stored(cfg, data):
+        assert os.environ[FEATURE_CACHE_ENV] == str(default)  # what the Ray actors inherit
+        assert len(shard_files(default)) == 2
+    assert FEATURE_CACHE_ENV not in os.environ  # a later test or run in this process: none
+    chosen = tmp_path / "chosen"
+    monkeypatch.setenv(FEATURE_CACHE_ENV, str(chosen))
+    with fixed_features_stored(cfg, data):
+        assert os.environ[FEATURE_CACHE_ENV] == str(chosen)
+    assert os.environ[FEATURE_CACHE_ENV] == str(chosen) and len(shard_files(chosen)) == 2
