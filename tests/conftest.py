@@ -9,6 +9,9 @@ os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
 os.environ["FLWR_DISABLE_UPDATE_CHECK"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
+# A developer's own feature store would make the tests that count computations pass once,
+# then fail: the tests start without one (the runner sets its default for its run only).
+os.environ.pop("LEPTON_FLWR_FEATURE_CACHE", None)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")

@@ -32,10 +32,12 @@ Every round is composed as it was (noise multiplier and rate of each entry).
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 from flwr.serverapp import exception as flwr_exception
 
 from lepton_flwr.dp.quiet_opacus import import_opacus
@@ -63,6 +65,18 @@ class PrivacyConfigError(ValueError):
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise PrivacyConfigError(message)
+
+
+@functools.lru_cache(maxsize=256)
+def _rdp_per_step(noise_multiplier: float, sample_rate: float, orders: tuple) -> np.ndarray:
+    """Opacus' RDP of one Poisson-sampled Gaussian release at each order (read-only)."""
+    from opacus.accountants.analysis.rdp import compute_rdp
+
+    rdp = compute_rdp(
+        q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=list(orders)
+    )
+    rdp.setflags(write=False)
+    return rdp
 
 
 def check_delta(delta: float, population: int | None = None) -> None:
@@ -185,9 +199,15 @@ class ClientLevelAccountant:
         from opacus.accountants import PRVAccountant, RDPAccountant
 
         if accountant == "rdp":
-            acc = RDPAccountant()
-            acc.history = list(self.history)
-            return float(acc.get_epsilon(delta))
+            from opacus.accountants.analysis import rdp as analysis
+
+            # Opacus' RDPAccountant.get_privacy_spent, with each (z, q)'s per-step RDP
+            # computed once per process: the same sum of the same products, bit for bit.
+            if not self.history:
+                return 0.0
+            orders = tuple(RDPAccountant.DEFAULT_ALPHAS)
+            rdp = sum([_rdp_per_step(z, q, orders) * steps for z, q, steps in self.history])
+            return float(analysis.get_privacy_spent(orders=list(orders), rdp=rdp, delta=delta)[0])
         acc = PRVAccountant()
         acc.history = list(self.history)
         # PRV's error bound is absolute (0.01 by default): make it 0.2 % of epsilon.
