@@ -149,11 +149,6 @@ def test_the_reply_is_bit_for_bit_the_one_before_eager_sgd_and_the_dataset_cache
     assert after["arrays_digest"] is not None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="until lepton_flwr.models.training.train builds EagerSGD (the hook in the lead's "
-    "hands): then this passes, and the marker goes",
-)
 def test_a_digits_training_message_imports_torch_alone(train_message, tmp_path):
     _handle(train_message, tmp_path)  # fills the cache
     result = _handle(train_message, tmp_path)

@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lepton_flwr.models.sgd import EagerSGD
+
 
 def resolve_device(name: str) -> torch.device:
     """Map ``cpu`` / ``cuda`` / ``auto`` to a torch device.
@@ -211,6 +213,7 @@ def train(
         device=device,
         seed=seed,
         fetch_batches=True,
+        eager=True,
     )
     return run_epochs(model, loader, optimizer, loss_fn(num_outputs), epochs, device)
 
@@ -227,16 +230,21 @@ def prepare_sgd(
     device: torch.device | str,
     seed: int,
     fetch_batches: bool = False,
-) -> tuple[DataLoader, torch.optim.SGD]:
+    eager: bool = False,
+) -> tuple[DataLoader, torch.optim.SGD | EagerSGD]:
     """Seed torch, move ``model`` to ``device`` in train mode; its shuffled loader and SGD.
 
     What plain training and DP-SGD (before Opacus wraps them) both start from;
-    ``fetch_batches`` as in :func:`make_loader`.
+    ``fetch_batches`` as in :func:`make_loader`. With ``eager``, the optimizer is
+    :class:`~lepton_flwr.models.sgd.EagerSGD` (the same updates, bit for bit, without the
+    ``torch._dynamo`` import that a fresh process pays per message); DP-SGD keeps
+    ``torch.optim.SGD``, which Opacus wraps.
     """
     seed_torch(seed, device)
     model.to(device).train()
     loader = make_loader(x, y, batch_size, shuffle=True, seed=seed, fetch_batches=fetch_batches)
-    optimizer = torch.optim.SGD(
+    optimizer_class = EagerSGD if eager else torch.optim.SGD
+    optimizer = optimizer_class(
         model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
     )
     return loader, optimizer
@@ -245,7 +253,7 @@ def prepare_sgd(
 def run_epochs(
     model: nn.Module,
     loader: DataLoader,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | EagerSGD,
     criterion: nn.Module,
     epochs: int,
     device: torch.device | str,
