@@ -250,6 +250,37 @@ def test_a_link_in_place_of_the_file_is_not_followed(tmp_path):
     assert elsewhere.read_bytes() == path.read_bytes()
 
 
+def test_a_file_others_may_read_is_refused_and_replaced(tmp_path):
+    _through(tmp_path, CountingLoad())
+    path = _the_file(tmp_path)
+    path.chmod(0o644)
+    load = CountingLoad()
+    _assert_same(_through(tmp_path, load), _fresh_digits())
+    assert load.calls == 1 and os.stat(path).st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o775, 0o757])
+def test_a_folder_others_may_write_in_is_not_used(mode, tmp_path):
+    folder = tmp_path / "shared"
+    _through(folder, CountingLoad())
+    folder.chmod(mode)
+    for _ in range(2):
+        load = CountingLoad()
+        _assert_same(_through(folder, load), _fresh_digits())
+        assert load.calls == 1  # neither read nor written
+    folder.chmod(0o700)
+    again = CountingLoad()
+    _through(folder, again)
+    assert again.calls == 0
+
+
+def test_a_file_in_place_of_the_folder_is_not_used(tmp_path):
+    load = CountingLoad()
+    (tmp_path / "not-a-folder").write_text("x")
+    _through(tmp_path / "not-a-folder", load)
+    assert load.calls == 1
+
+
 def test_an_unwritable_folder_loads_without_a_cache(tmp_path):
     blocked = tmp_path / "file-not-folder"
     blocked.write_text("x")

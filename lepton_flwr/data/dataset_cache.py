@@ -12,10 +12,13 @@ options and seed, the versions of scikit-learn and numpy, and the source of
 another file and the old one is never used again (it cannot go stale). The digest is also
 stored inside the file and must match.
 
-A file read back is untrusted input: one that is a link or not a regular file, larger
-than ``MAX_BYTES``, not an uncompressed-size-bounded zip of exactly the expected arrays,
-or whose arrays have another dtype, shape, row count, non-finite values or labels out of
-range, is refused, the set is loaded from scikit-learn, and the file replaced. Files are
+A folder that belongs to another user, or that others may write in, is not used. A file
+read back is untrusted input: one that is a link or not a regular file, another user's or
+open to others (not mode 600), larger than ``MAX_BYTES``, not a zip of exactly the
+expected arrays unpacking to at most ``MAX_BYTES``, or whose arrays have another dtype,
+shape, row count, non-finite values or labels or features out of range, is refused, the
+set is loaded from scikit-learn, and the file replaced. Values within range cannot be
+told from the real ones: the folder is as trusted as the user's own files. Files are
 written whole (a temporary file renamed into place), mode 600, in a folder of mode 700.
 They hold a public dataset, never a node's own data.
 
@@ -31,6 +34,7 @@ import io
 import logging
 import math
 import os
+import stat
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lepton_flwr.files import read_file, write_atomically
+from lepton_flwr.files import read_private, write_atomically
 
 DATA_CACHE_ENV = "LEPTON_FLWR_DATA_CACHE"
 FORMAT = 1
@@ -156,7 +160,7 @@ def split_error(arrays: dict[str, np.ndarray], layout: Layout, test_fraction: fl
 
 def _read(path: Path, key: str) -> dict[str, np.ndarray]:
     """The arrays of a cache file; raises ValueError (or OSError) on anything unexpected."""
-    data = read_file(path, MAX_BYTES)
+    data = read_private(path, MAX_BYTES)
     with zipfile.ZipFile(io.BytesIO(data)) as archive:
         members = archive.infolist()
         names = sorted(member.filename for member in members)
@@ -174,6 +178,23 @@ def _read(path: Path, key: str) -> dict[str, np.ndarray]:
     if stored.shape != () or stored.dtype.kind != "U" or str(stored) != key:
         raise ValueError("was written for other inputs (its key differs)")
     return arrays
+
+
+def _unsafe_folder(folder: Path) -> str | None:
+    """Why ``folder`` may not hold the cache (another user's, or others may write in it)."""
+    try:
+        info = os.stat(folder)
+    except FileNotFoundError:
+        return None  # created (mode 700) when the first split is written
+    except OSError as err:
+        return str(err)
+    if not stat.S_ISDIR(info.st_mode):
+        return "not a folder"
+    if info.st_uid != os.geteuid():
+        return f"it belongs to another user (uid {info.st_uid})"
+    if info.st_mode & 0o022:
+        return f"mode {stat.S_IMODE(info.st_mode):o}: others may write in it"
+    return None
 
 
 def _write(path: Path, key: str, arrays: dict[str, np.ndarray]) -> None:
@@ -208,6 +229,10 @@ def load_through_cache(
         The cache folder; None loads afresh and keeps nothing.
     """
     if folder is None:
+        return load()
+    unsafe = _unsafe_folder(folder)
+    if unsafe is not None:
+        logger.warning("dataset cache %s not used (%s): loading %s afresh", folder, unsafe, name)
         return load()
     key = cache_key(name, options, seed)
     path = folder / f"{name}-{key}.npz"
