@@ -2,9 +2,11 @@
 
 ``python -m simulations.bench_he [--rounds 3] [--skip-simulation]`` prints:
 
-1. bytes on the wire per parameter, as a multiple of float32: our seeded uploads and
-   the summed downloads, TenSEAL's plain CKKS vectors at our parameters, and NVIDIA
-   FLARE's default parameters (N=8192, [60, 40, 40], public-key encryption);
+1. bytes on the wire per parameter, as a multiple of float32: our packed uploads (c0
+   with 4 low bits dropped, c1's seed), the downloaded sum (c0 with 12 low bits dropped,
+   c1 packed) and the exact sum the server keeps, TenSEAL's plain CKKS vectors at our
+   parameters, and NVIDIA FLARE's default parameters (N=8192, [60, 40, 40], public-key
+   encryption);
 2. client encryption time of a 1M-parameter update, one core against all cores;
 3. server aggregation of 10 encrypted 1M-parameter updates, deserialization included;
 4. decryption of the sum of 10 such updates, flooding included (one core);
@@ -66,7 +68,8 @@ def wire_bytes(vector: np.ndarray, context: ts.Context, public: ts.Context) -> d
     upload = EncryptedModel([], encoder.encrypt(vector * 4.8), 4.8, "x", 1.0)
     up = sum(map(len, upload.chunks)) + len(json.dumps(upload.header()))
     sums, _ = adder.sum_updates([upload.chunks] * 10)
-    down = sum(map(len, sums))
+    kept = sum(map(len, sums))
+    down = sum(map(len, adder.download(sums, 10)))
 
     def tenseal_vectors(ctx: ts.Context) -> float:
         slots = ctx.seal_context().data.first_context_data().parms().poly_modulus_degree() // 2
@@ -84,8 +87,9 @@ def wire_bytes(vector: np.ndarray, context: ts.Context, public: ts.Context) -> d
     flare = ts.context(ts.SCHEME_TYPE.CKKS, 8192, coeff_mod_bit_sizes=[60, 40, 40])
     flare.global_scale = 2.0**40
     return {
-        "ours_upload_seeded": up / n,
+        "ours_upload_packed": up / n,
         "ours_download_sum": down / n,
+        "ours_exact_sum_kept": kept / n,
         "tenseal_ckks_vector_same_params": tenseal_vectors(plain_ctx) / n,
         "flare_default_N8192_60_40_40": tenseal_vectors(flare) / n,
     }
@@ -104,21 +108,22 @@ def encryption_times(context: ts.Context, repeats: int) -> dict[str, float]:
 
 
 def aggregation_times(context: ts.Context, public: ts.Context, repeats: int) -> dict[str, float]:
-    """Seconds for the server to load and add 10 encrypted 1M-parameter updates.
+    """Seconds for the server to check and add 10 encrypted 1M-parameter updates.
 
-    For seeded and full-size uploads, on one core and on all cores.
+    Packed uploads (parsing, range checks and seed expansion included), on one core and
+    on all cores; and the download copy of the sum (c0 rounded, packed), on one core.
     """
     adder = CkksAdder(public)
     rng = np.random.default_rng(1)
+    encoder = CkksEncoder(context)
+    uploads = [encoder.encrypt(rng.normal(size=1_000_000)) for _ in range(10)]
     out = {}
-    for seeded in (True, False):
-        encoder = CkksEncoder(context, seeded=seeded)
-        uploads = [encoder.encrypt(rng.normal(size=1_000_000)) for _ in range(10)]
-        kind = "seeded" if seeded else "full"
-        for workers, label in ((1, "one_core"), (None, "all_cores")):
-            out[f"{kind}_{label}_s"] = _median_time(
-                lambda w=workers, u=uploads: adder.sum_updates(u, w), repeats
-            )
+    for workers, label in ((1, "one_core"), (None, "all_cores")):
+        out[f"packed_{label}_s"] = _median_time(
+            lambda w=workers: adder.sum_updates(uploads, w), repeats
+        )
+    sums, _ = adder.sum_updates(uploads, 1)
+    out["download_copy_one_core_s"] = _median_time(lambda: adder.download(sums, 10), repeats)
     return out
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
 
@@ -135,7 +136,25 @@ class EncryptedSum:
         vector, self.manifest = flatten({k: v.numpy() for k, v in arrays.items()})
         chunks = self.adder.encrypt_public(vector)
         bound = float(np.abs(vector).max(initial=0.0))
-        return EncryptedModel(self.manifest, chunks, 1.0, self.fingerprint, bound)
+        return EncryptedModel(self.manifest, chunks, 1.0, self.fingerprint, bound, summed=1)
+
+    def for_clients(self, arrays: ArrayRecord) -> ArrayRecord:
+        """What to send clients of a global model: the download copy of an encrypted sum.
+
+        The server keeps its sums exact (they are added to again: HE + DP's global model
+        is a running sum) and sends a copy whose c0 has its low bits rounded off
+        (:meth:`lepton_flwr.he.codec.CkksAdder.download`); a plaintext model goes as it is.
+
+        Raises
+        ------
+        lepton_flwr.he.publish.TooManySummedError
+            If the sum holds more uploads than the flooding covers once rounded.
+        """
+        if not is_encrypted(arrays):
+            return arrays
+        model = EncryptedModel.from_record(arrays)
+        chunks = self.adder.download(model.chunks, model.summed)
+        return replace(model, chunks=chunks).to_record()
 
     def remember_manifest(self, arrays: ArrayRecord) -> None:
         """Take the manifest of the global model (plaintext or encrypted), once."""
@@ -272,13 +291,11 @@ class EncryptedSum:
                 continue
             candidates.append((msg, update))
         candidates = self._within_headroom(server_round, candidates, extra)
-        uploads = [u.chunks for _, u in candidates] + ([extra.chunks] if extra else [])
-        # Loading checks every ciphertext; it runs in parallel with the additions.
-        sums, failed = self.adder.sum_updates(uploads, self.workers)
-        if len(candidates) in failed:
-            raise CiphertextError(
-                f"the server's own ciphertexts failed to load: {failed[len(candidates)]}"
-            )
+        uploads = [u.chunks for _, u in candidates]
+        # Parsing checks every upload; it runs in parallel with the additions. The
+        # server's own sum (extra) is added as a sum: only uploads are taken from clients.
+        own = [extra.chunks] if extra else []
+        sums, failed = self.adder.sum_updates(uploads, self.workers, sums=own)
         for index in sorted(failed):
             self.reject(server_round, candidates[index][0], failed[index])
         accepted = [pair for i, pair in enumerate(candidates) if i not in failed]
@@ -293,5 +310,7 @@ class EncryptedSum:
             weight=sum(part.weight for part in parts),
             fingerprint=self.fingerprint,
             max_abs=bound,
+            # a client's upload counts one, whatever its header says
+            summed=len(accepted) + (extra.summed if extra else 0),
         )
         return [msg for msg, _ in accepted], total

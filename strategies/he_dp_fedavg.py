@@ -390,7 +390,9 @@ class HEDPFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
         train_config[protocol.NOISE_SHARE_STD] = self._share_std
         train_config[protocol.UPDATE_SCALE] = 1.0 / self.rounds.denominator
         train_config[protocol.SHARE_BOUND] = self._share_bound
-        content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: train_config})
+        # Clients get the download copy (c0 rounded); the server keeps the exact sum.
+        sent = self.encrypted_sum.for_clients(arrays)
+        content = RecordDict({self.arrayrecord_key: sent, self.configrecord_key: train_config})
         messages = [
             Message(content, dst_node_id=node, message_type=MessageType.TRAIN) for node in sampled
         ]
@@ -442,15 +444,15 @@ class HEDPFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
         )
         adder = self.encrypted_sum.adder
         top_up = adder.encrypt_public(noise)
-        sums, failed = adder.sum_updates([base.chunks, top_up], self.encrypted_sum.workers)
-        if failed:
-            raise CiphertextError(f"the server's own ciphertexts failed to add: {failed}")
+        # Both are the server's own sums (the top-up a public-key encryption): exact.
+        sums, _ = adder.sum_updates([], self.encrypted_sum.workers, sums=[base.chunks, top_up])
         return EncryptedModel(
             base.manifest,
             sums,
             1.0,
             self.fingerprint,
             self._global.max_abs + self.round_bound,
+            summed=base.summed + 1,
         )
 
     def _counts(self, server_round: int, reported: int, outcome: str) -> None:

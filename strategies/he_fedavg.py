@@ -75,7 +75,8 @@ class ExplainsEncryptedEvaluation:
         if state["off"]:
             return []
         self._evaluated = arrays
-        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        sent = self.encrypted_sum.for_clients(arrays)  # the download copy of a sum
+        messages = list(super().configure_evaluate(server_round, sent, config, grid))
         state["sent"] = {m.metadata.dst_node_id for m in messages}
         state["known"] = lambda: len(list(grid.get_node_ids()))
         return messages
@@ -317,11 +318,12 @@ class HEFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
         config[protocol.VALUE_BOUND] = self.value_bound
         self._grid = grid
         presampled = self._presampled.pop(server_round, None)
+        sent = self.encrypted_sum.for_clients(arrays)  # the download copy of a sum
         if presampled is None:
-            messages = list(super().configure_train(server_round, arrays, config, grid))
+            messages = list(super().configure_train(server_round, sent, config, grid))
         else:  # drawn as FedAvg draws, when the previous round ended (secure aggregation)
             config[protocol.SERVER_ROUND] = server_round
-            record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+            record = RecordDict({self.arrayrecord_key: sent, self.configrecord_key: config})
             messages = list(self._construct_messages(record, presampled, MessageType.TRAIN))
         kept = set(
             self.last_good.leave_out(

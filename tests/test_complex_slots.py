@@ -26,7 +26,7 @@ from lepton_flwr.he.codec import (
     CkksEncoder,
     TensorSpec,
     complex_slots,
-    load_fresh,
+    load,
     ring_of,
 )
 from lepton_flwr.he.keyholder import ModelOutOfBoundError, check_bound
@@ -64,7 +64,7 @@ def test_odd_lengths_round_trip_in_ceil_n_over_n_chunks(ckks, length):
     chunks, public_chunks = encoder.encrypt(values), adder.encrypt_public(values)
     assert encoder.slots == adder.slots == N
     assert len(chunks) == len(public_chunks) == math.ceil(length / N)
-    sums, failed = adder.sum_updates([chunks, public_chunks], workers=1)
+    sums, failed = adder.sum_updates([chunks], workers=1, sums=[public_chunks])
     assert failed == {}
     assert np.abs(encoder._decrypt_exact(sums, length) - 2 * values).max() < 1e-9
 
@@ -73,7 +73,7 @@ def test_a_chunk_holds_its_first_half_in_real_parts_and_its_second_in_imaginary_
     secret, _, encoder, _ = ckks
     values = np.arange(N, dtype=np.float64) / N
     (chunk,) = encoder.encrypt(values)
-    (ciphertext,) = load_fresh(secret, [chunk]).ciphertext()
+    (ciphertext,) = load(encoder.formats, [chunk])
     seal = secret.seal_context().data
     plain = sealapi.Plaintext()
     sealapi.Decryptor(seal, secret.secret_key().data).decrypt(ciphertext, plain)
@@ -218,7 +218,7 @@ def _version_1(model: EncryptedModel) -> dict:
 
 def test_an_encrypted_model_of_format_1_is_refused_naming_the_format(ckks, tmp_path):
     _, public, encoder, _ = ckks
-    assert FORMAT_VERSION == 2
+    assert FORMAT_VERSION == 3
     model = EncryptedModel(
         [TensorSpec("w", (10,), "float64")], encoder.encrypt(np.ones(10)), 1.0, "f", 1.0
     )
@@ -230,10 +230,14 @@ def test_an_encrypted_model_of_format_1_is_refused_naming_the_format(ckks, tmp_p
     with zipfile.ZipFile(path, "w") as archive:
         for name, data in members.items():
             archive.writestr(name, data)
-    with pytest.raises(CiphertextError, match=r"format version 1 \(N/2 values per ciphertext"):
+    with pytest.raises(CiphertextError, match=r"format version 1 \(SEAL ciphertexts of N/2"):
         load_encrypted(path)
-    with pytest.raises(CiphertextError, match="reads format 2 only"):
+    with pytest.raises(CiphertextError, match="reads format 3 only"):
         EncryptedModel.from_header(_version_1(model), model.chunks)
+    version_2 = model.header() | {"version": 2}
+    del version_2["summed"]  # a field version 2 did not have: the version is named first
+    with pytest.raises(CiphertextError, match=r"format version 2 \(SEAL ciphertexts of N values"):
+        EncryptedModel.from_header(version_2, model.chunks)
 
 
 def test_a_checkpoint_of_the_real_slot_format_is_refused_on_resume(tmp_path, monkeypatch):

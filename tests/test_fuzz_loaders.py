@@ -2,38 +2,31 @@
 
 Issue 18, item 3: a ciphertext whose scale field was -1 raised a ``ValueError`` while the
 server formatted it, and ended the run. Here thousands of seeded mutations of each input
-go through its loader: ciphertexts (byte flips, truncations, insertions on seeded and
-full ciphertexts, and every field of SEAL's serialization set to hostile values),
-encrypted-model headers (bytes, and JSON fields of other types, nested, huge, negative,
-NaN), and the zip files ``load_encrypted`` reads. A mutation either loads or raises
-``CiphertextError``; any other exception fails the test with the mutation that caused
-it. A sample also goes through the strategies' path (``EncryptedSum.add``), where a
-mutation that does not load is a rejected reply naming its node.
-
-SEAL writes ciphertexts compressed (zstd); its loader also reads uncompressed ones, whose
-layout :func:`uncompressed` writes (checked by decrypting it): the field mutations
-address that layout.
+go through its loader: packed ciphertexts (byte flips, truncations, insertions, extreme
+words, on uploads, sums and downloads: :mod:`lepton_flwr.he.packed`, whose fixed layout
+leaves a sender the length, the words and the seed to get wrong), encrypted-model headers
+(bytes, and JSON fields of other types, nested, huge, negative, NaN), and the zip files
+``load_encrypted`` reads. A mutation either loads or raises ``CiphertextError``; any
+other exception fails the test with the mutation that caused it. A sample also goes
+through the strategies' path (``EncryptedSum.add``), where a mutation that does not load
+is a rejected reply naming its node.
 """
 
 import io
 import json
 import logging
-import math
 import random
 import struct
-import tempfile
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest
-import tenseal.sealapi as sealapi
-from conftest import ciphertext_with_scale, client_message
+from conftest import client_message
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from lepton_flwr.strategies.encrypted_sum import EncryptedSum
 
 from lepton_flwr.he import CKKSParams
-from lepton_flwr.he.codec import CiphertextError, CkksAdder, CkksEncoder, TensorSpec
+from lepton_flwr.he.codec import CiphertextError, CkksAdder, CkksEncoder, TensorSpec, load
 from lepton_flwr.he.keys import create_secret_context, fingerprint
 from lepton_flwr.he.records import (
     FORMAT_VERSION,
@@ -46,81 +39,7 @@ from lepton_flwr.he.records import (
 
 SEED = 18
 VALUES = np.linspace(-1.0, 1.0, 10)
-
-# ---- SEAL's serialization (SEAL 4, as TenSEAL builds it) -------------------------------
-# Header (16 bytes): magic 0xA15E, header size 16, version major, minor, compression
-# mode (0 none, 1 zlib, 2 zstd), 2 reserved bytes, total size (uint64).
-# Ciphertext members: parms_id (4 x uint64), NTT form (1 byte), size (polynomials),
-# poly_modulus_degree, coeff_modulus_size (uint64 each), scale (double), correction
-# factor (uint64); then its coefficients as a DynArray: a header of its own, a count
-# (uint64) and the values (uint64 each).
-SEAL_MAGIC = b"\x5e\xa1"
-HEADER = struct.Struct("<2sBBBBHQ")
-MEMBERS = struct.Struct("<4QBQQQdQ")
-FIELDS = {  # field: (offset in an uncompressed ciphertext, struct format)
-    "header-size": (2, "<B"),
-    "version-major": (3, "<B"),
-    "compression": (5, "<B"),
-    "total-size": (8, "<Q"),
-    "parms-id": (16, "<4Q"),
-    "ntt-form": (48, "<B"),
-    "size": (49, "<Q"),
-    "poly-modulus-degree": (57, "<Q"),
-    "coeff-modulus-size": (65, "<Q"),
-    "scale": (73, "<d"),
-    "correction-factor": (81, "<Q"),
-    "array-total-size": (HEADER.size + MEMBERS.size + 8, "<Q"),
-    "array-count": (2 * HEADER.size + MEMBERS.size, "<Q"),
-}
 U64 = (0, 1, 2, 3, 2**31, 2**32 + 2, 2**63, 2**64 - 1)
-HOSTILE = {
-    "header-size": (0, 15, 17, 255),
-    "version-major": (0, 3, 5, 255),
-    "compression": (0, 1, 2, 3, 128, 255),
-    "total-size": U64,
-    "ntt-form": (0, 2, 255),
-    "size": U64,
-    "poly-modulus-degree": (*U64, 2048, 8192),
-    "coeff-modulus-size": U64,
-    "scale": (-1.0, 0.0, -0.0, math.nan, math.inf, -math.inf, 1e308, 5e-324, 2.0**57),
-    "correction-factor": U64,
-    "array-total-size": U64,
-    "array-count": U64,
-}
-
-
-def uncompressed(chunk: bytes, seal_context) -> bytes:
-    """The ciphertext serialized without compression, field by field (layout above)."""
-    ciphertext = sealapi.Ciphertext(seal_context)
-    with tempfile.TemporaryDirectory() as folder:  # SEAL's binding loads from files only
-        path = Path(folder) / "ciphertext"
-        path.write_bytes(chunk)
-        ciphertext.load(seal_context, str(path))
-    coefficients = ciphertext.dyn_array()
-    data = np.array([coefficients[i] for i in range(coefficients.size())], dtype=np.uint64)
-    members = MEMBERS.pack(
-        *ciphertext.parms_id(),
-        int(ciphertext.is_ntt_form()),
-        ciphertext.size(),
-        ciphertext.poly_modulus_degree(),
-        ciphertext.coeff_modulus_size(),
-        ciphertext.scale,
-        1,  # CKKS keeps the correction factor at 1
-    )
-    array = struct.pack("<Q", data.size) + data.tobytes()
-    members += _seal_header(len(array)) + array
-    return _seal_header(len(members)) + members
-
-
-def _seal_header(length: int) -> bytes:
-    return HEADER.pack(SEAL_MAGIC, HEADER.size, 4, 3, 0, 0, HEADER.size + length)
-
-
-def with_field(data: bytes, field: str, *value) -> bytes:
-    """An uncompressed ciphertext with one field set."""
-    offset, fmt = FIELDS[field]
-    packed = struct.pack(fmt, *value)
-    return data[:offset] + packed + data[offset + len(packed) :]
 
 
 # ---- byte-level mutations ----------------------------------------------------------------
@@ -172,106 +91,76 @@ def _loads_or_is_refused(load, data: bytes, what: str) -> bool:
 
 @pytest.fixture(scope="module")
 def ckks():
-    """A secret context, the server's public one, and honest seeded and full chunks."""
+    """A secret context, the server's public one, an honest upload, sum and download chunk."""
     secret = create_secret_context(CKKSParams())
     public = secret.copy()
     public.make_context_public()
-    seeded = CkksEncoder(secret, workers=1).encrypt(VALUES)[0]
-    full = CkksEncoder(secret, workers=1, seeded=False).encrypt(VALUES)[0]
-    raw = uncompressed(full, public.seal_context().data)
-    return secret, public, seeded, full, raw
-
-
-def test_the_uncompressed_layout_is_what_seal_reads(ckks):
-    """The layout the field mutations address: it loads and decrypts to the values."""
-    secret, public, _, full, raw = ckks
-    CkksAdder(public).load([raw])
-    decrypted = CkksEncoder(secret, workers=1)._decrypt_exact([raw], len(VALUES))
-    assert np.abs(decrypted - VALUES).max() < 1e-9
-    assert struct.unpack_from("<d", raw, FIELDS["scale"][0])[0] == public.global_scale
+    upload = CkksEncoder(secret, workers=1).encrypt(VALUES)[0]
+    adder = CkksAdder(public)
+    total = adder.encrypt_public(VALUES)[0]
+    download = adder.download([total], 1)[0]
+    return secret, public, upload, total, download
 
 
 # ---- ciphertexts -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("field", sorted(HOSTILE))
-def test_every_hostile_field_value_is_refused_or_loads(ckks, field):
-    """Each field of SEAL's ciphertext set to hostile values: only CiphertextError escapes.
+def test_the_honest_chunks_load_and_decrypt(ckks):
+    secret, public, upload, total, download = ckks
+    CkksAdder(public).check([upload])
+    encoder = CkksEncoder(secret, workers=1)
+    for chunk in (upload, total, download):
+        assert np.abs(encoder._decrypt_exact([chunk], len(VALUES)) - VALUES).max() < 1e-9
 
-    Every other scale or size, and a ciphertext out of NTT form, are refused (another
-    nonzero NTT byte reads as 1)."""
-    _, public, *_, raw = ckks
+
+def _words(chunk: bytes, at: int, word: int) -> bytes:
+    """``chunk`` with the 8 bytes at ``at`` set to ``word`` (little-endian)."""
+    return chunk[:at] + struct.pack("<Q", word) + chunk[at + 8 :]
+
+
+def test_every_extreme_word_in_c0_is_refused_or_loads_and_any_seed_loads(ckks):
+    """A c0 word past ceil(Q / 2^d) is refused; the seed's 64 bytes are any seed."""
+    secret, public, upload, *_ = ckks
     adder = CkksAdder(public)
-    offset, fmt = FIELDS[field]
-    honest = struct.unpack_from(fmt, raw, offset)
-    for value in HOSTILE[field]:
-        if (value,) == honest:
-            continue
-        data = with_field(raw, field, value)
-        loaded = _loads_or_is_refused(lambda d: adder.load([d]), data, f"{field}={value}")
-        if field in ("scale", "size") or (field, value) == ("ntt-form", 0):
-            assert not loaded, f"{field}={value} was accepted"
+    high_words = len(upload) - 64 - 8  # the last 8 bytes of c0's high parts
+    for at in (0, 8 * 4095, 8 * 4096, high_words):
+        for word in U64:
+            data = _words(upload, at, word)
+            _loads_or_is_refused(lambda d: adder.check([d]), data, f"word {word} at {at}")
+    with pytest.raises(CiphertextError, match="not below"):
+        adder.check([b"\xff" * (len(upload) - 64) + upload[-64:]])
+    for seed in (bytes(64), b"\xff" * 64, bytes(range(64))):
+        adder.check([upload[:-64] + seed])
+        CkksEncoder(secret, workers=1)._decrypt_exact([upload[:-64] + seed], len(VALUES))
 
 
-def test_a_scale_set_through_seal_is_refused(ckks):
-    """The review's attack: no key needed, it used to end the run with a ValueError."""
-    _, public, seeded, full, _ = ckks
-    adder = CkksAdder(public)
-    for chunk in (seeded, full):
-        with pytest.raises(CiphertextError, match="scale -1,"):
-            adder.load([ciphertext_with_scale(chunk, public, -1.0)])
-        for scale in (0.0, -0.0, math.nan, math.inf, -math.inf, 1e300, 2.0**57):
-            with pytest.raises(CiphertextError):  # SEAL's loader refuses some itself
-                adder.load([ciphertext_with_scale(chunk, public, scale)])
-
-
-def test_parms_id_of_another_level_or_random_is_refused(ckks):
-    _, public, *_, raw = ckks
-    adder = CkksAdder(public)
-    seal = public.seal_context().data
-    next_level = seal.first_context_data().next_context_data().parms_id()
-    rng = random.Random(SEED)
-    candidates = [next_level, seal.key_parms_id(), [0, 0, 0, 0]]
-    candidates += [[rng.getrandbits(64) for _ in range(4)] for _ in range(20)]
-    for parms_id in candidates:
-        data = with_field(raw, "parms-id", *parms_id)
-        assert not _loads_or_is_refused(lambda d: adder.load([d]), data, f"parms_id {parms_id}")
-
-
-@pytest.mark.parametrize("form", ["seeded", "full", "uncompressed"])
-def test_mutated_ciphertext_bytes_raise_only_ciphertext_error(ckks, form):
-    """2,000 byte-level mutations (and one field set at random) per form of ciphertext."""
-    _, public, seeded, full, raw = ckks
-    data = {"seeded": seeded, "full": full, "uncompressed": raw}[form]
-    adder = CkksAdder(public)
-    rng = random.Random(f"{SEED}-{form}")
+@pytest.mark.parametrize("kind", ["upload", "sum", "download"])
+def test_mutated_ciphertext_bytes_raise_only_ciphertext_error(ckks, kind):
+    """2,000 byte-level mutations per kind of chunk, through the server's check (uploads)
+    and the key holder's loader (every kind)."""
+    secret, public, upload, total, download = ckks
+    data = {"upload": upload, "sum": total, "download": download}[kind]
+    adder, encoder = CkksAdder(public), CkksEncoder(secret, workers=1)
+    rng = random.Random(f"{SEED}-{kind}")
     outcomes = {True: 0, False: 0}
     for trial in range(2000):
         what, mutated = mutate(data, rng)
-        if rng.random() < 0.5:  # and a header field (the body is compressed but for raw)
-            field = rng.choice(["header-size", "compression", "total-size", "version-major"])
-            if form == "uncompressed":
-                field = rng.choice(sorted(HOSTILE))
-            value = rng.choice(HOSTILE[field])
-            what += f", {field}={value}"
-            mutated = with_field(mutated, field, value) if len(mutated) > 100 else mutated
-        loaded = _loads_or_is_refused(lambda d: adder.load([d]), mutated, f"#{trial} {what}")
+        what = f"#{trial} {what}"
+        loaded = _loads_or_is_refused(lambda d: load(encoder.formats, [d]), mutated, what)
+        if kind == "upload":
+            assert _loads_or_is_refused(lambda d: adder.check([d]), mutated, what) == loaded
         outcomes[loaded] += 1
-    assert outcomes[False] > 1000  # most mutations are refused; none raised anything else
+    assert outcomes[False] > 800  # every change of length; none raised anything else
 
 
 def test_sum_updates_reports_each_bad_upload_and_adds_the_others(ckks):
     """Mutated uploads between honest ones: only they are reported, the sum is of the rest."""
-    secret, public, seeded, full, raw = ckks
+    secret, public, upload, total, download = ckks
     adder = CkksAdder(public)
     rng = random.Random(SEED)
     for trial in range(300):
-        what, mutated = mutate(rng.choice((seeded, full, raw)), rng)
-        if trial % 3 == 0:
-            field = rng.choice(sorted(HOSTILE))
-            value = rng.choice(HOSTILE[field])
-            what, mutated = f"{field}={value}", with_field(raw, field, value)
-        sums, failed = adder.sum_updates([[seeded], [mutated], [full]], workers=1)
+        what, mutated = mutate(rng.choice((upload, total, download)), rng)
+        sums, failed = adder.sum_updates([[upload], [mutated], [upload]], workers=1)
         assert set(failed) <= {1}, f"#{trial} {what}: {failed}"
         assert all(isinstance(reason, str) and reason for reason in failed.values())
         if trial % 50 == 0 and failed:
@@ -281,17 +170,19 @@ def test_sum_updates_reports_each_bad_upload_and_adds_the_others(ckks):
 
 def test_sum_range_rejects_an_upload_whatever_its_loader_raises(ckks, monkeypatch):
     """Every failure while loading or adding one upload rejects that upload only."""
-    _, public, seeded, full, _ = ckks
+    from lepton_flwr.he.packed import PackedSum
+
+    _, public, upload, *_ = ckks
     adder = CkksAdder(public)
-    honest_load = adder.load
+    honest_add = PackedSum.add
 
-    def load(chunks):
-        if chunks == [b"boom"]:
+    def add(self, chunks):
+        if list(chunks) == [b"boom"]:
             raise ValueError("math domain error")  # what log2(-1) raised
-        return honest_load(chunks)
+        return honest_add(self, chunks)
 
-    monkeypatch.setattr(adder, "load", load)
-    sums, failed = adder.sum_range([[seeded], [b"boom"], [full]], 0, 1)
+    monkeypatch.setattr(PackedSum, "add", add)
+    sums, failed = adder.sum_range([[upload], [b"boom"], [upload]], 0, 1)
     assert list(failed) == [1] and "math domain error" in failed[1]
     assert len(sums) == 1
 
@@ -303,27 +194,29 @@ def _reply(model: EncryptedModel, count: int = 10) -> Message:
 
 
 def test_the_strategies_path_rejects_each_mutated_upload_naming_the_node(ckks, caplog):
-    """EncryptedSum.add (both HE strategies): a mutation that does not load is one rejection."""
+    """EncryptedSum.add (both HE strategies): a mutation that does not load is one rejection;
+    so is a sum or a download sent as an upload (its c1 is not a seed's expansion)."""
     caplog.set_level(logging.WARNING, logger="flwr")
-    _, public, seeded, full, raw = ckks
+    _, public, upload, total, download = ckks
     adder_sum = EncryptedSum(public, workers=1, name="Fuzz")
     manifest = [TensorSpec("w", (len(VALUES),), "float32")]
     own = fingerprint(public)
     rng = random.Random(SEED)
     rejected = 0
     for trial in range(60):
-        what, mutated = mutate(rng.choice((seeded, full, raw)), rng)
+        what, mutated = mutate(upload, rng)
         if trial % 2 == 0:
-            mutated = ciphertext_with_scale(full, public, rng.choice(HOSTILE["scale"]))
-            what = "scale"
-        replies = [_reply(EncryptedModel(manifest, [c], 1.0, own, 1.0)) for c in (seeded, mutated)]
+            what, mutated = "not an upload", rng.choice((total, download))
+        replies = [_reply(EncryptedModel(manifest, [c], 1.0, own, 1.0)) for c in (upload, mutated)]
         caplog.clear()
-        accepted, total = adder_sum.add(1, replies)
+        accepted, _ = adder_sum.add(1, replies)
         assert replies[0] in accepted, f"#{trial} {what}"
         if replies[1] not in accepted:
             rejected += 1
             assert "Fuzz round 1: rejected the reply of node 1" in caplog.text, what
-    assert rejected >= 30  # every scale forgery, and most byte mutations
+        else:
+            assert what != "not an upload"
+    assert rejected >= 30  # every chunk of another kind, and most byte mutations
 
 
 # ---- headers -----------------------------------------------------------------------------
@@ -339,6 +232,7 @@ def _header() -> dict:
         "max_abs": 1250.0,
         "num_chunks": 1,
         "manifest": manifest,
+        "summed": 1,
     }
 
 
@@ -502,8 +396,8 @@ def test_a_field_of_another_type_is_refused_not_converted(field, value):
 
 def test_mutated_records_raise_only_ciphertext_error(ckks):
     """EncryptedModel.from_record (what the strategies call on every reply) under mutation."""
-    *_, full, _ = ckks
-    model = EncryptedModel.from_header(_header() | {"num_chunks": 2}, [full, full])
+    _, _, upload, *_ = ckks
+    model = EncryptedModel.from_header(_header() | {"num_chunks": 2}, [upload, upload])
     rng = random.Random(SEED)
     outcomes = {True: 0, False: 0}
     for trial, (what, header) in enumerate(header_mutations(rng, 1500, model.header())):

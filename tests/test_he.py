@@ -116,7 +116,7 @@ def test_encrypt_add_decrypt_precision_and_size(secret_ctx, public_ctx):
     uploads = [encoder.encrypt(u) for u in updates]
     assert len(uploads[0]) == 2  # 5000 values / 4096 per ciphertext (2,048 complex slots)
     per_value = sum(map(len, uploads[0])) / (2 * 4096)
-    assert per_value < 12.5  # seeded ciphertexts: about 12.0 B per value, 3.0x float32
+    assert per_value < 9.6  # packed, c0 at 76 bits and a seed: 9.5 B per value, 2.38x float32
     sums, failed = adder.sum_updates(uploads, workers=1)
     assert failed == {} and len(sums) == 2
     result = encoder._decrypt_exact(sums, 5000)
@@ -132,26 +132,29 @@ def test_parallel_encryption_decrypts_to_the_same_values(secret_ctx):
 
 
 def test_adder_rejects_garbage_and_foreign_parameters(secret_ctx, public_ctx):
+    """The packed format fixes level, scale, size and NTT form: what a sender can get wrong
+    is the length and the words (a scale forged in the old container is not expressible)."""
     adder = CkksAdder(public_ctx)
     good = CkksEncoder(secret_ctx, workers=1).encrypt(np.ones(10))[0]
-    assert adder.load([good]).size() == 2048
-    with pytest.raises(CiphertextError):
-        adder.load([b"\x00" * 100])
-    with pytest.raises(CiphertextError):
-        adder.load([good[: len(good) // 2]])
+    adder.check([good])
+    with pytest.raises(CiphertextError, match="bytes"):
+        adder.check([b"\x00" * 100])
+    with pytest.raises(CiphertextError, match="bytes"):
+        adder.check([good[: len(good) // 2]])
     other = create_secret_context(CKKSParams(8192, (60, 60, 60), 58))
-    with pytest.raises(CiphertextError):
-        adder.load(CkksEncoder(other, workers=1).encrypt(np.ones(10)))
-    other_scale = create_secret_context(CKKSParams(4096, (40, 40, 29), 57))
-    with pytest.raises(CiphertextError, match="scale"):
-        adder.load(CkksEncoder(other_scale, workers=1).encrypt(np.ones(10)))
+    with pytest.raises(CiphertextError, match="bytes"):
+        adder.check(CkksEncoder(other, workers=1).encrypt(np.ones(10)))
+    download = adder.download(adder.encrypt_public(np.ones(10)), 1)
+    with pytest.raises(CiphertextError, match="bytes"):  # a c1 that is not a seed's: refused
+        adder.check(download)
 
 
-def test_full_size_ciphertexts_work_too(secret_ctx, public_ctx):
+def test_uploads_are_packed_with_a_seed_whatever_seeded_says(secret_ctx, public_ctx):
+    """``seeded=False`` is kept for configurations that set it; uploads carry c1's seed."""
     encoder = CkksEncoder(secret_ctx, workers=1, seeded=False)
     chunks = encoder.encrypt(np.arange(3000.0))
     assert len(chunks) == 1  # 3000 values fit one ciphertext of 4096
-    assert sum(map(len, chunks)) / 4096 > 23  # about twice the seeded size (12 B a value)
+    assert sum(map(len, chunks)) / 4096 < 9.6  # 76 bits a value and a 64-byte seed: 2.4x
     sums, failed = CkksAdder(public_ctx).sum_updates([chunks, chunks], workers=1)
     assert failed == {}
     assert np.abs(encoder._decrypt_exact(sums, 3000) - 2 * np.arange(3000.0)).max() < 1e-6
@@ -277,7 +280,7 @@ def _garbled(record):
 @pytest.mark.parametrize(
     ("corrupt", "reason"),
     [
-        (_garbled, "not a valid ciphertext"),
+        (_garbled, "has a word not below"),
         (_foreign_key, "encrypted under key"),
         (_drop_last_chunk, "chunks"),
         (_plaintext, "plaintext reply where a ciphertext is expected"),
@@ -346,7 +349,7 @@ def test_parallel_sum_leaves_out_an_upload_with_a_bad_chunk(secret_ctx, public_c
     uploads = [encoder.encrypt(u) for u in updates]
     uploads[5][33] = b"garbage"  # in the second worker's range only
     sums, failed = adder.sum_updates(uploads, workers=2)
-    assert list(failed) == [5] and "not a valid ciphertext" in failed[5]
+    assert list(failed) == [5] and "bytes, not" in failed[5]
     expected = np.sum([u for i, u in enumerate(updates) if i != 5], axis=0)
     assert np.abs(encoder._decrypt_exact(sums, len(expected)) - expected).max() < 1e-6
     serial, _ = adder.sum_updates([u for i, u in enumerate(uploads) if i != 5], workers=1)

@@ -34,6 +34,7 @@ def _record_with_header(text: bytes) -> ArrayRecord:
                     "max_abs": 0,
                     "num_chunks": 0,
                     "manifest": [],
+                    "summed": 1,
                 }
             ).encode(),
             "weight must be finite",
@@ -47,6 +48,7 @@ def _record_with_header(text: bytes) -> ArrayRecord:
                     "max_abs": 0,
                     "num_chunks": 0,
                     "manifest": [["w", [10**400], "float32"]],
+                    "summed": 1,
                 }
             ).encode(),
             "malformed",
@@ -75,6 +77,7 @@ def test_model_files_that_lie_or_expand_are_refused(tmp_path):
         "max_abs": 0.0,
         "num_chunks": 3,
         "manifest": [["w", [1], "float32"]],
+        "summed": 1,
     }
     lying = _zip(tmp_path / "lying.zip", {"header.json": json.dumps(header).encode()})
     with pytest.raises(CiphertextError, match="no 'ckks-00000.seal'"):
@@ -138,28 +141,22 @@ def test_seal_scratch_folders_are_removed_when_the_process_exits(tmp_path):
     assert folder.name.startswith("lepton-he-") and not folder.exists()
 
 
-def test_a_ciphertext_in_coefficient_form_is_rejected_alone():
-    """It loads like any other, then SEAL's addition throws: rejected at load now."""
+def test_a_chunk_of_another_kind_is_rejected_alone():
+    """A sum (whose c1 is not a seed's expansion) or bytes of another layout sent as an
+    upload: refused by its length, that upload alone, the others added."""
     import numpy as np
     import tenseal as ts
-    import tenseal.sealapi as sealapi
 
     from lepton_flwr.he import CkksAdder, CkksEncoder, create_secret_context
-    from lepton_flwr.he.codec import _save
-    from lepton_flwr.he.keys import public_context_bytes, scratch_dir
+    from lepton_flwr.he.keys import public_context_bytes
 
     context = create_secret_context(CKKSParams())
-    good = CkksEncoder(context, workers=1, seeded=False).encrypt(np.ones(10))
-    path = scratch_dir() / "coefficient-form"
-    path.write_bytes(good[0])
-    ciphertext = sealapi.Ciphertext()
-    ciphertext.load(context.seal_context().data, str(path))
-    sealapi.Evaluator(context.seal_context().data).transform_from_ntt_inplace(ciphertext)
-    bad = _save(ciphertext)
+    good = CkksEncoder(context, workers=1).encrypt(np.ones(10))
     adder = CkksAdder(ts.context_from(public_context_bytes(context)))
-    with pytest.raises(CiphertextError, match="not in NTT form"):
-        adder.load([bad])
-    sums, failed = adder.sum_updates([good, [bad], good], workers=1)
-    assert list(failed) == [1] and "NTT" in failed[1]
-    total = CkksEncoder(context, workers=1)._decrypt_exact(sums, 10)
-    assert np.allclose(total, 2.0, atol=1e-5)  # the two good uploads, added
+    for bad in (adder.encrypt_public(np.ones(10))[0], bytes(range(256)) * 152):
+        with pytest.raises(CiphertextError, match="bytes, not"):
+            adder.check([bad])
+        sums, failed = adder.sum_updates([good, [bad], good], workers=1)
+        assert list(failed) == [1] and "bytes, not" in failed[1]
+        total = CkksEncoder(context, workers=1)._decrypt_exact(sums, 10)
+        assert np.allclose(total, 2.0, atol=1e-5)  # the two good uploads, added

@@ -627,19 +627,13 @@ def _forged_upload(forge):
     return mod
 
 
-def _scale_minus_one(public_path):
-    from conftest import ciphertext_with_scale
-
-    from lepton_flwr.he.keys import load_context
-
-    public = load_context(public_path, expect_secret=False)
-
-    def forge(arrays):
-        model = EncryptedModel.from_record(arrays)
-        model.chunks[0] = ciphertext_with_scale(model.chunks[0], public, -1.0)
-        return model.to_record()
-
-    return forge
+def _words_past_q(arrays):
+    """Chunk 0's c0 all ones: words past ceil(Q / 2^d) (the packed format has no scale
+    field to forge; its words and length are what a sender can get wrong)."""
+    model = EncryptedModel.from_record(arrays)
+    chunk = model.chunks[0]
+    model.chunks[0] = b"\xff" * (len(chunk) - 64) + chunk[-64:]
+    return model.to_record()
 
 
 def _nested_header(arrays):
@@ -653,15 +647,19 @@ def _nested_header(arrays):
 @pytest.mark.parametrize("name", ["he_fedavg", "he_dp_fedavg"])
 @pytest.mark.parametrize(
     ("forgery", "reason"),
-    [("scale -1", "has scale -1"), ("header nested too deep", "malformed ciphertext header")],
+    [
+        ("words past Q", "has a word not below"),
+        ("header nested too deep", "malformed ciphertext header"),
+    ],
 )
 def test_a_forged_upload_is_rejected_alone_and_the_run_completes(
     keys, caplog, name, forgery, reason
 ):
     """Before: a scale of -1 (any node, no key needed) raised a ValueError while the server
-    formatted it, and a header nested 100,000 deep a RecursionError: both ended the run."""
+    formatted it, and a header nested 100,000 deep a RecursionError: both ended the run.
+    The packed format has no scale; words past Q stand for a forged field."""
     caplog.set_level(logging.WARNING, logger="flwr")
-    forge = _scale_minus_one(keys[1]) if forgery == "scale -1" else _nested_header
+    forge = _words_past_q if forgery == "words past Q" else _nested_header
     strategy, mods = _strategy(name, keys, evaluate=False)
     app = _metrics_app([_forged_upload(forge), *mods])
     result = strategy.start(InProcessGrid(app, NODES), _start(), num_rounds=2)

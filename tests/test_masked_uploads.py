@@ -27,7 +27,8 @@ from lepton_flwr.he.codec import (
     PARALLEL_MIN_CHUNKS,
     CkksAdder,
     CkksEncoder,
-    load_fresh,
+    Formats,
+    load,
     ring_of,
 )
 from lepton_flwr.he.keys import create_secret_context, fingerprint, public_context_bytes
@@ -103,8 +104,8 @@ def negated(mask, primes):
 
 
 def ciphertext_of(context: ts.Context, chunk: bytes) -> sealapi.Ciphertext:
-    """One serialized chunk as a SEAL ciphertext, checked as the server checks uploads."""
-    return load_fresh(context, [chunk], ring_of(context)[1] // 2).ciphertext()[0]
+    """One packed chunk (upload, sum or download) as a SEAL ciphertext, checked on load."""
+    return load(Formats(context), [chunk])[0]
 
 
 def saved(obj) -> bytes:
@@ -328,16 +329,13 @@ def test_removing_a_mask_is_exact_word_for_word(ckks):
     assert not np.array_equal(plaintext_words(masked, degree), words)
     np.testing.assert_array_equal(sub_mod(plaintext_words(masked, degree), mask, primes), words)
 
-    chunk = CkksEncoder(secret, workers=1, seeded=False).encrypt(np.linspace(-1, 1, 100))[0]
-    original = ciphertext_of(public, chunk)
-    original_words = ciphertext_words(original)
-    shifted = original_words.copy()
-    shifted[0] = add_mod(shifted[0], mask, primes)
-    forged = ciphertext_from_words(seal, shifted, original.parms_id(), original.scale)
-    restored = CkksAdder(public).remove_mask([saved(forged)], lambda _: mask)
-    np.testing.assert_array_equal(
-        ciphertext_words(ciphertext_of(public, restored[0])), original_words
-    )
+    adder = CkksAdder(public)
+    chunk = adder.encrypt_public(np.linspace(-1, 1, 100))  # a sum: c0 exact, c1 whole
+    c0, c1 = adder.formats.sum_parts(chunk)
+    shifted = adder.formats.sum_chunks(add_mod(c0[0], mask, primes)[None], c1)
+    assert shifted != chunk
+    restored = adder.remove_mask(shifted, lambda _: mask)
+    assert restored == chunk
 
 
 def test_the_worker_pool_masks_as_the_calling_process_does(ckks):
@@ -349,7 +347,8 @@ def test_the_worker_pool_masks_as_the_calling_process_does(ckks):
     chunks = encoder.encrypt(values, mask=mask)
     assert len(chunks) == PARALLEL_MIN_CHUNKS
     assert np.abs(encoder._decrypt_exact(chunks, len(values)) - values).max() > 1e3
-    unmasked = CkksAdder(public).remove_mask(chunks, mask)
+    adder = CkksAdder(public)
+    unmasked = adder.remove_mask(adder.sum_updates([chunks], workers=1)[0], mask)
     assert np.abs(encoder._decrypt_exact(unmasked, len(values)) - values).max() < 1e-12
 
 
@@ -361,12 +360,11 @@ def test_a_masked_upload_stays_seeded_and_passes_the_servers_checks(ckks):
     encoder = CkksEncoder(secret, workers=1)
     values = np.random.default_rng(1).normal(0.0, 0.1, (3 * encoder.slots,)).astype(np.float32)
     mask = self_mask(1, (primes, degree))
-    plain_bytes = sum(len(c) for c in encoder.encrypt(values))
+    plain_chunks = encoder.encrypt(values)
     masked_chunks = encoder.encrypt(values, mask=mask)
-    masked_bytes = sum(len(c) for c in masked_chunks)
-    full_bytes = sum(len(c) for c in CkksEncoder(secret, workers=1, seeded=False).encrypt(values))
-    assert abs(masked_bytes - plain_bytes) < 0.01 * plain_bytes < 0.6 * full_bytes
-    load_fresh(public, masked_chunks, encoder.slots)
+    assert [len(c) for c in masked_chunks] == [len(c) for c in plain_chunks]
+    assert len(masked_chunks[0]) == encoder.formats.wire.upload_chunk_bytes  # c0 and a seed
+    CkksAdder(public).check(masked_chunks)
 
     record = ArrayRecord({"w": Array(values)})
     own = fingerprint(public)
@@ -406,7 +404,7 @@ def test_a_bad_mask_is_refused_naming_the_chunk_and_the_fault(ckks, where):
     encoder = CkksEncoder(secret, workers=2 if where == "encoder with workers" else 1)
     chunks = PARALLEL_MIN_CHUNKS if where == "encoder with workers" else 3
     values = np.zeros(chunks * encoder.slots)
-    sums = encoder.encrypt(values[: 3 * encoder.slots])
+    sums, _ = CkksAdder(public).sum_updates([encoder.encrypt(values[: 3 * encoder.slots])], 1)
     for fault, bad in bad_masks(primes, degree).items():
 
         def mask(chunk, bad=bad):
@@ -469,5 +467,6 @@ def test_masking_cost_per_chunk(ckks):
         f"masked {masked:.2f} ms (+{masked - plain:.2f} ms); mask expansion "
         f"{1e3 * expansion:.2f} ms"
     )
-    unmasked = CkksAdder(public).remove_mask(out, masks.__getitem__)
+    adder = CkksAdder(public)
+    unmasked = adder.remove_mask(adder.sum_updates([out], workers=1)[0], masks.__getitem__)
     assert np.abs(encoder._decrypt_exact(unmasked, len(values)) - values).max() < 1e-12

@@ -67,8 +67,8 @@ def test_the_error_bound_covers_what_decryption_really_leaves(secret):
     encoder = CkksEncoder(secret, workers=1)
     public = ts.context_from(secret.serialize(save_secret_key=False))
     adder = CkksAdder(public)
-    uploads = [encoder.encrypt(values) for _ in range(10)] + [adder.encrypt_public(values)]
-    sums, _ = adder.sum_updates(uploads, workers=1)
+    uploads = [encoder.encrypt(values) for _ in range(10)]
+    sums, _ = adder.sum_updates(uploads, workers=1, sums=[adder.encrypt_public(values)])
     error = encoder._decrypt_exact(sums, len(values)) - 11 * values
     assert 0 < np.abs(error).max() < TAIL * value_error_std(N, SCALE, summed=11)
     assert np.linalg.norm(error) < error_bound(N, SCALE, len(values), summed=11)

@@ -4,15 +4,26 @@ A model's tensors are flattened, in a fixed order, into one float64 vector cut i
 chunks of N values, one CKKS ciphertext each: a chunk's first N/2 values are the real
 parts of the ciphertext's N/2 complex slots, the next N/2 their imaginary parts
 (:func:`complex_slots`), so a ciphertext carries as many values as its polynomial has
-coefficients. Clients encrypt with the secret key
-(SEAL's symmetric encryption), which lets a ciphertext travel *seeded*: its second
-polynomial is replaced by the seed that regenerates it, halving the upload. The server
-loads a client's chunks in one TenSEAL vector (its loader checks each ciphertext against
-the context), checks their level and scale, and adds the vectors.
+coefficients.
+
+Ciphertexts travel in the packed format of :mod:`lepton_flwr.he.packed`, in three kinds
+of chunk, told apart by their length:
+
+- an **upload** (a client's, :meth:`CkksEncoder.encrypt`): encrypted with the secret key,
+  c0 in coefficient form with its ``D_UP`` low bits rounded off, and the seed of c1;
+- a **sum** (what the server keeps, :meth:`CkksAdder.sum_updates`): c0 exact, c1 as its
+  residues; the server's public-key encryptions (:meth:`CkksAdder.encrypt_public`) are
+  sums of one;
+- a **download** (what the server sends, :meth:`CkksAdder.download`): a sum whose c0 has
+  its ``D_DOWN`` low bits rounded off. The server keeps the exact sum and rounds a copy.
+
+The server adds uploads in numpy (c0) and expands their seeds into c1 with SEAL; it never
+loads a client's SEAL ciphertext. It accepts only uploads from clients, so every c1 it
+adds is a seed's expansion (a client cannot send an arbitrary c1).
 
 An upload may be masked (issue 20, ``docs/design_secure_aggregation.md``): the encoder
-adds a ring element to each chunk's encoded plaintext before encrypting it, so that the
-ciphertext decrypts, under the shared key, to the mask plus the values; the server
+adds a ring element to each chunk's c0 in coefficient form before rounding it, so that
+the ciphertext decrypts, under the shared key, to the mask plus the values; the server
 subtracts masks from a sum with the public context alone (:meth:`CkksAdder.remove_mask`).
 """
 
@@ -20,22 +31,24 @@ from __future__ import annotations
 
 import math
 import os
-import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import count
 from multiprocessing import get_context
+from typing import TYPE_CHECKING
 
 import numpy as np
 import tenseal as ts
 import tenseal.sealapi as sealapi
 
 from lepton_flwr.he.keys import scratch_dir, secret_context_bytes
-from lepton_flwr.he.publish import TooCoarseError, publishable
-from lepton_flwr.he.ring_masks import add_mod, checked_ring_element
-from lepton_flwr.he.seal_words import plaintext_from_words, plaintext_words
+from lepton_flwr.he.publish import TooCoarseError, check_summed, publishable
+from lepton_flwr.he.ring_masks import checked_ring_element
+
+if TYPE_CHECKING:  # packed imports CiphertextError from here: imported where used
+    from lepton_flwr.he.packed import PackedFormat
 
 # Below this many chunks, encrypting in the calling process beats starting workers.
 PARALLEL_MIN_CHUNKS = 64
@@ -128,57 +141,74 @@ def unflatten(vector: np.ndarray, manifest: list[TensorSpec]) -> dict[str, np.nd
     return out
 
 
-# ---- TenSEAL's CKKSVectorProto, the container its loader reads ------------------------
-# message CKKSVectorProto { repeated uint32 sizes = 1; repeated bytes ciphertexts = 2;
-#                           double scale = 3; }   (tenseal/proto/tensors.proto)
+# ---- the packed formats of one context ------------------------------------------------
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        low, value = value & 0x7F, value >> 7
-        out.append(low | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
+class Formats:
+    """The packed formats of a context: uploads, exact sums and downloads.
+
+    ``wire`` drops ``D_UP`` bits of an upload's c0 and ``D_DOWN`` of a download's;
+    ``exact`` reads and writes sums with c0 whole (the same upload layout).
+    """
+
+    def __init__(self, context: ts.Context):
+        from lepton_flwr.he.packed import D_DOWN, D_UP, PackedFormat
+
+        self.wire: PackedFormat = PackedFormat(context, D_UP, D_DOWN)
+        self.exact: PackedFormat = PackedFormat(context, D_UP, 0)
+        self.ring, self.packer = self.wire.ring, self.wire.packer
+
+    def kind(self, chunks: Sequence[bytes]) -> str:
+        """The kind of chunks ("upload", "sum" or "download"), from the first one's length.
+
+        Raises
+        ------
+        CiphertextError
+            If it is none of them (the parser then checks every chunk).
+        """
+        if not chunks:
+            return "sum"
+        first = chunks[0]
+        length = len(first) if isinstance(first, bytes | bytearray) else -1
+        kinds = {
+            self.wire.upload_chunk_bytes: "upload",
+            self.exact.download_chunk_bytes: "sum",
+            self.wire.download_chunk_bytes: "download",
+        }
+        if length not in kinds:
+            raise CiphertextError(
+                f"chunk 0 has {length} bytes: neither an upload "
+                f"({self.wire.upload_chunk_bytes}), a sum ({self.exact.download_chunk_bytes}) "
+                f"nor a download ({self.wire.download_chunk_bytes})"
+            )
+        return kinds[length]
+
+    def sum_parts(self, chunks: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
+        """A sum's c0 (coefficient form) and c1 (NTT form) residues, each (B, k, N).
+
+        Raises
+        ------
+        CiphertextError
+            If a chunk is not a sum of this context (length, a word past Q or a prime).
+        """
+        c0, c1 = _only_ciphertext_errors(self.exact.parse_download, chunks)
+        return self.packer.residues(c0), c1
+
+    def sum_chunks(self, c0: np.ndarray, c1: np.ndarray) -> list[bytes]:
+        """Sum chunks from c0 (coefficient form) and c1 (NTT form) residues, (B, k, N)."""
+        if len(c0) == 0:
+            return []
+        return self.exact.pack_download(self.packer.compose(c0), c1)
 
 
-def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = data[pos]
-        value |= (byte & 0x7F) << shift
-        pos, shift = pos + 1, shift + 7
-        if not byte & 0x80:
-            return value, pos
-
-
-def vector_proto(chunks: list[bytes], slots: int, scale: float) -> bytes:
-    """Wrap serialized SEAL ciphertexts in a TenSEAL CKKS vector (``slots`` values each)."""
-    sizes = b"".join(_varint(slots) for _ in chunks)
-    parts = [b"\x0a" + _varint(len(sizes)) + sizes]
-    parts += [b"\x12" + _varint(len(chunk)) + chunk for chunk in chunks]
-    parts.append(b"\x19" + struct.pack("<d", scale))
-    return b"".join(parts)
-
-
-def proto_ciphertexts(blob: bytes) -> list[bytes]:
-    """The serialized ciphertexts inside a TenSEAL CKKS vector (field 2)."""
-    chunks, pos = [], 0
-    while pos < len(blob):
-        key, pos = _read_varint(blob, pos)
-        field, wire = key >> 3, key & 7
-        if wire == 2:
-            length, pos = _read_varint(blob, pos)
-            if field == 2:
-                chunks.append(blob[pos : pos + length])
-            pos += length
-        elif wire == 1:
-            pos += 8
-        elif wire == 0:
-            _, pos = _read_varint(blob, pos)
-        else:
-            raise ValueError(f"unexpected protobuf wire type {wire}")
-    return chunks
+def _only_ciphertext_errors(function, *arguments):
+    """``function(*arguments)``; whatever it raises but a CiphertextError becomes one."""
+    try:
+        return function(*arguments)
+    except CiphertextError:
+        raise
+    except Exception as err:  # noqa: BLE001 - no byte of a ciphertext may end a run
+        raise CiphertextError(f"not a ciphertext of this context ({err!r})"[:300]) from err
 
 
 # ---- client side -----------------------------------------------------------------------
@@ -196,57 +226,58 @@ def _save(obj) -> bytes:
 
 
 class _SymmetricEncryptor:
-    """SEAL encoder and secret-key encryptor; ``seeded`` halves the serialized size."""
+    """SEAL encoder and secret-key encryptor, and the upload format."""
 
-    def __init__(self, context: ts.Context, seeded: bool):
+    def __init__(self, context: ts.Context):
         seal_context = context.seal_context().data
         self.encoder = sealapi.CKKSEncoder(seal_context)
         self.encryptor = sealapi.Encryptor(seal_context, context.secret_key().data)
-        self.seal_context, self.scale, self.seeded = seal_context, context.global_scale, seeded
+        self.scale = context.global_scale
+        self.formats = Formats(context)
         self.primes, self.degree = ring_of(context)
 
-    def encrypt(self, values: np.ndarray, mask_words: np.ndarray | None = None) -> bytes:
-        """Encode in complex slots, add ``mask_words`` (a checked ring element), encrypt.
+    def encrypt(
+        self, pieces: Sequence[np.ndarray], masks: Sequence[np.ndarray] | None = None
+    ) -> list[bytes]:
+        """Encode each piece in complex slots, encrypt with the secret key, pack as uploads.
 
-        The values go two to a slot (:func:`complex_slots`); the result is saved.
-
-        The mask goes into the plaintext, not the ciphertext: Enc(pt + m) is the
-        ciphertext (c0 + m, c1), and a seeded c1 survives (masking a saved ciphertext
-        would have to expand its seed, doubling the upload).
+        The values go two to a slot (:func:`complex_slots`). ``masks[i]`` (checked ring
+        elements), if given, is added to chunk i's c0 in coefficient form before its low
+        bits are rounded off: the chunk then decrypts to the mask plus the values. The
+        pieces are packed together (SEAL's inverse NTT and the packing work in batches).
         """
-        plain = sealapi.Plaintext()
-        self.encoder.encode(complex_slots(values, self.degree).tolist(), self.scale, plain)
-        if mask_words is not None:
-            masked = add_mod(plaintext_words(plain, self.degree), mask_words, self.primes)
-            plain = plaintext_from_words(self.seal_context, masked, plain.parms_id(), plain.scale)
-        if self.seeded:
-            return _save(self.encryptor.encrypt_symmetric(plain))
-        ciphertext = sealapi.Ciphertext(self.seal_context)
-        self.encryptor.encrypt_symmetric(plain, ciphertext)
-        return _save(ciphertext)
+        seeded = []
+        for values in pieces:
+            plain = sealapi.Plaintext()
+            self.encoder.encode(complex_slots(values, self.degree).tolist(), self.scale, plain)
+            seeded.append(_save(self.encryptor.encrypt_symmetric(plain)))
+        mask = None if masks is None else masks.__getitem__
+        return self.formats.wire.pack_upload(seeded, mask)
 
 
 _worker_encryptor: _SymmetricEncryptor | None = None
 
 
-def _init_worker(secret_context: bytes, seeded: bool) -> None:
+def _init_worker(secret_context: bytes) -> None:
     global _worker_encryptor
-    _worker_encryptor = _SymmetricEncryptor(ts.context_from(secret_context), seeded)
+    _worker_encryptor = _SymmetricEncryptor(ts.context_from(secret_context))
 
 
-def _encrypt_in_worker(values: np.ndarray, mask_words: np.ndarray | None = None) -> bytes:
-    return _worker_encryptor.encrypt(values, mask_words)
+def _encrypt_in_worker(
+    pieces: list[np.ndarray], masks: list[np.ndarray] | None = None
+) -> list[bytes]:
+    return _worker_encryptor.encrypt(pieces, masks)
 
 
 @lru_cache(maxsize=2)
-def _pool(secret_context: bytes, seeded: bool, workers: int) -> ProcessPoolExecutor:
+def _pool(secret_context: bytes, workers: int) -> ProcessPoolExecutor:
     # fork: spawn/forkserver would re-import the caller's __main__ (a Ray worker script,
     # flwr-clientapp); the workers only run SEAL on the arrays they are sent.
     return ProcessPoolExecutor(
         max_workers=workers,
         mp_context=get_context("fork"),
         initializer=_init_worker,
-        initargs=(secret_context, seeded),
+        initargs=(secret_context,),
     )
 
 
@@ -258,7 +289,7 @@ def default_workers() -> int:
 
 
 class CkksEncoder:
-    """Client-side codec: encrypt a vector into CKKS chunks; decrypt a sum for release.
+    """Client-side codec: encrypt a vector into upload chunks; decrypt a sum for release.
 
     Parameters
     ----------
@@ -268,8 +299,8 @@ class CkksEncoder:
         Processes that encrypt chunks in parallel; None uses every core this process
         may use, 1 encrypts in the calling process.
     seeded : bool
-        Send seeded ciphertexts (half the bytes; the server spends about twice as long
-        loading each one).
+        Kept for configurations that set it: uploads always carry c1 as its seed
+        (the packed format, :mod:`lepton_flwr.he.packed`).
     """
 
     def __init__(self, context: ts.Context, workers: int | None = None, seeded: bool = True):
@@ -277,9 +308,10 @@ class CkksEncoder:
             raise ValueError("Encryption and decryption need the secret context.")
         self._context = context
         self._secret_bytes: bytes | None = None
-        self._encryptor = _SymmetricEncryptor(context, seeded)
+        self._encryptor = _SymmetricEncryptor(context)
         self._decryptor = sealapi.Decryptor(context.seal_context().data, context.secret_key().data)
-        self.seeded = seeded
+        self.formats = self._encryptor.formats
+        self.seeded = True
         self.workers = default_workers() if workers is None else max(1, workers)
         self.primes, self.degree = ring_of(context)
         # Values per ciphertext: N, the real and imaginary parts of N/2 complex slots.
@@ -287,7 +319,7 @@ class CkksEncoder:
         self.poly_modulus_degree, self.scale = self.degree, context.global_scale
 
     def encrypt(self, vector: np.ndarray, mask: RingMask | None = None) -> list[bytes]:
-        """Encrypt a float vector as ceil(len / N) ciphertexts, each masked if asked.
+        """Encrypt a float vector as ceil(len / N) upload chunks, each masked if asked.
 
         Parameters
         ----------
@@ -295,10 +327,10 @@ class CkksEncoder:
             The values.
         mask : Callable[[int], np.ndarray] | None
             None encrypts the values as they are. Otherwise ``mask(i)`` is the ring
-            element (:func:`ring_of`) added to chunk i's encoded plaintext before it is
-            encrypted: the chunk then decrypts to the mask plus the values, uniform mod
-            each prime when the mask is. The upload stays seeded. Masks are computed
-            here, in the calling process, and checked before anything is encrypted.
+            element (:func:`ring_of`) added to chunk i's c0 in coefficient form: the chunk
+            then decrypts to the mask plus the values, uniform mod each prime when the
+            mask is. Masks are computed here, in the calling process, and checked before
+            anything is encrypted.
 
         Raises
         ------
@@ -313,32 +345,34 @@ class CkksEncoder:
         else:
             masks = [_checked_mask(mask, i, self.primes, self.degree) for i in range(len(chunks))]
         if self.workers == 1 or len(chunks) < PARALLEL_MIN_CHUNKS:
-            if masks is None:
-                return [self._encryptor.encrypt(c) for c in chunks]
-            return [self._encryptor.encrypt(c, m) for c, m in zip(chunks, masks, strict=True)]
+            return self._encryptor.encrypt(chunks, masks)
         if self._secret_bytes is None:  # what the worker processes load their keys from
             self._secret_bytes = secret_context_bytes(self._context)
-        pool = _pool(self._secret_bytes, self.seeded, self.workers)
-        chunksize = max(1, len(chunks) // (4 * self.workers))
+        pool = _pool(self._secret_bytes, self.workers)
+        per = max(1, len(chunks) // (4 * self.workers))
+        starts = range(0, len(chunks), per)
+        batches = [chunks[i : i + per] for i in starts]
         if masks is None:
-            return list(pool.map(_encrypt_in_worker, chunks, chunksize=chunksize))
-        return list(pool.map(_encrypt_in_worker, chunks, masks, chunksize=chunksize))
+            done = pool.map(_encrypt_in_worker, batches)
+        else:
+            done = pool.map(_encrypt_in_worker, batches, [masks[i : i + per] for i in starts])
+        return [chunk for batch in done for chunk in batch]
 
     def decrypt(self, chunks: list[bytes], length: int, weight: float = 1.0) -> np.ndarray:
         """Decrypt a sum for release: flooded with noise, divided by ``weight``, rounded.
 
-        Only ciphertexts that can be a sum of fresh uploads are decrypted (one per N
-        values, first data level, this key's scale: :func:`load_fresh`); the result goes
-        through :func:`lepton_flwr.he.publish.publishable`, as every decryption that may
-        leave the key holder must. Both parts of every complex slot that holds one of
-        the ``length`` values are released, and so flooded; a last chunk's unused tail
-        is dropped before flooding, never released.
+        ``chunks`` are one per N values, all of one kind (a download, a sum, or an
+        upload: :func:`load`); the result goes through
+        :func:`lepton_flwr.he.publish.publishable`, as every decryption that may leave the
+        key holder must. Both parts of every complex slot that holds one of the
+        ``length`` values are released, and so flooded; a last chunk's unused tail is
+        dropped before flooding, never released.
 
         Raises
         ------
         CiphertextError
-            If the chunks are not ``ceil(length / N)`` fresh-looking ciphertexts of
-            this context, or the key's parameters are too coarse to flood.
+            If the chunks are not ``ceil(length / N)`` chunks of one kind that this
+            context reads, or the key's parameters are too coarse to flood.
         """
         exact = self._decrypt_exact(chunks, length)
         try:
@@ -357,71 +391,40 @@ class CkksEncoder:
             raise CiphertextError(
                 f"{len(chunks)} ciphertext chunks for {length} values, expected {expected}"
             )
-        vector = load_fresh(self._context, chunks)
         encoder, parts = self._encryptor.encoder, []
-        for ciphertext in vector.ciphertext():
+        for ciphertext in load(self.formats, chunks):
             plain = sealapi.Plaintext()
             self._decryptor.decrypt(ciphertext, plain)
             parts.append(real_values(encoder.decode_complex(plain)))
         return np.concatenate(parts)[:length] if parts else np.zeros(0)
 
 
-def container_size(context: ts.Context) -> int:
-    """The per-chunk size TenSEAL's vector container records: its slot count, N/2.
+def load(formats: Formats, chunks: Sequence[bytes]) -> list[sealapi.Ciphertext]:
+    """SEAL ciphertexts (to decrypt) from chunks of one kind, each checked by its format.
 
-    TenSEAL's loader and its addition read it; our codec ignores it (a chunk holds N
-    values, :func:`complex_slots`).
-    """
-    return context.seal_context().data.first_context_data().parms().poly_modulus_degree() // 2
-
-
-def load_fresh(context: ts.Context, chunks: list[bytes], slots: int | None = None) -> ts.CKKSVector:
-    """Load chunks into one CKKS vector, refusing what cannot be a sum of fresh uploads.
-
-    The server applies it to every upload and each client to every model it decrypts:
-    each chunk must parse under ``context``, have two polynomials in NTT form, sit at the
-    first data level and carry the key's scale. (These fields are metadata a sender can
-    forge; the checks keep out malformed input and the easy transformations of a
-    ciphertext, such as a product with a plaintext, not a determined adversary.)
-    ``slots`` is the container's per-chunk size field, :func:`container_size` if None.
+    A download or a sum is parsed (:meth:`lepton_flwr.he.packed.PackedFormat.parse_download`:
+    length, c0 words below ceil(Q / 2^d), c1 words below their primes); an upload the same
+    (:meth:`~lepton_flwr.he.packed.PackedFormat.parse_upload`), its seeds expanded.
+    Nothing else can be wrong: level, scale, size and NTT form are fixed by the format.
 
     Raises
     ------
     CiphertextError
-        Naming the chunk and the field; never another exception, whatever the bytes.
+        Naming the chunk and the fault; never another exception, whatever the bytes.
     """
-    scale = context.global_scale
-    slots = container_size(context) if slots is None else slots
-    try:
-        vector = ts.ckks_vector_from(context, vector_proto(chunks, slots, scale))
-    except Exception as err:  # TenSEAL raises ValueError/RuntimeError variants
-        raise CiphertextError(f"not a valid ciphertext for this context ({err})"[:300]) from err
-    try:
-        parms_id = list(context.seal_context().data.first_parms_id())
-        for index, ciphertext in enumerate(vector.ciphertext()):
-            if ciphertext.size() != 2:
-                raise CiphertextError(f"chunk {index} has {ciphertext.size()} polynomials, not 2")
-            if not ciphertext.is_ntt_form():  # it would load, then make the addition throw
-                raise CiphertextError(f"chunk {index} is not in NTT form")
-            if list(ciphertext.parms_id()) != parms_id:
-                raise CiphertextError(f"chunk {index} is not at the first data level")
-            found = float(ciphertext.scale)
-            if not (math.isfinite(found) and math.isclose(found, scale, rel_tol=1e-9)):
-                raise CiphertextError(
-                    f"chunk {index} has scale {found:.6g}, not the key's {scale:.6g}"
-                )
-    except CiphertextError:
-        raise
-    except Exception as err:  # noqa: BLE001 - no field of a ciphertext may end a run
-        raise CiphertextError(f"a ciphertext field cannot be read ({err!r})"[:300]) from err
-    return vector
+    kind = formats.kind(chunks)
+    if kind == "upload":
+        wire = formats.wire
+        return _only_ciphertext_errors(lambda: wire.upload_ciphertexts(wire.parse_upload(chunks)))
+    packed = formats.wire if kind == "download" else formats.exact
+    return _only_ciphertext_errors(packed.load_download, chunks)
 
 
 # ---- server side -----------------------------------------------------------------------
 
 
 class CkksAdder:
-    """Server-side codec: check and add ciphertexts with a context that has no secret key.
+    """Server-side codec: check and add uploads with a context that has no secret key.
 
     Parameters
     ----------
@@ -434,15 +437,18 @@ class CkksAdder:
         self.scale = context.global_scale
         self.primes, self.degree = ring_of(context)
         self.slots = self.degree  # values per ciphertext, as CkksEncoder.slots
-        self._evaluator: sealapi.Evaluator | None = None
+        self.formats = Formats(context)
         self._public_encryptor: tuple[sealapi.CKKSEncoder, sealapi.Encryptor] | None = None
 
     def encrypt_public(self, vector: np.ndarray) -> list[bytes]:
-        """Encrypt with the public key (full-size ciphertexts, N values each, as uploads).
+        """Encrypt with the public key: sum chunks (of one ciphertext each), N values a chunk.
 
         The server's initial model and HE + DP's noise top-ups; values are laid out in
-        complex slots as :class:`CkksEncoder` lays them (:func:`complex_slots`).
+        complex slots as :class:`CkksEncoder` lays them (:func:`complex_slots`). A
+        public-key ciphertext has no seed: its c1 travels whole, as a sum's.
         """
+        from lepton_flwr.he.packed import _ciphertext_words
+
         vector = np.asarray(vector, dtype=np.float64)
         if self._public_encryptor is None:
             seal_context = self.context.seal_context().data
@@ -451,125 +457,163 @@ class CkksAdder:
                 sealapi.Encryptor(seal_context, self.context.public_key().data),
             )
         encoder, encryptor = self._public_encryptor
-        chunks = []
+        words = []
         for start in range(0, len(vector), self.slots):
             plain = sealapi.Plaintext()
             piece = complex_slots(vector[start : start + self.slots], self.degree)
             encoder.encode(piece.tolist(), self.scale, plain)
             ciphertext = sealapi.Ciphertext(self.context.seal_context().data)
             encryptor.encrypt(plain, ciphertext)
-            chunks.append(_save(ciphertext))
-        return chunks
+            words.append(_ciphertext_words(ciphertext))
+        if not words:
+            return []
+        stacked = np.stack(words)  # (B, 2, k, N), NTT form
+        c0 = self.formats.ring.transform(stacked[:, 0], to_ntt=False)
+        return self.formats.sum_chunks(c0, stacked[:, 1])
 
-    def load(self, chunks: list[bytes]) -> ts.CKKSVector:
-        """Load one client's chunks, each checked as a fresh ciphertext (:func:`load_fresh`).
+    def check(self, chunks: list[bytes]) -> None:
+        """Check one client's chunks as uploads of this context.
 
         Raises
         ------
         CiphertextError
-            If a chunk does not parse, or its level, size or scale are not those of a
-            fresh ciphertext under these parameters.
+            If a chunk has the wrong length, a c0 word past ceil(Q / 2^D_UP), or is not
+            an upload at all (a sum or a download: their c1 is not a seed's expansion).
         """
-        return load_fresh(self.context, chunks)
+        _only_ciphertext_errors(self.formats.wire.parse_upload, chunks)
+
+    def download(self, chunks: list[bytes], summed: int) -> list[bytes]:
+        """The copy of a sum to send: c0 with its ``D_DOWN`` low bits rounded off.
+
+        ``summed`` is the number of uploads (and public-key encryptions) the sum holds:
+        the flooding covers a rounded sum of at most
+        :func:`lepton_flwr.he.publish.summed_limit` of them.
+
+        Raises
+        ------
+        CiphertextError
+            If a chunk is not a sum of this context.
+        lepton_flwr.he.publish.TooManySummedError
+            If ``summed`` passes what the flooding covers.
+        """
+        check_summed(summed, self.formats.wire.d_down)
+        if not chunks or self.formats.kind(chunks) == "download":
+            return list(chunks)
+        c0, c1 = _only_ciphertext_errors(self.formats.exact.parse_download, chunks)
+        return self.formats.wire.pack_download(c0, c1)
 
     def remove_mask(self, chunks: list[bytes], mask: RingMask) -> list[bytes]:
-        """Subtract ring element ``mask(i)`` from ciphertext i, with the public context.
+        """Subtract ring element ``mask(i)`` from sum chunk i's c0 (coefficient form).
 
         For a sum of masked uploads: subtracting the masks that do not cancel (the
         survivors' self-masks, the pairwise masks of the dropped) leaves the sum of the
         values, exactly as if nothing had been masked (every operation is exact mod
-        each prime). Each chunk is checked as :func:`load_fresh` checks it first;
-        ``Evaluator.sub_plain`` runs at its parms_id and scale.
+        each prime; the uploads' rounding is what it would have been without masks).
 
         Returns
         -------
         list[bytes]
-            The serialized ciphertexts, which :func:`load_fresh` and
-            :meth:`CkksEncoder.decrypt` accept.
+            Sum chunks, which :meth:`CkksEncoder.decrypt` and :meth:`download` accept.
 
         Raises
         ------
         CiphertextError
-            If a chunk is not a ciphertext :func:`load_fresh` accepts.
+            If a chunk is not a sum of this context.
         ValueError
             If a mask is not a uint64 array of shape (len(primes), N) with every word
             below its prime; the message names the chunk.
         """
         if not chunks:
             return []
-        vector = self.load(chunks)
-        seal_context = self.context.seal_context().data
-        if self._evaluator is None:
-            self._evaluator = sealapi.Evaluator(seal_context)
-        unmasked = []
-        for index, ciphertext in enumerate(vector.ciphertext()):
-            words = _checked_mask(mask, index, self.primes, self.degree)
-            plain = plaintext_from_words(
-                seal_context, words, ciphertext.parms_id(), ciphertext.scale
-            )
-            self._evaluator.sub_plain_inplace(ciphertext, plain)
-            unmasked.append(_save(ciphertext))
-        return unmasked
+        c0, c1 = self.formats.sum_parts(chunks)
+        masks = np.stack(
+            [_checked_mask(mask, index, self.primes, self.degree) for index in range(len(c0))]
+        )
+        q = np.array(self.primes, dtype=np.uint64)[:, None]
+        unmasked = np.where(c0 >= masks, c0 - masks, c0 + (q - masks))
+        return self.formats.sum_chunks(unmasked, c1)
 
     def sum_range(
-        self, uploads: list[list[bytes]], start: int, stop: int
+        self,
+        uploads: list[list[bytes]],
+        start: int,
+        stop: int,
+        sums: Sequence[list[bytes]] = (),
     ) -> tuple[list[bytes], dict[int, str]]:
-        """Load and add chunks ``start:stop`` of every upload.
+        """Add chunks ``start:stop`` of every upload, and of the server's own ``sums``.
 
-        Every failure while loading or adding one upload (a ``CiphertextError`` from
-        :meth:`load`, or any other exception) leaves that upload out, with the reason;
-        nothing one upload holds makes this raise.
+        Every failure while checking or adding one upload leaves that upload out, with
+        the reason; nothing one upload holds makes this raise.
 
         Returns
         -------
         tuple[list[bytes], dict[int, str]]
-            The serialized sums, and the uploads (by index) whose chunks failed to
-            load or add, with the reason; those are left out of the sums.
+            The sum chunks, and the uploads (by index) whose chunks failed to load or
+            add, with the reason; those are left out of the sums.
+
+        Raises
+        ------
+        CiphertextError
+            If one of ``sums`` (the server's own) is not a sum of this context.
         """
-        total, errors = None, {}
+        from lepton_flwr.he.packed import PackedSum
+
+        total, errors = PackedSum(self.formats.wire, stop - start), {}
         for index, chunks in enumerate(uploads):
             try:
-                vector = self.load(chunks[start:stop])
-                # Out of place: an addition that fails half-way leaves the total intact.
-                total = vector if total is None else total + vector
+                total.add(chunks[start:stop])
             except CiphertextError as err:
                 errors[index] = str(err)
             except Exception as err:  # noqa: BLE001 - one upload, one verdict
                 errors[index] = f"cannot be loaded or added to the others ({err!r})"[:300]
-        return ([] if total is None else proto_ciphertexts(total.serialize())), errors
+        for chunks in sums:
+            try:
+                c0, c1 = self.formats.sum_parts(chunks[start:stop])
+            except CiphertextError as err:
+                raise CiphertextError(f"the server's own ciphertexts do not load: {err}") from err
+            total.add_exact(c0, c1, 1)
+        if total.count == 0 or stop == start:
+            return [], errors
+        return self.formats.sum_chunks(*total.exact()), errors
 
     def sum_updates(
-        self, uploads: list[list[bytes]], workers: int | None = None
+        self,
+        uploads: list[list[bytes]],
+        workers: int | None = None,
+        sums: Sequence[list[bytes]] = (),
     ) -> tuple[list[bytes], dict[int, str]]:
-        """Add uploads chunk by chunk, in parallel over chunk ranges.
+        """Add uploads chunk by chunk, and the server's own ``sums``, in parallel over ranges.
 
-        Every upload must have the same number of chunks. An upload with a chunk that
-        does not load or add, whatever the error, is reported (index -> reason) and left
-        out of the sum (:meth:`sum_range`).
+        Every upload and sum must have the same number of chunks. An upload with a
+        chunk that does not check or add, whatever the error, is reported (index ->
+        reason) and left out of the sum (:meth:`sum_range`). Only uploads are taken
+        from ``uploads``; sums (whose c1 is not a seed's expansion) only from ``sums``.
 
         Parameters
         ----------
         uploads : list[list[bytes]]
-            Each client's serialized ciphertexts.
+            Each client's upload chunks.
         workers : int | None
             Processes (forked, so they read the uploads without copying); None uses
             every core this process may use.
+        sums : Sequence[list[bytes]]
+            Sum chunks the server made itself (the global model, public-key encryptions).
         """
-        if not uploads:
+        if not uploads and not sums:
             return [], {}
-        num_chunks = len(uploads[0])
+        num_chunks = len(uploads[0]) if uploads else len(sums[0])
         workers = default_workers() if workers is None else max(1, workers)
-        if workers == 1 or num_chunks * len(uploads) < PARALLEL_MIN_CHUNKS * 4:
-            return self.sum_range(uploads, 0, num_chunks)
+        if workers == 1 or num_chunks * (len(uploads) + len(sums)) < PARALLEL_MIN_CHUNKS * 4:
+            return self.sum_range(uploads, 0, num_chunks, sums)
         bounds = np.linspace(0, num_chunks, workers + 1).astype(int)
         ranges = list(zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True))
         global _fork_state
-        _fork_state = (self, uploads)
+        _fork_state = (self, uploads, sums)
         # The forked workers take all ranges but the first, which this process sums.
         pool = get_context("fork").Pool(workers - 1)
         try:
             pending = pool.map_async(_sum_range_in_fork, ranges[1:])
-            parts = [self.sum_range(uploads, *ranges[0]), *pending.get()]
+            parts = [self.sum_range(uploads, *ranges[0], sums), *pending.get()]
         finally:
             _fork_state = None
             pool.close()  # let the workers exit: terminating them would trip Ray's
@@ -579,14 +623,14 @@ class CkksAdder:
             errors.update(part_errors)
         if errors:  # a bad upload was left out of some ranges only: sum the good ones again
             good = [u for i, u in enumerate(uploads) if i not in errors]
-            sums, _ = self.sum_updates(good, workers)
-            return sums, errors
+            total, _ = self.sum_updates(good, workers, sums)
+            return total, errors
         return [chunk for part, _ in parts for chunk in part], errors
 
 
-_fork_state: tuple[CkksAdder, list[list[bytes]]] | None = None
+_fork_state: tuple[CkksAdder, list[list[bytes]], Sequence[list[bytes]]] | None = None
 
 
 def _sum_range_in_fork(bounds: tuple[int, int]) -> tuple[list[bytes], dict[int, str]]:
-    adder, uploads = _fork_state
-    return adder.sum_range(uploads, int(bounds[0]), int(bounds[1]))
+    adder, uploads, sums = _fork_state
+    return adder.sum_range(uploads, int(bounds[0]), int(bounds[1]), sums)

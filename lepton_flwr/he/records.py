@@ -15,22 +15,34 @@ from lepton_flwr.files import write_atomically
 from lepton_flwr.he.codec import CiphertextError, TensorSpec
 from lepton_flwr.numbers import is_int, real
 
-CKKS_STYPE = "lepton.ckks"  # one serialized CKKS ciphertext (seeded or full)
+CKKS_STYPE = "lepton.ckks"  # one packed CKKS ciphertext (lepton_flwr.he.codec: its kinds)
 META_STYPE = "lepton.ckks-meta"  # the JSON header of an encrypted model
 META_KEY = "ckks-meta"
-# 2: N values per ciphertext, two to each complex slot (lepton_flwr.he.codec.complex_slots).
-# 1: N/2 values per ciphertext, in the slots' real parts: read otherwise, refused.
-FORMAT_VERSION = 2
+# 3: packed ciphertexts (lepton_flwr.he.packed), N values each in complex slots, and
+#    the count of uploads summed. Older versions are refused, not misread:
+# 2: SEAL's serialized ciphertexts, N values each in complex slots;
+# 1: SEAL's serialized ciphertexts, N/2 values each in the slots' real parts.
+FORMAT_VERSION = 3
 FORMATS = {
-    1: "N/2 values per ciphertext, in the real parts of the CKKS slots",
-    2: "N values per ciphertext, two to each complex CKKS slot",
+    1: "SEAL ciphertexts of N/2 values, in the real parts of the CKKS slots",
+    2: "SEAL ciphertexts of N values, two to each complex CKKS slot",
+    3: "packed ciphertexts of N values, two to each complex CKKS slot",
 }
+MAX_SUMMED_FIELD = 1 << 40  # far past what the flooding covers (publish.summed_limit)
 MAX_HEADER_BYTES = 1 << 20  # 1 MiB: a manifest of ~20,000 tensors; refused unparsed beyond
 MAX_CHUNK_BYTES = 1 << 24  # 16 MiB: far above a ciphertext at N = 32768 (about 4 MiB)
 MAX_CHUNKS = 1 << 20  # a billion values at N = 4096
 MAX_VALUES = 1 << 34  # values a manifest may describe (16 billion)
 MAX_DIMS = 64  # numpy's limit on a tensor's dimensions
-HEADER_FIELDS = ("version", "fingerprint", "weight", "max_abs", "num_chunks", "manifest")
+HEADER_FIELDS = (
+    "version",
+    "fingerprint",
+    "weight",
+    "max_abs",
+    "num_chunks",
+    "manifest",
+    "summed",
+)
 # The dtypes a manifest may name: numpy's numeric types, as str(array.dtype) writes them.
 NUMERIC_DTYPES = frozenset(
     ("bool", "float16", "float32", "float64", "int8", "int16", "int32", "int64")
@@ -61,7 +73,8 @@ class EncryptedModel:
     manifest : list[TensorSpec]
         Names, shapes and dtypes of the tensors, in packing order.
     chunks : list[bytes]
-        Serialized ciphertexts, N values each (format version 2).
+        Packed ciphertexts, N values each (:mod:`lepton_flwr.he.codec`: uploads, sums
+        or downloads).
     weight : float
         The weight the values are multiplied by (a client's own, or the sum of them):
         the model is ``decrypt(chunks) / weight``.
@@ -70,6 +83,11 @@ class EncryptedModel:
     max_abs : float
         Bound on the magnitude of the encrypted values (added up when sums are taken),
         checked against the CKKS headroom.
+    summed : int
+        Uploads and public-key encryptions summed in the chunks (1 for an upload): the
+        server counts them against what the flooding covers
+        (:func:`lepton_flwr.he.publish.check_summed`). The server counts a client's
+        upload as one, whatever its header says.
     """
 
     manifest: list[TensorSpec]
@@ -77,6 +95,7 @@ class EncryptedModel:
     weight: float
     fingerprint: str
     max_abs: float
+    summed: int = 1
 
     @property
     def num_values(self) -> int:
@@ -92,6 +111,7 @@ class EncryptedModel:
             "max_abs": self.max_abs,
             "num_chunks": len(self.chunks),
             "manifest": [[s.name, list(s.shape), s.dtype] for s in self.manifest],
+            "summed": self.summed,
         }
 
     def to_record(self) -> ArrayRecord:
@@ -113,12 +133,12 @@ class EncryptedModel:
         """
         if not isinstance(header, dict):
             raise CiphertextError(f"header is a {type(header).__name__}, not an object")
+        version = header.get("version")
+        if "version" in header and not (is_int(version) and version == FORMAT_VERSION):
+            raise CiphertextError(_unsupported(version))  # before the fields it may lack
         missing = [key for key in HEADER_FIELDS if key not in header]
         if missing:
             raise _malformed(f"no {', '.join(missing)}")
-        version = header["version"]
-        if not (is_int(version) and version == FORMAT_VERSION):
-            raise CiphertextError(_unsupported(version))
         fingerprint = header["fingerprint"]
         if not isinstance(fingerprint, str):
             raise _malformed(_wrong_type("fingerprint", "a string", fingerprint))
@@ -134,7 +154,13 @@ class EncryptedModel:
             raise CiphertextError(
                 f"header announces {str(num_chunks)[:30]} chunks, {len(chunks)} arrived"
             )
-        return cls(_manifest(header["manifest"]), chunks, weight, fingerprint, max_abs)
+        summed = header["summed"]
+        if not is_int(summed):
+            raise _malformed(_wrong_type("summed", "an integer", summed))
+        if not 1 <= summed <= MAX_SUMMED_FIELD:
+            raise CiphertextError(f"summed must be in 1..{MAX_SUMMED_FIELD}, got {summed}")
+        manifest = _manifest(header["manifest"])
+        return cls(manifest, chunks, weight, fingerprint, max_abs, summed)
 
     @classmethod
     def from_record(cls, record: ArrayRecord) -> EncryptedModel:

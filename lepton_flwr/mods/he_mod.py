@@ -414,7 +414,8 @@ def make_he_mod(
     workers : int | None
         Processes that encrypt in parallel (None: all cores this process may use).
     seeded : bool
-        Upload seeded ciphertexts: half the bytes, about twice the server's load time.
+        Kept for configurations that set it: uploads always carry c1 as its seed (the
+        packed format, :mod:`lepton_flwr.he.packed`).
     weighted_by : str
         The reply metric (a whole example count) the update is weighted by; it leaves in
         the clear. The server's ``weighted_by_key`` must be the same, or the client
