@@ -1,6 +1,7 @@
 """Shared test settings: no telemetry, no hub, seeded configs."""
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,10 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 # A developer's own feature store would make the tests that count computations pass once,
 # then fail: the tests start without one (the runner sets its default for its run only).
 os.environ.pop("LEPTON_FLWR_FEATURE_CACHE", None)
+# and keep the scikit-learn datasets they load in a folder of this session, not the user's.
+os.environ.setdefault(
+    "LEPTON_FLWR_DATA_CACHE", tempfile.mkdtemp(prefix="lepton-flwr-test-datasets-")
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
