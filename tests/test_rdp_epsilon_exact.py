@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 from opacus.accountants import RDPAccountant
 
-from lepton_flwr.dp import ClientLevelAccountant
+from lepton_flwr.dp import ClientLevelAccountant, accounting
 
 
 def opacus_epsilon(history, delta):
@@ -33,3 +34,19 @@ def test_rdp_epsilon_equals_opacus_bit_for_bit_as_rounds_are_composed():
             assert trial == opacus_epsilon(
                 [*ours.history[:-1], (*ours.history[-1][:2], ours.history[-1][2] + 3)], delta
             )
+
+
+# Review T: a cache keyed by value served np.float32(1.1)'s figure (float32 arithmetic in
+# Opacus) to the equal Python float, so epsilon depended on what the process computed first.
+def test_an_earlier_float32_noise_multiplier_does_not_change_a_float_history_epsilon():
+    accounting._rdp_per_step.cache_clear()
+    z32, q, delta = np.float32(1.1), 0.013, 1e-5
+    first = ClientLevelAccountant()
+    first.compose(z32, q, 100)
+    first.epsilon(delta)  # fills the cache with float32 arithmetic
+    later = ClientLevelAccountant()
+    later.compose(float(z32), q, 100)
+    try:
+        assert later.epsilon(delta) == opacus_epsilon([(float(z32), q, 100)], delta)
+    finally:
+        accounting._rdp_per_step.cache_clear()

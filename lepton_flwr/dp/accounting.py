@@ -67,7 +67,7 @@ def _check(condition: bool, message: str) -> None:
         raise PrivacyConfigError(message)
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=256, typed=True)  # np.float32(z) is not z: Opacus differs
 def _rdp_per_step(noise_multiplier: float, sample_rate: float, orders: tuple) -> np.ndarray:
     """Opacus' RDP of one Poisson-sampled Gaussian release at each order (read-only)."""
     from opacus.accountants.analysis.rdp import compute_rdp
