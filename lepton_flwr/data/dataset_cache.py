@@ -158,6 +158,25 @@ def split_error(arrays: dict[str, np.ndarray], layout: Layout, test_fraction: fl
     return None
 
 
+def _check_header(handle, member: zipfile.ZipInfo) -> None:
+    """Refuse a member whose ``.npy`` header declares more data than the member holds.
+
+    numpy allocates the declared shape before reading the data: a small file declaring
+    2^60 values would end the process with MemoryError instead of being refused.
+    """
+    version = np.lib.format.read_magic(handle)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(handle)
+    elif version == (2, 0):
+        shape, _, dtype = np.lib.format.read_array_header_2_0(handle)
+    else:
+        raise ValueError(f"{member.filename}: .npy format {version} is not ours")
+    if dtype.hasobject:
+        raise ValueError(f"{member.filename}: holds Python objects")
+    if math.prod(shape) * dtype.itemsize > member.file_size:
+        raise ValueError(f"{member.filename}: its header declares more data than it holds")
+
+
 def _read(path: Path, key: str) -> dict[str, np.ndarray]:
     """The arrays of a cache file; raises ValueError (or OSError) on anything unexpected."""
     data = read_private(path, MAX_BYTES)
@@ -170,6 +189,8 @@ def _read(path: Path, key: str) -> dict[str, np.ndarray]:
             raise ValueError(f"unpacks to more than {MAX_BYTES} bytes")
         arrays = {}
         for member in members:
+            with archive.open(member) as handle:
+                _check_header(handle, member)
             with archive.open(member) as handle:
                 arrays[member.filename[: -len(".npy")]] = np.lib.format.read_array(
                     handle, allow_pickle=False

@@ -1,14 +1,9 @@
-"""Review T: a dataset-cache file whose .npy header declares a huge array must be refused.
+"""A dataset-cache file whose .npy header declares a huge array is refused (review T).
 
-``lepton_flwr.data.dataset_cache`` reads a cache file back as untrusted input: anything
-unexpected is refused, the split loaded afresh and the file replaced. The unpacked-size
-cap sums the zip members' declared sizes, but numpy's ``read_array`` allocates the shape
-its header declares before reading a byte of data: a 1.5 KB file declaring 2^60 float32
-values raises MemoryError, which ``load_through_cache`` does not catch, so the process that
-loads the dataset dies instead of loading it afresh (reproduction:
-/tmp/T/b2_dataset_cache_alloc.py). Fix: check each member's header (dtype, shape against
-the layout, shape × itemsize against the member's size) before ``read_array``, or catch
-MemoryError with the other refusals.
+numpy's ``read_array`` allocates the shape a header declares before reading a byte: a
+1.5 KB file declaring 2^60 float32 values ended the loading process with MemoryError.
+Each member's header is now checked against the member's size first; the file is refused
+and the split loaded afresh (fails without ``dataset_cache._check_header``).
 """
 
 import io
@@ -16,7 +11,6 @@ import os
 import zipfile
 
 import numpy as np
-import pytest
 
 from lepton_flwr.data import datasets
 from lepton_flwr.data.dataset_cache import ARRAYS, cache_key, load_through_cache
@@ -32,11 +26,6 @@ def _npy_header_only(shape):
     return buffer.getvalue() + bytes(64)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=MemoryError,
-    reason="review T: read_array allocates a header's declared shape; MemoryError escapes",
-)
 def test_a_header_declaring_a_huge_array_is_refused_and_loaded_afresh(tmp_path):
     folder = tmp_path / "cache"
     folder.mkdir(mode=0o700)
