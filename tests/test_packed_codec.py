@@ -114,3 +114,23 @@ def test_the_server_never_takes_a_sum_from_a_client(ckks):
     assert list(failed) == [1] and "bytes, not" in failed[1]
     with pytest.raises(CiphertextError, match="server's own"):
         adder.sum_updates([], workers=1, sums=[encoder.encrypt(np.ones(10))])
+
+
+def test_a_client_refuses_a_model_whose_header_sums_more_than_the_flooding_covers(ckks):
+    """The header's count is the server's: a faulty one is caught before decrypting."""
+    from lepton_flwr.he.keyholder import decrypt_model
+
+    secret, _, encoder, adder = ckks
+    own = fingerprint(secret)
+    sums, _ = adder.sum_updates([encoder.encrypt(np.full(10, 0.5))], workers=1)
+    download = adder.download(sums, 1)
+    counted = []
+    for summed, chunks in ((summed_limit(12), download), (summed_limit(0), sums)):
+        model = EncryptedModel([TensorSpec("w", (10,), "float64")], chunks, 1.0, own, 1.0, summed)
+        decrypt_model(model.to_record(), encoder, own, count=lambda: counted.append(1))
+        over = EncryptedModel(
+            [TensorSpec("w", (10,), "float64")], chunks, 1.0, own, 1.0, summed + 1
+        )
+        with pytest.raises(CiphertextError, match="flooding"):
+            decrypt_model(over.to_record(), encoder, own, count=lambda: counted.append(1))
+    assert counted == [1, 1]  # the refused ones were never counted as decryptions

@@ -30,7 +30,7 @@ from lepton_flwr.he.codec import (
 )
 from lepton_flwr.he.keys import fingerprint, load_context
 from lepton_flwr.he.ledger import DecryptionCountError, count_file, spend_one
-from lepton_flwr.he.publish import DECRYPTIONS, TAIL, flooding_std
+from lepton_flwr.he.publish import DECRYPTIONS, TAIL, flooding_std, summed_limit
 from lepton_flwr.he.records import EncryptedModel, is_encrypted, load_encrypted, save_encrypted
 
 # Decryption is exact to about 1e-15 per summed value at the default parameters; a
@@ -107,7 +107,9 @@ def decrypt_model(
     Raises
     ------
     CiphertextError
-        For another key, a model that is not the size of ``like``, or (as
+        For another key, a model that is not the size of ``like``, a sum of more
+        ciphertexts than the flooding covers (the header's ``summed``, the server's own
+        count: this catches a faulty server, not a lying one), or (as
         :class:`ModelOutOfBoundError`) values past the sum's bound.
     """
     model = EncryptedModel.from_record(record)
@@ -125,6 +127,12 @@ def decrypt_model(
                 f"the encrypted model holds {model.num_values} values, the key holder's own "
                 f"model {own_size}"
             )
+    drop = encoder.formats.wire.d_down if encoder.formats.kind(model.chunks) == "download" else 0
+    if model.summed > summed_limit(drop):
+        raise CiphertextError(
+            f"the global model is a sum of {model.summed} ciphertexts: the flooding of a "
+            f"decryption covers at most {summed_limit(drop)}"
+        )
     if count is not None:
         count()
     vector = encoder.decrypt(model.chunks, model.num_values, model.weight)
