@@ -364,9 +364,9 @@ class CkksEncoder:
         ``chunks`` are one per N values, all of one kind (a download, a sum, or an
         upload: :func:`load`); the result goes through
         :func:`lepton_flwr.he.publish.publishable`, as every decryption that may leave the
-        key holder must. Both parts of every complex slot that holds one of the
-        ``length`` values are released, and so flooded; a last chunk's unused tail is
-        dropped before flooding, never released.
+        key holder must. Exactly the ``length`` values are released, each flooded (a
+        chunk's N values are its slots' real parts, then their imaginary parts); a last
+        chunk's unused values, in either part, are dropped before flooding, never released.
 
         Raises
         ------

@@ -23,6 +23,9 @@ shape or size than its key implies, or a malformed header is ignored (and its im
 computed afresh); each row served is checked against its digest, and a row that differs
 is computed afresh too. A key folder that is a link, another user's or open to others is
 neither read nor written. A disk that refuses a write costs speed, not the training.
+What these checks cannot catch is a consistent shard with wrong features written under
+the user's own account (its digests then match): the folder is as trusted as the user's
+own files.
 
 Where it lives: the folder named by the environment variable ``LEPTON_FLWR_FEATURE_CACHE``
 (``FEATURE_CACHE_ENV``); unset or empty, nothing is stored. The simulation runner sets it

@@ -66,7 +66,14 @@ def learning_part(
 
     x = np.ascontiguousarray(x)
     digest = hashlib.blake2b(x.data, digest_size=16).hexdigest()
-    key = (type(model).__name__, model.fixed_features_options, x.shape, x.dtype.str, digest)
+    key = (
+        type(model).__name__,
+        model.fixed_features_options,
+        x.shape,
+        x.dtype.str,
+        torch.device(device).type,  # as the disk store's key: another device, other bits
+        digest,
+    )
     if key not in _FEATURES:
         store = feature_store.store_for(model, x, str(device))
         compute = partial(_compute_fixed, fixed, device=device)
