@@ -524,6 +524,12 @@ def validate_config(cfg: dict[str, Any]) -> None:
                 reword(str(err), "he", HE_ARGUMENTS),
                 "the he.* settings are not secure or usable CKKS parameters.",
             ) from err
+        _require(
+            he.get("seeded", True) is True,
+            "he.seeded must be true: uploads always carry c1 as its seed (the packed format; "
+            "full-size uploads are no longer made)",
+            he.get("seeded"),
+        )
         _require(he["weight_scale"] > 0, "he.weight_scale must be > 0", he["weight_scale"])
         _require(
             0 < he["headroom_fraction"] <= 1,

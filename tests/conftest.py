@@ -47,27 +47,6 @@ def client_message(arrays, config=None, number=1, message_type="train"):
     return msg
 
 
-def ciphertext_with_scale(chunk, context, scale):
-    """A serialized SEAL ciphertext whose scale field is ``scale``: what any node can send.
-
-    Needs no key: the ciphertext is loaded under the (public) context, its scale field
-    set, and saved again.
-    """
-    import tempfile
-
-    import tenseal.sealapi as sealapi
-
-    seal = context.seal_context().data
-    ciphertext = sealapi.Ciphertext(seal)
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "ciphertext"
-        path.write_bytes(chunk)
-        ciphertext.load(seal, str(path))
-        ciphertext.scale = scale
-        ciphertext.save(str(path))
-        return path.read_bytes()
-
-
 def flooding_atol(arrays, decryptions=1, weight=None):
     """How far a published decryption of ``arrays`` may honestly fall from the exact mean.
 

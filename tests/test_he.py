@@ -149,9 +149,16 @@ def test_adder_rejects_garbage_and_foreign_parameters(secret_ctx, public_ctx):
         adder.check(download)
 
 
-def test_uploads_are_packed_with_a_seed_whatever_seeded_says(secret_ctx, public_ctx):
-    """``seeded=False`` is kept for configurations that set it; uploads carry c1's seed."""
-    encoder = CkksEncoder(secret_ctx, workers=1, seeded=False)
+def test_uploads_are_packed_with_a_seed_and_seeded_false_is_refused(secret_ctx, public_ctx):
+    """Uploads carry c1's seed; ``seeded=False`` (full-size uploads) is refused, not ignored."""
+    from lepton_flwr.config import ConfigError, load_config
+
+    with pytest.raises(ValueError, match="seeded=False"):
+        CkksEncoder(secret_ctx, workers=1, seeded=False)
+    with pytest.raises(ConfigError, match="he.seeded must be true"):
+        load_config("+experiment=digits_smoke he=ckks he.seeded=false")
+    load_config("+experiment=digits_smoke he=ckks he.seeded=true")
+    encoder = CkksEncoder(secret_ctx, workers=1)
     chunks = encoder.encrypt(np.arange(3000.0))
     assert len(chunks) == 1  # 3000 values fit one ciphertext of 4096
     assert sum(map(len, chunks)) / 4096 < 9.6  # 76 bits a value and a 64-byte seed: 2.4x

@@ -300,12 +300,17 @@ class CkksEncoder:
         may use, 1 encrypts in the calling process.
     seeded : bool
         Kept for configurations that set it: uploads always carry c1 as its seed
-        (the packed format, :mod:`lepton_flwr.he.packed`).
+        (the packed format, :mod:`lepton_flwr.he.packed`); False is refused.
     """
 
     def __init__(self, context: ts.Context, workers: int | None = None, seeded: bool = True):
         if not context.has_secret_key():
             raise ValueError("Encryption and decryption need the secret context.")
+        if seeded is not True:
+            raise ValueError(
+                "seeded=False is no longer supported: uploads always carry c1 as its seed "
+                "(the packed format, lepton_flwr.he.packed)"
+            )
         self._context = context
         self._secret_bytes: bytes | None = None
         self._encryptor = _SymmetricEncryptor(context)
