@@ -35,7 +35,8 @@ import tenseal.sealapi as sealapi
 
 from lepton_flwr.he import CKKSParams, create_secret_context
 from lepton_flwr.he.keys import public_context_bytes
-from lepton_flwr.he.packed import SEED_BYTES, PackedFormat, PackedSum, _add_wide, _saved
+from lepton_flwr.he.packed import SEED_BYTES, PackedFormat, PackedSum, _add_wide
+from lepton_flwr.he.seal_words import save_bytes
 
 FLOAT32 = 4.0
 
@@ -62,7 +63,7 @@ def encrypt_complex(context: ts.Context, vector: np.ndarray) -> list[bytes]:
         plain = sealapi.Plaintext()
         slots = piece[: degree // 2] + 1j * piece[degree // 2 :]
         encoder.encode(slots.tolist(), context.global_scale, plain)
-        chunks.append(_saved(encryptor.encrypt_symmetric(plain)))
+        chunks.append(save_bytes(encryptor.encrypt_symmetric(plain)))
     return chunks
 
 

@@ -21,9 +21,7 @@ from lepton_flwr.he.packed import (
     PackedFormat,
     PackedSum,
     _ciphertext_words,
-    _loaded,
     _pack_fields,
-    _saved,
 )
 from lepton_flwr.he.publish import (
     COEFF_STD,
@@ -36,7 +34,7 @@ from lepton_flwr.he.publish import (
     summed_limit,
     upload_coefficient_std,
 )
-from lepton_flwr.he.seal_words import plaintext_words
+from lepton_flwr.he.seal_words import load_bytes, plaintext_words, save_bytes
 
 PRIMES = [1099511390209, 1099511480321]  # the default context's two 40-bit data primes
 N = 4096
@@ -73,12 +71,12 @@ class _Seal:
         """One seeded ciphertext per N/2 values: SEAL's save, as the codec sends it."""
         half = N // 2
         return [
-            _saved(self.encryptor.encrypt_symmetric(self.plain(values[i : i + half])))
+            save_bytes(self.encryptor.encrypt_symmetric(self.plain(values[i : i + half])))
             for i in range(0, len(values), half)
         ]
 
     def load(self, blob):
-        return _loaded(sealapi.Ciphertext(self.seal_context), self.seal_context, blob)
+        return load_bytes(sealapi.Ciphertext(self.seal_context), self.seal_context, blob)
 
     def decrypt_words(self, ciphertext):
         """The exact decryption's plaintext words (k, N), NTT form (never published)."""

@@ -35,7 +35,6 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
-from itertools import count
 from multiprocessing import get_context
 from typing import TYPE_CHECKING
 
@@ -43,16 +42,16 @@ import numpy as np
 import tenseal as ts
 import tenseal.sealapi as sealapi
 
-from lepton_flwr.he.keys import scratch_dir, secret_context_bytes
+from lepton_flwr.he.keys import secret_context_bytes
 from lepton_flwr.he.publish import TooCoarseError, check_summed, publishable
 from lepton_flwr.he.ring_masks import checked_ring_element
+from lepton_flwr.he.seal_words import save_bytes
 
 if TYPE_CHECKING:  # packed imports CiphertextError from here: imported where used
     from lepton_flwr.he.packed import PackedFormat
 
 # Below this many chunks, encrypting in the calling process beats starting workers.
 PARALLEL_MIN_CHUNKS = 64
-_names = count()
 
 RingMask = Callable[[int], np.ndarray]
 """A mask: chunk index -> ring element, uint64 (len(primes), N), row j below q_j."""
@@ -214,17 +213,6 @@ def _only_ciphertext_errors(function, *arguments):
 # ---- client side -----------------------------------------------------------------------
 
 
-def _save(obj) -> bytes:
-    """Serialize a SEAL object (its Python binding only writes files)."""
-    path = str(scratch_dir() / f"ct-{next(_names)}")
-    obj.save(path)
-    try:
-        with open(path, "rb") as handle:
-            return handle.read()
-    finally:
-        os.unlink(path)
-
-
 class _SymmetricEncryptor:
     """SEAL encoder and secret-key encryptor, and the upload format."""
 
@@ -250,7 +238,7 @@ class _SymmetricEncryptor:
         for values in pieces:
             plain = sealapi.Plaintext()
             self.encoder.encode(complex_slots(values, self.degree).tolist(), self.scale, plain)
-            seeded.append(_save(self.encryptor.encrypt_symmetric(plain)))
+            seeded.append(save_bytes(self.encryptor.encrypt_symmetric(plain)))
         mask = None if masks is None else masks.__getitem__
         return self.formats.wire.pack_upload(seeded, mask)
 

@@ -49,25 +49,29 @@ those SEAL computes.
 from __future__ import annotations
 
 import math
-import os
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from itertools import count
 
 import numpy as np
 import tenseal as ts
 import tenseal.sealapi as sealapi
 
 from lepton_flwr.he.codec import CiphertextError
-from lepton_flwr.he.keys import scratch_dir
 from lepton_flwr.he.publish import (
     MAX_DOWNLOAD_DROP,
     MAX_UPLOAD_DROP,
     check_summed,
 )
 from lepton_flwr.he.ring_masks import checked_ring_element
-from lepton_flwr.he.seal_words import _HEADER, _framed, _unframed, ciphertext_from_words
+from lepton_flwr.he.seal_words import (
+    _HEADER,
+    _framed,
+    _unframed,
+    ciphertext_from_words,
+    load_bytes,
+    save_bytes,
+)
 
 D_UP = 4
 """Low bits of c0 dropped on the way up: the most the flooding covers (``MAX_UPLOAD_DROP``)."""
@@ -80,7 +84,6 @@ _BLAKE2XB = 1  # sealapi.prng_type.blake2xb: the PRNG of SEAL's seeded ciphertex
 _SEAL_MAX_SIZE = 16  # SEAL_CIPHERTEXT_SIZE_MAX: polynomials in one SEAL ciphertext
 _M32 = np.uint64(0xFFFFFFFF)
 _S32 = np.uint64(32)
-_names = count()
 
 Polys = np.ndarray
 """Residues of polynomials: uint64, shape (..., k, N), row j below the j-th prime."""
@@ -475,34 +478,12 @@ class CoefficientPacker:
 # ---- SEAL ciphertexts and their words -----------------------------------------------------
 
 
-def _saved(obj) -> bytes:
-    """A SEAL object's serialization (its Python binding only writes files)."""
-    path = str(scratch_dir() / f"packed-{os.getpid()}-{next(_names)}")
-    obj.save(path)
-    try:
-        with open(path, "rb") as handle:
-            return handle.read()
-    finally:
-        os.unlink(path)
-
-
-def _loaded(obj, seal_context, blob: bytes):
-    path = str(scratch_dir() / f"packed-{os.getpid()}-{next(_names)}")
-    with open(path, "wb") as handle:
-        handle.write(blob)
-    try:
-        obj.load(seal_context, path)
-    finally:
-        os.unlink(path)
-    return obj
-
-
 _CIPHERTEXT_META = struct.Struct("<4QBQQQdQ")  # parms_id, NTT flag, size, N, k, scale, factor
 
 
 def _ciphertext_words(ciphertext: sealapi.Ciphertext) -> np.ndarray:
     """A (non-seeded) SEAL ciphertext's words, (size, k, N) uint64, read from its save."""
-    body = _unframed(_saved(ciphertext))
+    body = _unframed(save_bytes(ciphertext))
     _, _, _, _, _, size, degree, primes, _, _ = _CIPHERTEXT_META.unpack_from(body)
     words = np.frombuffer(_unframed(body[_CIPHERTEXT_META.size :]), dtype="<u8", offset=8)
     return words.reshape(size, primes, degree).astype(np.uint64)
@@ -575,7 +556,7 @@ class Ring:
         k, n = len(self.primes), self.degree
         zeros = _framed(struct.pack("<Q", k * n) + bytes(8 * k * n))
         info = _framed(bytes([_BLAKE2XB]) + seed)
-        return _loaded(
+        return load_bytes(
             sealapi.Ciphertext(self.seal_context),
             self.seal_context,
             _framed(self.meta(2, ntt_form=True) + zeros + info),

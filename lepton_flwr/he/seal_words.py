@@ -81,7 +81,18 @@ def ciphertext_bytes(words: np.ndarray, parms_id, scale: float, ntt_form: bool =
     return _framed(body + _dyn_array(words))
 
 
-def _load(obj, seal_context, blob: bytes):
+def save_bytes(obj) -> bytes:
+    """A SEAL object's serialization (the binding only writes files: a RAM-backed one)."""
+    path = str(scratch_dir() / f"words-{next(_names)}")
+    obj.save(path)
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    finally:
+        os.unlink(path)
+
+
+def load_bytes(obj, seal_context, blob: bytes):
     """``obj.load`` from bytes (the binding only reads files); SEAL checks them."""
     path = str(scratch_dir() / f"words-{next(_names)}")
     with open(path, "wb") as handle:
@@ -104,7 +115,7 @@ def plaintext_from_words(
         From SEAL's ``load``, if a word is not below its prime or the parms_id and word
         count do not fit the context.
     """
-    return _load(sealapi.Plaintext(), seal_context, plaintext_bytes(words, parms_id, scale))
+    return load_bytes(sealapi.Plaintext(), seal_context, plaintext_bytes(words, parms_id, scale))
 
 
 def ciphertext_from_words(
@@ -112,7 +123,7 @@ def ciphertext_from_words(
 ) -> sealapi.Ciphertext:
     """A SEAL ciphertext holding ``words`` (size, k, N), at ``parms_id`` and ``scale``."""
     blob = ciphertext_bytes(words, parms_id, scale, ntt_form)
-    return _load(sealapi.Ciphertext(seal_context), seal_context, blob)
+    return load_bytes(sealapi.Ciphertext(seal_context), seal_context, blob)
 
 
 def plaintext_words(plain: sealapi.Plaintext, degree: int) -> np.ndarray:
@@ -126,14 +137,7 @@ def plaintext_words(plain: sealapi.Plaintext, degree: int) -> np.ndarray:
     total = plain.coeff_count()
     if total % degree:
         raise ValueError(f"a plaintext of {total} words is not rows of {degree}")
-    path = str(scratch_dir() / f"words-{next(_names)}")
-    try:
-        plain.save(path)
-        with open(path, "rb") as handle:
-            body = _unframed(handle.read())
-    finally:
-        if os.path.exists(path):
-            os.unlink(path)
+    body = _unframed(save_bytes(plain))
     # parms_id (4 x u64), coefficient count (u64), scale (f64), then the DynArray
     words = np.frombuffer(_unframed(body[48:]), dtype="<u8", offset=8)
     if words.size != total or int.from_bytes(body[32:40], "little") != total:
