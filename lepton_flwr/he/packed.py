@@ -589,6 +589,25 @@ class Ring:
 # ---- the wire format -------------------------------------------------------------------------
 
 
+def _chunk_table(chunks: list, expected: int | None, chunk_bytes: int) -> np.ndarray:
+    """The chunks as rows of one (len(chunks), chunk_bytes) uint8 table, each checked.
+
+    Raises
+    ------
+    CiphertextError
+        Naming the chunk: not bytes, or a length other than ``chunk_bytes``; or a chunk
+        count other than ``expected``.
+    """
+    if expected is not None and len(chunks) != expected:
+        raise CiphertextError(f"{len(chunks)} chunks, expected {expected}")
+    for index, chunk in enumerate(chunks):
+        if not isinstance(chunk, bytes | bytearray):
+            raise CiphertextError(f"chunk {index} is a {type(chunk).__name__}, not bytes")
+        if len(chunk) != chunk_bytes:
+            raise CiphertextError(f"chunk {index} has {len(chunk)} bytes, not {chunk_bytes}")
+    return np.frombuffer(b"".join(chunks), dtype=np.uint8).reshape(len(chunks), chunk_bytes)
+
+
 @dataclass(frozen=True)
 class Upload:
     """A parsed, checked upload: c0's words y (packed at ``d_up``) and the c1 seeds."""
@@ -676,17 +695,7 @@ class PackedFormat:
             c0 word >= ceil(Q / 2^d_up); or a chunk count other than ``expected``.
         """
         chunks = list(chunks)
-        if expected is not None and len(chunks) != expected:
-            raise CiphertextError(f"{len(chunks)} chunks, expected {expected}")
-        for index, chunk in enumerate(chunks):
-            if not isinstance(chunk, bytes | bytearray):
-                raise CiphertextError(f"chunk {index} is a {type(chunk).__name__}, not bytes")
-            if len(chunk) != self.upload_chunk_bytes:
-                raise CiphertextError(
-                    f"chunk {index} has {len(chunk)} bytes, not {self.upload_chunk_bytes}"
-                )
-        size = self.upload_chunk_bytes
-        table = np.frombuffer(b"".join(chunks), dtype=np.uint8).reshape(len(chunks), size)
+        table = _chunk_table(chunks, expected, self.upload_chunk_bytes)
         words = self.packer.unpack(table[:, : self.upload_c0_bytes], self.d_up)
         _refuse_out_of_range(self.packer.out_of_range(words, self.d_up), f"ceil(Q/2^{self.d_up})")
         seeds = tuple(bytes(chunk[self.upload_c0_bytes :]) for chunk in chunks)
@@ -750,18 +759,7 @@ class PackedFormat:
             Naming the chunk: not bytes, the wrong length, a c0 word >= ceil(Q / 2^d_down),
             a c1 word >= its prime; or a chunk count other than ``expected``.
         """
-        chunks = list(chunks)
-        if expected is not None and len(chunks) != expected:
-            raise CiphertextError(f"{len(chunks)} chunks, expected {expected}")
-        for index, chunk in enumerate(chunks):
-            if not isinstance(chunk, bytes | bytearray):
-                raise CiphertextError(f"chunk {index} is a {type(chunk).__name__}, not bytes")
-            if len(chunk) != self.download_chunk_bytes:
-                raise CiphertextError(
-                    f"chunk {index} has {len(chunk)} bytes, not {self.download_chunk_bytes}"
-                )
-        size = self.download_chunk_bytes
-        table = np.frombuffer(b"".join(chunks), dtype=np.uint8).reshape(len(chunks), size)
+        table = _chunk_table(list(chunks), expected, self.download_chunk_bytes)
         y = self.packer.unpack(table[:, : self.download_c0_bytes], self.d_down)
         _refuse_out_of_range(self.packer.out_of_range(y, self.d_down), f"ceil(Q/2^{self.d_down})")
         c1 = self.packer.unpack_residues(table[:, self.download_c0_bytes :])
