@@ -16,6 +16,24 @@ import numpy as np
 NUMPY_STYPE = "numpy.ndarray"
 
 
+def npy_header(stream) -> tuple[tuple[int, ...], np.dtype]:
+    """The shape and dtype a ``.npy`` stream's header declares, read without its data.
+
+    Raises
+    ------
+    ValueError
+        For a stream that is not ``.npy`` of version 1.0 or 2.0, or a malformed header.
+    """
+    version = np.lib.format.read_magic(stream)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(stream)
+    elif version == (2, 0):
+        shape, _, dtype = np.lib.format.read_array_header_2_0(stream)
+    else:
+        raise ValueError(f"unsupported .npy version {version}")
+    return tuple(shape), dtype
+
+
 def check_payload(spec_dtype: str, shape: tuple[int, ...], stype: str, data: bytes) -> None:
     """Check that ``data`` holds exactly what dtype, shape and stype say, nothing more.
 
@@ -35,13 +53,7 @@ def check_payload(spec_dtype: str, shape: tuple[int, ...], stype: str, data: byt
     header = 0
     if stype == NUMPY_STYPE:
         buffer = io.BytesIO(data)
-        version = np.lib.format.read_magic(buffer)
-        if version == (1, 0):
-            declared, _, declared_dtype = np.lib.format.read_array_header_1_0(buffer)
-        elif version == (2, 0):
-            declared, _, declared_dtype = np.lib.format.read_array_header_2_0(buffer)
-        else:
-            raise ValueError(f"unsupported .npy version {version}")
+        declared, declared_dtype = npy_header(buffer)
         if tuple(declared) != shape or declared_dtype != dtype:
             raise ValueError(
                 f"its .npy header declares {declared_dtype}{list(declared)}, the spec "

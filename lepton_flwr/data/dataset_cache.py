@@ -43,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lepton_flwr.arrays import npy_header
 from lepton_flwr.files import read_private, write_atomically
 
 DATA_CACHE_ENV = "LEPTON_FLWR_DATA_CACHE"
@@ -164,13 +165,10 @@ def _check_header(handle, member: zipfile.ZipInfo) -> None:
     numpy allocates the declared shape before reading the data: a small file declaring
     2^60 values would end the process with MemoryError instead of being refused.
     """
-    version = np.lib.format.read_magic(handle)
-    if version == (1, 0):
-        shape, _, dtype = np.lib.format.read_array_header_1_0(handle)
-    elif version == (2, 0):
-        shape, _, dtype = np.lib.format.read_array_header_2_0(handle)
-    else:
-        raise ValueError(f"{member.filename}: .npy format {version} is not ours")
+    try:
+        shape, dtype = npy_header(handle)
+    except ValueError as err:
+        raise ValueError(f"{member.filename}: {err}") from err
     if dtype.hasobject:
         raise ValueError(f"{member.filename}: holds Python objects")
     if math.prod(shape) * dtype.itemsize > member.file_size:
