@@ -180,7 +180,7 @@ def test_a_run_decrypts_at_most_the_models_its_flooding_is_sized_for(keys):
         "a truncated chunk",
     ],
 )
-def test_clients_decrypt_only_what_can_be_a_sum_of_fresh_uploads(keys, tamper):
+def test_clients_decrypt_only_well_formed_packed_models_of_their_size(keys, tamper):
     secret, public, path = keys
     values = np.linspace(-1, 1, SIZE)
     upload = CkksEncoder(secret, workers=1).encrypt(values)
