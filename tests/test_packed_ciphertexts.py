@@ -539,3 +539,38 @@ def test_an_exact_sum_carries_over_and_folding_changes_nothing(secret, public, h
         for got, expected in zip(other.exact(), whole.exact(), strict=True):
             np.testing.assert_array_equal(got, expected)
     assert carried.download() == whole.download()
+
+
+@pytest.mark.parametrize("c1_kind", ["random", "zeros", "ones", "top"])
+def test_mixed_ciphertexts_are_the_transformed_words_exactly(secret, c1_kind):
+    """Ring.mixed (c0 to NTT form inside SEAL) holds the words SEAL's transform gives,
+    whatever c1 is: equal to NTT(1) (its shifted copy zero), or q_j - 1; c1 = 0 (a
+    transparent ciphertext) is refused."""
+    ring = PackedFormat(secret).ring
+    rng = np.random.default_rng(11)
+    primes = np.array(PRIMES, dtype=np.uint64)[:, None]
+    c0 = (rng.integers(0, 2**63, (2, N), dtype=np.uint64) % primes).astype(np.uint64)
+    c1 = {
+        "random": rng.integers(0, 2**63, (2, N), dtype=np.uint64) % primes,
+        "zeros": np.zeros((2, N), dtype=np.uint64),
+        "ones": np.ones((2, N), dtype=np.uint64),
+        "top": np.broadcast_to(primes - np.uint64(1), (2, N)),
+    }[c1_kind].astype(np.uint64)
+    if c1_kind == "zeros":
+        with pytest.raises(ValueError, match="transparent"):
+            ring.mixed(c0, c1)
+        return
+    words = _ciphertext_words(ring.mixed(c0, c1))
+    np.testing.assert_array_equal(words[0], ring.transform(c0[None], to_ntt=True)[0])
+    np.testing.assert_array_equal(words[1], c1)
+
+
+def test_mixed_refuses_words_past_their_prime(secret):
+    ring = PackedFormat(secret).ring
+    zeros = np.zeros((2, N), dtype=np.uint64)
+    past = zeros.copy()
+    past[1, 7] = PRIMES[1]
+    with pytest.raises(ValueError, match="c1 word"):
+        ring.mixed(zeros, past)
+    with pytest.raises((ValueError, RuntimeError)):
+        ring.mixed(past, zeros)

@@ -134,3 +134,24 @@ def test_a_client_refuses_a_model_whose_header_sums_more_than_the_flooding_cover
         with pytest.raises(CiphertextError, match="flooding"):
             decrypt_model(over.to_record(), encoder, own, count=lambda: counted.append(1))
     assert counted == [1, 1]  # the refused ones were never counted as decryptions
+
+
+def test_a_client_loads_the_same_download_once_and_another_afresh(ckks):
+    """The encoder keeps the last download's ciphertexts (every client of a simulation
+    process decrypts the same model): the same bytes decrypt as a fresh encoder does,
+    other bytes are loaded anew, and a refused download keeps nothing."""
+    secret, _, encoder, adder = ckks
+    fresh = CkksEncoder(secret, workers=1)
+    first = adder.download(adder.sum_updates([encoder.encrypt(np.full(N, 0.25))], 1)[0], 1)
+    second = adder.download(adder.sum_updates([encoder.encrypt(np.full(N, -0.5))], 1)[0], 1)
+    for chunks, value in ((first, 0.25), (first, 0.25), (second, -0.5), (first, 0.25)):
+        decrypted = encoder._decrypt_exact(list(chunks), N)
+        np.testing.assert_array_equal(decrypted, fresh._decrypt_exact(list(chunks), N))
+        np.testing.assert_allclose(decrypted, value, atol=1e-3)
+    assert encoder._load(first) is encoder._load([bytes(c) for c in first])
+    damaged = [first[0][:-8] + b"\xff" * 8]  # the last c1 word all ones: past its prime
+    with pytest.raises(CiphertextError):
+        encoder._decrypt_exact(damaged, N)
+    with pytest.raises(CiphertextError):  # the same damaged bytes again: checked again
+        encoder._decrypt_exact(damaged, N)
+    np.testing.assert_allclose(encoder._decrypt_exact(list(second), N), -0.5, atol=1e-3)

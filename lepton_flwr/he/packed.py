@@ -52,6 +52,7 @@ import math
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import tenseal as ts
@@ -546,6 +547,48 @@ class Ring:
             out[start : start + per] = _ciphertext_words(ciphertext)[: len(group)]
         return out
 
+    def mixed(self, c0: Polys, c1: Polys) -> sealapi.Ciphertext:
+        """The ciphertext (NTT(c0), c1) from c0 in coefficient form and c1 in NTT form (k, N).
+
+        Built inside SEAL, without reading words back out (SEAL saves only compressed):
+        ``(c0, 1)`` in coefficient form goes to NTT form, ``(NTT(c0), NTT(1))``, and
+        ``(0, c1 - NTT(1))`` is added. The constant polynomial 1 keeps the first
+        ciphertext from being transparent, which SEAL refuses to transform.
+
+        Raises
+        ------
+        ValueError, RuntimeError
+            If a word is not below its prime (SEAL's ``load`` checks c0), or c1 is zero
+            (no fresh ciphertext nor sum of them has it; SEAL refuses the result).
+        """
+        one, one_ntt = self._one
+        primes = np.array(self.primes, dtype=np.uint64)[:, None]
+        first = self.ciphertext(np.stack([c0, one]), ntt_form=False)
+        evaluator = sealapi.Evaluator(self.seal_context)
+        evaluator.transform_to_ntt_inplace(first)
+        c1 = np.asarray(c1, dtype=np.uint64)
+        if (c1 >= primes).any():
+            raise ValueError("a c1 word is not below its prime")
+        if not c1.any():
+            raise ValueError("c1 is zero: a transparent ciphertext, encrypted under no key")
+        shifted = np.where(c1 >= one_ntt, c1 - one_ntt, c1 + (primes - one_ntt))  # mod q_j
+        second = self.ciphertext(np.stack([np.zeros_like(c1), shifted]), ntt_form=True)
+        evaluator.add_inplace(first, second)
+        return first
+
+    @cached_property
+    def _one(self) -> tuple[Polys, Polys]:
+        """The constant polynomial 1 in coefficient form and in SEAL's NTT form, (k, N)."""
+        one = np.zeros((len(self.primes), self.degree), dtype=np.uint64)
+        one[:, 0] = 1
+        return one, self.transform(one[None], to_ntt=True)[0]
+
+    @cached_property
+    def _seeded_head(self) -> bytes:
+        """A seeded ciphertext's serialization up to its seed: the fields, c0 = 0."""
+        k, n = len(self.primes), self.degree
+        return self.meta(2, ntt_form=True) + _framed(struct.pack("<Q", k * n) + bytes(8 * k * n))
+
     def seeded(self, seed: bytes) -> sealapi.Ciphertext:
         """A ciphertext (0, c1) whose c1 SEAL regenerates from ``seed`` (its seeded load).
 
@@ -553,13 +596,11 @@ class Ring:
         ``load`` fills c1 with the uniform words that seed expands to (NTT form), exactly
         as when it loads a seeded ciphertext it encrypted itself.
         """
-        k, n = len(self.primes), self.degree
-        zeros = _framed(struct.pack("<Q", k * n) + bytes(8 * k * n))
         info = _framed(bytes([_BLAKE2XB]) + seed)
         return load_bytes(
             sealapi.Ciphertext(self.seal_context),
             self.seal_context,
-            _framed(self.meta(2, ntt_form=True) + zeros + info),
+            _framed(self._seeded_head + info),
         )
 
     def seeded_parts(self, blob: bytes) -> tuple[Polys, bytes]:
@@ -720,14 +761,11 @@ class PackedFormat:
     def ciphertexts(self, c0: Polys, c1: Polys) -> list[sealapi.Ciphertext]:
         """SEAL ciphertexts from c0 (coefficient form) and c1 (NTT form), each (B, k, N).
 
-        c0 goes to NTT form (SEAL's forward NTT); the results are at the first data level,
-        with the key's scale, as fresh ciphertexts and sums of them are.
+        The results are at the first data level, with the key's scale, as fresh
+        ciphertexts and sums of them are (:meth:`Ring.mixed`: c0 goes to NTT form by
+        SEAL's forward NTT, inside SEAL).
         """
-        c0_ntt = self.ring.transform(c0, to_ntt=True)
-        return [
-            self.ring.ciphertext(np.stack([first, second]), ntt_form=True)
-            for first, second in zip(c0_ntt, c1, strict=True)
-        ]
+        return [self.ring.mixed(first, second) for first, second in zip(c0, c1, strict=True)]
 
     def upload_ciphertexts(self, upload: Upload) -> list[sealapi.Ciphertext]:
         """The SEAL ciphertexts an upload stands for (c0 restored from its rounding)."""

@@ -22,10 +22,9 @@ N words (one per prime, NTT form for CKKS); a ciphertext is ``size`` such polyno
 
 from __future__ import annotations
 
-import os
 import struct
+import threading
 import zlib
-from itertools import count
 
 import numpy as np
 import tenseal.sealapi as sealapi
@@ -35,7 +34,6 @@ from lepton_flwr.he.keys import scratch_dir
 
 _HEADER = struct.Struct("<HBBBBHQ")
 _COMPRESSION_NONE, _COMPRESSION_ZLIB, _COMPRESSION_ZSTD = 0, 1, 2
-_names = count()
 
 
 def seal_version() -> tuple[int, int]:
@@ -81,26 +79,30 @@ def ciphertext_bytes(words: np.ndarray, parms_id, scale: float, ntt_form: bool =
     return _framed(body + _dyn_array(words))
 
 
+def _scratch_file() -> str:
+    """The calling thread's scratch file for SEAL's file-only (de)serialization.
+
+    One file a thread, written over each time (no create and unlink a call): it holds
+    the last object saved or loaded (ciphertexts and public parameters; no decryption
+    passes through it) until the process's scratch folder is removed at exit.
+    """
+    return str(scratch_dir() / f"words-{threading.get_ident()}")
+
+
 def save_bytes(obj) -> bytes:
     """A SEAL object's serialization (the binding only writes files: a RAM-backed one)."""
-    path = str(scratch_dir() / f"words-{next(_names)}")
+    path = _scratch_file()
     obj.save(path)
-    try:
-        with open(path, "rb") as handle:
-            return handle.read()
-    finally:
-        os.unlink(path)
+    with open(path, "rb") as handle:
+        return handle.read()
 
 
 def load_bytes(obj, seal_context, blob: bytes):
     """``obj.load`` from bytes (the binding only reads files); SEAL checks them."""
-    path = str(scratch_dir() / f"words-{next(_names)}")
+    path = _scratch_file()
     with open(path, "wb") as handle:
         handle.write(blob)
-    try:
-        obj.load(seal_context, path)
-    finally:
-        os.unlink(path)
+    obj.load(seal_context, path)
     return obj
 
 
