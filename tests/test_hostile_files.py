@@ -141,6 +141,39 @@ def test_seal_scratch_folders_are_removed_when_the_process_exits(tmp_path):
     assert folder.name.startswith("lepton-he-") and not folder.exists()
 
 
+def test_a_threads_seal_scratch_file_is_private_and_goes_with_the_thread(tmp_path):
+    """Each thread saves and loads SEAL objects through one file of its own (mode 0600,
+    in the process's own folder), removed when the thread ends; a forked child makes
+    its own and leaves its parent's alone."""
+    code = (
+        "import os, threading\n"
+        "from lepton_flwr.he import CKKSParams, CkksEncoder, create_secret_context\n"
+        "from lepton_flwr.he.keys import scratch_dir\n"
+        "import numpy as np\n"
+        "encoder = CkksEncoder(create_secret_context(CKKSParams()), workers=1)\n"
+        "encoder.encrypt(np.ones(5))\n"
+        "main = sorted(os.listdir(scratch_dir()))\n"
+        "modes = {oct(os.stat(scratch_dir() / n).st_mode & 0o777) for n in main}\n"
+        "seen = []\n"
+        "def work():\n"
+        "    encoder.encrypt(np.ones(5))\n"
+        "    seen.append(len(os.listdir(scratch_dir())))\n"
+        "thread = threading.Thread(target=work)\n"
+        "thread.start(); thread.join()\n"
+        "after = sorted(os.listdir(scratch_dir()))\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    encoder.encrypt(np.ones(5))\n"
+        "    os._exit(0)\n"
+        "os.waitpid(pid, 0)\n"
+        "encoder.encrypt(np.ones(5))\n"
+        "print(len(main), modes, seen, after == main)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[-2] == "1 {'0o600'} [2] True"
+
+
 def test_a_chunk_of_another_kind_is_rejected_alone():
     """A sum (whose c1 is not a seed's expansion) or bytes of another layout sent as an
     upload: refused by its length, that upload alone, the others added."""

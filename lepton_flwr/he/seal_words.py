@@ -22,9 +22,11 @@ N words (one per prime, NTT form for CKKS); a ciphertext is ``size`` such polyno
 
 from __future__ import annotations
 
+import os
 import struct
 import threading
 import zlib
+from contextlib import suppress
 
 import numpy as np
 import tenseal.sealapi as sealapi
@@ -79,30 +81,50 @@ def ciphertext_bytes(words: np.ndarray, parms_id, scale: float, ntt_form: bool =
     return _framed(body + _dyn_array(words))
 
 
-def _scratch_file() -> str:
-    """The calling thread's scratch file for SEAL's file-only (de)serialization.
+class _ScratchFile:
+    """A scratch file for SEAL's file-only (de)serialization, closed and removed with it."""
 
-    One file a thread, written over each time (no create and unlink a call): it holds
-    the last object saved or loaded (ciphertexts and public parameters; no decryption
-    passes through it) until the process's scratch folder is removed at exit.
+    def __init__(self):
+        self.pid = os.getpid()
+        self.path = str(scratch_dir() / f"words-{threading.get_ident()}")
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+
+    def __del__(self):
+        if self.pid == os.getpid():  # a forked child leaves its parent's file alone
+            os.close(self.fd)
+            with suppress(OSError):
+                os.unlink(self.path)
+
+
+_per_thread = threading.local()
+
+
+def _scratch() -> _ScratchFile:
+    """The calling thread's scratch file, opened once and written over each time.
+
+    It holds the last object saved or loaded (ciphertexts and public parameters; no
+    decryption passes through it) until the thread ends or the process's scratch folder
+    is removed at exit.
     """
-    return str(scratch_dir() / f"words-{threading.get_ident()}")
+    scratch = getattr(_per_thread, "file", None)
+    if scratch is None or scratch.pid != os.getpid():  # first use, or a forked child
+        scratch = _per_thread.file = _ScratchFile()
+    return scratch
 
 
 def save_bytes(obj) -> bytes:
     """A SEAL object's serialization (the binding only writes files: a RAM-backed one)."""
-    path = _scratch_file()
-    obj.save(path)
-    with open(path, "rb") as handle:
-        return handle.read()
+    scratch = _scratch()
+    obj.save(scratch.path)
+    return os.pread(scratch.fd, os.fstat(scratch.fd).st_size, 0)
 
 
 def load_bytes(obj, seal_context, blob: bytes):
     """``obj.load`` from bytes (the binding only reads files); SEAL checks them."""
-    path = _scratch_file()
-    with open(path, "wb") as handle:
-        handle.write(blob)
-    obj.load(seal_context, path)
+    scratch = _scratch()
+    os.ftruncate(scratch.fd, 0)
+    os.pwrite(scratch.fd, blob, 0)
+    obj.load(seal_context, scratch.path)
     return obj
 
 
