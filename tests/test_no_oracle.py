@@ -81,7 +81,7 @@ def _masked(public, chunks, slot):
     """What the review's server did: one sum times a one-slot plaintext mask, sent as a
     sum (c1 travels whole in sums and downloads, so a server can send this product; the
     packed format carries no scale, so it reads at the key's, as a forged scale did)."""
-    from lepton_flwr.he.packed import _ciphertext_words
+    from lepton_flwr.he.seal_words import ciphertext_words
 
     adder = CkksAdder(public)
     seal = public.seal_context().data
@@ -92,7 +92,7 @@ def _masked(public, chunks, slot):
         mask[slot] = 1.0
         encoder.encode(mask, 2.0**20, plain)
         evaluator.multiply_plain_inplace(ciphertext, plain)
-        words.append(_ciphertext_words(ciphertext))
+        words.append(ciphertext_words(ciphertext))
     stacked = np.stack(words)
     c0 = adder.formats.ring.transform(stacked[:, 0], to_ntt=False)
     return adder.formats.sum_chunks(c0, stacked[:, 1])

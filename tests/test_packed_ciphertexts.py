@@ -20,7 +20,6 @@ from lepton_flwr.he.packed import (
     CoefficientPacker,
     PackedFormat,
     PackedSum,
-    _ciphertext_words,
     _pack_fields,
 )
 from lepton_flwr.he.publish import (
@@ -34,7 +33,7 @@ from lepton_flwr.he.publish import (
     summed_limit,
     upload_coefficient_std,
 )
-from lepton_flwr.he.seal_words import load_bytes, plaintext_words, save_bytes
+from lepton_flwr.he.seal_words import ciphertext_words, load_bytes, plaintext_words, save_bytes
 
 PRIMES = [1099511390209, 1099511480321]  # the default context's two 40-bit data primes
 N = 4096
@@ -226,7 +225,7 @@ def test_seed_expansion_equals_the_c1_seal_regenerates(secret, public):
     upload = server.parse_upload(PackedFormat(secret).pack_upload(chunks), 3)
     expanded = server.expand_seeds(upload.seeds)
     for index, chunk in enumerate(chunks):
-        np.testing.assert_array_equal(expanded[index], _ciphertext_words(seal.load(chunk))[1])
+        np.testing.assert_array_equal(expanded[index], ciphertext_words(seal.load(chunk))[1])
     assert not np.array_equal(expanded[0], expanded[1])
 
 
@@ -243,7 +242,7 @@ def test_a_packed_upload_decrypts_as_the_seal_ciphertext(secret):
         strict=True,
     ):
         np.testing.assert_array_equal(
-            _ciphertext_words(ciphertext), _ciphertext_words(seal.load(chunk))
+            ciphertext_words(ciphertext), ciphertext_words(seal.load(chunk))
         )
     rounded = PackedFormat(secret, d_up=4)
     ring = rounded.ring
@@ -251,7 +250,7 @@ def test_a_packed_upload_decrypts_as_the_seal_ciphertext(secret):
     for chunk, ciphertext in zip(chunks, packed, strict=True):
         reference = seal.load(chunk)
         np.testing.assert_array_equal(
-            _ciphertext_words(ciphertext)[1], _ciphertext_words(reference)[1]
+            ciphertext_words(ciphertext)[1], ciphertext_words(reference)[1]
         )
         difference = ring.transform(
             np.stack([seal.decrypt_words(ciphertext), seal.decrypt_words(reference)]),
@@ -560,7 +559,7 @@ def test_mixed_ciphertexts_are_the_transformed_words_exactly(secret, c1_kind):
         with pytest.raises(ValueError, match="transparent"):
             ring.mixed(c0, c1)
         return
-    words = _ciphertext_words(ring.mixed(c0, c1))
+    words = ciphertext_words(ring.mixed(c0, c1))
     np.testing.assert_array_equal(words[0], ring.transform(c0[None], to_ntt=True)[0])
     np.testing.assert_array_equal(words[1], c1)
 

@@ -46,7 +46,7 @@ import tenseal.sealapi as sealapi
 from lepton_flwr.he.keys import secret_context_bytes
 from lepton_flwr.he.publish import TooCoarseError, check_summed, publishable
 from lepton_flwr.he.ring_masks import checked_ring_element
-from lepton_flwr.he.seal_words import save_bytes
+from lepton_flwr.he.seal_words import ciphertext_words, save_bytes
 
 if TYPE_CHECKING:  # packed imports CiphertextError from here: imported where used
     from lepton_flwr.he.packed import PackedFormat
@@ -460,8 +460,6 @@ class CkksAdder:
         complex slots as :class:`CkksEncoder` lays them (:func:`complex_slots`). A
         public-key ciphertext has no seed: its c1 travels whole, as a sum's.
         """
-        from lepton_flwr.he.packed import _ciphertext_words
-
         vector = np.asarray(vector, dtype=np.float64)
         if self._public_encryptor is None:
             seal_context = self.context.seal_context().data
@@ -477,7 +475,7 @@ class CkksAdder:
             encoder.encode(piece.tolist(), self.scale, plain)
             ciphertext = sealapi.Ciphertext(self.context.seal_context().data)
             encryptor.encrypt(plain, ciphertext)
-            words.append(_ciphertext_words(ciphertext))
+            words.append(ciphertext_words(ciphertext))
         if not words:
             return []
         stacked = np.stack(words)  # (B, 2, k, N), NTT form

@@ -67,11 +67,12 @@ from lepton_flwr.he.publish import (
 from lepton_flwr.he.ring_masks import checked_ring_element
 from lepton_flwr.he.seal_words import (
     _HEADER,
+    CIPHERTEXT_FIELDS,
     _framed,
     _unframed,
     ciphertext_from_words,
+    ciphertext_words,
     load_bytes,
-    save_bytes,
 )
 
 D_UP = 4
@@ -479,17 +480,6 @@ class CoefficientPacker:
 # ---- SEAL ciphertexts and their words -----------------------------------------------------
 
 
-_CIPHERTEXT_META = struct.Struct("<4QBQQQdQ")  # parms_id, NTT flag, size, N, k, scale, factor
-
-
-def _ciphertext_words(ciphertext: sealapi.Ciphertext) -> np.ndarray:
-    """A (non-seeded) SEAL ciphertext's words, (size, k, N) uint64, read from its save."""
-    body = _unframed(save_bytes(ciphertext))
-    _, _, _, _, _, size, degree, primes, _, _ = _CIPHERTEXT_META.unpack_from(body)
-    words = np.frombuffer(_unframed(body[_CIPHERTEXT_META.size :]), dtype="<u8", offset=8)
-    return words.reshape(size, primes, degree).astype(np.uint64)
-
-
 @dataclass(frozen=True)
 class Ring:
     """The first data level of a CKKS context: where uploads are made and sums are added."""
@@ -515,7 +505,7 @@ class Ring:
 
     def meta(self, size: int, ntt_form: bool) -> bytes:
         """The fields of a serialized ciphertext of ``size`` polynomials before its words."""
-        return _CIPHERTEXT_META.pack(
+        return CIPHERTEXT_FIELDS.pack(
             *self.parms_id, int(ntt_form), size, self.degree, len(self.primes), self.scale, 1
         )
 
@@ -544,7 +534,7 @@ class Ring:
                 evaluator.transform_to_ntt_inplace(ciphertext)
             else:
                 evaluator.transform_from_ntt_inplace(ciphertext)
-            out[start : start + per] = _ciphertext_words(ciphertext)[: len(group)]
+            out[start : start + per] = ciphertext_words(ciphertext)[: len(group)]
         return out
 
     def mixed(self, c0: Polys, c1: Polys) -> sealapi.Ciphertext:
@@ -613,12 +603,12 @@ class Ring:
             and scale, whose c1 comes from SEAL's Blake2xb PRNG.
         """
         body = _unframed(blob)
-        fields = _CIPHERTEXT_META.unpack_from(body)
+        fields = CIPHERTEXT_FIELDS.unpack_from(body)
         parms_id, ntt, size, degree, primes, scale = fields[:4], *fields[4:9]
         expected = (self.parms_id, 1, 2, self.degree, len(self.primes))
         if (tuple(parms_id), ntt, size, degree, primes) != expected or scale != self.scale:
             raise ValueError("not a fresh two-polynomial ciphertext of this context")
-        rest = body[_CIPHERTEXT_META.size :]
+        rest = body[CIPHERTEXT_FIELDS.size :]
         array_size = _HEADER.unpack_from(rest)[-1]
         words = np.frombuffer(_unframed(rest[:array_size]), dtype="<u8", offset=8)
         info = _unframed(rest[array_size:])
@@ -753,7 +743,7 @@ class PackedFormat:
         _check_seeds(seeds)
         out = np.empty((len(seeds), len(self.ring.primes), self.ring.degree), dtype=np.uint64)
         for index, seed in enumerate(seeds):
-            out[index] = _ciphertext_words(self.ring.seeded(bytes(seed)))[1]
+            out[index] = ciphertext_words(self.ring.seeded(bytes(seed)))[1]
         return out
 
     # -- ciphertexts from words (a client loading a download, tests decrypting an upload)
@@ -939,7 +929,7 @@ class PackedSum:
         out = np.zeros((self.chunks, len(ring.primes), ring.degree), dtype=np.uint64)
         for index, total in enumerate(self._c1):
             if total is not None:
-                out[index] = _ciphertext_words(total)[1]
+                out[index] = ciphertext_words(total)[1]
         return out
 
     def download(self) -> list[bytes]:

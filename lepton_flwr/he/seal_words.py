@@ -73,11 +73,15 @@ def plaintext_bytes(words: np.ndarray, parms_id, scale: float) -> bytes:
     return _framed(body + _dyn_array(words))
 
 
+CIPHERTEXT_FIELDS = struct.Struct("<4QBQQQdQ")
+"""A serialized ciphertext's fields before its words: parms_id, NTT flag, size, N, k,
+scale, correction factor."""
+
+
 def ciphertext_bytes(words: np.ndarray, parms_id, scale: float, ntt_form: bool = True) -> bytes:
     """Uncompressed SEAL serialization of a ciphertext, ``words`` shaped (size, k, N)."""
     size, primes, degree = words.shape
-    body = struct.pack("<4QB", *parms_id, int(ntt_form))
-    body += struct.pack("<QQQdQ", size, degree, primes, scale, 1)  # correction factor 1
+    body = CIPHERTEXT_FIELDS.pack(*parms_id, int(ntt_form), size, degree, primes, scale, 1)
     return _framed(body + _dyn_array(words))
 
 
@@ -185,12 +189,9 @@ def _unframed(blob: bytes) -> bytes:
 
 
 def ciphertext_words(ciphertext: sealapi.Ciphertext) -> np.ndarray:
-    """A ciphertext's words as (size, k, N) uint64 (a copy)."""
-    shape = (
-        ciphertext.size(),
-        ciphertext.coeff_modulus_size(),
-        ciphertext.poly_modulus_degree(),
-    )
-    total = shape[0] * shape[1] * shape[2]
-    words = np.fromiter(map(ciphertext.__getitem__, range(total)), dtype=np.uint64, count=total)
-    return words.reshape(shape)
+    """A (non-seeded) ciphertext's words as (size, k, N) uint64 (a copy), from its save."""
+    body = _unframed(save_bytes(ciphertext))
+    fields = CIPHERTEXT_FIELDS.unpack_from(body)
+    size, degree, primes = fields[5:8]
+    words = np.frombuffer(_unframed(body[CIPHERTEXT_FIELDS.size :]), dtype="<u8", offset=8)
+    return words.reshape(size, primes, degree).astype(np.uint64)
