@@ -14,7 +14,14 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.common.logger import log
 from lepton_flwr.strategies.reply_checks import ReplyError, the_record
 
-from lepton_flwr.he.codec import CiphertextError, CkksAdder, TensorSpec, flatten, manifest_of
+from lepton_flwr.he.codec import (
+    CiphertextError,
+    CkksAdder,
+    TensorSpec,
+    chunks_digest,
+    flatten,
+    manifest_of,
+)
 from lepton_flwr.he.keys import fingerprint, load_context
 from lepton_flwr.he.params import headroom
 from lepton_flwr.he.records import EncryptedModel, is_encrypted
@@ -112,6 +119,7 @@ class EncryptedSum:
         self.context, self.workers, self.name = public_context, workers, name
         self.fingerprint = fingerprint(public_context)
         self.adder = CkksAdder(public_context)
+        self._sent: tuple[tuple[int, bytes], list[bytes]] | None = None  # for_clients' last
         data_level = public_context.seal_context().data.first_context_data()
         scale_bits = round(public_context.global_scale).bit_length() - 1
         # Complex slots: params.headroom is already divided by sqrt(2).
@@ -144,6 +152,7 @@ class EncryptedSum:
         The server keeps its sums exact (they are added to again: HE + DP's global model
         is a running sum) and sends a copy whose c0 has its low bits rounded off
         (:meth:`lepton_flwr.he.codec.CkksAdder.download`); a plaintext model goes as it is.
+        The last copy is kept: a round that trains and evaluates the same model makes it once.
 
         Raises
         ------
@@ -153,8 +162,10 @@ class EncryptedSum:
         if not is_encrypted(arrays):
             return arrays
         model = EncryptedModel.from_record(arrays)
-        chunks = self.adder.download(model.chunks, model.summed)
-        return replace(model, chunks=chunks).to_record()
+        key = (model.summed, chunks_digest(model.chunks))
+        if self._sent is None or self._sent[0] != key:  # the same model trains and evaluates
+            self._sent = (key, self.adder.download(model.chunks, model.summed))
+        return replace(model, chunks=self._sent[1]).to_record()
 
     def remember_manifest(self, arrays: ArrayRecord) -> None:
         """Take the manifest of the global model (plaintext or encrypted), once."""

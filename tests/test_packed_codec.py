@@ -155,3 +155,26 @@ def test_a_client_loads_the_same_download_once_and_another_afresh(ckks):
     with pytest.raises(CiphertextError):  # the same damaged bytes again: checked again
         encoder._decrypt_exact(damaged, N)
     np.testing.assert_allclose(encoder._decrypt_exact(list(second), N), -0.5, atol=1e-3)
+
+
+def test_the_download_copy_of_one_model_is_made_once(ckks, monkeypatch):
+    """Training and evaluation of one round send the same model: its rounded copy is
+    made once; another sum (or the same chunks with another count) gets its own."""
+    _, public, encoder, _ = ckks
+    summer = EncryptedSum(public, workers=1, name="Packed")
+    made = []
+    download = summer.adder.download
+    monkeypatch.setattr(summer.adder, "download", lambda c, n: made.append(n) or download(c, n))
+    one = summer.encrypted(ArrayRecord({"w": _array(np.linspace(-1, 1, 10))}))
+    other = summer.encrypted(ArrayRecord({"w": _array(np.linspace(0, 1, 10))}))
+    first, again = summer.for_clients(one.to_record()), summer.for_clients(one.to_record())
+    assert made == [1] and EncryptedModel.from_record(first) == EncryptedModel.from_record(again)
+    summer.for_clients(other.to_record())
+    from dataclasses import replace
+
+    summer.for_clients(replace(one, summed=2).to_record())
+    assert made == [1, 1, 2]
+    sent = EncryptedModel.from_record(summer.for_clients(other.to_record()))
+    np.testing.assert_allclose(
+        encoder._decrypt_exact(sent.chunks, 10), np.linspace(0, 1, 10), atol=1e-3
+    )

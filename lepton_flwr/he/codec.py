@@ -402,14 +402,19 @@ class CkksEncoder:
         """
         if not all(isinstance(chunk, bytes | bytearray) for chunk in chunks):
             return load(self.formats, chunks)
-        digest = hashlib.blake2b(digest_size=32)
-        for chunk in chunks:
-            digest.update(len(chunk).to_bytes(8, "little"))
-            digest.update(chunk)
-        key = digest.digest()
+        key = chunks_digest(chunks)
         if self._loaded is None or self._loaded[0] != key:
             self._loaded = (key, load(self.formats, chunks))
         return self._loaded[1]
+
+
+def chunks_digest(chunks: Sequence[bytes]) -> bytes:
+    """A BLAKE2b-256 digest of chunks (each one's length, then its bytes): their identity."""
+    digest = hashlib.blake2b(digest_size=32)
+    for chunk in chunks:
+        digest.update(len(chunk).to_bytes(8, "little"))
+        digest.update(chunk)
+    return digest.digest()
 
 
 def load(formats: Formats, chunks: Sequence[bytes]) -> list[sealapi.Ciphertext]:
