@@ -162,10 +162,10 @@ class EncryptedSum:
         if not is_encrypted(arrays):
             return arrays
         model = EncryptedModel.from_record(arrays)
-        key = (model.summed, chunks_digest(model.chunks))
-        if self._sent is None or self._sent[0] != key:  # the same model trains and evaluates
-            self._sent = (key, self.adder.download(model.chunks, model.summed))
-        return replace(model, chunks=self._sent[1]).to_record()
+        key, sent = (model.summed, chunks_digest(model.chunks)), self._sent
+        if sent is None or sent[0] != key:  # the same model trains and evaluates
+            sent = self._sent = (key, self.adder.download(model.chunks, model.summed))
+        return replace(model, chunks=sent[1]).to_record()
 
     def remember_manifest(self, arrays: ArrayRecord) -> None:
         """Take the manifest of the global model (plaintext or encrypted), once."""

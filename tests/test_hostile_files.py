@@ -142,36 +142,40 @@ def test_seal_scratch_folders_are_removed_when_the_process_exits(tmp_path):
 
 
 def test_a_threads_seal_scratch_file_is_private_and_goes_with_the_thread(tmp_path):
-    """Each thread saves and loads SEAL objects through one file of its own (mode 0600,
-    in the process's own folder), removed when the thread ends; a forked child makes
-    its own and leaves its parent's alone."""
+    """Each thread saves and loads SEAL objects through a file of its own (mode 0600; on
+    Linux anonymous, named in no folder), closed when the thread ends; a forked child
+    makes its own and leaves its parent's alone."""
     code = (
         "import os, threading\n"
         "from lepton_flwr.he import CKKSParams, CkksEncoder, create_secret_context\n"
+        "from lepton_flwr.he import seal_words\n"
         "from lepton_flwr.he.keys import scratch_dir\n"
         "import numpy as np\n"
         "encoder = CkksEncoder(create_secret_context(CKKSParams()), workers=1)\n"
         "encoder.encrypt(np.ones(5))\n"
-        "main = sorted(os.listdir(scratch_dir()))\n"
-        "modes = {oct(os.stat(scratch_dir() / n).st_mode & 0o777) for n in main}\n"
-        "seen = []\n"
+        "main = seal_words._scratch()\n"
+        "mode = oct(os.fstat(main.fd).st_mode & 0o777)\n"
+        "named = os.listdir(scratch_dir())\n"
+        "inodes = []\n"
         "def work():\n"
         "    encoder.encrypt(np.ones(5))\n"
-        "    seen.append(len(os.listdir(scratch_dir())))\n"
+        "    inodes.append(os.fstat(seal_words._scratch().fd).st_ino)\n"
+        "fds = len(os.listdir('/proc/self/fd'))\n"
         "thread = threading.Thread(target=work)\n"
         "thread.start(); thread.join()\n"
-        "after = sorted(os.listdir(scratch_dir()))\n"
+        "closed = len(os.listdir('/proc/self/fd')) == fds\n"
         "pid = os.fork()\n"
         "if pid == 0:\n"
-        "    encoder.encrypt(np.ones(5))\n"
-        "    os._exit(0)\n"
-        "os.waitpid(pid, 0)\n"
-        "encoder.encrypt(np.ones(5))\n"
-        "print(len(main), modes, seen, after == main)\n"
+        "    child = encoder._decrypt_exact(encoder.encrypt(np.full(5, 3.0)), 5)\n"
+        "    os._exit(0 if np.allclose(child, 3.0, atol=1e-3) else 1)\n"
+        "child_ok = os.waitpid(pid, 0)[1] == 0\n"
+        "again = encoder._decrypt_exact(encoder.encrypt(np.full(5, 2.0)), 5)\n"
+        "print(mode, named, inodes[0] != os.fstat(main.fd).st_ino, closed, child_ok,\n"
+        "      np.allclose(again, 2.0, atol=1e-3))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split("\n")[-2] == "1 {'0o600'} [2] True"
+    assert proc.stdout.split("\n")[-2] == "0o600 [] True True True True"
 
 
 def test_a_chunk_of_another_kind_is_rejected_alone():

@@ -2,9 +2,10 @@
 the last download's ciphertexts (``CkksEncoder._load``) and the per-thread SEAL scratch
 files (``seal_words``), from a hostile server, a concurrent thread or a crash.
 
-The ``xfail(strict=True)`` tests are confirmed findings: each passes once its finding is
-fixed (and then fails as XPASS, so that the mark is removed). The others are regression
-tests of what held.
+Three were confirmed findings (U1: a scratch object outliving its thread unlinked the file
+of the next thread with its id; U2: the cache was read again after storing; U3: a killed
+process left its last SEAL object in /dev/shm), fixed since; every test here is now a
+regression test.
 """
 
 import gc
@@ -139,11 +140,6 @@ class _SwitchAfterStore(CkksEncoder):
         self.__dict__["_stored"] = value is not None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding U2: CkksEncoder._load stores, then reads self._loaded again to return: "
-    "a decryption of other bytes that stores in between makes it return their ciphertexts",
-)
 def test_a_concurrent_decryption_cannot_swap_the_cached_ciphertexts(ckks):
     """Finding U2 (latent on CPython 3.11, whose GIL does not switch threads between the
     store and the read; real on free-threaded builds): two clients' threads of one
@@ -182,12 +178,6 @@ def _run_in_a_thread_with_ident(ident: int, target) -> bool:
     return False
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding U1: _ScratchFile's path is words-<thread id>, and thread ids are reused: "
-    "the finalizer of a scratch object that outlived its thread unlinks the file of the "
-    "thread now holding that id, whose fd and path then name different files",
-)
 def test_a_scratch_file_that_outlives_its_thread_leaves_the_next_ones_alone(ckks):
     """Finding U1: a thread's load of bad words raises inside ``load_bytes``; its
     exception is kept (as a Future keeps it), and with it the frame holding the thread's
@@ -261,11 +251,6 @@ def test_threads_that_end_close_their_scratch_files():
     assert sorted(os.listdir(folder)) == files
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding U3: the scratch file keeps the thread's last SEAL object until the "
-    "thread ends; a process that ends without its exit handlers leaves it in /dev/shm",
-)
 def test_a_killed_process_leaves_no_seal_object_behind():
     """Finding U3: a client killed (OOM killer, SIGKILL, os._exit of a forked child)
     after encrypting leaves its last ciphertext in a RAM-backed folder until reboot; before

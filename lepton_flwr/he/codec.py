@@ -402,10 +402,10 @@ class CkksEncoder:
         """
         if not all(isinstance(chunk, bytes | bytearray) for chunk in chunks):
             return load(self.formats, chunks)
-        key = chunks_digest(chunks)
-        if self._loaded is None or self._loaded[0] != key:
-            self._loaded = (key, load(self.formats, chunks))
-        return self._loaded[1]
+        key, loaded = chunks_digest(chunks), self._loaded
+        if loaded is None or loaded[0] != key:  # read once: another thread may store
+            loaded = self._loaded = (key, load(self.formats, chunks))
+        return loaded[1]
 
 
 def chunks_digest(chunks: Sequence[bytes]) -> bytes:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import struct
+import tempfile
 import threading
 import zlib
 from contextlib import suppress
@@ -86,18 +87,41 @@ def ciphertext_bytes(words: np.ndarray, parms_id, scale: float, ntt_form: bool =
 
 
 class _ScratchFile:
-    """A scratch file for SEAL's file-only (de)serialization, closed and removed with it."""
+    """A file of its own for SEAL's file-only (de)serialization, closed with this object.
+
+    On Linux an anonymous file (``O_TMPFILE``, in the process's scratch folder, named in
+    no folder) that SEAL opens as ``/proc/self/fd/N``: nothing can find it, and it goes
+    when closed or when the process ends, however it ends. Elsewhere a file of a unique
+    name (``mkstemp``, mode 0600) in that folder, removed when closed.
+    """
 
     def __init__(self):
-        self.pid = os.getpid()
-        self.path = str(scratch_dir() / f"words-{threading.get_ident()}")
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        self.pid, self.named = os.getpid(), None
+        folder = str(scratch_dir())
+        self.fd = _anonymous_file(folder)
+        if self.fd is None:
+            self.fd, self.named = tempfile.mkstemp(prefix="words-", dir=folder)
+            self.path = self.named
+        else:
+            self.path = f"/proc/self/fd/{self.fd}"
 
     def __del__(self):
         if self.pid == os.getpid():  # a forked child leaves its parent's file alone
             os.close(self.fd)
-            with suppress(OSError):
-                os.unlink(self.path)
+            if self.named is not None:
+                with suppress(OSError):
+                    os.unlink(self.named)
+
+
+def _anonymous_file(folder: str) -> int | None:
+    """An ``O_TMPFILE`` file in ``folder`` that ``/proc/self/fd`` reopens, or None."""
+    flag = getattr(os, "O_TMPFILE", None)
+    if flag is None or not os.path.isdir("/proc/self/fd"):
+        return None
+    try:
+        return os.open(folder, flag | os.O_RDWR, 0o600)
+    except OSError:  # a file system without anonymous files
+        return None
 
 
 _per_thread = threading.local()
@@ -107,8 +131,7 @@ def _scratch() -> _ScratchFile:
     """The calling thread's scratch file, opened once and written over each time.
 
     It holds the last object saved or loaded (ciphertexts and public parameters; no
-    decryption passes through it) until the thread ends or the process's scratch folder
-    is removed at exit.
+    decryption passes through it) until the thread ends (:class:`_ScratchFile`).
     """
     scratch = getattr(_per_thread, "file", None)
     if scratch is None or scratch.pid != os.getpid():  # first use, or a forked child
