@@ -24,6 +24,7 @@ from lepton_flwr import protocol
 from lepton_flwr.dp.accounting import ClientLevelAccountant
 from lepton_flwr.dp.rounds import DPRounds, check_same_settings, wait_for_nodes
 from lepton_flwr.he.codec import CiphertextError
+from lepton_flwr.he.publish import summed_limit
 from lepton_flwr.he.records import EncryptedModel
 from lepton_flwr.secagg.params import SecAggParams
 
@@ -352,6 +353,30 @@ class HEDPFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
             per_round,
         )
 
+    def _refuse_past_the_summed_limit(self, server_round: int) -> None:
+        """Stop before a round could make the running sum more than the flooding covers.
+
+        The global model sums every upload since the first round, and a round adds up to
+        r_max uploads and the top-up; a download of more than
+        :func:`lepton_flwr.he.publish.summed_limit` is refused, so training stops here,
+        keeping the last model, rather than one round later on a model no one may decrypt.
+
+        Raises
+        ------
+        TrainingHeldBackError
+            If this round could take the count past the limit.
+        """
+        limit = summed_limit(self.encrypted_sum.adder.formats.wire.d_down)
+        could_reach = self._global.summed + self._most + 1
+        if could_reach > limit:
+            raise TrainingHeldBackError(
+                f"HEDPFedAvg round {server_round}: the global model sums "
+                f"{self._global.summed} ciphertexts and this round could add "
+                f"{self._most + 1} (r_max = {self._most} uploads and the top-up), past the "
+                f"{limit} that a flooded decryption covers; training stops with the model "
+                f"of round {server_round - 1}. Fewer rounds or fewer clients a round fit"
+            )
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
@@ -374,6 +399,7 @@ class HEDPFedAvg(FlowerLoop, ExplainsEncryptedEvaluation, FedAvg):
                 f"round); training stops. Larger CKKS primes or a larger headroom_fraction "
                 f"allow more rounds"
             )
+        self._refuse_past_the_summed_limit(server_round)
         self.last_good.sent(server_round, arrays)
         self._sampled, self._withheld = len(sampled), None
         if len(sampled) > self._most:

@@ -687,3 +687,31 @@ def test_a_reply_whose_check_raises_anything_is_rejected_alone(keys, caplog):
     strategy.start(InProcessGrid(app, NODES), _start(), num_rounds=1)
     assert "rejected the reply of node 101: cannot be read (TypeError" in caplog.text
     assert strategy.server_counts[1]["reported"] == NODES - 1
+
+
+def test_he_dp_stops_before_its_running_sum_passes_what_the_flooding_covers(
+    keys, caplog, monkeypatch
+):
+    """Before: the round after the count passed the limit ended the run with
+    TooManySummedError, and the model it had was one no one may decrypt. Now training stops
+    the round before, naming the count, and the last model is the result."""
+    import lepton_flwr.strategies.he_dp_fedavg as he_dp
+
+    caplog.set_level(logging.INFO, logger="flwr")
+    monkeypatch.setattr(he_dp, "summed_limit", lambda drop: 12)
+    strategy = HEDPFedAvg(
+        keys[1],
+        noise_multiplier=0.5,
+        clip_norm=1.0,
+        delta=1e-3,
+        sample_rate=1.0,
+        sampling="fixed",
+        min_available_nodes=NODES,
+        workers=1,
+    )
+    mods = [make_he_dp_mod(keys[0], workers=1)]
+    result = strategy.start(InProcessGrid(_app(mods), NODES), _start(), num_rounds=6)
+    assert "past the 12 that a flooded decryption covers; training stops" in caplog.text
+    model = EncryptedModel.from_record(result.arrays)
+    assert model.summed <= 12 and len(result.train_metrics_clientapp) < 6
+    assert np.isfinite(decrypt_arrays(result.arrays, keys[0])["w"].numpy()).all()

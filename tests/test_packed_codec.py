@@ -178,3 +178,13 @@ def test_the_download_copy_of_one_model_is_made_once(ckks, monkeypatch):
     np.testing.assert_allclose(
         encoder._decrypt_exact(sent.chunks, 10), np.linspace(0, 1, 10), atol=1e-3
     )
+
+
+def test_a_model_whose_c1_is_zero_is_refused_before_decrypting(ckks):
+    """c1 = 0 makes a 'ciphertext' that is its c0 alone, under no key: no upload nor sum
+    has it; the key holder refuses it (before: decrypted as the server's plaintext)."""
+    _, _, encoder, adder = ckks
+    c0, c1 = adder.formats.sum_parts(adder.encrypt_public(np.ones(N)))
+    forged = adder.formats.sum_chunks(c0, np.zeros_like(c1))
+    with pytest.raises(CiphertextError, match="transparent"):
+        encoder.decrypt(forged, N)
