@@ -64,11 +64,9 @@ def secret_context_bytes(context: ts.Context) -> bytes:
 
 def fingerprint(context: ts.Context) -> str:
     """Key fingerprint: SHA-256 of the public key, the same for secret and public contexts."""
-    path = scratch_dir() / f"pk-{id(context)}"
-    context.public_key().data.save(str(path))
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    path.unlink()
-    return digest
+    from lepton_flwr.he.seal_words import save_bytes  # it imports scratch_dir from here
+
+    return hashlib.sha256(save_bytes(context.public_key().data)).hexdigest()[:16]
 
 
 def write_keys(params: CKKSParams, folder: str | Path) -> tuple[Path, Path]:
