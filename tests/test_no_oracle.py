@@ -396,3 +396,21 @@ def test_evaluating_an_encrypted_model_is_opt_in(keys, allow_in_mod, node_config
     plain = ArrayRecord({"w": Array(np.zeros(SIZE, dtype=np.float32))})
     if not node_config:  # a plaintext model needs no decryption: evaluated by default
         assert not app(_message(plain, 1), _context()).has_error()
+
+
+def test_the_count_per_run_warning_is_logged_once_a_process(keys, caplog, monkeypatch):
+    """A node without state-dir is told its decryptions count for this run only: once a
+    process and key (a simulation runs a thousand nodes in one process; a deployment
+    runs each message in a process of its own, so each node still says it)."""
+    import logging
+
+    from lepton_flwr.mods import decryptions
+
+    monkeypatch.setattr(decryptions, "_warned_without_state_dir", set())
+    caplog.set_level(logging.WARNING, logger="flwr")
+    secret, public, path = keys
+    model = _model(secret, public, np.linspace(-1, 1, SIZE))
+    for node in (1, 2, 3):
+        context = Context(run_id=1, node_id=node, node_config={}, state=RecordDict(), run_config={})
+        assert not _app(path, [])(_message(model, 1, "evaluate"), context).has_error()
+    assert caplog.text.count("counted for this run only") == 1

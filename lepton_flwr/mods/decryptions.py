@@ -51,6 +51,7 @@ from lepton_flwr.numbers import is_int, plain_number
 MAX_DECRYPTIONS = DECRYPTIONS
 LEDGER = "lepton-he-decryptions"  # ConfigRecord: round, digest, count, accepted (a digest)
 KEPT_MODEL = "lepton-he-decrypted-model"  # ArrayRecord: the last model it accepted
+_warned_without_state_dir: set[str] = set()  # keys whose count-per-run warning was logged
 REFUSAL = (
     f"{protocol.MODEL_REFUSED}: its decrypted values are not finite or pass the bound of "
     f"its encrypted sum"
@@ -191,7 +192,9 @@ def decrypt_once(
             f"this client has used {used} global models under this key, the most it uses "
             f"({protocol.HE_MAX_DECRYPTIONS}={budget}); nothing more is decrypted"
         )
-    if path is None and used == 0:
+    if path is None and used == 0 and key_fingerprint not in _warned_without_state_dir:
+        _warned_without_state_dir.add(key_fingerprint)  # once a process: a simulation
+        # runs many nodes in one process, a deployment one message a process
         log(
             WARNING,
             "he_mod: no %s in the node config: decryptions under this key are counted for "
