@@ -286,17 +286,28 @@ def test_with_state_dir_the_budget_holds_across_runs(keys, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [f"he-decryptions-{fingerprint(public)}.json"]
 
 
-def test_without_state_dir_the_node_says_its_count_restarts_with_each_run(keys, caplog):
+def test_without_state_dir_the_node_says_its_count_restarts_with_each_run(
+    keys, caplog, monkeypatch
+):
     """Without state-dir a server that starts a new run gets the budget again (attacker
-    review M2): the node says so, once a run, before its first decryption."""
+    review M2): the node says so, once a run, before its first decryption; once a run
+    and process, not once a node (a simulation runs a thousand nodes in one process, a
+    deployment each message in a process of its own, so each node still says it)."""
+    from lepton_flwr.mods import decryptions
+
+    monkeypatch.setattr(decryptions, "_warned_without_state_dir", set())
     caplog.set_level(logging.WARNING, logger="flwr")
     secret, public, path = keys
     app = _app(path, [])
-    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
-    for server_round in (1, 2):
-        values = np.linspace(-1, 1, SIZE) * server_round
-        app(_message(_model(secret, public, values), server_round), context)
-    assert caplog.text.count("counted for this run only") == 1
+    for run_id, node_id in ((1, 1), (1, 2), (1, 3), (2, 1)):
+        context = Context(
+            run_id=run_id, node_id=node_id, node_config={}, state=RecordDict(), run_config={}
+        )
+        for server_round in (1, 2):
+            values = np.linspace(-1, 1, SIZE) * server_round
+            app(_message(_model(secret, public, values), server_round), context)
+        expected = 1 if run_id == 1 else 2
+        assert caplog.text.count("counted for this run only") == expected
 
 
 @pytest.mark.parametrize("planted", ["link", "garbage", "negative"])
@@ -396,21 +407,3 @@ def test_evaluating_an_encrypted_model_is_opt_in(keys, allow_in_mod, node_config
     plain = ArrayRecord({"w": Array(np.zeros(SIZE, dtype=np.float32))})
     if not node_config:  # a plaintext model needs no decryption: evaluated by default
         assert not app(_message(plain, 1), _context()).has_error()
-
-
-def test_the_count_per_run_warning_is_logged_once_a_process(keys, caplog, monkeypatch):
-    """A node without state-dir is told its decryptions count for this run only: once a
-    process and key (a simulation runs a thousand nodes in one process; a deployment
-    runs each message in a process of its own, so each node still says it)."""
-    import logging
-
-    from lepton_flwr.mods import decryptions
-
-    monkeypatch.setattr(decryptions, "_warned_without_state_dir", set())
-    caplog.set_level(logging.WARNING, logger="flwr")
-    secret, public, path = keys
-    model = _model(secret, public, np.linspace(-1, 1, SIZE))
-    for node in (1, 2, 3):
-        context = Context(run_id=1, node_id=node, node_config={}, state=RecordDict(), run_config={})
-        assert not _app(path, [])(_message(model, 1, "evaluate"), context).has_error()
-    assert caplog.text.count("counted for this run only") == 1

@@ -51,7 +51,7 @@ from lepton_flwr.numbers import is_int, plain_number
 MAX_DECRYPTIONS = DECRYPTIONS
 LEDGER = "lepton-he-decryptions"  # ConfigRecord: round, digest, count, accepted (a digest)
 KEPT_MODEL = "lepton-he-decrypted-model"  # ArrayRecord: the last model it accepted
-_warned_without_state_dir: set[str] = set()  # keys whose count-per-run warning was logged
+_warned_without_state_dir: set[tuple[int, str]] = set()  # (run, key): count-per-run warned
 REFUSAL = (
     f"{protocol.MODEL_REFUSED}: its decrypted values are not finite or pass the bound of "
     f"its encrypted sum"
@@ -192,9 +192,10 @@ def decrypt_once(
             f"this client has used {used} global models under this key, the most it uses "
             f"({protocol.HE_MAX_DECRYPTIONS}={budget}); nothing more is decrypted"
         )
-    if path is None and used == 0 and key_fingerprint not in _warned_without_state_dir:
-        _warned_without_state_dir.add(key_fingerprint)  # once a process: a simulation
-        # runs many nodes in one process, a deployment one message a process
+    warned = (context.run_id, key_fingerprint)  # once a run and process: a simulation
+    # runs many nodes in one process, a deployment one message a process
+    if path is None and used == 0 and warned not in _warned_without_state_dir:
+        _warned_without_state_dir.add(warned)
         log(
             WARNING,
             "he_mod: no %s in the node config: decryptions under this key are counted for "
