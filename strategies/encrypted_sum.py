@@ -18,9 +18,9 @@ from lepton_flwr.he.codec import (
     CiphertextError,
     CkksAdder,
     TensorSpec,
-    chunks_digest,
     flatten,
     manifest_of,
+    same_chunks,
 )
 from lepton_flwr.he.keys import fingerprint, load_context
 from lepton_flwr.he.params import headroom
@@ -119,7 +119,7 @@ class EncryptedSum:
         self.context, self.workers, self.name = public_context, workers, name
         self.fingerprint = fingerprint(public_context)
         self.adder = CkksAdder(public_context)
-        self._sent: tuple[tuple[int, bytes], list[bytes]] | None = None  # for_clients' last
+        self._sent: tuple[tuple, list[bytes]] | None = None  # for_clients' last copy
         data_level = public_context.seal_context().data.first_context_data()
         scale_bits = round(public_context.global_scale).bit_length() - 1
         # Complex slots: params.headroom is already divided by sqrt(2).
@@ -162,7 +162,7 @@ class EncryptedSum:
         if not is_encrypted(arrays):
             return arrays
         model = EncryptedModel.from_record(arrays)
-        key, sent = (model.summed, chunks_digest(model.chunks)), self._sent
+        key, sent = (model.summed, same_chunks(model.chunks)), self._sent
         if sent is None or sent[0] != key:  # the same model trains and evaluates
             sent = self._sent = (key, self.adder.download(model.chunks, model.summed))
         return replace(model, chunks=sent[1]).to_record()

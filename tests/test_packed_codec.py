@@ -136,25 +136,37 @@ def test_a_client_refuses_a_model_whose_header_sums_more_than_the_flooding_cover
     assert counted == [1, 1]  # the refused ones were never counted as decryptions
 
 
-def test_a_client_loads_the_same_download_once_and_another_afresh(ckks):
-    """The encoder keeps the last download's ciphertexts (every client of a simulation
-    process decrypts the same model): the same bytes decrypt as a fresh encoder does,
-    other bytes are loaded anew, and a refused download keeps nothing."""
-    secret, _, encoder, adder = ckks
-    fresh = CkksEncoder(secret, workers=1)
+def test_a_client_decrypts_the_same_download_once_and_another_afresh(ckks, monkeypatch):
+    """The encoder keeps the last download's exact decryption (every client of a
+    simulation process decrypts the same model; SEAL's decryption is deterministic): the
+    same bytes give the values a fresh encoder gives, loaded once; other bytes are
+    decrypted anew; a refused download keeps nothing; each release is flooded afresh."""
+    from lepton_flwr.he import codec
+
+    secret, _, _, adder = ckks
+    encoder, fresh = CkksEncoder(secret, workers=1), CkksEncoder(secret, workers=1)
     first = adder.download(adder.sum_updates([encoder.encrypt(np.full(N, 0.25))], 1)[0], 1)
     second = adder.download(adder.sum_updates([encoder.encrypt(np.full(N, -0.5))], 1)[0], 1)
+    loads, real_load = [], codec.load
+    monkeypatch.setattr(codec, "load", lambda f, c: loads.append(1) or real_load(f, c))
     for chunks, value in ((first, 0.25), (first, 0.25), (second, -0.5), (first, 0.25)):
         decrypted = encoder._decrypt_exact(list(chunks), N)
         np.testing.assert_array_equal(decrypted, fresh._decrypt_exact(list(chunks), N))
         np.testing.assert_allclose(decrypted, value, atol=1e-3)
-    assert encoder._load(first) is encoder._load([bytes(c) for c in first])
+    assert len(loads) == 3 + 3  # each encoder: first, second, first again
+    decrypted[:] = 7.0  # a caller's copy: the kept values are not changed through it
+    np.testing.assert_allclose(
+        encoder._decrypt_exact([bytearray(c) for c in first], N), 0.25, atol=1e-3
+    )
+    assert len(loads) == 6  # bytearrays of the same bytes: the same chunks
     damaged = [first[0][:-8] + b"\xff" * 8]  # the last c1 word all ones: past its prime
-    with pytest.raises(CiphertextError):
-        encoder._decrypt_exact(damaged, N)
-    with pytest.raises(CiphertextError):  # the same damaged bytes again: checked again
-        encoder._decrypt_exact(damaged, N)
-    np.testing.assert_allclose(encoder._decrypt_exact(list(second), N), -0.5, atol=1e-3)
+    for _ in range(2):  # the same damaged bytes again: checked again
+        with pytest.raises(CiphertextError):
+            encoder._decrypt_exact(damaged, N)
+    np.testing.assert_allclose(encoder._decrypt_exact(list(first), N), 0.25, atol=1e-3)
+    assert len(loads) == 8  # the damaged bytes twice; first still kept
+    a, b = encoder.decrypt(list(first), N), encoder.decrypt(list(first), N)
+    assert not np.array_equal(a, b)  # flooded afresh each time
 
 
 def test_the_download_copy_of_one_model_is_made_once(ckks, monkeypatch):

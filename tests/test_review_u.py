@@ -1,5 +1,6 @@
 """Review U: attacks on the key holder's download loading (``Ring.mixed``), its cache of
-the last download's ciphertexts (``CkksEncoder._load``) and the per-thread SEAL scratch
+the last download's exact decryption (``CkksEncoder._decrypt_exact``, it kept the
+ciphertexts in ``_load`` when reviewed) and the per-thread SEAL scratch
 files (``seal_words``), from a hostile server, a concurrent thread or a crash.
 
 Three were confirmed findings (U1: a scratch object outliving its thread unlinked the file
@@ -81,10 +82,10 @@ def test_a_download_loads_to_the_words_it_loaded_before_mixed(ckks):
     transparent = [honest[0], honest[1][:c0_bytes] + bytes(length - c0_bytes)]
     _words_before_c491286(formats, transparent)  # loaded before
     encoder._decrypt_exact(honest, 2 * N)
-    kept = encoder._loaded
+    kept = encoder._last
     with pytest.raises(CiphertextError, match="transparent"):
         encoder.decrypt(transparent, 2 * N)
-    assert encoder._loaded is kept  # the refused download replaced nothing
+    assert encoder._last is kept  # the refused download replaced nothing
 
 
 def test_only_ciphertext_error_escapes_decrypting_mutated_downloads_and_the_cache_holds(ckks):
@@ -113,14 +114,14 @@ def test_only_ciphertext_error_escapes_decrypting_mutated_downloads_and_the_cach
 
 
 class _SwitchAfterStore(CkksEncoder):
-    """An encoder whose ``_loaded`` reads let another thread's decryption run right after
+    """An encoder whose ``_last`` reads let another thread's decryption run right after
     this call stored its ciphertexts (where a thread switch may happen), once armed."""
 
     other: list[bytes] | None = None
     result: list = []
 
     @property
-    def _loaded(self):
+    def _last(self):
         if self.__dict__.get("_stored") and self.other is not None:
             other, self.other = self.other, None
             done = threading.Event()
@@ -134,8 +135,8 @@ class _SwitchAfterStore(CkksEncoder):
             done.wait(60)  # a lock taken by the fixed code would hold it back: go on
         return self.__dict__.get("_value")
 
-    @_loaded.setter
-    def _loaded(self, value):
+    @_last.setter
+    def _last(self, value):
         self.__dict__["_value"] = value
         self.__dict__["_stored"] = value is not None
 
