@@ -132,8 +132,8 @@ def decryption_time(context: ts.Context, public: ts.Context, repeats: int) -> di
 
     Loading and checking the chunks, decrypting and flooding (:meth:`CkksEncoder.decrypt`),
     by a key holder that has not loaded them before; and again by one that has (it keeps
-    the last download's ciphertexts: every client of a simulation process decrypts the
-    same model), decrypting and flooding afresh.
+    the last download's exact decryption: every client of a simulation process decrypts the
+    same model), flooding afresh.
     """
     adder = CkksAdder(public)
     values = np.random.default_rng(2).normal(size=1_000_000)
@@ -217,7 +217,7 @@ def main() -> None:
     dec = results["decrypt_sum_1M"]
     print(
         f"decryption of the sum of 10 x 1M (flooding included): {dec['one_core_s']:.3f} s "
-        f"on one core, {dec['again_one_core_s']:.3f} s again (its ciphertexts kept)"
+        f"on one core, {dec['again_one_core_s']:.3f} s again (its exact decryption kept)"
     )
     if "simulation" in results:
         sim = results["simulation"]
