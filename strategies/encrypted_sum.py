@@ -162,9 +162,13 @@ class EncryptedSum:
         if not is_encrypted(arrays):
             return arrays
         model = EncryptedModel.from_record(arrays)
-        key, sent = (model.summed, same_chunks(model.chunks)), self._sent
+        chunks, sent = same_chunks(model.chunks), self._sent
+        if chunks is None:  # not bytes: refused by the download, never kept
+            chunks = self.adder.download(model.chunks, model.summed)
+            return replace(model, chunks=chunks).to_record()
+        key = (model.summed, chunks)
         if sent is None or sent[0] != key:  # the same model trains and evaluates
-            sent = self._sent = (key, self.adder.download(model.chunks, model.summed))
+            sent = self._sent = (key, self.adder.download(list(chunks), model.summed))
         return replace(model, chunks=sent[1]).to_record()
 
     def remember_manifest(self, arrays: ArrayRecord) -> None:

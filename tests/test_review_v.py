@@ -3,10 +3,10 @@
 ``EncryptedSum.for_clients``'s last download copy, from a hostile server, a concurrent
 writer or a careless caller.
 
-One confirmed finding (V1, a strict xfail): the key is a snapshot of the chunks taken
-before they are loaded, but the chunks themselves are loaded; a bytearray rewritten in
-between is decrypted, and its values are kept under the snapshot's bytes, then served
-for those bytes. The other tests are regression tests for what held: the cache serves
+One confirmed finding, fixed since (V1): the key was a snapshot of the chunks taken
+before they were loaded, but the chunks themselves were loaded; a bytearray rewritten in
+between was decrypted, and its values kept under the snapshot's bytes, then served for
+those bytes (now the snapshot is what is loaded). The other tests are regression tests for what held: the cache serves
 the same released values (flooded afresh, of the asked length, distributed as a fresh
 encoder's), makes the same checks (chunk count, buffer types), never aliases a
 caller's bytearray or array, and leaves the counting and the bound check alone.
@@ -39,7 +39,6 @@ def ckks():
     return secret, first, second
 
 
-@pytest.mark.xfail(strict=True, reason="V1: the chunks are loaded, not the key's snapshot")
 def test_v1_a_bytearray_rewritten_while_it_is_loaded_is_not_kept_under_its_old_bytes(
     ckks, monkeypatch
 ):

@@ -381,8 +381,9 @@ class CkksEncoder:
         (:mod:`lepton_flwr.he.publish`). The last one is kept, with its chunks, in this
         process (which holds the key): every client a simulation process runs decrypts
         the same global model, and SEAL's decryption is deterministic, so the same bytes
-        get a copy of the same values; :meth:`decrypt` floods each copy afresh. Refused
-        chunks are not kept.
+        get a copy of the same values; :meth:`decrypt` floods each copy afresh. Chunks
+        that do not load are not kept (a model whose values its caller then refuses, past
+        its bound, is: each use checks a freshly flooded copy again).
         """
         expected = -(-length // self.slots)
         if len(chunks) != expected:
@@ -393,8 +394,8 @@ class CkksEncoder:
         if key is not None and last is not None and last[0] == key:
             return last[1][:length].copy()
         encoder, parts = self._encryptor.encoder, []
-        for ciphertext in load(self.formats, chunks):
-            plain = sealapi.Plaintext()
+        for ciphertext in load(self.formats, chunks if key is None else key):  # the kept
+            plain = sealapi.Plaintext()  # bytes, not a bytearray someone may still write
             self._decryptor.decrypt(ciphertext, plain)
             parts.append(real_values(encoder.decode_complex(plain)))
         values = np.concatenate(parts) if parts else np.zeros(0)
