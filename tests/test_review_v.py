@@ -6,10 +6,11 @@ writer or a careless caller.
 One confirmed finding, fixed since (V1): the key was a snapshot of the chunks taken
 before they were loaded, but the chunks themselves were loaded; a bytearray rewritten in
 between was decrypted, and its values kept under the snapshot's bytes, then served for
-those bytes (now the snapshot is what is loaded). The other tests are regression tests for what held: the cache serves
-the same released values (flooded afresh, of the asked length, distributed as a fresh
-encoder's), makes the same checks (chunk count, buffer types), never aliases a
-caller's bytearray or array, and leaves the counting and the bound check alone.
+those bytes (now the snapshot is what is loaded). The other tests are regression tests
+for what held: the cache serves the same released values (flooded afresh, of the asked
+length, distributed as a fresh encoder's), makes the same checks (chunk count, buffer
+types), never aliases a caller's bytearray or array, and leaves the counting and the
+bound check alone.
 """
 
 from dataclasses import replace
