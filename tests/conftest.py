@@ -35,6 +35,22 @@ def digits_cfg():
     return load_config("+experiment=digits_smoke")
 
 
+@pytest.fixture(scope="module")
+def ckks():
+    """Fresh keys for a test module: the secret and public contexts, an encoder, an adder.
+
+    A module may define its own ``ckks`` (other parts) instead.
+    """
+    import tenseal as ts
+
+    from lepton_flwr.he import CKKSParams, create_secret_context, public_context_bytes
+    from lepton_flwr.he.codec import CkksAdder, CkksEncoder
+
+    secret = create_secret_context(CKKSParams())
+    public = ts.context_from(public_context_bytes(secret))
+    return secret, public, CkksEncoder(secret, workers=1), CkksAdder(public)
+
+
 def client_message(arrays, config=None, number=1, message_type="train"):
     """A message as the server would send it to node 1, built outside a Flower runtime."""
     from flwr.app import ConfigRecord, Message, RecordDict

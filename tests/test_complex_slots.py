@@ -12,18 +12,15 @@ import zipfile
 
 import numpy as np
 import pytest
-import tenseal as ts
 import tenseal.sealapi as sealapi
 from conftest import client_message
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from lepton_flwr.strategies.checkpoint import KEY_ENV, MAC_MEMBER, STATE_MEMBER, _mac
 from lepton_flwr.strategies.encrypted_sum import EncryptedSum
 
-from lepton_flwr.he import CKKSParams, create_secret_context, public_context_bytes
+from lepton_flwr.he import CKKSParams
 from lepton_flwr.he.codec import (
     CiphertextError,
-    CkksAdder,
-    CkksEncoder,
     TensorSpec,
     complex_slots,
     load,
@@ -41,13 +38,6 @@ from lepton_flwr.he.records import (
 )
 
 N = 4096
-
-
-@pytest.fixture(scope="module")
-def ckks():
-    secret = create_secret_context(CKKSParams())
-    public = ts.context_from(public_context_bytes(secret))
-    return secret, public, CkksEncoder(secret, workers=1), CkksAdder(public)
 
 
 # ---- layout and chunk counts -----------------------------------------------------------

@@ -6,25 +6,16 @@ import math
 
 import numpy as np
 import pytest
-import tenseal as ts
 from conftest import client_message
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from lepton_flwr.strategies.encrypted_sum import EncryptedSum
 
-from lepton_flwr.he import CKKSParams, create_secret_context, public_context_bytes
-from lepton_flwr.he.codec import CiphertextError, CkksAdder, CkksEncoder, TensorSpec
+from lepton_flwr.he.codec import CiphertextError, CkksEncoder, TensorSpec
 from lepton_flwr.he.keys import fingerprint
 from lepton_flwr.he.publish import TooManySummedError, summed_limit
 from lepton_flwr.he.records import MAX_SUMMED_FIELD, EncryptedModel
 
 N, FLOAT32 = 4096, 4
-
-
-@pytest.fixture(scope="module")
-def ckks():
-    secret = create_secret_context(CKKSParams())
-    public = ts.context_from(public_context_bytes(secret))
-    return secret, public, CkksEncoder(secret, workers=1), CkksAdder(public)
 
 
 def test_bytes_per_value_meet_issue_22s_goals(ckks):

@@ -18,21 +18,13 @@ import threading
 
 import numpy as np
 import pytest
-import tenseal as ts
 from test_fuzz_loaders import mutate
 
-from lepton_flwr.he import CKKSParams, create_secret_context, public_context_bytes, seal_words
+from lepton_flwr.he import CKKSParams, create_secret_context, seal_words
 from lepton_flwr.he.codec import CiphertextError, CkksAdder, CkksEncoder, load
 from lepton_flwr.he.seal_words import ciphertext_from_words, ciphertext_words
 
 N = 4096
-
-
-@pytest.fixture(scope="module")
-def ckks():
-    secret = create_secret_context(CKKSParams())
-    public = ts.context_from(public_context_bytes(secret))
-    return secret, public, CkksEncoder(secret, workers=1), CkksAdder(public)
 
 
 def _download(adder: CkksAdder, values: np.ndarray) -> list[bytes]:
