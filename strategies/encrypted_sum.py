@@ -20,7 +20,6 @@ from lepton_flwr.he.codec import (
     TensorSpec,
     flatten,
     manifest_of,
-    same_chunks,
 )
 from lepton_flwr.he.keys import fingerprint, load_context
 from lepton_flwr.he.params import headroom
@@ -162,13 +161,9 @@ class EncryptedSum:
         if not is_encrypted(arrays):
             return arrays
         model = EncryptedModel.from_record(arrays)
-        chunks, sent = same_chunks(model.chunks), self._sent
-        if chunks is None:  # not bytes: refused by the download, never kept
-            chunks = self.adder.download(model.chunks, model.summed)
-            return replace(model, chunks=chunks).to_record()
-        key = (model.summed, chunks)
+        key, sent = (model.summed, tuple(model.chunks)), self._sent  # a record's bytes
         if sent is None or sent[0] != key:  # the same model trains and evaluates
-            sent = self._sent = (key, self.adder.download(list(chunks), model.summed))
+            sent = self._sent = (key, self.adder.download(list(key[1]), model.summed))
         return replace(model, chunks=sent[1]).to_record()
 
     def remember_manifest(self, arrays: ArrayRecord) -> None:

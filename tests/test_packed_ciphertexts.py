@@ -569,7 +569,7 @@ def test_mixed_refuses_words_past_their_prime(secret):
     zeros = np.zeros((2, N), dtype=np.uint64)
     past = zeros.copy()
     past[1, 7] = PRIMES[1]
-    with pytest.raises(ValueError, match="c1 word"):
+    with pytest.raises(ValueError, match="c1 has 1 words not below their prime"):
         ring.mixed(zeros, past)
     with pytest.raises((ValueError, RuntimeError)):
         ring.mixed(past, zeros)

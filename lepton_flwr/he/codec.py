@@ -44,7 +44,7 @@ import tenseal.sealapi as sealapi
 
 from lepton_flwr.he.keys import secret_context_bytes
 from lepton_flwr.he.publish import TooCoarseError, check_summed, publishable
-from lepton_flwr.he.ring_masks import checked_ring_element
+from lepton_flwr.he.ring_masks import checked_ring_element, sub_mod
 from lepton_flwr.he.seal_words import ciphertext_words, save_bytes
 
 if TYPE_CHECKING:  # packed imports CiphertextError from here: imported where used
@@ -542,9 +542,7 @@ class CkksAdder:
         masks = np.stack(
             [_checked_mask(mask, index, self.primes, self.degree) for index in range(len(c0))]
         )
-        q = np.array(self.primes, dtype=np.uint64)[:, None]
-        unmasked = np.where(c0 >= masks, c0 - masks, c0 + (q - masks))
-        return self.formats.sum_chunks(unmasked, c1)
+        return self.formats.sum_chunks(sub_mod(c0, masks, self.primes), c1)
 
     def sum_range(
         self,

@@ -64,7 +64,7 @@ from lepton_flwr.he.publish import (
     MAX_UPLOAD_DROP,
     check_summed,
 )
-from lepton_flwr.he.ring_masks import checked_ring_element
+from lepton_flwr.he.ring_masks import add_mod, checked_ring_element, sub_mod
 from lepton_flwr.he.seal_words import (
     _HEADER,
     CIPHERTEXT_FIELDS,
@@ -523,7 +523,6 @@ class Ring:
         are all zero ("transparent").
         """
         polys = np.asarray(polys, dtype=np.uint64)
-        evaluator = sealapi.Evaluator(self.seal_context)
         guard = np.ones((1, len(self.primes), self.degree), dtype=np.uint64)
         out = np.empty_like(polys)
         per = _SEAL_MAX_SIZE - 1
@@ -531,9 +530,9 @@ class Ring:
             group = polys[start : start + per]
             ciphertext = self.ciphertext(np.concatenate([group, guard]), ntt_form=not to_ntt)
             if to_ntt:
-                evaluator.transform_to_ntt_inplace(ciphertext)
+                self._evaluator.transform_to_ntt_inplace(ciphertext)
             else:
-                evaluator.transform_from_ntt_inplace(ciphertext)
+                self._evaluator.transform_from_ntt_inplace(ciphertext)
             out[start : start + per] = ciphertext_words(ciphertext)[: len(group)]
         return out
 
@@ -551,20 +550,21 @@ class Ring:
             If a word is not below its prime (SEAL's ``load`` checks c0), or c1 is zero
             (no fresh ciphertext nor sum of them has it; SEAL refuses the result).
         """
-        one, one_ntt = self._one
-        primes = np.array(self.primes, dtype=np.uint64)[:, None]
-        first = self.ciphertext(np.stack([c0, one]), ntt_form=False)
-        evaluator = sealapi.Evaluator(self.seal_context)
-        evaluator.transform_to_ntt_inplace(first)
-        c1 = np.asarray(c1, dtype=np.uint64)
-        if (c1 >= primes).any():
-            raise ValueError("a c1 word is not below its prime")
+        primes = list(self.primes)
+        c1 = checked_ring_element(np.asarray(c1, dtype=np.uint64), primes, self.degree, "c1")
         if not c1.any():
             raise ValueError("c1 is zero: a transparent ciphertext, encrypted under no key")
-        shifted = np.where(c1 >= one_ntt, c1 - one_ntt, c1 + (primes - one_ntt))  # mod q_j
+        one, one_ntt = self._one
+        first = self.ciphertext(np.stack([c0, one]), ntt_form=False)
+        self._evaluator.transform_to_ntt_inplace(first)
+        shifted = sub_mod(c1, one_ntt, primes)
         second = self.ciphertext(np.stack([np.zeros_like(c1), shifted]), ntt_form=True)
-        evaluator.add_inplace(first, second)
+        self._evaluator.add_inplace(first, second)
         return first
+
+    @cached_property
+    def _evaluator(self) -> sealapi.Evaluator:
+        return sealapi.Evaluator(self.seal_context)
 
     @cached_property
     def _one(self) -> tuple[Polys, Polys]:
@@ -704,12 +704,11 @@ class PackedFormat:
         parts = [self.ring.seeded_parts(blob) for blob in seeded]
         c0 = self.ring.transform(np.stack([words for words, _ in parts]), to_ntt=False)
         if mask is not None:
-            primes = np.array(self.ring.primes, dtype=np.uint64)[:, None]
+            primes = list(self.ring.primes)
             for index in range(len(c0)):
                 what = f"the mask of chunk {index}"
-                primes_ = list(self.ring.primes)
-                words = checked_ring_element(mask(index), primes_, self.ring.degree, what)
-                c0[index] = _minus_if_over_rows(c0[index] + words, primes)
+                words = checked_ring_element(mask(index), primes, self.ring.degree, what)
+                c0[index] = add_mod(c0[index], words, primes)
         y = self.packer.round_off(self.packer.compose(c0), self.d_up)
         packed = self.packer.pack(y, self.d_up)
         return [packed[i].tobytes() + seed for i, (_, seed) in enumerate(parts)]
@@ -800,10 +799,6 @@ class PackedFormat:
         """Download chunks -> SEAL ciphertexts to decrypt (:meth:`parse_download` checks)."""
         c0, c1 = self.parse_download(chunks, expected)
         return self.ciphertexts(self.packer.residues(c0), c1)
-
-
-def _minus_if_over_rows(values: np.ndarray, primes: np.ndarray) -> np.ndarray:
-    return np.minimum(values, values - primes)
 
 
 def _refuse_out_of_range(bad: np.ndarray, bound: str) -> None:
