@@ -117,6 +117,20 @@ def _he_fedavg(keys, **kwargs):
     return HEFedAvg(keys[1], **(settings | kwargs))
 
 
+def _he_dp_fedavg(keys):
+    """HE + DP over every node each round (fixed sampling), z = 0.5, C = 1."""
+    return HEDPFedAvg(
+        keys[1],
+        noise_multiplier=0.5,
+        clip_norm=1.0,
+        delta=1e-3,
+        sample_rate=1.0,
+        sampling="fixed",
+        min_available_nodes=NODES,
+        workers=1,
+    )
+
+
 def test_a_header_declaring_a_smaller_bound_is_rejected_alone(keys, caplog):
     """Before: a client declaring 0.01 and encrypting 5e4 was accepted."""
     caplog.set_level(logging.WARNING, logger="flwr")
@@ -211,16 +225,7 @@ def test_he_dp_falls_back_too_and_spends_no_epsilon_on_the_refused_round(keys, c
         return model
 
     mods = [_rogue(encrypt), make_he_dp_mod(keys[0], workers=1)]
-    strategy = HEDPFedAvg(
-        keys[1],
-        noise_multiplier=0.5,
-        clip_norm=1.0,
-        delta=1e-3,
-        sample_rate=1.0,
-        sampling="fixed",
-        min_available_nodes=NODES,
-        workers=1,
-    )
+    strategy = _he_dp_fedavg(keys)
     result = strategy.start(InProcessGrid(_app(mods), NODES), _start(), num_rounds=2)
     assert "falling back to the last good global model, sent in round 1" in caplog.text
     metrics = result.train_metrics_clientapp
@@ -699,16 +704,7 @@ def test_he_dp_stops_before_its_running_sum_passes_what_the_flooding_covers(
 
     caplog.set_level(logging.INFO, logger="flwr")
     monkeypatch.setattr(he_dp, "summed_limit", lambda drop: 12)
-    strategy = HEDPFedAvg(
-        keys[1],
-        noise_multiplier=0.5,
-        clip_norm=1.0,
-        delta=1e-3,
-        sample_rate=1.0,
-        sampling="fixed",
-        min_available_nodes=NODES,
-        workers=1,
-    )
+    strategy = _he_dp_fedavg(keys)
     mods = [make_he_dp_mod(keys[0], workers=1)]
     result = strategy.start(InProcessGrid(_app(mods), NODES), _start(), num_rounds=6)
     assert "past the 12 that a flooded decryption covers; training stops" in caplog.text
