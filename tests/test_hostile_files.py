@@ -197,3 +197,56 @@ def test_a_chunk_of_another_kind_is_rejected_alone():
         assert list(failed) == [1] and "bytes, not" in failed[1]
         total = CkksEncoder(context, workers=1)._decrypt_exact(sums, 10)
         assert np.allclose(total, 2.0, atol=1e-5)  # the two good uploads, added
+
+
+def test_no_decryption_passes_through_the_seal_scratch_files(monkeypatch):
+    """The running guide's promise: SEAL's scratch files hold ciphertexts and public
+    parameters, never a decryption. Every object the library saves or loads through
+    them on a whole round (keys' fingerprints, masked encryption, the server's sum and
+    mask removal, the download copy, the key holder's decryption) is recorded."""
+    import numpy as np
+    import tenseal as ts
+    import tenseal.sealapi as sealapi
+
+    from lepton_flwr.he import (
+        CkksAdder,
+        CkksEncoder,
+        codec,
+        create_secret_context,
+        fingerprint,
+        packed,
+        seal_words,
+    )
+    from lepton_flwr.he.keys import public_context_bytes
+    from lepton_flwr.he.ring_masks import ring_mask
+
+    passed = []
+    save, load = seal_words.save_bytes, seal_words.load_bytes
+
+    def recording_save(obj):
+        passed.append(type(obj).__name__)
+        return save(obj)
+
+    def recording_load(obj, seal_context, blob):
+        passed.append(type(obj).__name__)
+        return load(obj, seal_context, blob)
+
+    for module in (seal_words, codec, packed):
+        if hasattr(module, "save_bytes"):
+            monkeypatch.setattr(module, "save_bytes", recording_save)
+        if hasattr(module, "load_bytes"):
+            monkeypatch.setattr(module, "load_bytes", recording_load)
+    secret = create_secret_context(CKKSParams())
+    public = ts.context_from(public_context_bytes(secret))
+    fingerprint(secret), fingerprint(public)
+    encoder, adder = CkksEncoder(secret, workers=1), CkksAdder(public)
+    primes, degree = codec.ring_of(secret)
+    mask = lambda i: ring_mask(bytes(32), b"self", 1, i, primes, degree)  # noqa: E731
+    uploads = [encoder.encrypt(np.full(5000, 0.5), mask), encoder.encrypt(np.full(5000, 0.25))]
+    sums, failed = adder.sum_updates(uploads, workers=1)
+    sums = adder.remove_mask(sums, mask)
+    values = encoder.decrypt(adder.download(sums, 2), 5000)
+    assert not failed and np.allclose(values, 0.75, atol=0.01)  # flooded, rounded
+    kinds = set(passed)
+    assert type(sealapi.Plaintext()).__name__ not in kinds, sorted(kinds)
+    assert kinds == {"PublicKey", "Ciphertext", "SerializableCiphertext"}, sorted(kinds)

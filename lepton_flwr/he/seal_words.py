@@ -138,8 +138,10 @@ def _zstd() -> zstandard.ZstdDecompressor:
 def _scratch() -> _ScratchFile:
     """The calling thread's scratch file, opened once and written over each time.
 
-    It holds the last object saved or loaded (ciphertexts and public parameters; no
-    decryption passes through it) until the thread ends (:class:`_ScratchFile`).
+    It holds the last object saved or loaded until the thread ends (:class:`_ScratchFile`):
+    in the library, ciphertexts and public keys, never a decryption
+    (``tests/test_hostile_files.py::test_no_decryption_passes_through_the_seal_scratch_files``;
+    tests read plaintexts through :func:`plaintext_words`).
     """
     scratch = getattr(_per_thread, "file", None)
     if scratch is None or scratch.pid != os.getpid():  # first use, or a forked child
