@@ -222,6 +222,7 @@ def test_no_decryption_passes_through_the_seal_scratch_files(monkeypatch):
 
     passed = []
     save, load = seal_words.save_bytes, seal_words.load_bytes
+    prefixed = seal_words.load_prefixed
 
     def recording_save(obj):
         passed.append(type(obj).__name__)
@@ -231,11 +232,19 @@ def test_no_decryption_passes_through_the_seal_scratch_files(monkeypatch):
         passed.append(type(obj).__name__)
         return load(obj, seal_context, blob)
 
+    def recording_prefixed(obj, seal_context, prefix, tail):
+        passed.append(type(obj).__name__)
+        return prefixed(obj, seal_context, prefix, tail)
+
+    recorders = {
+        "save_bytes": recording_save,
+        "load_bytes": recording_load,
+        "load_prefixed": recording_prefixed,
+    }
     for module in (seal_words, codec, packed):
-        if hasattr(module, "save_bytes"):
-            monkeypatch.setattr(module, "save_bytes", recording_save)
-        if hasattr(module, "load_bytes"):
-            monkeypatch.setattr(module, "load_bytes", recording_load)
+        for name, recorder in recorders.items():
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, recorder)
     secret = create_secret_context(CKKSParams())
     public = ts.context_from(public_context_bytes(secret))
     fingerprint(secret), fingerprint(public)

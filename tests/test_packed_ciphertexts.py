@@ -229,6 +229,44 @@ def test_seed_expansion_equals_the_c1_seal_regenerates(secret, public):
     assert not np.array_equal(expanded[0], expanded[1])
 
 
+def test_seed_loads_writing_the_seed_alone_survive_other_uses_of_the_scratch_file(secret):
+    """``Ring.seeded`` writes only the seed while the rest of the scratch file repeats
+    (``seal_words.load_prefixed``); a save, a full load, a seeded load of another
+    context or a tail of another length in between rewrites the whole file, and every
+    expansion stays SEAL's own."""
+    import os
+
+    from lepton_flwr.he import seal_words
+
+    seal = _Seal(secret)
+    chunks = seal.encrypt(np.random.default_rng(6).normal(0, 1, 3 * N // 2))
+    ring = PackedFormat(secret).ring
+    other = PackedFormat(create_secret_context(CKKSParams(poly_modulus_degree=8192))).ring
+    seeds = [PackedFormat(secret).ring.seeded_parts(chunk)[1] for chunk in chunks]
+    expected = [ciphertext_words(seal.load(chunk))[1] for chunk in chunks]
+
+    def check(index):
+        loaded = ring.seeded(seeds[index])
+        scratch = seal_words._scratch()
+        written = os.pread(scratch.fd, os.fstat(scratch.fd).st_size, 0)
+        assert written == ring._seeded_prefix + seeds[index]  # the file is the whole blob
+        np.testing.assert_array_equal(ciphertext_words(loaded)[1], expected[index])
+
+    check(0)
+    check(1)  # the seed alone written
+    save_bytes(seal.load(chunks[2]))
+    check(2)
+    seal.load(chunks[0])
+    check(0)
+    other.seeded(seeds[1])
+    check(1)
+    with pytest.raises(ValueError, match="exceeds"):  # no seed: SEAL refuses the short file
+        seal_words.load_prefixed(sealapi.Ciphertext(), ring.seal_context, ring._seeded_prefix, b"")
+    check(2)
+    with pytest.raises(ValueError, match="63 bytes"):
+        ring.seeded(seeds[0][:63])
+
+
 def test_a_packed_upload_decrypts_as_the_seal_ciphertext(secret):
     """d = 0: the very same ciphertext, word for word. d = 4: the same c1, and c0 (so the
     decrypted plaintext) off by at most 8 a coefficient, and off somewhere."""

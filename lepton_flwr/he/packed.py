@@ -72,7 +72,7 @@ from lepton_flwr.he.seal_words import (
     _unframed,
     ciphertext_from_words,
     ciphertext_words,
-    load_bytes,
+    load_prefixed,
 )
 
 D_UP = 4
@@ -574,24 +574,29 @@ class Ring:
         return one, self.transform(one[None], to_ntt=True)[0]
 
     @cached_property
-    def _seeded_head(self) -> bytes:
-        """A seeded ciphertext's serialization up to its seed: the fields, c0 = 0."""
+    def _seeded_prefix(self) -> bytes:
+        """A seeded ciphertext's serialization up to its seed: the fields, c0 = 0, the PRNG."""
         k, n = len(self.primes), self.degree
-        return self.meta(2, ntt_form=True) + _framed(struct.pack("<Q", k * n) + bytes(8 * k * n))
+        head = self.meta(2, ntt_form=True) + _framed(struct.pack("<Q", k * n) + bytes(8 * k * n))
+        return _framed(head + _framed(bytes([_BLAKE2XB]) + bytes(SEED_BYTES)))[:-SEED_BYTES]
 
     def seeded(self, seed: bytes) -> sealapi.Ciphertext:
         """A ciphertext (0, c1) whose c1 SEAL regenerates from ``seed`` (its seeded load).
 
         SEAL's seeded serialization: c0's words alone, then the PRNG's type and seed; its
         ``load`` fills c1 with the uniform words that seed expands to (NTT form), exactly
-        as when it loads a seeded ciphertext it encrypted itself.
+        as when it loads a seeded ciphertext it encrypted itself. Only the seed differs
+        from one such load to the next: it alone is written (:func:`load_prefixed`).
+
+        Raises
+        ------
+        ValueError
+            If ``seed`` is not ``SEED_BYTES`` bytes.
         """
-        info = _framed(bytes([_BLAKE2XB]) + seed)
-        return load_bytes(
-            sealapi.Ciphertext(self.seal_context),
-            self.seal_context,
-            _framed(self._seeded_head + info),
-        )
+        if len(seed) != SEED_BYTES:
+            raise ValueError(f"a seed of {len(seed)} bytes, not {SEED_BYTES}")
+        ciphertext = sealapi.Ciphertext(self.seal_context)
+        return load_prefixed(ciphertext, self.seal_context, self._seeded_prefix, bytes(seed))
 
     def seeded_parts(self, blob: bytes) -> tuple[Polys, bytes]:
         """A seeded SEAL ciphertext's c0 words (k, N; NTT form) and its c1 seed.

@@ -97,6 +97,7 @@ class _ScratchFile:
 
     def __init__(self):
         self.pid, self.named = os.getpid(), None
+        self.prefix: tuple[bytes, int] | None = None  # what load_prefixed left in the file
         folder = str(scratch_dir())
         self.fd = _anonymous_file(folder)
         if self.fd is None:
@@ -152,6 +153,7 @@ def _scratch() -> _ScratchFile:
 def save_bytes(obj) -> bytes:
     """A SEAL object's serialization (the binding only writes files: a RAM-backed one)."""
     scratch = _scratch()
+    scratch.prefix = None
     obj.save(scratch.path)
     return os.pread(scratch.fd, os.fstat(scratch.fd).st_size, 0)
 
@@ -159,8 +161,31 @@ def save_bytes(obj) -> bytes:
 def load_bytes(obj, seal_context, blob: bytes):
     """``obj.load`` from bytes (the binding only reads files); SEAL checks them."""
     scratch = _scratch()
+    scratch.prefix = None
     os.ftruncate(scratch.fd, 0)
     os.pwrite(scratch.fd, blob, 0)
+    obj.load(seal_context, scratch.path)
+    return obj
+
+
+def load_prefixed(obj, seal_context, prefix: bytes, tail: bytes):
+    """``obj.load`` from ``prefix + tail``, writing only ``tail`` while ``prefix`` repeats.
+
+    For many loads that differ in their last bytes alone (seeded ciphertexts: 64 kB of
+    fields and zero words, then a 64-byte seed): the calling thread's scratch file keeps
+    the last prefix it was given, with a tail of the same length, and a call with that
+    prefix (the same bytes) and such a tail writes the tail over the old one. Anything
+    else written to the file (:func:`save_bytes`, :func:`load_bytes`) forgets the prefix.
+    SEAL checks what it loads, as with :func:`load_bytes`.
+    """
+    scratch = _scratch()
+    if scratch.prefix is not None and scratch.prefix == (prefix, len(tail)):
+        os.pwrite(scratch.fd, tail, len(prefix))
+    else:
+        scratch.prefix = None
+        os.ftruncate(scratch.fd, 0)
+        if os.pwrite(scratch.fd, prefix + tail, 0) == len(prefix) + len(tail):
+            scratch.prefix = (prefix, len(tail))  # a short write is not kept (SEAL refuses it)
     obj.load(seal_context, scratch.path)
     return obj
 
