@@ -578,6 +578,39 @@ def test_an_exact_sum_carries_over_and_folding_changes_nothing(secret, public, h
     assert carried.download() == whole.download()
 
 
+def test_the_unreduced_words_reduce_once_up_to_the_folding_limit(public):
+    """The uploads' words are summed unreduced until ``_max_unreduced`` uploads, then
+    restored (times 2^d_up) and reduced once: exact at that limit, with every word at
+    its largest (limit(d_up) - 1), against Python's integers."""
+    server = PackedFormat(public)
+    packer, drop = server.packer, server.d_up
+    total = PackedSum(server, 1)
+    count_ = total._max_unreduced
+    word = count_ * (packer.limit(drop) - 1) - np.arange(N, dtype=object)
+    total._y = (
+        np.array([[w >> 64 for w in word]], dtype=np.uint64),
+        np.array([[w & (2**64 - 1) for w in word]], dtype=np.uint64),
+    )
+    hi, lo = total._c0()
+    expected = [(w << drop) % packer.modulus for w in word]
+    assert _as_int(hi, lo) == expected
+
+
+def test_exact_chunks_are_the_exact_sum_packed_whole(secret, public, hundred_uploads):
+    """PackedSum.exact_chunks (the server's sum chunks) is exact() packed by the
+    format that drops nothing down; a format that rounds is refused."""
+    from lepton_flwr.he.codec import Formats
+
+    _, _, chunks, _ = hundred_uploads
+    formats = Formats(public)
+    total = PackedSum(formats.wire, 2)
+    for index in range(0, 8, 2):
+        total.add(PackedFormat(secret).pack_upload(chunks[index : index + 2]))
+    assert total.exact_chunks(formats.exact) == formats.sum_chunks(*total.exact())
+    with pytest.raises(ValueError, match="d_down = 0"):
+        total.exact_chunks(formats.wire)
+
+
 @pytest.mark.parametrize("c1_kind", ["random", "zeros", "ones", "top"])
 def test_mixed_ciphertexts_are_the_transformed_words_exactly(secret, c1_kind):
     """Ring.mixed (c0 to NTT form inside SEAL) holds the words SEAL's transform gives,

@@ -585,7 +585,7 @@ class CkksAdder:
             total.add_exact(c0, c1, 1)
         if total.count == 0 or stop == start:
             return [], errors
-        return self.formats.sum_chunks(*total.exact()), errors
+        return total.exact_chunks(self.formats.exact), errors
 
     def sum_updates(
         self,

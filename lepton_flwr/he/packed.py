@@ -141,6 +141,13 @@ def _add_wide(x: Wide, y: Wide) -> Wide:
     return x[0] + y[0] + (lo < y[1]), lo
 
 
+def _add_wide_into(x: Wide, y: Wide) -> None:
+    """Add y to x (mod 2^128) in x's own arrays (no temporary of x's size but the carry)."""
+    np.add(x[1], y[1], out=x[1])
+    np.add(x[0], y[0], out=x[0])
+    np.add(x[0], x[1] < y[1], out=x[0], casting="unsafe")  # the carry out of lo
+
+
 def _sub_wide(x: Wide, y: Wide) -> Wide:
     """The difference x - y mod 2^128."""
     lo = x[1] - y[1]
@@ -847,8 +854,10 @@ class PackedSum:
         self._c1: list[sealapi.Ciphertext | None] = [None] * chunks
         self._evaluator = sealapi.Evaluator(packed.ring.seal_context)
         self._unreduced = 0
+        # n unreduced words stay below n * 2^width; restored (times 2^d_up) below 2^128 and
+        # below 2^45 * Q, which one reduction takes (CoefficientPacker.reduce)
         width = packed.packer.coefficient_width(packed.d_up)
-        self._max_unreduced = min(1 << 44, (1 << (127 - width)))
+        self._max_unreduced = min(1 << 44, 1 << (127 - width - packed.d_up))
 
     def add(self, chunks: Sequence[bytes]) -> None:
         """Add one upload; a refused upload leaves the sum as it was.
@@ -860,7 +869,7 @@ class PackedSum:
         """
         upload = self.packed.parse_upload(chunks, self.chunks)
         seeded = [self.packed.ring.seeded(seed) for seed in upload.seeds]
-        self._y = _add_wide(self._y, upload.words)
+        _add_wide_into(self._y, upload.words)
         self._unreduced += 1
         if self._unreduced >= self._max_unreduced:
             self._fold()
@@ -881,8 +890,7 @@ class PackedSum:
 
     def _c0_of_words(self) -> Wide:
         packer = self.packed.packer
-        reduced = packer.reduce(self._y)  # (Σ y) mod Q, then times 2^d_up mod Q
-        return packer.reduce(packer.restore(reduced, self.packed.d_up))
+        return packer.reduce(packer.restore(self._y, self.packed.d_up))  # (2^d_up Σ y) mod Q
 
     def _add_mod_q(self, x: Wide, y: Wide) -> Wide:
         return self.packed.packer.reduce(_add_wide(x, y))
@@ -931,6 +939,23 @@ class PackedSum:
             if total is not None:
                 out[index] = ciphertext_words(total)[1]
         return out
+
+    def exact_chunks(self, exact: PackedFormat) -> list[bytes]:
+        """The exact sum as chunks of ``exact``, without going through its residues.
+
+        ``exact`` is a format of this ring that drops nothing down (c0 whole): the chunks
+        are :meth:`exact` packed by it.
+
+        Raises
+        ------
+        ValueError
+            If ``exact`` rounds c0 or belongs to another ring.
+        """
+        if exact.d_down != 0 or exact.ring.primes != self.packed.ring.primes:
+            raise ValueError("exact sums are packed by a format of this ring with d_down = 0")
+        if self.chunks == 0:
+            return []
+        return exact.pack_download(self._c0(), self._c1_words())
 
     def download(self) -> list[bytes]:
         """The chunks to send: c0 rounded at ``d_down`` (a copy), c1 exact.
