@@ -192,6 +192,17 @@ def _blocked(function, *arguments):
 # ---- bitstreams of fixed-width fields --------------------------------------------------------
 
 
+def _words_of(blobs: np.ndarray) -> np.ndarray:
+    """uint8 rows (..., 8m) read as uint64 words (..., m): a view where the rows allow it.
+
+    A view of a read-only table stays read-only: nothing is written through it.
+    """
+    if blobs.strides[-1] != 1 or any(stride % 8 for stride in blobs.strides[:-1]):
+        blobs = np.ascontiguousarray(blobs)
+    words = blobs.view("<u8")
+    return words if words.dtype == np.uint64 else words.astype(np.uint64)  # a big-endian host
+
+
 def _pack_fields(values: np.ndarray, bits: int) -> np.ndarray:
     """Fields of ``bits`` bits (1..64) along the last axis (a multiple of 64) -> u64 words.
 
@@ -225,18 +236,22 @@ def _unpack_fields(words: np.ndarray, bits: int, count_: int) -> np.ndarray:
     *lead, _ = words.shape
     if bits == 64:
         return words
-    mask = _u64((1 << bits) - 1)
     group = 8 // math.gcd(bits, 8)
-    if group * bits <= 64:
+    if group * bits <= 64:  # each group of fields is `width` whole bytes: put them together
         width = group * bits // 8
+        kind = np.uint32 if width <= 4 else np.uint64
         as_bytes = np.ascontiguousarray(words).view(np.uint8).reshape(*lead, count_ // group, width)
-        padded = np.zeros((*lead, count_ // group, 8), dtype=np.uint8)
-        padded[..., :width] = as_bytes
-        word = padded.view("<u8").reshape(*lead, count_ // group)
+        word = as_bytes[..., 0].astype(kind)
+        for i in range(1, width):
+            word |= as_bytes[..., i].astype(kind) << kind(8 * i)
+        mask = kind((1 << bits) - 1)
+        if group == 1:
+            return (word & mask).astype(np.uint64, copy=False).reshape(*lead, count_)
         out = np.empty((*lead, count_ // group, group), dtype=np.uint64)
         for i in range(group):
-            out[..., i] = (word >> np.uint64(i * bits)) & mask
+            out[..., i] = (word >> kind(i * bits)) & mask
         return out.reshape(*lead, count_)
+    mask = _u64((1 << bits) - 1)
     stream = words.reshape(*lead, count_ // 64, bits)
     out = np.empty((*lead, count_ // 64, 64), dtype=np.uint64)
     for i in range(64):
@@ -360,7 +375,7 @@ class CoefficientPacker:
                 f"a packed polynomial has {blobs.shape[-1]} bytes, not "
                 f"{self.polynomial_bytes(drop)}"
             )
-        return _blocked(lambda block: self._unpack_block(block, drop), blobs)
+        return self._unpack_block(blobs, drop)  # no temporaries to keep in cache
 
     def out_of_range(self, y: Wide, drop: int) -> np.ndarray:
         """Which rows of y (B, N) hold a word >= limit(drop): bool (B,)."""
@@ -386,7 +401,7 @@ class CoefficientPacker:
             raise CiphertextError(
                 f"packed residues have {blobs.shape[-1]} bytes, not {self.residue_bytes()}"
             )
-        return _blocked(self._unpack_residues_block, blobs)
+        return self._unpack_residues_block(blobs)
 
     def residues_out_of_range(self, residues: Polys) -> np.ndarray:
         """Which polynomials (B, k, N) have a word >= its prime: bool (B,)."""
@@ -461,7 +476,7 @@ class CoefficientPacker:
     def _unpack_block(self, blobs: np.ndarray, drop: int) -> Wide:
         width, n = self.coefficient_width(drop), self.degree
         if width > 64:
-            lo = np.ascontiguousarray(blobs[:, : 8 * n]).view("<u8").astype(np.uint64)
+            lo = _words_of(blobs[:, : 8 * n])
             high = np.ascontiguousarray(blobs[:, 8 * n :]).view("<u8")
             return _unpack_fields(high, width - 64, n), lo
         lo = _unpack_fields(np.ascontiguousarray(blobs).view("<u8"), width, n)
@@ -479,7 +494,7 @@ class CoefficientPacker:
         for bits in self.prime_bits:
             size = self.degree * bits // 8
             words = np.ascontiguousarray(blobs[:, start : start + size]).view("<u8")
-            rows.append(_unpack_fields(words, bits, self.degree).astype(np.uint64))
+            rows.append(_unpack_fields(words, bits, self.degree).astype(np.uint64, copy=False))
             start += size
         return np.stack(rows, axis=-2)
 
