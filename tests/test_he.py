@@ -363,6 +363,22 @@ def test_parallel_sum_leaves_out_an_upload_with_a_bad_chunk(secret_ctx, public_c
     assert np.abs(encoder._decrypt_exact(serial, len(expected)) - expected).max() < 1e-6
 
 
+def test_parallel_sums_are_the_serial_sum_byte_for_byte(secret_ctx, public_ctx):
+    """Forked workers write their chunks into memory shared with the caller, not through
+    the pool's pipe: with two and three workers, and the server's own sums added, the
+    chunks are the serial sum's; uploads that all fail sum to nothing."""
+    rng = np.random.default_rng(3)
+    encoder, adder = CkksEncoder(secret_ctx, workers=1), CkksAdder(public_ctx)
+    uploads = [encoder.encrypt(rng.normal(size=4096 * 37)) for _ in range(8)]
+    own = [adder.encrypt_public(rng.normal(size=4096 * 37))]
+    serial, _ = adder.sum_updates(uploads, workers=1, sums=own)
+    for workers in (2, 3):
+        parallel, failed = adder.sum_updates(uploads, workers=workers, sums=own)
+        assert not failed and parallel == serial
+    bad = [[b"garbage"] * 37 for _ in range(8)]
+    assert adder.sum_updates(bad, workers=2)[0] == []
+
+
 def test_drop_in_use_with_flowers_own_start_loop(keys):
     """A user's own ClientApp + he_mod, and HEFedAvg driven by Flower's Strategy.start."""
     from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict

@@ -30,6 +30,7 @@ subtracts masks from a sum with the public context alone (:meth:`CkksAdder.remov
 from __future__ import annotations
 
 import math
+import mmap
 import os
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -618,17 +619,30 @@ class CkksAdder:
             return self.sum_range(uploads, 0, num_chunks, sums)
         bounds = np.linspace(0, num_chunks, workers + 1).astype(int)
         ranges = list(zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True))
+        # The forked workers take all ranges but the first, which this process sums. They
+        # write their sum chunks into memory shared with this process (anonymous, made
+        # before the fork), not through the pool's pipe, which this process would only
+        # read once its own range is done.
+        chunk_bytes = self.formats.exact.download_chunk_bytes
+        shared = mmap.mmap(-1, (num_chunks - ranges[0][1]) * chunk_bytes)
         global _fork_state
-        _fork_state = (self, uploads, sums)
-        # The forked workers take all ranges but the first, which this process sums.
+        _fork_state = (self, uploads, sums, shared, ranges[0][1])
         pool = get_context("fork").Pool(workers - 1)
         try:
             pending = pool.map_async(_sum_range_in_fork, ranges[1:])
-            parts = [self.sum_range(uploads, *ranges[0], sums), *pending.get()]
+            parts = [self.sum_range(uploads, *ranges[0], sums)]
+            for (start, _), (written, part_errors) in zip(ranges[1:], pending.get(), strict=True):
+                at = (start - ranges[0][1]) * chunk_bytes
+                chunks = [
+                    shared[at + i * chunk_bytes : at + (i + 1) * chunk_bytes]
+                    for i in range(written)
+                ]
+                parts.append((chunks, part_errors))
         finally:
             _fork_state = None
             pool.close()  # let the workers exit: terminating them would trip Ray's
             pool.join()  # SIGTERM handler, inherited through fork, into a stack dump
+            shared.close()
         errors: dict[int, str] = {}
         for _, part_errors in parts:
             errors.update(part_errors)
@@ -639,9 +653,20 @@ class CkksAdder:
         return [chunk for part, _ in parts for chunk in part], errors
 
 
-_fork_state: tuple[CkksAdder, list[list[bytes]], Sequence[list[bytes]]] | None = None
+_fork_state: tuple[CkksAdder, list[list[bytes]], Sequence[list[bytes]], mmap.mmap, int] | None = (
+    None
+)
 
 
-def _sum_range_in_fork(bounds: tuple[int, int]) -> tuple[list[bytes], dict[int, str]]:
-    adder, uploads, sums = _fork_state
-    return adder.sum_range(uploads, int(bounds[0]), int(bounds[1]), sums)
+def _sum_range_in_fork(bounds: tuple[int, int]) -> tuple[int, dict[int, str]]:
+    """Sum a range in a forked worker, its chunks written to the shared memory.
+
+    They go at the range's place after ``first`` (where this process's own range ends);
+    the count of chunks and the refused uploads are returned.
+    """
+    adder, uploads, sums, shared, first = _fork_state
+    start, stop = int(bounds[0]), int(bounds[1])
+    chunks, errors = adder.sum_range(uploads, start, stop, sums)
+    at = (start - first) * adder.formats.exact.download_chunk_bytes
+    shared[at : at + sum(map(len, chunks))] = b"".join(chunks)
+    return len(chunks), errors
