@@ -141,6 +141,31 @@ def test_seal_scratch_folders_are_removed_when_the_process_exits(tmp_path):
     assert folder.name.startswith("lepton-he-") and not folder.exists()
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="anonymous files: Linux")
+def test_a_killed_process_leaves_nothing_where_seal_scratch_files_are_made():
+    """On Linux SEAL's scratch files are anonymous and need no folder: a process killed
+    after encrypting, summing, decrypting and fingerprinting (``os._exit``: no finalizer
+    runs, as under SIGKILL) leaves nothing named after it."""
+    code = (
+        "import os\n"
+        "import numpy as np\n"
+        "from lepton_flwr.he import CKKSParams, CkksEncoder, CkksAdder, create_secret_context\n"
+        "from lepton_flwr.he import fingerprint\n"
+        "from lepton_flwr.he.keys import scratch_base\n"
+        "context = create_secret_context(CKKSParams())\n"
+        "encoder = CkksEncoder(context, workers=1)\n"
+        "sums, _ = CkksAdder(context).sum_updates([encoder.encrypt(np.ones(5))] * 2, workers=1)\n"
+        "encoder.decrypt(CkksAdder(context).download(sums, 2), 5)\n"
+        "fingerprint(context)\n"
+        "print(os.getpid(), scratch_base(), flush=True)\n"
+        "os._exit(0)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    pid, base = proc.stdout.split()[-2:]
+    assert not [name for name in os.listdir(base) if name.startswith(f"lepton-he-{pid}-")]
+
+
 def test_a_threads_seal_scratch_file_is_private_and_goes_with_the_thread(tmp_path):
     """Each thread saves and loads SEAL objects through a file of its own (mode 0600; on
     Linux anonymous, named in no folder), closed when the thread ends; a forked child

@@ -19,14 +19,23 @@ SECRET_CONTEXT_FILE = "secret.ctx"
 PUBLIC_CONTEXT_FILE = "public.ctx"
 
 
+def scratch_base() -> str:
+    """Where SEAL's scratch files are made: ``/dev/shm`` (RAM) if writable, else the temp dir."""
+    return "/dev/shm" if os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+
+
 def scratch_dir() -> Path:
-    """A per-process folder for SEAL's file-based (de)serialization (RAM-backed if possible)."""
-    base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
-    return Path(_scratch(base, os.getpid()))  # forked workers get folders of their own
+    """A per-process folder in :func:`scratch_base` for SEAL's *named* scratch files.
+
+    Made on first use: only where anonymous files cannot be made
+    (:mod:`lepton_flwr.he.seal_words`), so that on Linux a process leaves nothing behind
+    however it ends.
+    """
+    return Path(_scratch(scratch_base(), os.getpid()))  # forked workers get folders of their own
 
 
 @cache
-def _scratch(base: str | None, pid: int) -> str:
+def _scratch(base: str, pid: int) -> str:
     path = tempfile.mkdtemp(prefix=f"lepton-he-{pid}-", dir=base)
     # Removed when this process exits normally (multiprocessing's finalizers run at exit
     # in the main process and in forked workers, each only for its own folder).

@@ -33,7 +33,7 @@ import numpy as np
 import tenseal.sealapi as sealapi
 import zstandard
 
-from lepton_flwr.he.keys import scratch_dir
+from lepton_flwr.he.keys import scratch_base, scratch_dir
 
 _HEADER = struct.Struct("<HBBBBHQ")
 _COMPRESSION_NONE, _COMPRESSION_ZLIB, _COMPRESSION_ZSTD = 0, 1, 2
@@ -89,19 +89,21 @@ def ciphertext_bytes(words: np.ndarray, parms_id, scale: float, ntt_form: bool =
 class _ScratchFile:
     """A file of its own for SEAL's file-only (de)serialization, closed with this object.
 
-    On Linux an anonymous file (``O_TMPFILE``, in the process's scratch folder, named in
-    no folder) that SEAL opens as ``/proc/self/fd/N``: nothing can find it, and it goes
-    when closed or when the process ends, however it ends. Elsewhere a file of a unique
-    name (``mkstemp``, mode 0600) in that folder, removed when closed.
+    On Linux an anonymous file (``O_TMPFILE``, mode 0600, on the file system of
+    :func:`~lepton_flwr.he.keys.scratch_base`, named in no folder) that SEAL opens as
+    ``/proc/self/fd/N``: nothing can find it but the process's own user through
+    ``/proc``, and it goes when closed or when the process ends, however it ends; no
+    folder is made. Elsewhere a file of a unique name (``mkstemp``, mode 0600) in the
+    process's scratch folder (:func:`~lepton_flwr.he.keys.scratch_dir`), removed when
+    closed.
     """
 
     def __init__(self):
         self.pid, self.named = os.getpid(), None
         self.prefix: tuple[bytes, int] | None = None  # what load_prefixed left in the file
-        folder = str(scratch_dir())
-        self.fd = _anonymous_file(folder)
+        self.fd = _anonymous_file(scratch_base())
         if self.fd is None:
-            self.fd, self.named = tempfile.mkstemp(prefix="words-", dir=folder)
+            self.fd, self.named = tempfile.mkstemp(prefix="words-", dir=str(scratch_dir()))
             self.path = self.named
         else:
             self.path = f"/proc/self/fd/{self.fd}"
