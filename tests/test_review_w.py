@@ -5,10 +5,11 @@ after issue 22's speed changes (366e4d4..89a4cbb): seed-only scratch writes
 ``_words_of``), forked workers writing into anonymous shared memory
 (``CkksAdder.sum_updates``) and anonymous scratch files made straight on ``/dev/shm``.
 
-Findings are strict xfails (W1-W3; none is reachable by a client's bytes, and all
-three come from the fork's set-up that predates this stop: W1's shared memory only
-changes what the loser of the race gets). The other tests are regression tests for
-what held; each fails if the property it names were broken.
+Findings W1-W3 (none reachable by a client's bytes; all three from the fork's set-up
+that predates this stop) are fixed and their tests now pass: the workers' state travels
+with the pool, a refused upload's reason comes from the whole upload, and a failed pool
+start holds nothing. The other tests are regression tests for what held; each fails if
+the property it names were broken.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import shutil
 import subprocess
 import sys
 import threading
-from multiprocessing import get_context as real_get_context
 from types import SimpleNamespace
 
 import numpy as np
@@ -59,44 +59,29 @@ def forked_when_small(monkeypatch):
 # ---- findings ---------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="W1: concurrent forked sums share one global fork state")
 def test_w1_two_threads_summing_in_parallel_each_get_their_own_sum(
     ckks, uploads, forked_when_small, monkeypatch
 ):
-    """Finding W1 (medium: silently wrong sum; needs a caller that sums from two threads
-    at once, e.g. two strategies or a server and a tool in one process; a client cannot
-    cause it): ``sum_updates`` hands its forked workers their state through the module
-    global ``_fork_state``, set before the pool forks. Two threads that each set it
-    before either forks (forced here: both wait for each other just before
-    ``Pool(...)``) fork workers that all read the last one set: the other thread's
-    workers sum the winner's uploads into the winner's shared memory, return their
-    counts, and the loser reads its own shared memory, never written: its sum chunks
-    past its own range are zeros, with no error (before this stop it got the winner's
-    chunks through the pipe). Fix: no global; hand the state to the workers with the
-    pool, ``get_context("fork").Pool(workers - 1, initializer=_install, initargs=(state,))``
-    (with fork, initargs reach the child by inheritance, unpickled; a replaced worker gets
-    them too), or hold a module lock from setting the state until the pool is made."""
+    """Finding W1 (medium, fixed: a silently wrong sum for a caller summing from two
+    threads at once, e.g. two strategies or a server and a tool in one process):
+    ``sum_updates`` handed its forked workers their state through a module global set
+    before the pool forked; two threads that both set it before either forked had all
+    their workers sum the last one's uploads, and the other thread read zeros past its
+    own range. The state now travels with the pool (``initargs``, inherited through
+    fork). Forced here: both threads make their pools at the same moment."""
     _, _, _, adder = ckks
     sets, serial = uploads
-    both_ready, both_forked = threading.Barrier(2), threading.Barrier(2)
+    both_ready = threading.Barrier(2)
 
-    class BothSetTheirStateFirst:
-        def __init__(self, method):
-            self.inner = real_get_context(method)
-
-        def Pool(self, *args, **kwargs):  # noqa: N802 - multiprocessing's name
+    class BothAtOnce(codec.ProcessPoolExecutor):
+        def __init__(self, *args, **kwargs):
             try:
-                both_ready.wait(timeout=20)  # a fix that serialises this section times out
+                both_ready.wait(timeout=20)  # a fix that serialised the sums would time out
             except threading.BrokenBarrierError:
                 pass
-            pool = self.inner.Pool(*args, **kwargs)
-            try:  # neither thread works in SEAL while the other forks (a lock held at fork)
-                both_forked.wait(timeout=20)
-            except threading.BrokenBarrierError:
-                pass
-            return pool
+            super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(codec, "get_context", BothSetTheirStateFirst)
+    monkeypatch.setattr(codec, "ProcessPoolExecutor", BothAtOnce)
     results: dict[int, object] = {}
 
     def run(which):
@@ -112,63 +97,77 @@ def test_w1_two_threads_summing_in_parallel_each_get_their_own_sum(
         thread.join()
     for which in (0, 1):
         assert results[which] == (serial[which], {})
+    assert codec._fork_state is None  # nothing global in the caller
 
 
-@pytest.mark.xfail(strict=True, reason="W2: a forked sum names chunks by their place in a range")
 def test_w2_a_forked_sum_names_the_bad_chunk_as_the_serial_sum_does(
     ckks, uploads, forked_when_small
 ):
-    """Finding W2 (low: a misleading message, not a wrong sum): with workers, each range
-    parses ``chunks[start:stop]``, and the reason kept for a refused upload counts chunks
-    from the range's start and by the range's length: "chunk 1 has 10 bytes" for chunk 3
-    of four (workers=2), "1 chunks, expected 2" for an upload of three chunks instead of four. The
-    hostile-input guide promises a clear error naming what is wrong; the serial sum
-    names chunk 3 and the upload's count. Fix: for each upload a range
-    refuses, take the reason from parsing the whole upload (``Formats.wire.parse_upload
-    (chunks, num_chunks)``; a refused upload is rare), or have ``_chunk_table`` and
-    ``_refuse_out_of_range`` number chunks from ``start``."""
+    """Finding W2 (low, fixed: a misleading message, not a wrong sum): with workers, each
+    range parsed ``chunks[start:stop]``, and the reason kept for a refused upload counted
+    chunks from the range's start and by the range's length ("chunk 1 has 10 bytes" for
+    chunk 3 of four). The reason now comes from the whole upload, as the serial sum's;
+    an upload with another chunk count is refused before any range."""
     _, _, _, adder = ckks
     bad = [list(upload) for upload in uploads[0][0]]
     bad[1][3] = bad[1][3][:10]
     bad[2] = bad[2][:3]
-    _, serial_failed = adder.sum_updates(bad, workers=1)
-    _, forked_failed = adder.sum_updates(bad, workers=2)
+    bad[3] = [*bad[3], bad[3][0]]  # one chunk too many: refused, not cut to four
+    serial, serial_failed = adder.sum_updates(bad, workers=1)
+    forked, forked_failed = adder.sum_updates(bad, workers=2)
     assert serial_failed[1].startswith("chunk 3 ")
-    assert forked_failed == serial_failed
+    assert serial_failed[2] == "3 chunks, expected 4" and serial_failed[3] == "5 chunks, expected 4"
+    assert forked_failed == serial_failed and forked == serial
+    assert serial == adder.sum_updates([bad[0]], workers=1)[0]
 
 
-@pytest.mark.xfail(strict=True, reason="W3: a pool that cannot start leaves the uploads held")
-def test_w3_a_pool_that_cannot_fork_leaves_no_uploads_held(ckks, uploads, forked_when_small):
-    """Finding W3 (low: memory): ``_fork_state`` (every upload, the shared memory) is set
-    before ``Pool(...)`` and cleared in a ``finally`` that starts after it: a fork that
-    fails (EAGAIN, ENOMEM: the process limit, a large server) raises out of
-    ``sum_updates`` with the round's uploads still referenced from the module and the
-    anonymous mapping open, until the next parallel sum. Fix: make the pool inside the
-    ``try`` (``pool = None`` before it, closed only if made), or W1's fix, which leaves
-    no global."""
+def test_the_chunk_count_is_most_uploads_or_the_sums(ckks, uploads):
+    """The count every upload must have is that of the server's own sums, or without
+    sums that of most uploads: an odd first upload is refused, not taken as the rule
+    (which refused every other one)."""
+    _, _, _, adder = ckks
+    sets, serial = uploads
+    odd = [list(sets[0][0][:3]), *sets[0][1:]]
+    total, failed = adder.sum_updates(odd, workers=1)
+    assert failed == {0: "3 chunks, expected 4"}
+    assert total == adder.sum_updates(sets[0][1:], workers=1)[0]
+    _, failed = adder.sum_updates(sets[0], workers=1, sums=[serial[0][:3]])
+    assert set(failed) == {0, 1, 2, 3} and failed[0] == "4 chunks, expected 3"
+
+
+def _die(bounds):
+    os._exit(3)  # a worker killed (a crash in SEAL, the OOM killer)
+
+
+def test_a_summing_worker_that_dies_is_an_error_not_a_hang(
+    ckks, uploads, forked_when_small, monkeypatch
+):
+    """A forked worker that dies (before this, ``Pool.map_async(...).get()`` waited for
+    its result for ever): the sum raises, naming what happened, and the next sum works."""
+    _, _, _, adder = ckks
+    sets, serial = uploads
+    monkeypatch.setattr(codec, "_sum_range_in_fork", _die)
+    with pytest.raises(RuntimeError, match="a process summing uploads died"):
+        adder.sum_updates(sets[0], workers=2)
+    monkeypatch.undo()
+    assert adder.sum_updates(sets[0], workers=2) == (serial[0], {})
+
+
+def test_w3_a_pool_that_cannot_fork_leaves_no_uploads_held(
+    ckks, uploads, forked_when_small, monkeypatch
+):
+    """Finding W3 (low: memory, fixed): the module kept every upload and the shared
+    memory when the pool could not start (EAGAIN, ENOMEM). The state now travels with
+    the pool: a failed start raises and holds nothing."""
     _, _, _, adder = ckks
 
-    class CannotFork:
-        def __init__(self, method):
-            pass
+    def cannot_fork(*args, **kwargs):
+        raise BlockingIOError(11, "Resource temporarily unavailable")
 
-        def Pool(self, *args, **kwargs):  # noqa: N802 - multiprocessing's name
-            raise BlockingIOError(11, "Resource temporarily unavailable")
-
-    real = codec.get_context
-    codec.get_context = CannotFork
-    try:
-        try:
-            adder.sum_updates(uploads[0][0], workers=2)
-        except OSError:
-            pass
-        left = getattr(codec, "_fork_state", None)
-    finally:
-        codec.get_context = real
-        if getattr(codec, "_fork_state", None) is not None:
-            codec._fork_state[3].close()  # what the fix would do; the next tests start clean
-            codec._fork_state = None
-    assert left is None
+    monkeypatch.setattr(codec, "ProcessPoolExecutor", cannot_fork)
+    with pytest.raises(OSError, match="temporarily unavailable"):
+        adder.sum_updates(uploads[0][0], workers=2)
+    assert codec._fork_state is None
 
 
 # ---- what held --------------------------------------------------------------------------------

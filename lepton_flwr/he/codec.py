@@ -32,8 +32,10 @@ from __future__ import annotations
 import math
 import mmap
 import os
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from functools import lru_cache
 from multiprocessing import get_context
@@ -596,10 +598,12 @@ class CkksAdder:
     ) -> tuple[list[bytes], dict[int, str]]:
         """Add uploads chunk by chunk, and the server's own ``sums``, in parallel over ranges.
 
-        Every upload and sum must have the same number of chunks. An upload with a
-        chunk that does not check or add, whatever the error, is reported (index ->
-        reason) and left out of the sum (:meth:`sum_range`). Only uploads are taken
-        from ``uploads``; sums (whose c1 is not a seed's expansion) only from ``sums``.
+        Every sum must have the same number of chunks, and so must every upload: that of
+        the sums, or without sums the count most uploads have. An upload with another
+        count, or with a chunk that does not check or add, whatever the error, is
+        reported (index -> reason, as a serial sum gives it) and left out of the sum
+        (:meth:`sum_range`). Only uploads are taken from ``uploads``; sums (whose c1 is
+        not a seed's expansion) only from ``sums``. Safe to call from several threads.
 
         Parameters
         ----------
@@ -610,58 +614,119 @@ class CkksAdder:
             every core this process may use.
         sums : Sequence[list[bytes]]
             Sum chunks the server made itself (the global model, public-key encryptions).
+
+        Raises
+        ------
+        RuntimeError
+            If a forked worker dies (the sum is not returned).
         """
         if not uploads and not sums:
             return [], {}
-        num_chunks = len(uploads[0]) if uploads else len(sums[0])
+        counts = [_chunk_count(upload) for upload in uploads]
+        num_chunks = len(sums[0]) if sums else Counter(counts).most_common(1)[0][0]
+        errors = {
+            index: f"{count} chunks, expected {num_chunks}"
+            for index, count in enumerate(counts)
+            if count != num_chunks
+        }
+        kept = [index for index in range(len(uploads)) if index not in errors]
         workers = default_workers() if workers is None else max(1, workers)
+        total, refused = self._sum_sized([uploads[i] for i in kept], num_chunks, workers, sums)
+        errors.update((kept[index], reason) for index, reason in refused.items())
+        return total, dict(sorted(errors.items()))
+
+    def _sum_sized(
+        self,
+        uploads: list[list[bytes]],
+        num_chunks: int,
+        workers: int,
+        sums: Sequence[list[bytes]],
+    ) -> tuple[list[bytes], dict[int, str]]:
+        """:meth:`sum_updates` of uploads of ``num_chunks`` chunks each."""
+        if not uploads and not sums:
+            return [], {}
         if workers == 1 or num_chunks * (len(uploads) + len(sums)) < PARALLEL_MIN_CHUNKS * 4:
             return self.sum_range(uploads, 0, num_chunks, sums)
         bounds = np.linspace(0, num_chunks, workers + 1).astype(int)
         ranges = list(zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True))
         # The forked workers take all ranges but the first, which this process sums. They
-        # write their sum chunks into memory shared with this process (anonymous, made
-        # before the fork), not through the pool's pipe, which this process would only
-        # read once its own range is done.
+        # get their state with the pool (inherited through fork: nothing global, so
+        # threads may sum at once) and write their sum chunks into memory shared with
+        # this process (anonymous, made before the fork), not through a pipe this process
+        # would only read once its own range is done.
         chunk_bytes = self.formats.exact.download_chunk_bytes
-        shared = mmap.mmap(-1, (num_chunks - ranges[0][1]) * chunk_bytes)
-        global _fork_state
-        _fork_state = (self, uploads, sums, shared, ranges[0][1])
-        pool = get_context("fork").Pool(workers - 1)
+        first = ranges[0][1]
+        shared = mmap.mmap(-1, (num_chunks - first) * chunk_bytes)
+        pool = None
         try:
-            pending = pool.map_async(_sum_range_in_fork, ranges[1:])
+            pool = ProcessPoolExecutor(
+                workers - 1,
+                mp_context=get_context("fork"),
+                initializer=_install_fork_state,
+                initargs=((self, uploads, sums, shared, first),),
+            )
+            pending = [pool.submit(_sum_range_in_fork, bounds) for bounds in ranges[1:]]
             parts = [self.sum_range(uploads, *ranges[0], sums)]
-            for (start, _), (written, part_errors) in zip(ranges[1:], pending.get(), strict=True):
-                at = (start - ranges[0][1]) * chunk_bytes
+            for (start, _), future in zip(ranges[1:], pending, strict=True):
+                written, part_errors = future.result()
+                at = (start - first) * chunk_bytes
                 chunks = [
                     shared[at + i * chunk_bytes : at + (i + 1) * chunk_bytes]
                     for i in range(written)
                 ]
                 parts.append((chunks, part_errors))
+        except BrokenProcessPool as err:
+            raise RuntimeError(f"a process summing uploads died ({err})") from err
         finally:
-            _fork_state = None
-            pool.close()  # let the workers exit: terminating them would trip Ray's
-            pool.join()  # SIGTERM handler, inherited through fork, into a stack dump
+            if pool is not None:  # let the workers exit: terminating them would trip
+                pool.shutdown(wait=True)  # Ray's SIGTERM handler, inherited, into a dump
             shared.close()
         errors: dict[int, str] = {}
         for _, part_errors in parts:
             errors.update(part_errors)
-        if errors:  # a bad upload was left out of some ranges only: sum the good ones again
-            good = [u for i, u in enumerate(uploads) if i not in errors]
-            total, _ = self.sum_updates(good, workers, sums)
-            return total, errors
-        return [chunk for part, _ in parts for chunk in part], errors
+        if not errors:
+            return [chunk for part, _ in parts for chunk in part], errors
+        # a bad upload was left out of some ranges only: say why as a serial sum would (a
+        # range numbers its chunks from its start), and sum the good ones again
+        for index in errors:
+            errors[index] = self._refusal(uploads[index], num_chunks, errors[index])
+        good = [upload for index, upload in enumerate(uploads) if index not in errors]
+        total, _ = self._sum_sized(good, num_chunks, workers, sums)
+        return total, errors
+
+    def _refusal(self, chunks: list[bytes], num_chunks: int, reason: str) -> str:
+        """Why a whole upload is refused; ``reason`` (a range's) if the whole parses."""
+        try:
+            self.formats.wire.parse_upload(chunks, num_chunks)
+        except CiphertextError as err:
+            return str(err)
+        except Exception as err:  # noqa: BLE001 - one upload, one verdict
+            return f"cannot be loaded or added to the others ({err!r})"[:300]
+        return reason
+
+
+def _chunk_count(upload) -> int:
+    """The number of chunks of an upload; -1 if it is not a sequence of them."""
+    try:
+        return len(upload)
+    except TypeError:
+        return -1
 
 
 _fork_state: tuple[CkksAdder, list[list[bytes]], Sequence[list[bytes]], mmap.mmap, int] | None = (
-    None
+    None  # set in forked summing workers only (_install_fork_state)
 )
+
+
+def _install_fork_state(state: tuple) -> None:
+    global _fork_state
+    _fork_state = state
 
 
 def _sum_range_in_fork(bounds: tuple[int, int]) -> tuple[int, dict[int, str]]:
     """Sum a range in a forked worker, its chunks written to the shared memory.
 
-    They go at the range's place after ``first`` (where this process's own range ends);
+    They go at the range's place after ``first`` (where the caller's own range ends);
     the count of chunks and the refused uploads are returned.
     """
     adder, uploads, sums, shared, first = _fork_state
