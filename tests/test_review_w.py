@@ -343,3 +343,23 @@ def test_another_user_can_neither_find_nor_open_a_threads_scratch_file():
     assert result["after"] == before
     other = result["other"]
     assert "READ" not in other.stdout and "ciphertext words" not in other.stdout
+
+
+def test_an_uploads_seeds_come_from_the_same_copy_as_its_words(ckks, uploads):
+    """W noticed: ``parse_upload`` read c0 from its copy of the chunks but the seeds from
+    the caller's chunks afterwards, so a bytearray rewritten in between (another thread
+    of the caller's) gave a mixed upload. Both now come from the one copy: a chunk type
+    whose slices differ from its bytes cannot feed other seeds."""
+    _, public, _, _ = ckks
+    wire = PackedFormat(public)
+
+    class SlicesLie(bytearray):
+        def __getitem__(self, key):
+            if isinstance(key, slice):
+                return bytes(len(range(*key.indices(len(self)))))
+            return super().__getitem__(key)
+
+    upload = uploads[0][0][0]
+    honest = wire.parse_upload(upload)
+    lying = wire.parse_upload([SlicesLie(chunk) for chunk in upload])
+    assert lying.seeds == honest.seeds and any(any(seed) for seed in lying.seeds)

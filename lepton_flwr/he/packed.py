@@ -755,7 +755,7 @@ class PackedFormat:
         table = _chunk_table(chunks, expected, self.upload_chunk_bytes)
         words = self.packer.unpack(table[:, : self.upload_c0_bytes], self.d_up)
         _refuse_out_of_range(self.packer.out_of_range(words, self.d_up), f"ceil(Q/2^{self.d_up})")
-        seeds = tuple(bytes(chunk[self.upload_c0_bytes :]) for chunk in chunks)
+        seeds = tuple(row[self.upload_c0_bytes :].tobytes() for row in table)  # the same copy
         return Upload(words, seeds)
 
     def expand_seeds(self, seeds: Sequence[bytes]) -> Polys:
@@ -966,7 +966,11 @@ class PackedSum:
         ValueError
             If ``exact`` rounds c0 or belongs to another ring.
         """
-        if exact.d_down != 0 or exact.ring.primes != self.packed.ring.primes:
+        ring = self.packed.ring
+        if exact.d_down != 0 or (exact.ring.primes, exact.ring.degree) != (
+            ring.primes,
+            ring.degree,
+        ):
             raise ValueError("exact sums are packed by a format of this ring with d_down = 0")
         if self.chunks == 0:
             return []
