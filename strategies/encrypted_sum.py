@@ -15,6 +15,7 @@ from flwr.common.logger import log
 from lepton_flwr.strategies.reply_checks import ReplyError, the_record
 
 from lepton_flwr.he.codec import (
+    LOCAL_FAILURES,
     CiphertextError,
     CkksAdder,
     TensorSpec,
@@ -296,6 +297,8 @@ class EncryptedSum:
             except (CiphertextError, ReplyError) as err:
                 self.reject(server_round, msg, err)
                 continue
+            except LOCAL_FAILURES:
+                raise
             except Exception as err:  # noqa: BLE001 - one reply, one verdict
                 self.reject(server_round, msg, f"cannot be read ({err!r})"[:300])
                 continue

@@ -284,3 +284,42 @@ def test_no_decryption_passes_through_the_seal_scratch_files(monkeypatch):
     kinds = set(passed)
     assert type(sealapi.Plaintext()).__name__ not in kinds, sorted(kinds)
     assert kinds == {"PublicKey", "Ciphertext", "SerializableCiphertext"}, sorted(kinds)
+
+
+def test_a_full_scratch_file_system_is_this_machines_error_never_an_uploads(monkeypatch):
+    """A scratch file that cannot take its bytes (``/dev/shm`` full: ENOSPC, or a short
+    write) raises OSError where it happens, on the server's sum and on a client's
+    decryption: it is never reported as the upload's or the download's fault (before,
+    every honest upload of the round was refused as "cannot be loaded"), and the next
+    call works once there is room."""
+    import errno
+
+    import numpy as np
+    import tenseal as ts
+
+    from lepton_flwr.he import CkksAdder, CkksEncoder, create_secret_context, seal_words
+    from lepton_flwr.he.keys import public_context_bytes
+
+    secret = create_secret_context(CKKSParams())
+    encoder = CkksEncoder(secret, workers=1)
+    adder = CkksAdder(ts.context_from(public_context_bytes(secret)))
+    uploads = [encoder.encrypt(np.full(10, 0.5)) for _ in range(2)]
+    sums, _ = adder.sum_updates(uploads, workers=1)
+    download = adder.download(sums, 2)
+    real = os.pwrite
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def short(fd, data, offset):
+        return real(fd, data[: len(data) // 2], offset)
+
+    for failing, message in ((full, "No space left"), (short, "took")):
+        monkeypatch.setattr(seal_words.os, "pwrite", failing)
+        with pytest.raises(OSError, match=message):
+            adder.sum_updates(uploads, workers=1)
+        with pytest.raises(OSError, match=message):
+            CkksEncoder(secret, workers=1).decrypt(download, 10)
+        monkeypatch.undo()
+    assert adder.sum_updates(uploads, workers=1) == (sums, {})
+    assert np.allclose(encoder.decrypt(download, 10, 2.0), 0.5, atol=0.01)

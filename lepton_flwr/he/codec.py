@@ -203,11 +203,21 @@ class Formats:
         return self.exact.pack_download(self.packer.compose(c0), c1)
 
 
+LOCAL_FAILURES = (MemoryError, OSError)
+"""This machine's own failures (memory, the scratch files' file system): never a
+ciphertext's fault, so never reported as one; they propagate wherever a ciphertext's
+errors are caught. A ciphertext's bytes cannot cause them: every length is checked
+before SEAL or a scratch file sees it."""
+
+
 def _only_ciphertext_errors(function, *arguments):
-    """``function(*arguments)``; whatever it raises but a CiphertextError becomes one."""
+    """``function(*arguments)``; what it raises becomes a CiphertextError.
+
+    A CiphertextError and :data:`LOCAL_FAILURES` propagate as they are.
+    """
     try:
         return function(*arguments)
-    except CiphertextError:
+    except (CiphertextError, *LOCAL_FAILURES):
         raise
     except Exception as err:  # noqa: BLE001 - no byte of a ciphertext may end a run
         raise CiphertextError(f"not a ciphertext of this context ({err!r})"[:300]) from err
@@ -578,6 +588,8 @@ class CkksAdder:
                 total.add(chunks[start:stop])
             except CiphertextError as err:
                 errors[index] = str(err)
+            except LOCAL_FAILURES:
+                raise
             except Exception as err:  # noqa: BLE001 - one upload, one verdict
                 errors[index] = f"cannot be loaded or added to the others ({err!r})"[:300]
         for chunks in sums:
@@ -700,6 +712,8 @@ class CkksAdder:
             self.formats.wire.parse_upload(chunks, num_chunks)
         except CiphertextError as err:
             return str(err)
+        except LOCAL_FAILURES:
+            raise
         except Exception as err:  # noqa: BLE001 - one upload, one verdict
             return f"cannot be loaded or added to the others ({err!r})"[:300]
         return reason

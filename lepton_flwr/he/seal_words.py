@@ -22,6 +22,7 @@ N words (one per prime, NTT form for CKKS); a ciphertext is ``size`` such polyno
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import tempfile
@@ -160,12 +161,28 @@ def save_bytes(obj) -> bytes:
     return os.pread(scratch.fd, os.fstat(scratch.fd).st_size, 0)
 
 
+def _write(fd: int, data: bytes, offset: int) -> None:
+    """Write all of ``data`` at ``offset``; a short write (a full file system) raises."""
+    written = os.pwrite(fd, data, offset)
+    if written != len(data):
+        raise OSError(
+            errno.ENOSPC, f"SEAL's scratch file took {written} of {len(data)} bytes (space?)"
+        )
+
+
 def load_bytes(obj, seal_context, blob: bytes):
-    """``obj.load`` from bytes (the binding only reads files); SEAL checks them."""
+    """``obj.load`` from bytes (the binding only reads files); SEAL checks them.
+
+    Raises
+    ------
+    OSError
+        If the scratch file cannot take the bytes (this machine's failure, not the
+        bytes': :data:`lepton_flwr.he.codec.LOCAL_FAILURES`).
+    """
     scratch = _scratch()
     scratch.prefix = None
     os.ftruncate(scratch.fd, 0)
-    os.pwrite(scratch.fd, blob, 0)
+    _write(scratch.fd, blob, 0)
     obj.load(seal_context, scratch.path)
     return obj
 
@@ -182,12 +199,12 @@ def load_prefixed(obj, seal_context, prefix: bytes, tail: bytes):
     """
     scratch = _scratch()
     if scratch.prefix is not None and scratch.prefix == (prefix, len(tail)):
-        os.pwrite(scratch.fd, tail, len(prefix))
+        _write(scratch.fd, tail, len(prefix))
     else:
         scratch.prefix = None
         os.ftruncate(scratch.fd, 0)
-        if os.pwrite(scratch.fd, prefix + tail, 0) == len(prefix) + len(tail):
-            scratch.prefix = (prefix, len(tail))  # a short write is not kept (SEAL refuses it)
+        _write(scratch.fd, prefix + tail, 0)
+        scratch.prefix = (prefix, len(tail))
     obj.load(seal_context, scratch.path)
     return obj
 
