@@ -584,14 +584,9 @@ class CkksAdder:
 
         total, errors = PackedSum(self.formats.wire, stop - start), {}
         for index, chunks in enumerate(uploads):
-            try:
-                total.add(chunks[start:stop])
-            except CiphertextError as err:
-                errors[index] = str(err)
-            except LOCAL_FAILURES:
-                raise
-            except Exception as err:  # noqa: BLE001 - one upload, one verdict
-                errors[index] = f"cannot be loaded or added to the others ({err!r})"[:300]
+            reason = _refusal_of(total.add, chunks[start:stop])
+            if reason is not None:
+                errors[index] = reason
         for chunks in sums:
             try:
                 c0, c1 = self.formats.sum_parts(chunks[start:stop])
@@ -708,15 +703,23 @@ class CkksAdder:
 
     def _refusal(self, chunks: list[bytes], num_chunks: int, reason: str) -> str:
         """Why a whole upload is refused; ``reason`` (a range's) if the whole parses."""
-        try:
-            self.formats.wire.parse_upload(chunks, num_chunks)
-        except CiphertextError as err:
-            return str(err)
-        except LOCAL_FAILURES:
-            raise
-        except Exception as err:  # noqa: BLE001 - one upload, one verdict
-            return f"cannot be loaded or added to the others ({err!r})"[:300]
-        return reason
+        return _refusal_of(self.formats.wire.parse_upload, chunks, num_chunks) or reason
+
+
+def _refusal_of(function, *arguments) -> str | None:
+    """Why ``function(*arguments)`` refuses one upload, or None if it does not.
+
+    Whatever it raises is that upload's verdict, :data:`LOCAL_FAILURES` excepted.
+    """
+    try:
+        function(*arguments)
+    except CiphertextError as err:
+        return str(err)
+    except LOCAL_FAILURES:
+        raise
+    except Exception as err:  # noqa: BLE001 - one upload, one verdict
+        return f"cannot be loaded or added to the others ({err!r})"[:300]
+    return None
 
 
 def _chunk_count(upload) -> int:

@@ -170,6 +170,13 @@ def _write(fd: int, data: bytes, offset: int) -> None:
         )
 
 
+def _rewrite(scratch: _ScratchFile, blob: bytes) -> None:
+    """Make ``blob`` the scratch file's whole content; the kept prefix is forgotten first."""
+    scratch.prefix = None
+    os.ftruncate(scratch.fd, 0)
+    _write(scratch.fd, blob, 0)
+
+
 def load_bytes(obj, seal_context, blob: bytes):
     """``obj.load`` from bytes (the binding only reads files); SEAL checks them.
 
@@ -180,9 +187,7 @@ def load_bytes(obj, seal_context, blob: bytes):
         bytes': :data:`lepton_flwr.he.codec.LOCAL_FAILURES`).
     """
     scratch = _scratch()
-    scratch.prefix = None
-    os.ftruncate(scratch.fd, 0)
-    _write(scratch.fd, blob, 0)
+    _rewrite(scratch, blob)
     obj.load(seal_context, scratch.path)
     return obj
 
@@ -201,9 +206,7 @@ def load_prefixed(obj, seal_context, prefix: bytes, tail: bytes):
     if scratch.prefix is not None and scratch.prefix == (prefix, len(tail)):
         _write(scratch.fd, tail, len(prefix))
     else:
-        scratch.prefix = None
-        os.ftruncate(scratch.fd, 0)
-        _write(scratch.fd, prefix + tail, 0)
+        _rewrite(scratch, prefix + tail)
         scratch.prefix = (prefix, len(tail))
     obj.load(seal_context, scratch.path)
     return obj
