@@ -27,6 +27,23 @@ needs_fashion_mnist = pytest.mark.skipif(
 )
 
 
+def he_dp_fedavg(public_context, nodes: int, **settings):
+    """HE + DP for hostile-input tests: every node each round (fixed sampling), z = 0.5,
+    C = 1, δ = 1e-3, one worker; ``settings`` override these."""
+    from lepton_flwr.strategies import HEDPFedAvg
+
+    defaults = dict(
+        clip_norm=1.0,
+        noise_multiplier=0.5,
+        delta=1e-3,
+        sample_rate=1.0,
+        sampling="fixed",
+        min_available_nodes=nodes,
+        workers=1,
+    )
+    return HEDPFedAvg(public_context, **(defaults | settings))
+
+
 @pytest.fixture
 def digits_cfg():
     """A composed config for the fast digits setup (3 clients, logistic regression)."""

@@ -12,9 +12,9 @@ import math
 
 import numpy as np
 import pytest
-from conftest import client_message, flooding_atol
+from conftest import client_message, flooding_atol, he_dp_fedavg
 from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDict
-from lepton_flwr.strategies import HEDPFedAvg, HEFedAvg
+from lepton_flwr.strategies import HEFedAvg
 from lepton_flwr.strategies.last_good import LastGoodModel, TrainingHeldBackError, Verdict
 from test_hostile_replies import (
     SHIFT,
@@ -355,19 +355,6 @@ def test_a_weight_cap_below_one_is_refused(keys):
 # ---- HE + DP: ε of refused models, what one share can move ----------------------------------
 
 
-def _he_dp(keys, nodes, **kwargs):
-    settings = dict(
-        clip_norm=1.0,
-        noise_multiplier=0.5,
-        delta=1e-3,
-        sample_rate=1.0,
-        sampling="fixed",
-        min_available_nodes=nodes,
-        workers=1,
-    )
-    return HEDPFedAvg(keys[1], **(settings | kwargs))
-
-
 def _share(keys, values_for):
     """A culprit's share: ``values_for(bound B)`` on every value, the honest header."""
 
@@ -390,7 +377,7 @@ def test_he_dp_finds_the_culprit_and_accounts_every_model_clients_decrypted(keys
     nodes = 4
     culprit = Culprit(102, _share(keys, lambda bound: 5e4))
     grid = InProcessGrid(_app([culprit, make_he_dp_mod(keys[0], workers=1)]), nodes)
-    strategy = _he_dp(keys, nodes)
+    strategy = he_dp_fedavg(keys[1], nodes)
     result = strategy.start(grid, _start(), num_rounds=9)
     assert "Node 102 is excluded from training" in caplog.text
     rounds = result.train_metrics_clientapp
@@ -418,7 +405,7 @@ def test_one_he_dp_share_moves_the_model_by_what_the_docstring_says(
     nodes = 4
     culprit = Culprit(101, _share(keys, values_for), rounds={1})
     grid = InProcessGrid(_app([culprit, make_he_dp_mod(keys[0], workers=1)]), nodes)
-    strategy = _he_dp(keys, nodes, noise_multiplier=0.001)  # noise std 4e-4 per value
+    strategy = he_dp_fedavg(keys[1], nodes, noise_multiplier=0.001)  # noise std 4e-4 per value
     result = strategy.start(grid, _start(), num_rounds=2)
     bound = strategy._share_bound  # B = (C + 10σ)/d, the same in both rounds
     assert bound == pytest.approx((1.0 + 10 * 0.001 / math.sqrt(3)) / 4)

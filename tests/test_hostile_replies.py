@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 import pytest
-from conftest import flooding_atol
+from conftest import flooding_atol, he_dp_fedavg
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from lepton_flwr.strategies import HEDPFedAvg, HEFedAvg
@@ -117,20 +117,6 @@ def _he_fedavg(keys, **kwargs):
     return HEFedAvg(keys[1], **(settings | kwargs))
 
 
-def _he_dp_fedavg(keys):
-    """HE + DP over every node each round (fixed sampling), z = 0.5, C = 1."""
-    return HEDPFedAvg(
-        keys[1],
-        noise_multiplier=0.5,
-        clip_norm=1.0,
-        delta=1e-3,
-        sample_rate=1.0,
-        sampling="fixed",
-        min_available_nodes=NODES,
-        workers=1,
-    )
-
-
 def test_a_header_declaring_a_smaller_bound_is_rejected_alone(keys, caplog):
     """Before: a client declaring 0.01 and encrypting 5e4 was accepted."""
     caplog.set_level(logging.WARNING, logger="flwr")
@@ -225,7 +211,7 @@ def test_he_dp_falls_back_too_and_spends_no_epsilon_on_the_refused_round(keys, c
         return model
 
     mods = [_rogue(encrypt), make_he_dp_mod(keys[0], workers=1)]
-    strategy = _he_dp_fedavg(keys)
+    strategy = he_dp_fedavg(keys[1], NODES)
     result = strategy.start(InProcessGrid(_app(mods), NODES), _start(), num_rounds=2)
     assert "falling back to the last good global model, sent in round 1" in caplog.text
     metrics = result.train_metrics_clientapp
@@ -704,7 +690,7 @@ def test_he_dp_stops_before_its_running_sum_passes_what_the_flooding_covers(
 
     caplog.set_level(logging.INFO, logger="flwr")
     monkeypatch.setattr(he_dp, "summed_limit", lambda drop: 12)
-    strategy = _he_dp_fedavg(keys)
+    strategy = he_dp_fedavg(keys[1], NODES)
     mods = [make_he_dp_mod(keys[0], workers=1)]
     result = strategy.start(InProcessGrid(_app(mods), NODES), _start(), num_rounds=6)
     assert "past the 12 that a flooded decryption covers; training stops" in caplog.text
