@@ -150,7 +150,8 @@ def decrypt_once(
         The encrypted model.
     decrypt : Callable[[], ArrayRecord]
         Decrypts ``record`` (flooded, bound-checked); raises :class:`RefusedModelError`
-        for a model past its bound.
+        for a model past its bound and :class:`ModError` for one refused before it is
+        decrypted (nor counted); whatever else it raises counts the decryption.
     key_fingerprint : str
         The key's fingerprint: with ``state-dir``, decryptions under it are counted
         there across runs.
@@ -219,6 +220,12 @@ def decrypt_once(
     try:
         plain = decrypt()
     except RefusedModelError:
+        context.state[LEDGER] = ConfigRecord({**entry, "accepted": accepted})
+        raise
+    except ModError:  # refused before decrypting: a model that does not check
+        raise
+    except BaseException:  # anything else may come after decrypting (a layout that
+        # cannot be built, this machine's failure): the round's model is spent
         context.state[LEDGER] = ConfigRecord({**entry, "accepted": accepted})
         raise
     context.state[LEDGER] = ConfigRecord({**entry, "accepted": fingerprint})
