@@ -3,18 +3,22 @@
 Commit 30cf830 lets ``codec.LOCAL_FAILURES`` propagate where a ciphertext's errors are
 caught, promising that "a ciphertext's bytes cannot cause them: every length is checked
 before SEAL or a scratch file sees it". The strategies' reply path holds (a reply's chunk
-count is checked against the global model before anything is sized from it); the strict
-xfails below are what does not:
+count is checked against the global model before anything is sized from it); the four
+findings below did not, and are fixed (their tests now pass):
 
-- X1 a model file of a few hundred kB (deflated members) is read into a thousand times
-  its size: ``load_encrypted`` bounds each member (16 MiB), not the file's expansion;
-- X2 ``CkksAdder.sum_updates`` sizes its sum (and the parallel sum's shared memory) from
-  an upload's chunk count before any chunk's length is checked: an upload of 2^20 empty
-  chunks raises MemoryError / OSError instead of being reported;
+- X1 a model file of a few hundred kB (deflated members) was read into a thousand times
+  its size: ``load_encrypted`` bounded each member (16 MiB), not the file's expansion;
+  now only stored members are read;
+- X2 ``CkksAdder.sum_updates`` sized its sum (and the parallel sum's shared memory) from
+  an upload's chunk count before any chunk's length was checked: an upload of 2^20 empty
+  chunks raised MemoryError / OSError instead of being reported; every chunk is now
+  checked first (``packed.check_chunks``);
 - X3 a header manifest numpy cannot build (a zero-size tensor of huge dimensions)
-  raises ValueError from ``decrypt_model`` after the decryption;
-- X4 and the client's ledger then does not count that decryption: a server sends model
-  after model for one round and each is decrypted.
+  raised ValueError from ``decrypt_model`` after the decryption; such a shape is now
+  refused when the header is read;
+- X4 and the client's ledger then did not count that decryption: a server sent model
+  after model for one round and each was decrypted; now whatever is raised once a model
+  is decrypted counts it (``decryptions.decrypt_once``).
 
 The memory tests run in a child process whose address space is capped a little above
 what it holds (``RLIMIT_AS``): an allocation sized from the input fails there at once,
@@ -85,10 +89,6 @@ def _sum_of(secret, public, values) -> list[bytes]:
 # ---- X1: model files ---------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="X1: load_encrypted reads deflated members; a file expands ~1000x (16 MiB each)",
-)
 def test_a_model_file_is_never_read_into_much_more_than_its_own_size(tmp_path):
     """save_encrypted stores its members; a file whose members expand (deflate: about
     1,000 to 1) makes the key holder's ``lepton-flwr decrypt`` hold a thousand times the
@@ -127,10 +127,6 @@ honest = CkksEncoder(secret, workers=1).encrypt(np.full(10, 0.5))
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="X2: sum_updates sizes PackedSum / the shared mmap from a count of empty chunks",
-)
 def test_an_upload_of_many_empty_chunks_is_reported_not_allocated_for():
     """``CkksAdder.sum_updates`` promises that an upload with a chunk that does not check,
     whatever the error, is reported and left out. An upload of 2^20 empty chunks (8 MiB
@@ -193,10 +189,6 @@ def test_the_strategies_check_a_replys_chunk_count_before_the_sum_is_sized(keys)
 # ---- X3, X4: a client's decryption -------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="X3: unflatten raises ValueError on a header shape numpy cannot build, after decrypting",
-)
 def test_a_header_layout_numpy_cannot_build_is_refused_before_decrypting(keys):
     """A server's header may name a tensor of no values whose dimensions overflow numpy
     (the manifest checks each below 2^31 and the total of values only): ``decrypt_model``
@@ -225,10 +217,6 @@ def _train_app(path) -> ClientApp:
     return app
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="X4: decrypt_once records the ledger only when decrypt() returns or refuses",
-)
 def test_a_client_decrypts_at_most_one_model_per_round_whatever_fails_after(keys, monkeypatch):
     """A client decrypts at most one model per round (``decryptions`` module). Before its
     first training reply it takes the layout from the server's header; with X3's layout
@@ -258,3 +246,47 @@ def test_a_client_decrypts_at_most_one_model_per_round_whatever_fails_after(keys
         except ValueError:
             pass  # X3: Flower turns it into an error reply quoting the text
     assert len(decryptions) <= 1, f"{len(decryptions)} models decrypted for round 1"
+
+
+@pytest.mark.parametrize("failure", [MemoryError, ValueError])
+def test_a_decryption_that_fails_after_decrypting_is_counted(keys, monkeypatch, failure):
+    """X4's fix, its failure after the decryption made directly (X3's layout is now
+    refused before decrypting): whatever the key holder raises once a model is
+    decrypted, the round's model is spent; three models for one round give one
+    decryption, and models refused before decrypting (another key's) are not counted."""
+    import importlib
+
+    from lepton_flwr.mods.decryptions import LEDGER
+
+    he_mod = importlib.import_module("lepton_flwr.mods.he_mod")  # the package exports a function
+
+    secret, public, path = keys
+    decryptions = []
+    exact, real = CkksEncoder._decrypt_exact, he_mod.decrypt_model
+
+    def spy(self, chunks, length):
+        decryptions.append(length)
+        return exact(self, chunks, length)
+
+    def then_fail(*args, **kwargs):
+        real(*args, **kwargs)
+        raise failure("after decrypting")
+
+    monkeypatch.setattr(CkksEncoder, "_decrypt_exact", spy)
+    monkeypatch.setattr(he_mod, "decrypt_model", then_fail)
+    app = _train_app(path)
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    manifest = [TensorSpec("w", (12,), "float32")]
+    config = {protocol.SERVER_ROUND: 2, protocol.VALUE_BOUND: 100.0}
+    foreign = EncryptedModel(manifest, _sum_of(secret, public, np.ones(12)), 1.0, "other", 1.0)
+    app(client_message(foreign.to_record(), config, 1, "train"), context)  # refused: no key
+    assert LEDGER not in context.state.config_records
+    for number in range(3):
+        chunks = _sum_of(secret, public, np.full(12, 0.25 * number))
+        record = EncryptedModel(manifest, chunks, 1.0, fingerprint(public), 1.0).to_record()
+        try:
+            app(client_message(record, config, number + 2, "train"), context)
+        except failure:
+            pass
+    assert len(decryptions) == 1
+    assert int(context.state.config_records[LEDGER]["count"]) == 1

@@ -206,8 +206,9 @@ class Formats:
 LOCAL_FAILURES = (MemoryError, OSError)
 """This machine's own failures (memory, the scratch files' file system): never a
 ciphertext's fault, so never reported as one; they propagate wherever a ciphertext's
-errors are caught. A ciphertext's bytes cannot cause them: every length is checked
-before SEAL or a scratch file sees it."""
+errors are caught. A ciphertext's bytes cannot cause them: every chunk's length is
+checked before anything is sized from it or SEAL or a scratch file sees it
+(``tests/test_review_x.py``, ``tests/test_fuzz_loaders.py``)."""
 
 
 def _only_ciphertext_errors(function, *arguments):
@@ -627,15 +628,28 @@ class CkksAdder:
         RuntimeError
             If a forked worker dies (the sum is not returned).
         """
+        from lepton_flwr.he.packed import check_chunks
+
         if not uploads and not sums:
             return [], {}
-        counts = [_chunk_count(upload) for upload in uploads]
-        num_chunks = len(sums[0]) if sums else Counter(counts).most_common(1)[0][0]
-        errors = {
-            index: f"{count} chunks, expected {num_chunks}"
-            for index, count in enumerate(counts)
-            if count != num_chunks
+        size = self.formats.wire.upload_chunk_bytes
+        errors = {  # every chunk checked before the sum is sized from a count of them
+            index: reason
+            for index, upload in enumerate(uploads)
+            if (reason := _refusal_of(check_chunks, upload, None, size)) is not None
         }
+        counts = {i: len(upload) for i, upload in enumerate(uploads) if i not in errors}
+        if sums:
+            num_chunks = len(sums[0])
+        elif counts:
+            num_chunks = Counter(counts.values()).most_common(1)[0][0]
+        else:
+            return [], errors
+        errors.update(
+            (index, f"{count} chunks, expected {num_chunks}")
+            for index, count in counts.items()
+            if count != num_chunks
+        )
         kept = [index for index in range(len(uploads)) if index not in errors]
         workers = default_workers() if workers is None else max(1, workers)
         total, refused = self._sum_sized([uploads[i] for i in kept], num_chunks, workers, sums)
@@ -720,14 +734,6 @@ def _refusal_of(function, *arguments) -> str | None:
     except Exception as err:  # noqa: BLE001 - one upload, one verdict
         return f"cannot be loaded or added to the others ({err!r})"[:300]
     return None
-
-
-def _chunk_count(upload) -> int:
-    """The number of chunks of an upload; -1 if it is not a sequence of them."""
-    try:
-        return len(upload)
-    except TypeError:
-        return -1
 
 
 _fork_state: tuple[CkksAdder, list[list[bytes]], Sequence[list[bytes]], mmap.mmap, int] | None = (

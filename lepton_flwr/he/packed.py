@@ -647,15 +647,17 @@ class Ring:
 # ---- the wire format -------------------------------------------------------------------------
 
 
-def _chunk_table(chunks: list, expected: int | None, chunk_bytes: int) -> np.ndarray:
-    """The chunks as rows of one (len(chunks), chunk_bytes) uint8 table, each checked.
+def check_chunks(chunks: Sequence, expected: int | None, chunk_bytes: int) -> None:
+    """Check chunks before anything is sized from them: memory then follows their bytes.
 
     Raises
     ------
     CiphertextError
-        Naming the chunk: not bytes, or a length other than ``chunk_bytes``; or a chunk
-        count other than ``expected``.
+        Naming the chunk: not bytes, or a length other than ``chunk_bytes``; or not a
+        list of chunks, or a chunk count other than ``expected``.
     """
+    if not isinstance(chunks, Sequence):
+        raise CiphertextError(f"a {type(chunks).__name__}, not a list of chunks")
     if expected is not None and len(chunks) != expected:
         raise CiphertextError(f"{len(chunks)} chunks, expected {expected}")
     for index, chunk in enumerate(chunks):
@@ -663,6 +665,11 @@ def _chunk_table(chunks: list, expected: int | None, chunk_bytes: int) -> np.nda
             raise CiphertextError(f"chunk {index} is a {type(chunk).__name__}, not bytes")
         if len(chunk) != chunk_bytes:
             raise CiphertextError(f"chunk {index} has {len(chunk)} bytes, not {chunk_bytes}")
+
+
+def _chunk_table(chunks: list, expected: int | None, chunk_bytes: int) -> np.ndarray:
+    """The chunks, checked (:func:`check_chunks`), as rows of one uint8 table."""
+    check_chunks(chunks, expected, chunk_bytes)
     return np.frombuffer(b"".join(chunks), dtype=np.uint8).reshape(len(chunks), chunk_bytes)
 
 

@@ -230,8 +230,10 @@ def _number(header: dict, field: str) -> float:
 def _manifest(entries: object) -> list[TensorSpec]:
     """The header's manifest: [name, shape, dtype] per tensor, every field checked.
 
-    Names are strings, shapes lists of integers in [0, 2^31), dtypes numeric numpy
-    dtype names, and the tensors hold at most ``MAX_VALUES`` values together.
+    Names are strings, shapes lists of integers in [0, 2^31) whose product, a zero
+    counted as one, is at most ``MAX_VALUES`` (numpy builds no larger array, even an
+    empty one), dtypes numeric numpy dtype names, and the tensors hold at most
+    ``MAX_VALUES`` values together.
     """
     if not isinstance(entries, list):
         raise _malformed(_wrong_type("manifest", "a list", entries))
@@ -244,6 +246,8 @@ def _manifest(entries: object) -> list[TensorSpec]:
             raise _malformed(f"manifest entry {index} is not [name, shape, dtype]")
         if len(shape) > MAX_DIMS or not all(is_int(d) and 0 <= d < 2**31 for d in shape):
             raise _malformed(f"manifest entry {index}: shape out of range")
+        if math.prod(max(d, 1) for d in shape) > MAX_VALUES:  # numpy builds no such array,
+            raise _malformed(f"manifest entry {index}: shape out of range")  # even empty
         if dtype not in NUMERIC_DTYPES:
             raise _malformed(f"manifest entry {index}: dtype {dtype[:30]!r} is not numeric")
         spec = TensorSpec(name, tuple(shape), dtype)
@@ -319,13 +323,19 @@ def load_encrypted(path: str | Path) -> EncryptedModel:
 
 
 def _member(archive: zipfile.ZipFile, name: str, limit: int) -> bytes:
-    """One member's bytes, checked against ``limit`` before and while reading (zip bombs)."""
+    """One member's bytes, checked against ``limit`` before and while reading (zip bombs).
+
+    Only members stored whole are read (:func:`save_encrypted` compresses none): what is
+    read never exceeds the file's own size, however many members it has.
+    """
     try:
         info = archive.getinfo(name)
     except KeyError:
         raise CiphertextError(f"the file has no '{name}'") from None
     if info.file_size > limit:
         raise CiphertextError(f"'{name}' holds {info.file_size} bytes, over the {limit} allowed")
+    if info.compress_type != zipfile.ZIP_STORED or info.file_size != info.compress_size:
+        raise CiphertextError(f"'{name}' is compressed; encrypted model files store members")
     with archive.open(info) as member:
         data = member.read(limit + 1)
     if len(data) > limit:
